@@ -1,0 +1,31 @@
+# `make demo` and `make test` each create .venv and install the project first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The CPU wheel of torch: taken from the local wheel directory pip is configured with where
+# there is one, otherwise from PyTorch's CPU index (a plain resolve would pull a CUDA build).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+
+.PHONY: demo test install clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[setup] installing torch (CPU build) into $(VENV)"
+	@$(PY) -c "import torch" 2>/dev/null || \
+	  $(PIP) install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null || \
+	  $(PIP) install -q "torch>=2.6,<=2.14.1" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple
+	@echo "[setup] installing kd-pipeline and its dependencies"
+	@$(PIP) install -q -e ".[dev,plot]"
+	@touch $@
+
+demo: install
+	@$(PY) -m stages.demo
+
+test: install
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} WANDB_MODE=disabled $(PY) -m pytest tests
+
+clean:
+	rm -rf runs data/build

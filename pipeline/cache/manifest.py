@@ -1,0 +1,94 @@
+"""The cache manifest: what a cache holds and whether it is complete (DESIGN.md, Cache store).
+
+``manifest.json`` is rewritten atomically (temporary file, then rename). ``complete`` is
+true only after every rank has closed all its shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class TeacherEntry(BaseModel):
+    path: str
+    weight: float
+    fingerprint: str
+
+
+class ShardEntry(BaseModel):
+    """A closed shard: its file name (relative to the cache dir), writer rank and counts."""
+
+    file: str
+    rank: int
+    num_samples: int
+    num_tokens: int
+    num_valid_positions: int
+    teacher_nll_sum: float
+    sha256: str
+
+
+class Manifest(BaseModel):
+    """Everything a reader needs to trust and decode a cache.
+
+    ``header()`` is the part that must match for a rerun to append to an existing cache.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int = FORMAT_VERSION
+    backend: str
+    k: int
+    index_dtype: str
+    value_dtype: str
+    vocab_size: int
+    temperature: float
+    tokenizer_fingerprint: str
+    teachers: list[TeacherEntry]
+    dataset: dict
+    dataset_fingerprint: str
+    max_length: int
+    num_samples: int = 0
+    num_tokens: int = 0
+    num_valid_positions: int = 0
+    teacher_nll_sum: float = 0.0
+    """Sum over valid positions of the teacher's negative log-probability of the actual
+    next token: ``exp(teacher_nll_sum / num_valid_positions)`` is the teacher perplexity."""
+    skipped_empty: int = 0
+    shards: list[ShardEntry] = Field(default_factory=list)
+    complete: bool = False
+    updated_at: float = 0.0
+
+    HEADER_KEYS: ClassVar[tuple[str, ...]] = ("format_version", "backend", "k", "index_dtype", "value_dtype", "vocab_size",
+                          "temperature", "tokenizer_fingerprint", "teachers", "dataset_fingerprint", "max_length")
+
+    def header(self) -> dict:
+        return {k: getattr(self, k) for k in self.HEADER_KEYS}
+
+    def header_diff(self, other: "Manifest") -> list[str]:
+        """Human-readable differences between two headers (empty when compatible)."""
+        a, b = self.model_dump(), other.model_dump()
+        return [f"{k}: {a[k]!r} != {b[k]!r}" for k in self.HEADER_KEYS if a[k] != b[k]]
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
+    """Raises FileNotFoundError naming the path when the cache has no manifest."""
+    p = Path(cache_dir) / MANIFEST
+    if not p.is_file():
+        raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}")
+    return Manifest.model_validate_json(p.read_text())
+
+
+def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> None:
+    manifest.updated_at = time.time()
+    p = Path(cache_dir) / MANIFEST
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(), indent=1))
+    os.replace(tmp, p)

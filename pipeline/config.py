@@ -1,0 +1,246 @@
+"""Typed, validated configuration for both stages.
+
+Configs are YAML files plus ``key.sub=value`` command-line overrides. Every section is a
+pydantic model with ``extra="forbid"``: an unknown key or a wrong type is a
+:class:`ConfigError` whose one-line message names the dotted key. The resolved config is
+written next to every output (``config.yaml``) so a run can be reproduced from it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key, file or value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- data
+class DatasetConfig(_Section):
+    """Where the raw rows come from and how they become token sequences."""
+
+    path: str
+    """A directory written by ``datasets.save_to_disk``, a local json/jsonl/parquet/txt
+    file (or directory of them), or a hub name (only when online)."""
+    split: str = "train"
+    """Split to read (a saved ``DatasetDict`` or a hub dataset)."""
+    text_field: str = "text"
+    """Column holding the plain text of a sample."""
+    id_field: str | None = None
+    """Column holding a unique sample ID; when unset the ID is ``{fingerprint[:16]}-{row}``."""
+    num_samples: int | None = Field(default=None, ge=1)
+    """Use only the first N rows (after the split is loaded)."""
+    max_length: int = Field(default=256, ge=2)
+    """Truncate every sample to this many tokens (BOS included)."""
+
+
+# ----------------------------------------------------------------------------- stage 1
+class TeacherConfig(_Section):
+    """One teacher of the ensemble (one teacher is the common case)."""
+
+    path: str
+    """Local Hugging Face model directory (config.json + safetensors + tokenizer)."""
+    weight: float = Field(default=1.0, gt=0)
+    """Mixture weight; weights are normalised to sum to 1."""
+
+
+class CacheConfig(_Section):
+    """The teacher cache written by stage 1."""
+
+    dir: str
+    """Output directory (created; a complete cache there is refused unless overwrite)."""
+    backend: Literal["parquet"] = "parquet"
+    k: int = Field(default=32, ge=1)
+    """Number of teacher log-probabilities kept per position."""
+    value_dtype: Literal["float32", "float16"] = "float16"
+    """Storage dtype of ``topk_logprobs`` (the tail log-mass is always float32)."""
+    samples_per_shard: int = Field(default=2048, ge=1)
+    """Samples per closed parquet shard (one file per shard, per rank)."""
+    row_group_size: int = Field(default=32, ge=1)
+    """Parquet rows per row group: small groups make random access by sample ID cheap."""
+    overwrite: bool = False
+
+
+class PrecomputeConfig(_Section):
+    """``precompute-teacher``: run the frozen teacher(s) and write sparse top-k targets."""
+
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    dataset: DatasetConfig
+    cache: CacheConfig
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to the first teacher's directory."""
+    batch_size: int = Field(default=8, ge=1)
+    """Sequences per teacher forward call, per rank."""
+    temperature: float = Field(default=1.0, gt=0)
+    """Cache temperature: logprobs are ``log_softmax(logits / temperature)``."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+# ----------------------------------------------------------------------------- stage 2
+class StudentConfig(_Section):
+    """The student model."""
+
+    path: str
+    """HF model directory, or a directory / ``config.json`` with only a config."""
+    init: Literal["random", "pretrained"] = "random"
+    """``random``: build from the config with the run seed; ``pretrained``: load weights."""
+
+
+class LossConfig(_Section):
+    """Hybrid loss ``alpha * CE + (1 - alpha) * temperature**2 * KL`` (DESIGN.md, Loss)."""
+
+    alpha: float = Field(default=0.5, ge=0, le=1)
+    temperature: float = Field(default=1.0, gt=0)
+    tail: Literal["renormalize", "bucket"] = "bucket"
+    """How the teacher mass outside the top-k enters the KL: dropped and the top-k
+    renormalised, or kept as one extra bucket (see pipeline/losses.py)."""
+    chunk_size: int = Field(default=1024, ge=1)
+    """Valid positions per log-softmax chunk: bounds the float32 (chunk, V) temporaries."""
+
+
+class OptimConfig(_Section):
+    """AdamW with linear warmup and a cosine / linear / constant decay."""
+
+    lr: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    warmup_steps: int = Field(default=20, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    max_grad_norm: float | None = Field(default=1.0, gt=0)
+
+
+class TrainDataConfig(_Section):
+    """What the student trains and evaluates on."""
+
+    train_cache: str | None = None
+    """Teacher cache directory (stage 1 output)."""
+    eval_cache: str | None = None
+    """Held-out teacher cache directory; evaluation is skipped when unset."""
+    train_dataset: DatasetConfig | None = None
+    """CE-only training straight from a dataset (no teacher; requires ``loss.alpha: 1``).
+    Used to pretrain the demo teacher with the same training code."""
+    eval_dataset: DatasetConfig | None = None
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to the cache's copy of the teacher tokenizer."""
+    eval_max_samples: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TrainDataConfig":
+        if (self.train_cache is None) == (self.train_dataset is None):
+            raise ValueError("set exactly one of data.train_cache and data.train_dataset")
+        if self.train_dataset is not None and self.tokenizer is None:
+            raise ValueError("data.tokenizer is required with data.train_dataset")
+        return self
+
+
+class WandbConfig(_Section):
+    mode: Literal["disabled", "offline", "online"] = "disabled"
+    project: str = "kd-pipeline"
+    name: str | None = None
+
+
+class TrainStudentConfig(_Section):
+    """``train-student``: train a student from the teacher cache."""
+
+    output_dir: str
+    student: StudentConfig
+    data: TrainDataConfig
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    wandb: WandbConfig = WandbConfig()
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Sequences per forward/backward, per rank."""
+    grad_accum_steps: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step, per rank."""
+    max_steps: int = Field(default=100, ge=1)
+    """Optimizer steps (epochs follow from the data size)."""
+    eval_steps: int = Field(default=50, ge=1)
+    log_steps: int = Field(default=10, ge=1)
+    seed: int = 0
+    round: int = Field(default=0, ge=0)
+    """Round index written to the loss logs and metrics."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _ce_only_without_teacher(self) -> "TrainStudentConfig":
+        if self.data.train_dataset is not None and self.loss.alpha != 1.0:
+            raise ValueError("loss.alpha must be 1 when training from data.train_dataset (no teacher)")
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+T = TypeVar("T", bound=BaseModel)
+
+
+def _set_dotted(tree: dict, dotted: str, value: object) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    got = first.get("input")
+    got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    msg = first["msg"].replace("Value error, ", "")
+    return f"{source}: config key '{key}': {msg}{got_s}{more}"
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:
+    """Read a YAML config, apply ``key.sub=value`` overrides and validate it.
+
+    Override values are parsed as YAML scalars (``lr=3e-4`` is a float, ``name=null`` None).
+
+    Raises:
+        ConfigError: missing/unreadable file, malformed override, unknown key or wrong type;
+            the one-line message names the file and the dotted key.
+    """
+    tree: dict = {}
+    source = str(path) if path else "<overrides>"
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from e
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    os.replace(tmp, path)

@@ -1,0 +1,166 @@
+"""Process groups, FSDP2 wrapping, rank-0 helpers and collectives.
+
+This is the only module that reads the torchrun environment (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``...). Everything else receives ``rank``/``world_size``.
+A plain ``python`` run gets a one-rank gloo group (an in-process store), so the training
+and precompute code has one path: FSDP2 with world size 1 is a thin wrapper.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: ``rank`` in ``[0, world_size)`` and its torch device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Initialise the default process group from the torchrun environment.
+
+    Backend: NCCL when CUDA is used, gloo on CPU. Without torchrun variables a one-rank
+    gloo group over an in-process ``HashStore`` is created.
+
+    Args:
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+    Raises:
+        RuntimeError: ``device='cuda'`` without a CUDA device.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda requested but torch.cuda.is_available() is False")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend, device_id=dev if use_cuda else None)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def teardown() -> None:
+    """Destroy the default process group if one exists (safe to call twice)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """``print`` on rank 0 only (flushes, so the line shows under torchrun at once)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks of a tensor on the process-group device; returns it."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max_int(value: int, device: torch.device) -> int:
+    """Maximum of a Python int over ranks."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank."""
+    return all_reduce_max_int(int(flag), device) > 0
+
+
+def gather_objects(obj: object) -> list[object]:
+    """``all_gather_object``: every rank receives the list of all ranks' objects."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s object on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder blocks of a Hugging Face causal LM (``model.model.layers``)."""
+    base = getattr(model, "base_model", model)
+    for attr in ("layers", "h", "blocks"):
+        blocks = getattr(base, attr, None)
+        if isinstance(blocks, nn.ModuleList):
+            return list(blocks)
+    raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard")
+
+
+def shard_model(model: nn.Module, *, mixed_precision: bool = False, sum_gradients: bool = True) -> nn.Module:
+    """Apply FSDP2 ``fully_shard`` to every transformer block, then to the root.
+
+    With ``sum_gradients`` FSDP's own gradient averaging over ranks is switched off on every
+    wrapped module (divide factor 1 and a plain SUM reduce-scatter, which gloo supports), so
+    the caller's loss, already divided by the global valid-token count, gives the exact
+    gradient of one big batch (torchtitan ``distributed/fsdp.py`` does the same).
+
+    Args:
+        mixed_precision: bf16 parameters/compute with fp32 gradient reduction (GPUs only;
+            bf16 is ~6x slower on CPUs without bf16 instructions, PLATFORM.md).
+    Returns:
+        The same module, now an ``FSDPModule``.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    for block in _transformer_blocks(model):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    if sum_gradients:
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Turn FSDP2's reduce-scatter on (last micro-step) or off (accumulation micro-steps)."""
+    model.set_requires_gradient_sync(enabled)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU on rank 0 (``{}`` on the other ranks, PLATFORM.md trap 3).
+
+    Collective: every rank must call it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

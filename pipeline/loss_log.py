@@ -1,0 +1,83 @@
+"""Per-sample loss logs: one parquet row per sample visit, written off the training thread.
+
+Layout (hive partitioning, so ``pyarrow.dataset``, pandas, polars and duckdb read the whole
+directory as one table with ``round``, ``split`` and ``rank`` columns)::
+
+    loss_logs/round=R/split=train|eval/rank=K/part-NNNNN.parquet
+
+Columns in the files: ``sample_id, epoch, step, n_tokens, ce_sum, kl_sum, loss_sum,
+top1_agree, topk_mass_sum`` (sums in nats over the sample's valid positions; the partition
+keys are not repeated inside the files, so readers do not see them twice).
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()), ("n_tokens", pa.int32()),
+    ("ce_sum", pa.float32()), ("kl_sum", pa.float32()), ("loss_sum", pa.float32()),
+    ("top1_agree", pa.int32()), ("topk_mass_sum", pa.float32()),
+])
+
+
+class LossLogWriter:
+    """Buffers rows per (round, split) and writes part files on a background thread.
+
+    Args:
+        log_dir: ``<run_dir>/loss_logs``.
+        rank: this process's rank (its own directory: no two writers share a file).
+        flush_rows: rows buffered per (round, split) before a part file is written.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, rank: int, flush_rows: int = 65536):
+        self.dir = Path(log_dir)
+        self.rank, self.flush_rows = rank, flush_rows
+        self.buffers: dict[tuple[int, str], dict[str, list]] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loss-log")
+        self.pending: list[Future] = []
+
+    def append(self, round_: int, split: str, epoch: int, step: int, rows: dict[str, list]) -> None:
+        """Add rows (dict of equal-length lists keyed by column name, without epoch/step)."""
+        n = len(rows.get("sample_id", []))
+        if n == 0:
+            return
+        buf = self.buffers.setdefault((round_, split), {name: [] for name in SCHEMA.names})
+        buf["epoch"].extend([epoch] * n)
+        buf["step"].extend([step] * n)
+        for name in SCHEMA.names:
+            if name not in ("epoch", "step"):
+                buf[name].extend(rows[name])
+        if len(buf["sample_id"]) >= self.flush_rows:
+            self._submit(round_, split)
+
+    def _submit(self, round_: int, split: str) -> None:
+        buf = self.buffers.pop((round_, split), None)
+        if buf and buf["sample_id"]:
+            table = pa.table(buf, schema=SCHEMA)
+            self.pending.append(self.pool.submit(self._write, round_, split, table))
+
+    def _write(self, round_: int, split: str, table: pa.Table) -> None:
+        d = self.dir / f"round={round_}" / f"split={split}" / f"rank={self.rank}"
+        d.mkdir(parents=True, exist_ok=True)
+        n = len(list(d.glob("part-*.parquet")))
+        final = d / f"part-{n:05d}.parquet"
+        tmp = d / f".part-{n:05d}.parquet.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, final)
+
+    def flush(self) -> None:
+        """Write every buffered row and wait until all part files are closed."""
+        for key in list(self.buffers):
+            self._submit(*key)
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self.pool.shutdown(wait=True)

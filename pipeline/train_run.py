@@ -1,0 +1,125 @@
+"""Stage 2: build the student and its data from the cache, run the steps, evaluate, export."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.cache import open_cache
+from pipeline.checkpoint import export_hf
+from pipeline.config import TrainStudentConfig, dump_config
+from pipeline.data import load_samples
+from pipeline.distributed import DistInfo, print0, shard_model
+from pipeline.loader import StepSampler, collate, eval_batches
+from pipeline.loss_log import LossLogWriter
+from pipeline.metrics import MetricsLogger
+from pipeline.models import build_student, count_parameters, load_tokenizer, vocab_size
+from pipeline.trainer import Trainer, build_optimizer, lr_lambda
+
+
+def _sources(cfg: TrainStudentConfig):
+    """(train source, eval source or None, tokenizer dir, vocabulary size the data requires)."""
+    d = cfg.data
+    if d.train_cache is not None:
+        train = open_cache(d.train_cache)
+        ev = open_cache(d.eval_cache) if d.eval_cache else None
+        m = train.manifest
+        if ev is not None and (ev.manifest.vocab_size, ev.manifest.tokenizer_fingerprint) != (m.vocab_size, m.tokenizer_fingerprint):
+            raise ValueError(f"data.eval_cache {d.eval_cache} has another vocabulary/tokenizer than data.train_cache {d.train_cache}")
+        return train, ev, d.tokenizer or str(Path(d.train_cache) / "tokenizer"), m.vocab_size
+    tokenizer = load_tokenizer(d.tokenizer)
+    train = load_samples(d.train_dataset, tokenizer)[0]
+    ev = load_samples(d.eval_dataset, tokenizer)[0] if d.eval_dataset else None
+    return train, ev, d.tokenizer, len(tokenizer)
+
+
+def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
+    """Train the student; returns the summary dict on rank 0 (None elsewhere).
+
+    Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``loss_logs/``,
+    ``final/`` (HF directory) and ``summary.json`` (final eval loss/CE/KL per token, perplexity,
+    wall time, tokens/s).
+
+    Raises:
+        FileNotFoundError / ValueError: missing cache or student, vocabulary mismatch (sizes named),
+            too few samples for one global batch.
+    """
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.output_dir)
+    train_src, eval_src, tok_dir, data_vocab = _sources(cfg)
+    model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
+    V = vocab_size(model)
+    if (cfg.data.train_cache and V != data_vocab) or V < data_vocab:
+        raise ValueError(f"student vocabulary size {V} does not match the data's {data_vocab} "
+                         f"({cfg.data.train_cache or cfg.data.tokenizer})")
+    n_params = count_parameters(model)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+    shard_model(model, mixed_precision=info.device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps))
+    trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device)
+    sampler = StepSampler(np.arange(len(train_src)), cfg.micro_batch_size, cfg.grad_accum_steps, info.rank,
+                          info.world_size, cfg.seed)
+    print0(f"[train] student {n_params / 1e6:.2f}M params, V={V}; {len(train_src)} train samples, "
+           f"{sampler.steps_per_epoch} steps/epoch of {sampler.global_batch} samples; {cfg.max_steps} steps; "
+           f"alpha={cfg.loss.alpha} tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)")
+    logger = MetricsLogger(run_dir, info.rank, cfg.wandb, cfg.model_dump(mode="json"))
+    loss_log = LossLogWriter(run_dir / "loss_logs", info.rank)
+    n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
+    best = math.inf
+    last_eval: dict = {}
+
+    def run_eval(step: int) -> None:
+        nonlocal best, last_eval
+        ev = trainer.evaluate(eval_batches(eval_src, n_eval, cfg.micro_batch_size, info.rank, info.world_size))
+        loss_log.append(cfg.round, "eval", sampler.epoch, step, ev.rows)
+        best = min(best, ev.loss)
+        last_eval = {"eval/loss": ev.loss, "eval/ce_loss": ev.ce, "eval/kl_loss": ev.kl, "eval/min_loss": best,
+                     "eval/perplexity": math.exp(min(ev.ce, 50.0)), "eval/epoch": epoch_f, "eval/step": step,
+                     "round": cfg.round}
+        logger.log(last_eval, step)
+        tqdm.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} ppl {math.exp(min(ev.ce, 50.0)):.2f}") if info.is_main else None
+
+    bar = tqdm(total=cfg.max_steps, disable=not info.is_main, desc="train", unit="step", dynamic_ncols=True)
+    tokens_total, t_train = 0, time.perf_counter()
+    epoch_f = 0.0
+    try:
+        for step in range(1, cfg.max_steps + 1):
+            t0 = time.perf_counter()
+            micro = [collate([train_src[i] for i in idx]) for idx in sampler.next_step()]
+            stats = trainer.train_step(micro)
+            dt = time.perf_counter() - t0
+            tokens_total += stats.n_tokens
+            epoch_f = sampler.epoch + sampler.position / len(train_src)
+            loss_log.append(cfg.round, "train", sampler.epoch, step, stats.rows)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")
+            if step % cfg.log_steps == 0 or step == 1:
+                logger.log({"train/loss": stats.loss, "train/ce_loss": stats.ce, "train/kl_loss": stats.kl,
+                            "train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": stats.grad_norm,
+                            "train/epoch": epoch_f, "train/step": step, "train/tokens_per_second": stats.n_tokens / dt,
+                            "round": cfg.round}, step)
+            if eval_src is not None and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
+                run_eval(step)
+        bar.close()
+        train_s = time.perf_counter() - t_train
+        export_hf(model, run_dir / "final", tok_dir, info.rank)
+    finally:
+        loss_log.close()
+        logger.finish()
+    if not info.is_main:
+        return None
+    summary = {"final_eval": {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith("eval/")},
+               "steps": cfg.max_steps, "train_tokens": tokens_total, "train_seconds": train_s,
+               "tokens_per_second": tokens_total / max(train_s, 1e-9), "num_parameters": n_params,
+               "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print0(f"[train] done in {summary['wall_s']:.0f}s ({summary['tokens_per_second']:.0f} tok/s); final student in {run_dir / 'final'}")
+    return summary

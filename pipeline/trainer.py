@@ -1,0 +1,145 @@
+"""One optimizer step over all micro-batches of an accumulation window, and evaluation.
+
+Sum, count, normalise once (DESIGN.md, Loss): the valid positions of the whole step are
+counted over all micro-batches and ranks *before* the backward passes; every micro-batch
+back-propagates ``loss_sum / N``; FSDP's gradient averaging is off (``shard_model``), so the
+gradient is ``∇(Σ loss_sum) / N`` whatever the micro-batch size, accumulation and world size.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pipeline.config import LossConfig, OptimConfig
+from pipeline.distributed import all_reduce_sum, set_gradient_sync
+from pipeline.loader import Batch
+from pipeline.losses import LossSums, distill_loss
+
+
+@dataclass
+class StepStats:
+    """Global (all-reduced) totals of a step or an evaluation, plus this rank's sample rows.
+
+    ``loss``, ``ce``, ``kl`` are per valid token: ``Σ loss_sum / N`` etc. ``rows`` holds one
+    dict of lists (``sample_id, n_tokens, ce_sum, kl_sum, loss_sum, top1_agree,
+    topk_mass_sum``) for this rank's samples.
+    """
+
+    loss: float
+    ce: float
+    kl: float
+    n_tokens: int
+    grad_norm: float | None = None
+    rows: dict[str, list] = field(default_factory=dict)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices (ndim >= 2) only, none on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def lr_lambda(cfg: OptimConfig, max_steps: int):
+    """Multiplier of the base LR at optimizer step s (0-based): linear warmup over
+    ``warmup_steps``, then cosine / linear decay to ``min_lr_ratio`` at ``max_steps``, or constant."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
+
+    return f
+
+
+class Trainer:
+    """Runs optimizer steps and evaluations of a (FSDP2-wrapped) causal LM.
+
+    Args:
+        model: the student, already wrapped by ``pipeline.distributed.shard_model``.
+        loss_cfg: α, τ, tail mode, chunk size.
+        max_grad_norm: clip threshold on the global L2 norm (None: no clipping).
+        device: where batches go.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_cfg: LossConfig,
+                 max_grad_norm: float | None, device: torch.device):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
+
+    def _loss(self, batch: Batch) -> LossSums:
+        logits = self.model(input_ids=batch.input_ids).logits  # (B, T, V)
+        c = self.loss_cfg
+        return distill_loss(logits, batch.input_ids, batch.valid, alpha=c.alpha, temperature=c.temperature,
+                            tail=c.tail, topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
+                            tail_logprob=batch.tail_logprob, chunk_size=c.chunk_size)
+
+    def _rows(self, batch: Batch, sums: LossSums, rows: dict[str, list]) -> None:
+        c = self.loss_cfg
+        loss = c.alpha * sums.ce_sum + (1 - c.alpha) * c.temperature**2 * sums.kl_sum
+        mass = (-torch.expm1(batch.tail_logprob) * batch.valid).sum(-1) if batch.tail_logprob is not None else None
+        keep = [i for i, s in enumerate(batch.sample_ids) if s is not None]
+        cols = {"sample_id": batch.sample_ids, "n_tokens": sums.n_tokens, "ce_sum": sums.ce_sum,
+                "kl_sum": sums.kl_sum, "loss_sum": loss, "top1_agree": sums.top1_agree,
+                "topk_mass_sum": mass if mass is not None else torch.zeros_like(sums.ce_sum)}
+        for name, col in cols.items():
+            vals = col if isinstance(col, list) else col.tolist()
+            rows.setdefault(name, []).extend(vals[i] for i in keep)
+
+    def _totals(self, sums: list[LossSums]) -> torch.Tensor:
+        """(4,) float64 this-rank [Σ loss_sum, Σ CE, Σ KL, N]."""
+        t = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for s in sums:
+            t += torch.stack([s.loss_sum.detach().double(), s.ce_sum.sum().double(), s.kl_sum.sum().double(),
+                              s.n_tokens.sum().double()])
+        return t
+
+    def train_step(self, micro_batches: list[Batch]) -> StepStats:
+        """One optimizer step over this rank's micro-batches (collective: all ranks call it)."""
+        self.model.train()
+        micro_batches = [b.to(self.device) for b in micro_batches]
+        n_global = all_reduce_sum(torch.tensor([sum(b.n_valid for b in micro_batches)], device=self.device))
+        denom = max(int(n_global.item()), 1)
+        rows: dict[str, list] = {}
+        sums_all = []
+        for i, batch in enumerate(micro_batches):
+            set_gradient_sync(self.model, i == len(micro_batches) - 1)
+            sums = self._loss(batch)
+            (sums.loss_sum / denom).backward()
+            sums_all.append(sums)
+            self._rows(batch, sums, rows)
+        grad_norm = None
+        if self.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tot = all_reduce_sum(self._totals(sums_all))
+        return StepStats(*(float(x) / denom for x in tot[:3]), n_tokens=int(tot[3]), grad_norm=grad_norm, rows=rows)
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> StepStats:
+        """Per-token loss/CE/KL over all ranks' batches (no_grad, not inference_mode:
+        PLATFORM.md trap 2). Collective: every rank must pass the same number of batches."""
+        self.model.eval()
+        rows: dict[str, list] = {}
+        tot = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for batch in batches:
+            batch = batch.to(self.device)
+            sums = self._loss(batch)
+            tot += self._totals([sums])
+            self._rows(batch, sums, rows)
+        all_reduce_sum(tot)
+        n = max(int(tot[3]), 1)
+        return StepStats(*(float(x) / n for x in tot[:3]), n_tokens=int(tot[3]), rows=rows)

@@ -1,0 +1,1 @@
+"""Stage entry points (console scripts): precompute-teacher, train-student, inspect-losses."""

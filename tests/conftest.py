@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny corpus from the standard library, a tokenizer trained on it, a tiny
+random Llama teacher and student saved as HF directories. Nothing is downloaded."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict:
+    """Paths of the tiny fixture: corpus (DatasetDict dir), tokenizer, teacher, student config."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from data.stdlib_corpus import build_corpus, llama_config, train_tokenizer
+
+    d = tmp_path_factory.mktemp("assets")
+    dd = build_corpus(d / "corpus", max_chars=300, heldout_fraction=0.2, limit_files=12)
+    tok = train_tokenizer(dd["train"]["text"][:], 320, d / "tokenizer")
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(llama_config(len(tok), 32, 2, 4, 2, 64, bos_token_id=tok.bos_token_id,
+                                                            eos_token_id=tok.eos_token_id))
+    teacher.save_pretrained(d / "teacher")
+    tok.save_pretrained(d / "teacher")
+    llama_config(len(tok), 16, 2, 2, 1, 32).save_pretrained(d / "student")
+    return {"dir": d, "corpus": str(d / "corpus"), "tokenizer": str(d / "tokenizer"), "teacher": str(d / "teacher"),
+            "student": str(d / "student"), "vocab": len(tok)}
+
+
+def precompute_config(assets: dict, cache_dir: Path, split: str = "train", **over) -> dict:
+    cfg = {"teachers": [{"path": assets["teacher"]}],
+           "dataset": {"path": assets["corpus"], "split": split, "id_field": "id", "max_length": 48, "num_samples": 40},
+           "cache": {"dir": str(cache_dir), "k": 8, "samples_per_shard": 16, "row_group_size": 4},
+           "batch_size": 4, "device": "cpu"}
+    for key, value in over.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def write_yaml(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a stage module in a subprocess (``torchrun --nproc_per_node`` when nproc > 1)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", *args]
+    else:
+        cmd = [sys.executable, "-m", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
