@@ -102,8 +102,9 @@ class LossConfig(_Section):
     tail: Literal["renormalize", "bucket"] = "bucket"
     """How the teacher mass outside the top-k enters the KL: dropped and the top-k
     renormalised, or kept as one extra bucket (see pipeline/losses.py)."""
-    chunk_size: int = Field(default=1024, ge=1)
-    """Valid positions per log-softmax chunk: bounds the float32 (chunk, V) temporaries."""
+    chunk_size: int = Field(default=0, ge=0)
+    """Valid positions per log-softmax chunk, bounding the float32 (chunk, V) temporaries;
+    0 = automatic (chunks of about 256 MiB of float32 logits, so one chunk for small V)."""
 
 
 class OptimConfig(_Section):

@@ -33,6 +33,9 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.teacher import log1mexp
 
 
+AUTO_CHUNK_BYTES = 256 * 2**20  # float32 (chunk, V) logits per chunk when chunk_size=0
+
+
 @dataclass
 class LossSums:
     """Per-batch loss terms.
@@ -93,7 +96,7 @@ def _chunk_terms(z: torch.Tensor, y: torch.Tensor, topk_ids, topk_logprobs, tail
 def distill_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *, alpha: float,
                  temperature: float = 1.0, tail: str = "bucket", topk_ids: torch.Tensor | None = None,
                  topk_logprobs: torch.Tensor | None = None, tail_logprob: torch.Tensor | None = None,
-                 chunk_size: int = 1024) -> LossSums:
+                 chunk_size: int = 0) -> LossSums:
     """Hybrid sum-reduced loss over the valid positions of a batch.
 
     Valid positions are gathered first, then processed ``chunk_size`` at a time; each chunk's
@@ -113,6 +116,8 @@ def distill_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Ten
         ValueError: ``alpha < 1`` without teacher targets.
     """
     B, T, V = logits.shape
+    if chunk_size <= 0:
+        chunk_size = max(1, AUTO_CHUNK_BYTES // (4 * V))
     with_kl = alpha < 1.0
     if with_kl and (topk_ids is None or topk_logprobs is None or tail_logprob is None):
         raise ValueError("alpha < 1 needs teacher targets (topk_ids, topk_logprobs, tail_logprob)")

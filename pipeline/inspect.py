@@ -1,0 +1,99 @@
+"""Reading the per-sample loss logs: summaries per round and split, hardest samples.
+
+All work is done with pyarrow compute (vectorised group-bys), not Python loops over rows.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import yaml
+
+
+def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
+                   min_tokens: int | None = None) -> pa.Table:
+    """All loss-log rows of a run as one table with the hive columns ``round``, ``split``, ``rank``.
+
+    Raises:
+        FileNotFoundError: the run has no ``loss_logs`` directory.
+    """
+    d = Path(run_dir) / "loss_logs"
+    if not d.is_dir():
+        raise FileNotFoundError(f"no loss logs in {run_dir} (expected {d})")
+    part = pads.partitioning(pa.schema([("round", pa.int32()), ("split", pa.string()), ("rank", pa.int32())]), flavor="hive")
+    ds = pads.dataset(str(d), format="parquet", partitioning=part, exclude_invalid_files=True)
+    flt = None
+    for cond in ((pc.field("round") == round_) if round_ is not None else None,
+                 (pc.field("split") == split) if split is not None else None,
+                 (pc.field("n_tokens") >= min_tokens) if min_tokens is not None else None):
+        if cond is not None:
+            flt = cond if flt is None else flt & cond
+    return ds.to_table(filter=flt)
+
+
+def per_sample(table: pa.Table) -> pa.Table:
+    """One row per (round, split, sample_id): visits, summed tokens and losses, and per-token
+    ``loss_per_token``, ``ce_per_token``, ``kl_per_token``."""
+    g = table.group_by(["round", "split", "sample_id"]).aggregate(
+        [("sample_id", "count"), ("n_tokens", "sum"), ("loss_sum", "sum"), ("ce_sum", "sum"), ("kl_sum", "sum")])
+    g = g.rename_columns(["round", "split", "sample_id", "visits", "n_tokens", "loss_sum", "ce_sum", "kl_sum"])
+    tok = pc.max_element_wise(pc.cast(g["n_tokens"], pa.float64()), 1.0)
+    for name in ("loss", "ce", "kl"):
+        g = g.append_column(f"{name}_per_token", pc.divide(pc.cast(g[f"{name}_sum"], pa.float64()), tok))
+    return g
+
+
+def summary(table: pa.Table) -> list[dict]:
+    """Per (round, split): rows, unique samples, tokens, loss/CE/KL per token (token-weighted),
+    and the 10/50/90% quantiles of per-sample loss per token."""
+    out = []
+    samples = per_sample(table)
+    keys = sorted(set(zip(table["round"].to_pylist(), table["split"].to_pylist())))
+    for r, s in keys:
+        rows = table.filter((pc.field("round") == r) & (pc.field("split") == s))
+        ps = samples.filter((pc.field("round") == r) & (pc.field("split") == s))
+        n = max(pc.sum(rows["n_tokens"]).as_py() or 0, 1)
+        q = np.quantile(ps["loss_per_token"].to_numpy(), [0.1, 0.5, 0.9])
+        out.append({"round": r, "split": s, "rows": rows.num_rows, "samples": ps.num_rows,
+                    "tokens": pc.sum(rows["n_tokens"]).as_py(),
+                    **{f"{m}_per_token": pc.sum(rows[f"{m}_sum"]).as_py() / n for m in ("loss", "ce", "kl")},
+                    "p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])})
+    return out
+
+
+def hardest(table: pa.Table, n: int, metric: str = "loss") -> pa.Table:
+    """The ``n`` (round, split, sample) rows with the highest ``{metric}_per_token``."""
+    ps = per_sample(table)
+    return ps.sort_by([(f"{metric}_per_token", "descending")]).slice(0, n)
+
+
+class SampleText:
+    """Decodes sample IDs to text through the caches and tokenizer recorded in a run's config."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        from pipeline.cache import open_cache
+        from pipeline.models import load_tokenizer
+
+        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        self.readers = []
+        for key in ("train_cache", "eval_cache"):
+            path = cfg["data"].get(key)
+            if path and Path(path).is_dir():
+                self.readers.append(open_cache(path, allow_incomplete=True, verify=False))
+        tok_dir = Path(run_dir) / "final"
+        self.tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
+
+    def __call__(self, sample_id: str, max_chars: int = 80) -> str:
+        for r in self.readers:
+            try:
+                ids = r[r.index_of(sample_id)].input_ids
+            except KeyError:
+                continue
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else str(ids[:20])
+            text = " ".join(text.split())
+            return text[:max_chars] + ("…" if len(text) > max_chars else "")
+        return ""

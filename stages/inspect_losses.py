@@ -1,0 +1,64 @@
+"""``inspect-losses RUN_DIR``: per-round/split summary and the hardest samples of a run.
+
+Reads ``RUN_DIR/loss_logs`` (hive-partitioned parquet); decodes sample text through the
+run's caches and tokenizer. ``--export FILE.csv|FILE.parquet`` writes the per-sample table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _fmt(rows: list[dict], cols: list[str]) -> str:
+    cells = [[f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(x.rjust(w) for x, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="inspect-losses", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    p.add_argument("--round", type=int, default=None, help="only this round")
+    p.add_argument("--split", choices=["train", "eval"], default=None, help="only this split")
+    p.add_argument("--min-tokens", type=int, default=None, help="ignore visits with fewer valid tokens")
+    p.add_argument("--top", type=int, default=10, help="how many hardest samples to show")
+    p.add_argument("--metric", choices=["loss", "ce", "kl"], default="loss", help="hardness = this per token")
+    p.add_argument("--export", default=None, help="write the per-sample table to FILE.csv or FILE.parquet")
+    args = p.parse_args(argv)
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from pipeline.inspect import SampleText, hardest, load_loss_logs, per_sample, summary
+
+    try:
+        table = load_loss_logs(args.run_dir, args.round, args.split, args.min_tokens)
+    except FileNotFoundError as e:
+        print(f"inspect-losses: error: {e}", file=sys.stderr)
+        return 2
+    if table.num_rows == 0:
+        print("inspect-losses: no rows match", file=sys.stderr)
+        return 1
+    print(f"loss logs of {args.run_dir}: {table.num_rows} rows")
+    print(_fmt(summary(table), ["round", "split", "rows", "samples", "tokens", "loss_per_token", "ce_per_token",
+                                "kl_per_token", "p10", "p50", "p90"]))
+    top = hardest(table, args.top, args.metric).to_pylist()
+    text = SampleText(args.run_dir)
+    for r in top:
+        r["text"] = text(r["sample_id"])
+    print(f"\nhardest {len(top)} samples by {args.metric} per token:")
+    print(_fmt(top, ["round", "split", "sample_id", "visits", "n_tokens", f"{args.metric}_per_token", "text"]))
+    if args.export:
+        ps = per_sample(table)
+        if args.export.endswith(".csv"):
+            pacsv.write_csv(ps, args.export)
+        else:
+            pq.write_table(ps, args.export)
+        print(f"\nper-sample table ({ps.num_rows} rows) written to {args.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
