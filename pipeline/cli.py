@@ -29,6 +29,12 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
     from pipeline.distributed import init_distributed, teardown
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # keep the console to our own progress bars
+    transformers.utils.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
     try:
         cfg = load_config(cfg_cls, args.config, args.overrides)
         info = init_distributed(cfg.device)

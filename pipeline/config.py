@@ -38,6 +38,8 @@ class DatasetConfig(_Section):
     """Column holding a unique sample ID; when unset the ID is ``{fingerprint[:16]}-{row}``."""
     num_samples: int | None = Field(default=None, ge=1)
     """Use only the first N rows (after the split is loaded)."""
+    sample_by: Literal["line", "paragraph", "document"] = "line"
+    """For .txt files: one row per line, per blank-line-separated paragraph, or per file."""
     max_length: int = Field(default=256, ge=2)
     """Truncate every sample to this many tokens (BOS included)."""
 

@@ -58,7 +58,8 @@ def load_rows(cfg: DatasetConfig):
         builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text", "csv": "csv"}.get(ext)
         if builder is None:
             raise ValueError(f"dataset {p}: cannot tell the format of {files[:1]} (json, jsonl, parquet, txt, csv)")
-        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+        kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kwargs)
     elif cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") > 1:
         raise FileNotFoundError(f"dataset path not found: {cfg.path}")
     else:

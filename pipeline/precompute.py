@@ -1,6 +1,7 @@
 """Stage 1: run the frozen teacher(s) over the samples and write the sparse top-k cache."""
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     writer = open_writer(cfg.cache.dir, manifest, info.rank, state.attempt, cfg.cache.samples_per_shard,
                          cfg.cache.row_group_size)
     bar = tqdm(total=sum(len(s.input_ids) for b in batches for s in b), unit="tok", unit_scale=True,
-               disable=not info.is_main, desc="teacher top-k", dynamic_ncols=True)
+               disable=not info.is_main, desc="teacher top-k", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
     t0 = time.perf_counter()
     with torch.no_grad():  # not inference_mode: FSDP2 unshard fails on inference tensors (torch 2.13)
         for b in range(n_calls):

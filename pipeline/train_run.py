@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -85,9 +86,12 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
                      "eval/perplexity": math.exp(min(ev.ce, 50.0)), "eval/epoch": epoch_f, "eval/step": step,
                      "round": cfg.round}
         logger.log(last_eval, step)
-        tqdm.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} ppl {math.exp(min(ev.ce, 50.0)):.2f}") if info.is_main else None
+        if info.is_main:
+            tqdm.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} "
+                       f"ppl {last_eval['eval/perplexity']:.2f}")
 
-    bar = tqdm(total=cfg.max_steps, disable=not info.is_main, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, disable=not info.is_main, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=1.0 if sys.stderr.isatty() else 15.0)
     tokens_total, t_train = 0, time.perf_counter()
     epoch_f = 0.0
     try:

@@ -57,8 +57,8 @@ def build_assets() -> None:
 
     tok = AutoTokenizer.from_pretrained(str(BUILD / "tokenizer"))
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    llama_config(len(tok), 256, 4, 8, 4, 1024, **ids).save_pretrained(BUILD / "teacher-init")
-    llama_config(len(tok), 128, 2, 4, 2, 512, **ids).save_pretrained(BUILD / "student-init")
+    llama_config(len(tok), 192, 4, 6, 3, 768, **ids).save_pretrained(BUILD / "teacher-init")
+    llama_config(len(tok), 64, 2, 4, 2, 256, **ids).save_pretrained(BUILD / "student-init")
 
 
 def build_teacher() -> None:
@@ -82,7 +82,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     build_assets()
     build_teacher()
-    say("4/6 cache: teacher top-32 logprobs for the students' 1,200 training samples and the held-out split")
+    say("4/6 cache: teacher top-32 logprobs for the students' 500 training samples and the held-out split")
     run(["stages.precompute_teacher", "--config", "configs/demo/precompute.yaml", "cache.overwrite=true"])
     run(["stages.precompute_teacher", "--config", "configs/demo/precompute.yaml", "dataset.split=validation",
          "dataset.num_samples=null", f"cache.dir={RUNS / 'cache-eval'}", "cache.overwrite=true"])

@@ -23,11 +23,14 @@ def _run(out: Path, mbs: int, accum: int, nproc: int = 1) -> dict:
 def _assert_same(a: dict, b: dict) -> None:
     assert a["n_tokens"] == b["n_tokens"]
     assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(b["loss"])
+    # the parameter change is the gradient (SGD, lr=1); float32 sums in another order differ in
+    # the last bits, so compare norms: globally within 1e-5 relative, each tensor within 1e-4
+    num = den = 0.0
     for name, ref in b["delta"].items():
-        got = a["delta"][name]
-        # the parameter change is the gradient (SGD, lr=1): compare within 1e-5 of its scale
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()), msg=lambda m: f"{name}: {m}")
-    assert any(float(d.abs().max()) > 0 for d in b["delta"].values())
+        err = float((a["delta"][name] - ref).norm())
+        assert err <= 1e-4 * float(ref.norm()) + 1e-12, f"{name}: |diff| {err:.3e} vs |grad| {float(ref.norm()):.3e}"
+        num, den = num + err**2, den + float(ref.norm()) ** 2
+    assert den > 0 and (num / den) ** 0.5 <= 1e-5, (num / den) ** 0.5
 
 
 def test_accumulation_equals_one_big_batch(tmp_path):

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache.manifest import MANIFEST, Manifest, read_manifest, write_manifest
-from pipeline.cache.parquet import MARKER_SUFFIX, ParquetCacheReader, ParquetCacheWriter, closed_shards, shard_sample_ids
+from pipeline.cache.parquet import ParquetCacheReader, ParquetCacheWriter, closed_shards, shard_sample_ids
 from pipeline.cache.store import CacheReader, CacheRecord, CacheWriter
 
 __all__ = ["CacheReader", "CacheRecord", "CacheWriter", "Manifest", "PrepareState", "prepare_cache", "open_writer",

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# End to end on the real stories260K teacher and TinyStories text, CE-only vs distilled students.
+#   configs/tinystories/run.sh ../shared/realdata [NPROC]
+# Prints the teacher's and both students' held-out perplexities; writes runs/tinystories/summary.json.
+set -euo pipefail
+REAL=${1:?usage: run.sh REALDATA_DIR [NPROC]}
+NPROC=${2:-1}
+PY=${PY:-.venv/bin/python}
+OUT=runs/tinystories
+if [ "$NPROC" -gt 1 ]; then LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m);
+else LAUNCH=("$PY" -m); fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((2 / NPROC > 0 ? 2 / NPROC : 1))} WANDB_MODE=${WANDB_MODE:-disabled}
+mkdir -p "$OUT"
+"$PY" -c "from data.stdlib_corpus import llama_config; llama_config(512, 32, 3, 4, 2, 86, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/student-init')"
+T="[{path: $REAL/teacher-stories260K}]"
+"${LAUNCH[@]}" stages.precompute_teacher --config configs/tinystories/precompute.yaml teachers="$T" \
+  dataset.path="$REAL/tinystories/train_head.txt" cache.dir=$OUT/cache-train cache.overwrite=true
+"${LAUNCH[@]}" stages.precompute_teacher --config configs/tinystories/precompute.yaml teachers="$T" \
+  dataset.path="$REAL/tinystories/valid_a.txt" dataset.num_samples=600 cache.dir=$OUT/cache-eval cache.overwrite=true
+for seed in 0 1; do
+  for alpha in 1.0 0.5; do
+    "${LAUNCH[@]}" stages.train_student --config configs/tinystories/student.yaml student.path=$OUT/student-init \
+      loss.alpha=$alpha seed=$seed output_dir=$OUT/student-a$alpha-s$seed
+  done
+done
+"$PY" - "$OUT" <<'PY'
+import json, math, sys
+from pathlib import Path
+from pipeline.cache import read_manifest
+out = Path(sys.argv[1])
+m = read_manifest(out / "cache-eval")
+res = {"teacher_ppl": math.exp(m.teacher_nll_sum / m.num_valid_positions)}
+for a, name in (("1.0", "ce"), ("0.5", "kd")):
+    ppls = [json.loads((out / f"student-a{a}-s{s}" / "summary.json").read_text())["final_eval"]["perplexity"] for s in (0, 1)]
+    res[f"{name}_student_ppl_per_seed"] = ppls
+    res[f"{name}_student_ppl"] = sum(ppls) / len(ppls)
+(out / "summary.json").write_text(json.dumps(res, indent=1))
+print(json.dumps(res, indent=1))
+PY
