@@ -15,10 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[setup] installing torch (CPU build) into $(VENV)"
 	@$(PY) -c "import torch" 2>/dev/null || \
-	  $(PIP) install -q --no-index --no-deps "torch==2.13.0" 2>/dev/null || \
-	  $(PIP) install -q "torch>=2.6,<=2.14.1" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple
+	  $(PIP) install -qq --no-index --no-deps "torch==2.13.0" 2>/dev/null || \
+	  $(PIP) install -qq "torch>=2.6,<=2.14.1" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple
 	@echo "[setup] installing kd-pipeline and its dependencies"
-	@$(PIP) install -q -e ".[dev,plot]"
+	@$(PIP) install -qq -e ".[dev,plot]"
 	@touch $@
 
 demo: install

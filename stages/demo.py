@@ -2,7 +2,7 @@
 
 1. corpus     the Python standard library source → a ``datasets`` DatasetDict (train/validation)
 2. tokenizer  byte-level BPE, vocabulary 4096, trained on the train split
-3. teacher    a 5.3M-parameter Llama pretrained by ``train-student`` in CE-only mode (cached)
+3. teacher    a 3.1M-parameter Llama (hidden 192, 4 layers) pretrained by ``train-student`` in CE-only mode (cached)
 4. cache      ``precompute-teacher``: top-32 logprobs for the students' data and the held-out set
 5. students   ``train-student``: CE only (alpha=1) and distilled (alpha=0.5), two seeds each
 6. verdict    held-out perplexities → ``runs/demo/summary.json``, then ``inspect-losses``
@@ -82,7 +82,7 @@ def build_teacher() -> None:
     if (BUILD / "teacher-run" / "final" / "model.safetensors").exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
         say("3/6 teacher: reusing data/build/teacher-run/final (delete data/build to rebuild)")
         return
-    say("3/6 teacher: pretraining a 5.3M-parameter Llama on the corpus (~5 min, CE only)")
+    say("3/6 teacher: pretraining a 3.1M-parameter Llama on the whole corpus (~6 min, CE only)")
     run(["stages.train_student", "--config", "configs/demo/teacher.yaml"])
     stamp_file.write_text(stamp)
 
@@ -118,14 +118,17 @@ def main() -> None:
     summary = {"teacher_ppl": teacher_ppl, "ce_student_ppl": float(ce), "kd_student_ppl": float(kd),
                "ce_student_ppl_per_seed": results["ce"], "kd_student_ppl_per_seed": results["kd"],
                "seed_spread": float(spread), "kd_beats_ce_beyond_spread": bool(ce - kd > spread),
-               "eval_tokens": m.num_valid_positions, "wall_s": time.time() - t0}
+               "eval_tokens": m.num_valid_positions, "wall_s": time.time() - t0,
+               "teacher_params": json.loads((BUILD / "teacher-run" / "summary.json").read_text())["num_parameters"],
+               "student_params": json.loads((RUNS / "student-ce-seed0" / "summary.json").read_text())["num_parameters"]}
     (RUNS / "summary.json").write_text(json.dumps(summary, indent=1))
     say("6/6 inspect-losses on the distilled student (seed 0)")
     run(["stages.inspect_losses", str(RUNS / "student-kd-seed0"), "--top", "5"])
     say("verdict: held-out perplexity (validation split, %d target tokens)" % m.num_valid_positions)
-    print(f"  teacher (5.3M)             {teacher_ppl:8.2f}")
-    print(f"  student CE only (alpha=1)  {ce:8.2f}   seeds: {', '.join(f'{x:.2f}' for x in results['ce'])}")
-    print(f"  student distilled (a=0.5)  {kd:8.2f}   seeds: {', '.join(f'{x:.2f}' for x in results['kd'])}")
+    tp, sp = summary["teacher_params"] / 1e6, summary["student_params"] / 1e6
+    print(f"  teacher ({tp:.2f}M params)          {teacher_ppl:8.2f}")
+    print(f"  student ({sp:.2f}M) CE only (a=1)   {ce:8.2f}   seeds: {', '.join(f'{x:.2f}' for x in results['ce'])}")
+    print(f"  student ({sp:.2f}M) distilled (a=.5) {kd:8.2f}   seeds: {', '.join(f'{x:.2f}' for x in results['kd'])}")
     verdict = "beats" if summary["kd_beats_ce_beyond_spread"] else "does NOT beat"
     print(f"  distilled {verdict} CE-only by more than the seed spread ({ce - kd:.2f} vs {spread:.2f})")
     print(f"  wall time {summary['wall_s']:.0f}s; written to {RUNS / 'summary.json'}")
