@@ -26,7 +26,7 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
     stderr naming the key/path/sizes), and re-raises anything unexpected.
     """
     args = parse(prog, description, argv)
-    from pipeline.distributed import init_distributed, teardown
+    from pipeline.distributed import barrier, init_distributed, teardown
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
@@ -39,6 +39,7 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
         cfg = load_config(cfg_cls, args.config, args.overrides)
         info = init_distributed(cfg.device)
         fn(cfg, info)
+        barrier()  # no rank destroys the gloo group while another still uses it (aborts otherwise)
         return 0
     except USER_ERRORS as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

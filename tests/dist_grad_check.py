@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import synthetic_records, tiny_student  # noqa: E402
 
 from pipeline.config import LossConfig  # noqa: E402
-from pipeline.distributed import full_state_dict, init_distributed, shard_model, teardown  # noqa: E402
+from pipeline.distributed import barrier, full_state_dict, init_distributed, shard_model, teardown  # noqa: E402
 from pipeline.loader import StepSampler, collate  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
 
@@ -38,6 +38,7 @@ def one_step(out: str, mbs: int, accum: int) -> None:
     if info.rank == 0:
         torch.save({"delta": {n: state[n] - init[n] for n in state}, "loss": stats.loss, "n_tokens": stats.n_tokens,
                     "micro_valid": [b.n_valid for b in micro]}, out)
+    barrier()  # destroying the group while rank 0 still saves aborts rank 1 ("terminate called...")
     teardown()
 
 
