@@ -126,9 +126,10 @@ def main() -> None:
     run(["stages.inspect_losses", str(RUNS / "student-kd-seed0"), "--top", "5"])
     say("verdict: held-out perplexity (validation split, %d target tokens)" % m.num_valid_positions)
     tp, sp = summary["teacher_params"] / 1e6, summary["student_params"] / 1e6
-    print(f"  teacher ({tp:.2f}M params)          {teacher_ppl:8.2f}")
-    print(f"  student ({sp:.2f}M) CE only (a=1)   {ce:8.2f}   seeds: {', '.join(f'{x:.2f}' for x in results['ce'])}")
-    print(f"  student ({sp:.2f}M) distilled (a=.5) {kd:8.2f}   seeds: {', '.join(f'{x:.2f}' for x in results['kd'])}")
+    seeds = lambda xs: ", ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    print(f"  {f'teacher ({tp:.2f}M params)':<36}{teacher_ppl:8.2f}")
+    print(f"  {f'student ({sp:.2f}M) CE only, alpha=1':<36}{ce:8.2f}   seeds: {seeds(results['ce'])}")
+    print(f"  {f'student ({sp:.2f}M) distilled, alpha=0.5':<36}{kd:8.2f}   seeds: {seeds(results['kd'])}")
     verdict = "beats" if summary["kd_beats_ce_beyond_spread"] else "does NOT beat"
     print(f"  distilled {verdict} CE-only by more than the seed spread ({ce - kd:.2f} vs {spread:.2f})")
     print(f"  wall time {summary['wall_s']:.0f}s; written to {RUNS / 'summary.json'}")
