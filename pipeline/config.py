@@ -146,6 +146,14 @@ class TrainDataConfig(_Section):
         return self
 
 
+class EarlyStoppingConfig(_Section):
+    """Stop when ``eval/loss`` has not improved by more than ``min_delta`` for ``patience`` evals."""
+
+    patience: int | None = Field(default=None, ge=1)
+    """Evaluations without improvement before stopping; None disables early stopping."""
+    min_delta: float = Field(default=0.0, ge=0)
+
+
 class WandbConfig(_Section):
     mode: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "kd-pipeline"
@@ -172,6 +180,13 @@ class TrainStudentConfig(_Section):
     seed: int = 0
     round: int = Field(default=0, ge=0)
     """Round index written to the loss logs and metrics."""
+    save_steps: int | None = Field(default=None, ge=1)
+    """Write a sharded checkpoint every N optimizer steps (and on SIGTERM/SIGINT); None: never."""
+    save_total_limit: int = Field(default=2, ge=1)
+    """Complete checkpoints kept; the oldest is deleted only after a newer one is complete."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in output_dir/checkpoints, if any), ``never``, or a path."""
+    early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

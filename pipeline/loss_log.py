@@ -70,6 +70,19 @@ class LossLogWriter:
         pq.write_table(table, tmp, compression="zstd")
         os.replace(tmp, final)
 
+    def truncate_after(self, round_: int, step: int) -> None:
+        """Drop this rank's rows of ``round_`` logged after optimizer step ``step`` (used on
+        resume from the checkpoint of ``step``, so that no visit is logged twice)."""
+        import pyarrow.compute as pc
+
+        for part in sorted((self.dir / f"round={round_}").glob(f"split=*/rank={self.rank}/part-*.parquet")):
+            table = pq.read_table(part)
+            if table.num_rows and pc.max(table["step"]).as_py() > step:
+                kept = table.filter(pc.less_equal(table["step"], step))
+                tmp = part.with_name("." + part.name + ".tmp")
+                pq.write_table(kept, tmp, compression="zstd")
+                os.replace(tmp, part)
+
     def flush(self) -> None:
         """Write every buffered row and wait until all part files are closed."""
         for key in list(self.buffers):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,15 +13,15 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import export_hf
+from pipeline.checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint
 from pipeline.config import TrainStudentConfig, dump_config
 from pipeline.data import load_samples
-from pipeline.distributed import DistInfo, print0, shard_model
+from pipeline.distributed import DistInfo, any_rank, print0, shard_model
 from pipeline.loader import StepSampler, collate, eval_batches
 from pipeline.loss_log import LossLogWriter
 from pipeline.metrics import MetricsLogger
 from pipeline.models import build_student, count_parameters, load_tokenizer, vocab_size
-from pipeline.trainer import Trainer, build_optimizer, lr_lambda
+from pipeline.trainer import Trainer, build_optimizer, early_stopping_update, lr_lambda
 
 
 def _sources(cfg: TrainStudentConfig):
@@ -43,8 +44,11 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     """Train the student; returns the summary dict on rank 0 (None elsewhere).
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``loss_logs/``,
-    ``final/`` (HF directory) and ``summary.json`` (final eval loss/CE/KL per token, perplexity,
-    wall time, tokens/s).
+    ``checkpoints/step-N`` (every ``save_steps`` and on SIGTERM/SIGINT), ``best/`` (HF
+    directory, on every eval improvement), ``final/`` (HF directory) and ``summary.json``
+    (outcome, final eval loss/CE/KL per token, perplexity, wall time, tokens/s). Resumes from
+    the newest complete checkpoint with ``resume: auto``: same data order, no duplicate
+    loss-log rows, the same weights as an uninterrupted run.
 
     Raises:
         FileNotFoundError / ValueError: missing cache or student, vocabulary mismatch (sizes named),
@@ -74,33 +78,50 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     logger = MetricsLogger(run_dir, info.rank, cfg.wandb, cfg.model_dump(mode="json"))
     loss_log = LossLogWriter(run_dir / "loss_logs", info.rank)
     n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
-    best = math.inf
+    st = {"step": 0, "epoch": 0, "position": 0, "best": math.inf, "bad_evals": 0, "tokens": 0, "round": cfg.round}
+    ckpt = resolve_resume(run_dir, cfg.resume)
+    if ckpt is not None:
+        st = load_checkpoint(ckpt, model, optimizer, scheduler, info.rank)
+        sampler.epoch, sampler.position = st["epoch"], st["position"]
+        loss_log.truncate_after(cfg.round, st["step"])
+        print0(f"[train] resumed from {ckpt} at step {st['step']} (epoch {st['epoch']}, sample {st['position']})")
     last_eval: dict = {}
+    stop = Preemption()
 
-    def run_eval(step: int) -> None:
-        nonlocal best, last_eval
+    def run_eval(step: int, epoch_f: float) -> bool:
+        """Evaluate, log, export best/; True when early stopping says stop."""
+        nonlocal last_eval
         ev = trainer.evaluate(eval_batches(eval_src, n_eval, cfg.micro_batch_size, info.rank, info.world_size))
         loss_log.append(cfg.round, "eval", sampler.epoch, step, ev.rows)
-        best = min(best, ev.loss)
-        last_eval = {"eval/loss": ev.loss, "eval/ce_loss": ev.ce, "eval/kl_loss": ev.kl, "eval/min_loss": best,
+        es = cfg.early_stopping
+        st["best"], st["bad_evals"], improved, stop_now = early_stopping_update(st["best"], st["bad_evals"], ev.loss,
+                                                                               es.min_delta, es.patience)
+        last_eval = {"eval/loss": ev.loss, "eval/ce_loss": ev.ce, "eval/kl_loss": ev.kl, "eval/min_loss": st["best"],
                      "eval/perplexity": math.exp(min(ev.ce, 50.0)), "eval/epoch": epoch_f, "eval/step": step,
                      "round": cfg.round}
         logger.log(last_eval, step)
         if info.is_main:
             tqdm.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} "
-                       f"ppl {last_eval['eval/perplexity']:.2f}")
+                       f"ppl {last_eval['eval/perplexity']:.2f}{' (best)' if improved else ''}")
+        if improved:
+            export_hf(model, run_dir / "best", tok_dir, info.rank)
+        return stop_now
 
-    bar = tqdm(total=cfg.max_steps, disable=not info.is_main, desc="train", unit="step", dynamic_ncols=True,
-               mininterval=1.0 if sys.stderr.isatty() else 15.0)
-    tokens_total, t_train = 0, time.perf_counter()
-    epoch_f = 0.0
+    def checkpoint(step: int) -> None:
+        loss_log.flush()  # rows up to this step are closed before the checkpoint that covers them
+        st.update(step=step, epoch=sampler.epoch, position=sampler.position)
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(st), info.rank, cfg.save_total_limit)
+
+    bar = tqdm(total=cfg.max_steps, initial=st["step"], disable=not info.is_main, desc="train", unit="step",
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    t_train, outcome = time.perf_counter(), "finished"
     try:
-        for step in range(1, cfg.max_steps + 1):
+        for step in range(st["step"] + 1, cfg.max_steps + 1):
             t0 = time.perf_counter()
             micro = [collate([train_src[i] for i in idx]) for idx in sampler.next_step()]
             stats = trainer.train_step(micro)
             dt = time.perf_counter() - t0
-            tokens_total += stats.n_tokens
+            st["tokens"] += stats.n_tokens
             epoch_f = sampler.epoch + sampler.position / len(train_src)
             loss_log.append(cfg.round, "train", sampler.epoch, step, stats.rows)
             bar.update(1)
@@ -110,20 +131,54 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
                             "train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": stats.grad_norm,
                             "train/epoch": epoch_f, "train/step": step, "train/tokens_per_second": stats.n_tokens / dt,
                             "round": cfg.round}, step)
+            early = False
             if eval_src is not None and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
-                run_eval(step)
+                early = run_eval(step, epoch_f)
+            preempted = stop.requested(info.device)
+            if preempted or (cfg.save_steps and step % cfg.save_steps == 0):
+                checkpoint(step)
+            if preempted or early:
+                outcome = "preempted" if preempted else "early_stopped"
+                print0(f"[train] {outcome} after step {step}")
+                break
         bar.close()
         train_s = time.perf_counter() - t_train
-        export_hf(model, run_dir / "final", tok_dir, info.rank)
+        if outcome != "preempted":
+            export_hf(model, run_dir / "final", tok_dir, info.rank)
     finally:
+        stop.restore()
         loss_log.close()
         logger.finish()
     if not info.is_main:
         return None
-    summary = {"final_eval": {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith("eval/")},
-               "steps": cfg.max_steps, "train_tokens": tokens_total, "train_seconds": train_s,
-               "tokens_per_second": tokens_total / max(train_s, 1e-9), "num_parameters": n_params,
+    summary = {"outcome": outcome, "final_eval": {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith("eval/")},
+               "best_eval_loss": st["best"], "steps": cfg.max_steps, "train_tokens": st["tokens"], "train_seconds": train_s,
+               "tokens_per_second": st["tokens"] / max(train_s, 1e-9), "num_parameters": n_params,
                "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print0(f"[train] done in {summary['wall_s']:.0f}s ({summary['tokens_per_second']:.0f} tok/s); final student in {run_dir / 'final'}")
+    print0(f"[train] {outcome} in {summary['wall_s']:.0f}s; student in {run_dir / ('checkpoints' if outcome == 'preempted' else 'final')}")
     return summary
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; ``requested`` agrees on it over all ranks at a step boundary,
+    so every rank stops after the same optimizer step (none hangs in a collective)."""
+
+    def __init__(self):
+        self.flag = False
+        self.old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.old[sig] = signal.signal(sig, self._set)
+            except ValueError:  # not the main thread (e.g. called from a test helper)
+                pass
+
+    def _set(self, signum, frame) -> None:
+        self.flag = True
+
+    def requested(self, device) -> bool:
+        return any_rank(self.flag, device)
+
+    def restore(self) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)

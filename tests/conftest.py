@@ -62,3 +62,29 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.C
     else:
         cmd = [sys.executable, "-m", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def caches(assets, tmp_path_factory) -> dict:
+    """Complete 1-rank teacher caches of the fixture's train and validation splits."""
+    d = tmp_path_factory.mktemp("caches")
+    out = {}
+    for split in ("train", "validation"):
+        cfg = write_yaml(d / f"pre-{split}.yaml", precompute_config(assets, d / split, split=split))
+        res = run_cli(["stages.precompute_teacher", "--config", str(cfg)])
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[split] = d / split
+    out["dir"] = d
+    return out
+
+
+def train_config(assets, caches, out_dir, **over) -> dict:
+    """A train-student config over the fixture caches; ``over`` replaces top-level keys."""
+    cfg = {"output_dir": str(out_dir), "student": {"path": assets["student"]},
+           "data": {"train_cache": str(caches["train"]), "eval_cache": str(caches["validation"])},
+           "micro_batch_size": 2, "grad_accum_steps": 1, "max_steps": 10, "eval_steps": 5, "log_steps": 1,
+           "device": "cpu", "optim": {"warmup_steps": 2}}
+    cfg.update(over)
+    return cfg
+
+

@@ -5,31 +5,9 @@ import json
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
-from conftest import precompute_config, run_cli, write_yaml
+from conftest import precompute_config, run_cli, train_config as _train_cfg, write_yaml
 
 from pipeline.cache import open_cache, read_manifest
-
-
-@pytest.fixture(scope="module")
-def caches(assets, tmp_path_factory):
-    d = tmp_path_factory.mktemp("caches")
-    out = {}
-    for split in ("train", "validation"):
-        cfg = write_yaml(d / f"pre-{split}.yaml", precompute_config(assets, d / split, split=split))
-        res = run_cli(["stages.precompute_teacher", "--config", str(cfg)])
-        assert res.returncode == 0, res.stderr[-3000:]
-        out[split] = d / split
-    out["dir"] = d
-    return out
-
-
-def _train_cfg(assets, caches, out_dir, **over) -> dict:
-    cfg = {"output_dir": str(out_dir), "student": {"path": assets["student"]},
-           "data": {"train_cache": str(caches["train"]), "eval_cache": str(caches["validation"])},
-           "micro_batch_size": 2, "grad_accum_steps": 1, "max_steps": 10, "eval_steps": 5, "log_steps": 1,
-           "device": "cpu", "optim": {"warmup_steps": 2}}
-    cfg.update(over)
-    return cfg
 
 
 def test_precompute_writes_complete_manifest(caches, assets):
