@@ -109,6 +109,14 @@ class LossConfig(_Section):
     0 = automatic (chunks of about 256 MiB of float32 logits, so one chunk for small V)."""
 
 
+class ParamGroupConfig(_Section):
+    """Parameters whose name matches ``pattern`` (``re.search``) get their own LR / decay."""
+
+    pattern: str
+    lr: float | None = Field(default=None, gt=0)
+    weight_decay: float | None = Field(default=None, ge=0)
+
+
 class OptimConfig(_Section):
     """AdamW with linear warmup and a cosine / linear / constant decay."""
 
@@ -120,6 +128,9 @@ class OptimConfig(_Section):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     max_grad_norm: float | None = Field(default=1.0, gt=0)
+    param_groups: list[ParamGroupConfig] = Field(default_factory=list)
+    """E.g. ``[{pattern: embed_tokens, lr: 1e-3}]``; the first matching group wins; norms and
+    biases (ndim < 2) never get weight decay."""
 
 
 class TrainDataConfig(_Section):
@@ -154,6 +165,15 @@ class EarlyStoppingConfig(_Section):
     min_delta: float = Field(default=0.0, ge=0)
 
 
+class LRFindConfig(_Section):
+    """LR range test (``train-student --lr-find``): exponential LR ramp, loss recorded."""
+
+    enabled: bool = False
+    min_lr: float = Field(default=1e-6, gt=0)
+    max_lr: float = Field(default=1.0, gt=0)
+    steps: int = Field(default=100, ge=2)
+
+
 class WandbConfig(_Section):
     mode: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "kd-pipeline"
@@ -174,7 +194,11 @@ class TrainStudentConfig(_Section):
     grad_accum_steps: int = Field(default=1, ge=1)
     """Micro-batches per optimizer step, per rank."""
     max_steps: int = Field(default=100, ge=1)
-    """Optimizer steps (epochs follow from the data size)."""
+    """Optimizer steps (ignored when ``epochs`` is set)."""
+    epochs: int | None = Field(default=None, ge=1)
+    """Train for this many epochs: ``max_steps = epochs × steps per epoch``."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass (less memory)."""
     eval_steps: int = Field(default=50, ge=1)
     log_steps: int = Field(default=10, ge=1)
     seed: int = 0
@@ -187,6 +211,7 @@ class TrainStudentConfig(_Section):
     resume: str = "auto"
     """``auto`` (newest complete checkpoint in output_dir/checkpoints, if any), ``never``, or a path."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    lr_find: LRFindConfig = LRFindConfig()
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

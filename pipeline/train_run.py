@@ -19,6 +19,7 @@ from pipeline.data import load_samples
 from pipeline.distributed import DistInfo, any_rank, print0, shard_model
 from pipeline.loader import StepSampler, collate, eval_batches
 from pipeline.loss_log import LossLogWriter
+from pipeline.lr_find import run_lr_find
 from pipeline.metrics import MetricsLogger
 from pipeline.models import build_student, count_parameters, load_tokenizer, vocab_size
 from pipeline.trainer import Trainer, build_optimizer, early_stopping_update, lr_lambda
@@ -66,14 +67,19 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard_model(model, mixed_precision=info.device.type == "cuda")
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.max_steps))
-    trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device)
     sampler = StepSampler(np.arange(len(train_src)), cfg.micro_batch_size, cfg.grad_accum_steps, info.rank,
                           info.world_size, cfg.seed)
+    max_steps = cfg.epochs * sampler.steps_per_epoch if cfg.epochs else cfg.max_steps
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))
+    trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device)
+    if cfg.lr_find.enabled:
+        return run_lr_find(cfg.lr_find, trainer, sampler, train_src, run_dir, info)
     print0(f"[train] student {n_params / 1e6:.2f}M params, V={V}; {len(train_src)} train samples, "
-           f"{sampler.steps_per_epoch} steps/epoch of {sampler.global_batch} samples; {cfg.max_steps} steps; "
+           f"{sampler.steps_per_epoch} steps/epoch of {sampler.global_batch} samples; {max_steps} steps; "
            f"alpha={cfg.loss.alpha} tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)")
     logger = MetricsLogger(run_dir, info.rank, cfg.wandb, cfg.model_dump(mode="json"))
     loss_log = LossLogWriter(run_dir / "loss_logs", info.rank)
@@ -112,11 +118,11 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         st.update(step=step, epoch=sampler.epoch, position=sampler.position)
         save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(st), info.rank, cfg.save_total_limit)
 
-    bar = tqdm(total=cfg.max_steps, initial=st["step"], disable=not info.is_main, desc="train", unit="step",
+    bar = tqdm(total=max_steps, initial=st["step"], disable=not info.is_main, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
     t_train, outcome = time.perf_counter(), "finished"
     try:
-        for step in range(st["step"] + 1, cfg.max_steps + 1):
+        for step in range(st["step"] + 1, max_steps + 1):
             t0 = time.perf_counter()
             micro = [collate([train_src[i] for i in idx]) for idx in sampler.next_step()]
             stats = trainer.train_step(micro)
@@ -132,7 +138,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
                             "train/epoch": epoch_f, "train/step": step, "train/tokens_per_second": stats.n_tokens / dt,
                             "round": cfg.round}, step)
             early = False
-            if eval_src is not None and (step % cfg.eval_steps == 0 or step == cfg.max_steps):
+            if eval_src is not None and (step % cfg.eval_steps == 0 or step == max_steps):
                 early = run_eval(step, epoch_f)
             preempted = stop.requested(info.device)
             if preempted or (cfg.save_steps and step % cfg.save_steps == 0):
@@ -152,7 +158,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     if not info.is_main:
         return None
     summary = {"outcome": outcome, "final_eval": {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith("eval/")},
-               "best_eval_loss": st["best"], "steps": cfg.max_steps, "train_tokens": st["tokens"], "train_seconds": train_s,
+               "best_eval_loss": st["best"], "steps": max_steps, "train_tokens": st["tokens"], "train_seconds": train_s,
                "tokens_per_second": st["tokens"] / max(train_s, 1e-9), "num_parameters": n_params,
                "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

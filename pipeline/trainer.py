@@ -8,6 +8,7 @@ gradient is ``∇(Σ loss_sum) / N`` whatever the micro-batch size, accumulation
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -37,12 +38,32 @@ class StepStats:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices (ndim >= 2) only, none on norms and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    """AdamW over parameter groups.
+
+    A parameter joins the first ``cfg.param_groups`` entry whose ``pattern`` matches its name
+    (``re.search``), taking that entry's ``lr`` / ``weight_decay`` where set, else the defaults.
+    Matrices (ndim >= 2) get weight decay; norms and biases (ndim < 2) never do.
+
+    Raises:
+        ValueError: a ``param_groups`` pattern that matches no parameter (names the pattern).
+    """
+    groups: dict[tuple[int, bool], dict] = {}
+    used = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        idx = next((i for i, g in enumerate(cfg.param_groups) if re.search(g.pattern, name)), -1)
+        spec = cfg.param_groups[idx] if idx >= 0 else None
+        used.add(idx)
+        decay = p.ndim >= 2
+        g = groups.setdefault((idx, decay), {
+            "params": [], "lr": spec.lr if spec and spec.lr is not None else cfg.lr,
+            "weight_decay": (spec.weight_decay if spec and spec.weight_decay is not None else cfg.weight_decay) if decay else 0.0})
+        g["params"].append(p)
+    for i, g in enumerate(cfg.param_groups):
+        if i not in used:
+            raise ValueError(f"optim.param_groups[{i}].pattern {g.pattern!r} matches no parameter")
+    return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
 def lr_lambda(cfg: OptimConfig, max_steps: int):

@@ -2,6 +2,7 @@
 
 Trains an FSDP2 student from the teacher cache only, with the hybrid loss
 ``α·CE + (1−α)·τ²·KL`` normalised by the valid tokens of the whole optimizer step.
+``--lr-find`` runs an LR range test instead (``lr_find.{min_lr,max_lr,steps}``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from pipeline.config import TrainStudentConfig
 def main(argv: list[str] | None = None) -> int:
     from pipeline.train_run import train
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--lr-find" in argv:  # LR range test instead of training: writes lr_find.csv/.png
+        argv = [a for a in argv if a != "--lr-find"] + ["lr_find.enabled=true"]
     return run_stage("train-student", TrainStudentConfig, train, argv, __doc__.splitlines()[0])
 
 

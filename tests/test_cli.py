@@ -109,3 +109,29 @@ def test_bad_inputs_give_one_line_errors(assets, caches, tmp_path, capsys):
     code, err = _main_err(train, ["--config", str(cfg), f"data.train_cache={tmp_path / 'nothing'}"], capsys)
     assert code == 2 and "nothing" in err
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_lr_find_writes_an_increasing_lr_table(assets, caches, tmp_path):
+    cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, tmp_path / "run"))
+    res = run_cli(["stages.train_student", "--config", str(cfg), "--lr-find", "lr_find.steps=12", "lr_find.max_lr=100"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "lr_find.csv")))
+    lrs = [float(r["lr"]) for r in rows]
+    assert 2 <= len(rows) <= 12 and lrs == sorted(lrs) and lrs[0] == pytest.approx(1e-6)
+    assert "suggested lr" in res.stdout and not (tmp_path / "run" / "final").exists()
+
+
+def test_gradient_checkpointing_and_epochs_give_the_same_weights(assets, caches, tmp_path):
+    from safetensors.torch import load_file
+
+    finals = []
+    for name, over in (("plain", {"max_steps": 20}), ("ckpt", {"gradient_checkpointing": True, "epochs": 2})):
+        cfg = write_yaml(tmp_path / f"{name}.yaml", _train_cfg(assets, caches, tmp_path / name, micro_batch_size=4, **over))
+        res = run_cli(["stages.train_student", "--config", str(cfg)])
+        assert res.returncode == 0, res.stderr[-2000:]
+        finals.append(load_file(tmp_path / name / "final" / "model.safetensors"))
+    assert json.loads((tmp_path / "ckpt" / "summary.json").read_text())["steps"] == 20  # 2 epochs × 10 steps
+    for key, a in finals[0].items():
+        np.testing.assert_allclose(finals[1][key].numpy(), a.numpy(), rtol=0, atol=1e-5, err_msg=key)
