@@ -104,6 +104,9 @@ class LossConfig(_Section):
     tail: Literal["renormalize", "bucket"] = "bucket"
     """How the teacher mass outside the top-k enters the KL: dropped and the top-k
     renormalised, or kept as one extra bucket (see pipeline/losses.py)."""
+    aux_loss_coef: float = Field(default=0.0, ge=0)
+    """Weight of the student's own auxiliary loss (e.g. a MoE router load-balancing loss,
+    ``outputs.aux_loss`` with ``output_router_logits=True``); 0 = not requested."""
     chunk_size: int = Field(default=0, ge=0)
     """Valid positions per log-softmax chunk, bounding the float32 (chunk, V) temporaries;
     0 = automatic (chunks of about 256 MiB of float32 logits, so one chunk for small V)."""

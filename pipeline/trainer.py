@@ -113,11 +113,25 @@ class Trainer:
         self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
 
     def _loss(self, batch: Batch) -> LossSums:
-        logits = self.model(input_ids=batch.input_ids).logits  # (B, T, V)
+        """Forward + :func:`distill_loss`; with ``aux_loss_coef > 0`` the model's auxiliary loss
+        (a per-forward mean) is added as ``coef · aux · n_valid(micro-batch)``, so that after the
+        division by the step's valid-token count it enters as a token-weighted mean.
+
+        Raises:
+            ValueError: ``aux_loss_coef > 0`` but the model returns no ``aux_loss``.
+        """
         c = self.loss_cfg
-        return distill_loss(logits, batch.input_ids, batch.valid, alpha=c.alpha, temperature=c.temperature,
+        extra = {"output_router_logits": True} if c.aux_loss_coef > 0 else {}
+        out = self.model(input_ids=batch.input_ids, **extra)
+        sums = distill_loss(out.logits, batch.input_ids, batch.valid, alpha=c.alpha, temperature=c.temperature,
                             tail=c.tail, topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
                             tail_logprob=batch.tail_logprob, chunk_size=c.chunk_size)
+        if c.aux_loss_coef > 0:
+            aux = getattr(out, "aux_loss", None)
+            if aux is None:
+                raise ValueError("loss.aux_loss_coef > 0 but the student returns no aux_loss (not a MoE model?)")
+            sums.loss_sum = sums.loss_sum + c.aux_loss_coef * aux * batch.n_valid
+        return sums
 
     def _rows(self, batch: Batch, sums: LossSums, rows: dict[str, list]) -> None:
         c = self.loss_cfg

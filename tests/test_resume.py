@@ -90,3 +90,22 @@ def test_early_stopping_on_a_scripted_loss_sequence():
     assert stops.index(True) == 7            # evals 5, 6, 7 without improvement
     assert best == 3.5
     assert not any(early_stopping_update(1.0, 5, 2.0, 0.0, None)[3:])
+
+
+def test_sigterm_to_both_ranks_checkpoints_once_and_exits_zero(assets, caches, tmp_path):
+    """SIGTERM to each rank (e.g. ``srun --signal`` or a scheduler signalling the workers): every
+    rank stops after the same step, one checkpoint is written, all exit 0, so torchrun does."""
+    cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, tmp_path / "run", micro_batch_size=1,
+                                                      max_steps=100000, eval_steps=100000, log_steps=1))
+    proc = _popen(cfg, 2)
+    _wait_for(tmp_path / "run" / "metrics.jsonl", proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(int(pid), signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    ckpts = list((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "trainer.pt").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["outcome"] == "preempted"
+    assert "preempted after step" in out

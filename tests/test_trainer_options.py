@@ -35,3 +35,27 @@ def test_schedules(schedule, end):
     assert [round(f(s), 3) for s in range(4)] == [0.2, 0.4, 0.6, 0.8]
     assert f(4) == pytest.approx(1.0) and f(20) == pytest.approx(end)
     assert all(f(s) >= f(s + 1) - 1e-12 for s in range(4, 20))
+
+
+def test_moe_aux_loss_is_added_with_its_coefficient():
+    import torch
+    from helpers import synthetic_records
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    from pipeline.config import LossConfig
+    from pipeline.loader import collate
+    from pipeline.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2))
+    batch = collate(synthetic_records(3, 64, 4, seed=5))
+    sums = {}
+    for coef in (0.0, 0.1):
+        t = Trainer(model, None, None, LossConfig(alpha=0.5, aux_loss_coef=coef), None, torch.device("cpu"))
+        sums[coef] = t._loss(batch).loss_sum.item()
+    aux = model(input_ids=batch.input_ids, output_router_logits=True).aux_loss.item()
+    assert sums[0.1] - sums[0.0] == pytest.approx(0.1 * aux * batch.n_valid, rel=1e-4)
+    with pytest.raises(ValueError, match="aux_loss"):
+        Trainer(tiny_student(64), None, None, LossConfig(aux_loss_coef=0.1), None, torch.device("cpu"))._loss(batch)
