@@ -115,7 +115,8 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
 
     def checkpoint(step: int) -> None:
         loss_log.flush()  # rows up to this step are closed before the checkpoint that covers them
-        st.update(step=step, epoch=sampler.epoch, position=sampler.position)
+        st.update(step=step, epoch=sampler.epoch, position=sampler.position,
+                  samples_consumed=step * sampler.global_batch)
         save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(st), info.rank, cfg.save_total_limit)
 
     bar = tqdm(total=max_steps, initial=st["step"], disable=not info.is_main, desc="train", unit="step",
