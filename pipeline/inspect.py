@@ -71,6 +71,48 @@ def hardest(table: pa.Table, n: int, metric: str = "loss") -> pa.Table:
     return ps.sort_by([(f"{metric}_per_token", "descending")]).slice(0, n)
 
 
+def compare_rounds(table: pa.Table, r1: int, r2: int, split: str = "train", metric: str = "loss") -> pa.Table:
+    """Samples present in both rounds with ``{metric}_per_token`` in each and ``delta = r2 - r1``,
+    sorted by ``|delta|`` descending (the samples that moved most)."""
+    ps = per_sample(table.filter(pc.field("split") == split))
+    col = f"{metric}_per_token"
+    a = ps.filter(pc.field("round") == r1).select(["sample_id", col]).rename_columns(["sample_id", f"{col}_r{r1}"])
+    b = ps.filter(pc.field("round") == r2).select(["sample_id", col]).rename_columns(["sample_id", f"{col}_r{r2}"])
+    j = a.join(b, "sample_id", join_type="inner")
+    j = j.append_column("delta", pc.subtract(j[f"{col}_r{r2}"], j[f"{col}_r{r1}"]))
+    j = j.append_column("abs_delta", pc.abs(j["delta"]))
+    return j.sort_by([("abs_delta", "descending")]).drop_columns(["abs_delta"])
+
+
+def plot(table: pa.Table, path: str | os.PathLike, metric: str = "loss", compare: tuple[int, int] | None = None) -> None:
+    """Histogram of per-sample ``{metric}`` per token, one curve per (round, split); with
+    ``compare`` a second panel scatters round r1 against r2 per sample. Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ps = per_sample(table)
+    col = f"{metric}_per_token"
+    fig, axes = plt.subplots(1, 2 if compare else 1, figsize=(11 if compare else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for r, s in sorted(set(zip(ps["round"].to_pylist(), ps["split"].to_pylist()))):
+        vals = ps.filter((pc.field("round") == r) & (pc.field("split") == s))[col].to_numpy()
+        ax.hist(vals, bins=50, histtype="step", label=f"round {r} {s}")
+    ax.set(xlabel=f"{metric} per token (nats)", ylabel="samples", title="per-sample loss")
+    ax.legend()
+    if compare:
+        c = compare_rounds(table, *compare, metric=metric)
+        ax = axes[0][1]
+        x, y = c.column(1).to_numpy(), c.column(2).to_numpy()
+        ax.scatter(x, y, s=4, alpha=0.5)
+        lim = [min(x.min(), y.min()), max(x.max(), y.max())]
+        ax.plot(lim, lim, c="gray", lw=1)
+        ax.set(xlabel=f"round {compare[0]}", ylabel=f"round {compare[1]}", title=f"{metric} per token, train")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
 class SampleText:
     """Decodes sample IDs to text through the caches and tokenizer recorded in a run's config."""
 
@@ -78,10 +120,11 @@ class SampleText:
         from pipeline.cache import open_cache
         from pipeline.models import load_tokenizer
 
-        cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
+        cfg_file = Path(run_dir) / "config.yaml"
+        data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}) if cfg_file.is_file() else {}
         self.readers = []
         for key in ("train_cache", "eval_cache"):
-            path = cfg["data"].get(key)
+            path = data.get(key)
             if path and Path(path).is_dir():
                 self.readers.append(open_cache(path, allow_incomplete=True, verify=False))
         tok_dir = Path(run_dir) / "final"

@@ -26,12 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=10, help="how many hardest samples to show")
     p.add_argument("--metric", choices=["loss", "ce", "kl"], default="loss", help="hardness = this per token")
     p.add_argument("--export", default=None, help="write the per-sample table to FILE.csv or FILE.parquet")
+    p.add_argument("--compare", nargs=2, type=int, metavar=("R1", "R2"), default=None,
+                   help="samples whose per-token metric moved most from round R1 to R2 (train split)")
+    p.add_argument("--plot", default=None, help="write FILE.png: histogram per round (+ R1-vs-R2 scatter)")
     args = p.parse_args(argv)
 
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from pipeline.inspect import SampleText, hardest, load_loss_logs, per_sample, summary
+    from pipeline.inspect import SampleText, compare_rounds, hardest, load_loss_logs, per_sample, plot, summary
 
     try:
         table = load_loss_logs(args.run_dir, args.round, args.split, args.min_tokens)
@@ -50,6 +53,17 @@ def main(argv: list[str] | None = None) -> int:
         r["text"] = text(r["sample_id"])
     print(f"\nhardest {len(top)} samples by {args.metric} per token:")
     print(_fmt(top, ["round", "split", "sample_id", "visits", "n_tokens", f"{args.metric}_per_token", "text"]))
+    if args.compare:
+        r1, r2 = args.compare
+        moved = compare_rounds(table, r1, r2, metric=args.metric).slice(0, args.top).to_pylist()
+        for r in moved:
+            r["text"] = text(r["sample_id"])
+        print(f"\n{len(moved)} samples that moved most from round {r1} to {r2} ({args.metric} per token, train):")
+        cols = list(moved[0]) if moved else ["sample_id"]
+        print(_fmt(moved, cols))
+    if args.plot:
+        plot(table, args.plot, args.metric, tuple(args.compare) if args.compare else None)
+        print(f"\nplot written to {args.plot}")
     if args.export:
         ps = per_sample(table)
         if args.export.endswith(".csv"):
