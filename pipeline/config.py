@@ -177,6 +177,25 @@ class LRFindConfig(_Section):
     steps: int = Field(default=100, ge=2)
 
 
+class SelectConfig(_Section):
+    """Which samples a round trains on, from the previous round's train loss log
+    (per-sample ``{metric}`` per token over all its visits). Set exactly one criterion."""
+
+    metric: Literal["loss", "ce", "kl"] = "kl"
+    top_fraction: float | None = Field(default=None, gt=0, le=1)
+    """The hardest fraction of the samples (highest metric per token)."""
+    threshold: float | None = None
+    """Samples whose metric per token is at least this (nats)."""
+    quantile: tuple[float, float] | None = None
+    """Samples whose metric per token lies between these quantiles, e.g. [0.5, 0.9]."""
+
+    @model_validator(mode="after")
+    def _one_criterion(self) -> "SelectConfig":
+        if sum(x is not None for x in (self.top_fraction, self.threshold, self.quantile)) != 1:
+            raise ValueError("select needs exactly one of top_fraction, threshold, quantile")
+        return self
+
+
 class WandbConfig(_Section):
     mode: Literal["disabled", "offline", "online"] = "disabled"
     project: str = "kd-pipeline"
@@ -215,6 +234,12 @@ class TrainStudentConfig(_Section):
     """``auto`` (newest complete checkpoint in output_dir/checkpoints, if any), ``never``, or a path."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     lr_find: LRFindConfig = LRFindConfig()
+    select: SelectConfig | None = None
+    """Train only on samples selected from the previous round's loss log (None: all samples)."""
+    rounds: list[dict] = Field(default_factory=list)
+    """Multi-round run: one dict of overrides of this config per round (e.g. ``{max_steps: 200,
+    select: {metric: kl, top_fraction: 0.3}}``); round r starts from round r-1's final student
+    with a fresh optimizer. Empty: a single round."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @model_validator(mode="after")

@@ -14,12 +14,14 @@ from tqdm import tqdm
 
 from pipeline.cache import open_cache
 from pipeline.checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint
-from pipeline.config import TrainStudentConfig, dump_config
+from pipeline.config import ConfigError, TrainStudentConfig, dump_config
 from pipeline.data import load_samples
-from pipeline.distributed import DistInfo, any_rank, print0, shard_model
+from pipeline.distributed import DistInfo, any_rank, barrier, broadcast_object, print0, shard_model
 from pipeline.loader import StepSampler, collate, eval_batches
 from pipeline.loss_log import LossLogWriter
+from pipeline.inspect import load_loss_logs
 from pipeline.lr_find import run_lr_find
+from pipeline.rounds import read_run_json, round_configs, select_sample_ids, write_run_json
 from pipeline.metrics import MetricsLogger
 from pipeline.models import build_student, count_parameters, load_tokenizer, vocab_size
 from pipeline.trainer import Trainer, build_optimizer, early_stopping_update, lr_lambda
@@ -41,7 +43,53 @@ def _sources(cfg: TrainStudentConfig):
     return train, ev, d.tokenizer, len(tokenizer)
 
 
-def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
+def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
+    """The stage: one round (``cfg.rounds`` empty) or a multi-round run (pipeline/rounds.py).
+
+    Rounds already marked finished in ``run.json`` are skipped, so a rerun of the same command
+    resumes the current round from its newest checkpoint. A preempted round stops the run.
+
+    Raises:
+        ConfigError: ``select`` on the first round (there is no previous loss log).
+    """
+    if not cfg.rounds:
+        if cfg.select is not None:
+            raise ConfigError("config key 'select': needs a previous round (use rounds:)")
+        return train(cfg, info)
+    out = Path(cfg.output_dir)
+    rcfgs = round_configs(cfg)
+    if rcfgs[0].select is not None:
+        raise ConfigError("config key 'rounds[0].select': the first round has no previous loss log")
+    state = broadcast_object(read_run_json(out) if info.is_main else None)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    summary = None
+    for rc in rcfgs:
+        if any(x["round"] == rc.round for x in state["rounds"]):
+            print0(f"[rounds] round {rc.round} already finished")
+            continue
+        ids = None
+        if rc.select is not None:
+            ids = select_sample_ids(load_loss_logs(out, round_=rc.round - 1, split="train"), rc.select)
+            print0(f"[rounds] round {rc.round}: {len(ids)} samples selected by {rc.select.model_dump(exclude_none=True)}")
+        state["current"] = rc.round
+        if info.is_main:
+            write_run_json(out, state)
+        summary = train(rc, info, loss_log_dir=out / "loss_logs", sample_ids=ids)
+        barrier()  # every rank's loss-log files are closed before the next round selects from them
+        outcome = broadcast_object(summary["outcome"] if info.is_main else None)
+        if outcome == "preempted":
+            return summary
+        state["rounds"].append({"round": rc.round, "samples": len(ids) if ids is not None else "all",
+                                "outcome": outcome, "final_eval": (summary or {}).get("final_eval")})
+        if info.is_main:
+            write_run_json(out, state)
+    return summary
+
+
+def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = None,
+          sample_ids: list[str] | None = None) -> dict | None:
     """Train the student; returns the summary dict on rank 0 (None elsewhere).
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``loss_logs/``,
@@ -70,19 +118,22 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     shard_model(model, mixed_precision=info.device.type == "cuda")
-    sampler = StepSampler(np.arange(len(train_src)), cfg.micro_batch_size, cfg.grad_accum_steps, info.rank,
-                          info.world_size, cfg.seed)
+    indices = np.arange(len(train_src))
+    if sample_ids is not None:
+        index = train_src.index_of if hasattr(train_src, "index_of") else {s.sample_id: i for i, s in enumerate(train_src)}.__getitem__
+        indices = np.array(sorted(index(s) for s in sample_ids), dtype=np.int64)
+    sampler = StepSampler(indices, cfg.micro_batch_size, cfg.grad_accum_steps, info.rank, info.world_size, cfg.seed)
     max_steps = cfg.epochs * sampler.steps_per_epoch if cfg.epochs else cfg.max_steps
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))
     trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device)
     if cfg.lr_find.enabled:
         return run_lr_find(cfg.lr_find, trainer, sampler, train_src, run_dir, info)
-    print0(f"[train] student {n_params / 1e6:.2f}M params, V={V}; {len(train_src)} train samples, "
+    print0(f"[train] round {cfg.round}: student {n_params / 1e6:.2f}M params, V={V}; {len(indices)} train samples, "
            f"{sampler.steps_per_epoch} steps/epoch of {sampler.global_batch} samples; {max_steps} steps; "
            f"alpha={cfg.loss.alpha} tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)")
     logger = MetricsLogger(run_dir, info.rank, cfg.wandb, cfg.model_dump(mode="json"))
-    loss_log = LossLogWriter(run_dir / "loss_logs", info.rank)
+    loss_log = LossLogWriter(loss_log_dir or run_dir / "loss_logs", info.rank)
     n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
     st = {"step": 0, "epoch": 0, "position": 0, "best": math.inf, "bad_evals": 0, "tokens": 0, "round": cfg.round}
     ckpt = resolve_resume(run_dir, cfg.resume)
@@ -129,7 +180,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
             stats = trainer.train_step(micro)
             dt = time.perf_counter() - t0
             st["tokens"] += stats.n_tokens
-            epoch_f = sampler.epoch + sampler.position / len(train_src)
+            epoch_f = sampler.epoch + sampler.position / len(indices)
             loss_log.append(cfg.round, "train", sampler.epoch, step, stats.rows)
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")

@@ -13,12 +13,12 @@ from pipeline.config import TrainStudentConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.train_run import train
+    from pipeline.train_run import run
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--lr-find" in argv:  # LR range test instead of training: writes lr_find.csv/.png
         argv = [a for a in argv if a != "--lr-find"] + ["lr_find.enabled=true"]
-    return run_stage("train-student", TrainStudentConfig, train, argv, __doc__.splitlines()[0])
+    return run_stage("train-student", TrainStudentConfig, run, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

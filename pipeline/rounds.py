@@ -1,0 +1,87 @@
+"""Multi-round runs: per-round configs, sample selection from the previous round's loss log,
+``run.json``.
+
+Layout of a multi-round run directory::
+
+    run.json                          finished rounds and the current one
+    loss_logs/round=R/...             every round's per-sample rows (one table for inspect-losses)
+    round-R/                          that round's config.yaml, checkpoints/, best/, final/, summary.json
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+
+from pipeline.config import ConfigError, SelectConfig, TrainStudentConfig
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def round_configs(cfg: TrainStudentConfig) -> list[TrainStudentConfig]:
+    """One validated config per round: ``rounds[r]`` merged over the base config, with
+    ``round=r``, ``output_dir=<run>/round-r`` and, for r > 0, the student initialised from
+    round r-1's ``final/``.
+
+    Raises:
+        ConfigError: a round override with an unknown key or a wrong type (names ``rounds[r]``).
+    """
+    base = cfg.model_dump(mode="json")
+    base["rounds"] = []
+    out = []
+    for r, over in enumerate(cfg.rounds):
+        tree = _merge(base, over)
+        tree.update(round=r, output_dir=str(Path(cfg.output_dir) / f"round-{r}"))
+        if r > 0:
+            tree["student"] = {"path": str(Path(cfg.output_dir) / f"round-{r - 1}" / "final"), "init": "pretrained"}
+        try:
+            out.append(TrainStudentConfig.model_validate(tree))
+        except Exception as e:  # pydantic ValidationError: report the round and the key
+            first = e.errors()[0] if hasattr(e, "errors") else {"loc": (), "msg": str(e)}
+            key = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"config key 'rounds[{r}].{key}': {first['msg']}") from None
+    return out
+
+
+def select_sample_ids(table, select: SelectConfig) -> list[str]:
+    """Sample IDs chosen by ``select`` from a (round, train) loss-log table.
+
+    Per sample the metric is Σ{metric}_sum / Σn_tokens over its visits. ``top_fraction`` keeps
+    the ``ceil(fraction · N)`` highest (ties broken by sample ID), ``threshold`` those ≥ it,
+    ``quantile [lo, hi]`` those between the two quantiles (inclusive). Sorted by sample ID.
+    """
+    g = table.group_by("sample_id").aggregate([(f"{select.metric}_sum", "sum"), ("n_tokens", "sum")])
+    ids = np.array(g["sample_id"].to_pylist(), dtype=object)
+    per_tok = g[f"{select.metric}_sum_sum"].to_numpy().astype(np.float64) / np.maximum(g["n_tokens_sum"].to_numpy(), 1)
+    if select.top_fraction is not None:
+        n = int(np.ceil(select.top_fraction * len(ids)))
+        order = sorted(range(len(ids)), key=lambda i: (-per_tok[i], ids[i]))
+        keep = order[:n]
+    elif select.threshold is not None:
+        keep = np.nonzero(per_tok >= select.threshold)[0]
+    else:
+        lo, hi = np.quantile(per_tok, select.quantile)
+        keep = np.nonzero((per_tok >= lo) & (per_tok <= hi))[0]
+    return sorted(ids[i] for i in keep)
+
+
+def read_run_json(run_dir: str | os.PathLike) -> dict:
+    p = Path(run_dir) / "run.json"
+    return json.loads(p.read_text()) if p.is_file() else {"rounds": [], "current": 0}
+
+
+def write_run_json(run_dir: str | os.PathLike, state: dict) -> None:
+    p = Path(run_dir) / "run.json"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, p)

@@ -1,0 +1,70 @@
+"""Multi-round runs: selection from the previous round's loss log, run.json, resume mid-run."""
+import json
+import os
+import signal
+
+import pyarrow.dataset as pads
+import pytest
+from conftest import train_config, write_yaml
+from test_inspect import _rows
+from test_resume import _popen, _wait_for
+
+from pipeline.config import SelectConfig
+from pipeline.inspect import load_loss_logs
+from pipeline.loss_log import LossLogWriter
+from pipeline.rounds import select_sample_ids
+
+
+def test_selection_picks_exactly_the_intended_ids(tmp_path):
+    w = LossLogWriter(tmp_path / "loss_logs", rank=0)
+    # kl per token: a 0.1, b 0.5, c 0.3, d 0.9, e 0.2 (a visited twice: (1 + 3) / (10 + 10) = 0.2... see below)
+    w.append(0, "train", 0, 1, {**_rows(["a", "b", "c", "d", "e"], [10] * 5, [0.0] * 5),
+                                 "kl_sum": [1.0, 5.0, 3.0, 9.0, 2.0]})
+    w.append(0, "train", 1, 2, {**_rows(["a"], [10], [0.0]), "kl_sum": [5.0]})  # a: (1 + 5) / 20 = 0.3
+    w.close()
+    t = load_loss_logs(tmp_path, round_=0, split="train")
+    assert select_sample_ids(t, SelectConfig(top_fraction=0.4)) == ["b", "d"]
+    assert select_sample_ids(t, SelectConfig(top_fraction=0.5)) == ["a", "b", "d"]  # ceil(2.5) = 3; a ties c, a wins
+    assert select_sample_ids(t, SelectConfig(threshold=0.3)) == ["a", "b", "c", "d"]
+    assert select_sample_ids(t, SelectConfig(quantile=(0.25, 0.75))) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="exactly one"):
+        SelectConfig(top_fraction=0.3, threshold=1.0)
+
+
+def _three_rounds(assets, caches, out):
+    return train_config(assets, caches, out, micro_batch_size=4, max_steps=10, save_steps=3, eval_steps=10,
+                        rounds=[{}, {"max_steps": 5, "select": {"metric": "kl", "top_fraction": 0.5}},
+                                {"max_steps": 10, "optim": {"lr": 1e-3}}])
+
+
+def _rows_of(run):
+    t = pads.dataset(run / "loss_logs", format="parquet", partitioning="hive").to_table().to_pandas()
+    return t, sorted(zip(t["round"], t["split"], t["step"], t["sample_id"]))
+
+
+def test_three_rounds_select_and_resume(assets, caches, tmp_path):
+    ref = write_yaml(tmp_path / "ref.yaml", _three_rounds(assets, caches, tmp_path / "ref"))
+    p = _popen(ref, 1)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    state = json.loads((tmp_path / "ref" / "run.json").read_text())
+    assert [r["round"] for r in state["rounds"]] == [0, 1, 2] and state["rounds"][1]["samples"] == 20
+    t, ref_rows = _rows_of(tmp_path / "ref")
+    train = t[t["split"] == "train"]
+    expected = select_sample_ids(load_loss_logs(tmp_path / "ref", round_=0, split="train"),
+                                 SelectConfig(metric="kl", top_fraction=0.5))
+    assert sorted(train[train["round"] == 1]["sample_id"]) == sorted(expected)  # 5 steps × 4 = the 20 selected
+    assert sorted(train[train["round"] == 2]["sample_id"]) == sorted(train[train["round"] == 0]["sample_id"])
+    assert (tmp_path / "ref" / "round-2" / "final" / "model.safetensors").is_file()
+
+    cfg = write_yaml(tmp_path / "run.yaml", _three_rounds(assets, caches, tmp_path / "run"))
+    p = _popen(cfg, 1)
+    _wait_for(tmp_path / "run" / "round-1" / "checkpoints" / "step-00000003", p)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    p = _popen(cfg, 1)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert "round 0 already finished" in out and "resumed from" in out
+    _, rows = _rows_of(tmp_path / "run")
+    assert rows == ref_rows and len(rows) == len(set(rows))
