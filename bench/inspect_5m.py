@@ -42,7 +42,8 @@ def write_log(root: Path, rows: int, samples: int, seed: int = 0) -> None:
         t = pa.table({"sample_id": pa.array(ids[idx], pa.string()), "epoch": np.zeros(per, np.int32),
                       "step": np.arange(per, dtype=np.int64) // 32, "n_tokens": ntok, "ce_sum": ce, "kl_sum": kl,
                       "loss_sum": 0.5 * ce + 0.5 * kl, "top1_agree": np.zeros(per, np.int32),
-                      "topk_mass_sum": np.zeros(per, np.float32)}, schema=SCHEMA)
+                      "topk_mass_sum": np.zeros(per, np.float32),
+                      "teacher_entropy_sum": np.zeros(per, np.float32)}, schema=SCHEMA)
         pq.write_table(t, d / "part-00000.parquet", compression="zstd")
 
 

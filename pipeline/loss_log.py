@@ -6,8 +6,10 @@ directory as one table with ``round``, ``split`` and ``rank`` columns)::
     loss_logs/round=R/split=train|eval/rank=K/part-NNNNN.parquet
 
 Columns in the files: ``sample_id, epoch, step, n_tokens, ce_sum, kl_sum, loss_sum,
-top1_agree, topk_mass_sum`` (sums in nats over the sample's valid positions; the partition
-keys are not repeated inside the files, so readers do not see them twice).
+top1_agree`` (positions where the student's argmax is the teacher's top-1), ``topk_mass_sum``
+(teacher probability captured by the top-k) and ``teacher_entropy_sum`` (teacher entropy over
+the top-k support): sums over the sample's valid positions, in nats where they are losses. The
+partition keys are not repeated inside the files, so readers do not see them twice.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import pyarrow.parquet as pq
 SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()), ("n_tokens", pa.int32()),
     ("ce_sum", pa.float32()), ("kl_sum", pa.float32()), ("loss_sum", pa.float32()),
-    ("top1_agree", pa.int32()), ("topk_mass_sum", pa.float32()),
+    ("top1_agree", pa.int32()), ("topk_mass_sum", pa.float32()), ("teacher_entropy_sum", pa.float32()),
 ])
 
 

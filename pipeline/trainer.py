@@ -26,7 +26,7 @@ class StepStats:
 
     ``loss``, ``ce``, ``kl`` are per valid token: ``Σ loss_sum / N`` etc. ``rows`` holds one
     dict of lists (``sample_id, n_tokens, ce_sum, kl_sum, loss_sum, top1_agree,
-    topk_mass_sum``) for this rank's samples.
+    topk_mass_sum, teacher_entropy_sum``) for this rank's samples.
     """
 
     loss: float
@@ -136,11 +136,16 @@ class Trainer:
     def _rows(self, batch: Batch, sums: LossSums, rows: dict[str, list]) -> None:
         c = self.loss_cfg
         loss = c.alpha * sums.ce_sum + (1 - c.alpha) * c.temperature**2 * sums.kl_sum
-        mass = (-torch.expm1(batch.tail_logprob) * batch.valid).sum(-1) if batch.tail_logprob is not None else None
+        zeros = torch.zeros_like(sums.ce_sum)
+        mass = entropy = zeros
+        if batch.tail_logprob is not None:  # teacher statistics over the valid positions, per sample
+            mass = (-torch.expm1(batch.tail_logprob) * batch.valid).sum(-1)
+            lp = batch.topk_logprobs  # (B, T-1, k)
+            entropy = (-(lp.exp() * lp).sum(-1) * batch.valid).sum(-1)  # entropy restricted to the top-k
         keep = [i for i, s in enumerate(batch.sample_ids) if s is not None]
         cols = {"sample_id": batch.sample_ids, "n_tokens": sums.n_tokens, "ce_sum": sums.ce_sum,
                 "kl_sum": sums.kl_sum, "loss_sum": loss, "top1_agree": sums.top1_agree,
-                "topk_mass_sum": mass if mass is not None else torch.zeros_like(sums.ce_sum)}
+                "topk_mass_sum": mass, "teacher_entropy_sum": entropy}
         for name, col in cols.items():
             vals = col if isinstance(col, list) else col.tolist()
             rows.setdefault(name, []).extend(vals[i] for i in keep)

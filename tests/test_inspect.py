@@ -7,7 +7,8 @@ from pipeline.loss_log import LossLogWriter
 
 def _rows(ids, ntok, loss):
     return {"sample_id": ids, "n_tokens": ntok, "ce_sum": [2 * x for x in loss], "kl_sum": [0.5 * x for x in loss],
-            "loss_sum": loss, "top1_agree": [0] * len(ids), "topk_mass_sum": [0.0] * len(ids)}
+            "loss_sum": loss, "top1_agree": [0] * len(ids), "topk_mass_sum": [0.0] * len(ids),
+            "teacher_entropy_sum": [0.0] * len(ids)}
 
 
 @pytest.fixture()
