@@ -50,17 +50,18 @@ def per_sample(table: pa.Table) -> pa.Table:
 def summary(table: pa.Table) -> list[dict]:
     """Per (round, split): rows, unique samples, tokens, loss/CE/KL per token (token-weighted),
     and the 10/50/90% quantiles of per-sample loss per token."""
-    out = []
+    agg = table.group_by(["round", "split"]).aggregate(
+        [("sample_id", "count"), ("n_tokens", "sum"), ("loss_sum", "sum"), ("ce_sum", "sum"), ("kl_sum", "sum")])
     samples = per_sample(table)
-    keys = sorted(set(zip(table["round"].to_pylist(), table["split"].to_pylist())))
-    for r, s in keys:
-        rows = table.filter((pc.field("round") == r) & (pc.field("split") == s))
+    out = []
+    for row in sorted(agg.to_pylist(), key=lambda x: (x["round"], x["split"])):
+        r, s = row["round"], row["split"]
         ps = samples.filter((pc.field("round") == r) & (pc.field("split") == s))
-        n = max(pc.sum(rows["n_tokens"]).as_py() or 0, 1)
+        n = max(row["n_tokens_sum"] or 0, 1)
         q = np.quantile(ps["loss_per_token"].to_numpy(), [0.1, 0.5, 0.9])
-        out.append({"round": r, "split": s, "rows": rows.num_rows, "samples": ps.num_rows,
-                    "tokens": pc.sum(rows["n_tokens"]).as_py(),
-                    **{f"{m}_per_token": pc.sum(rows[f"{m}_sum"]).as_py() / n for m in ("loss", "ce", "kl")},
+        out.append({"round": r, "split": s, "rows": row["sample_id_count"], "samples": ps.num_rows,
+                    "tokens": row["n_tokens_sum"],
+                    **{f"{m}_per_token": row[f"{m}_sum_sum"] / n for m in ("loss", "ce", "kl")},
                     "p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])})
     return out
 
