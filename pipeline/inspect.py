@@ -128,8 +128,11 @@ class SampleText:
             path = data.get(key)
             if path and Path(path).is_dir():
                 self.readers.append(open_cache(path, allow_incomplete=True, verify=False))
-        tok_dir = Path(run_dir) / "final"
-        self.tokenizer = load_tokenizer(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
+        # the run's exported student, else the tokenizer stored in the cache (multi-round runs
+        # keep their students under round-R/)
+        candidates = [Path(run_dir) / "final"] + [Path(data[k]) / "tokenizer" for k in ("train_cache", "eval_cache") if data.get(k)]
+        tok_dir = next((c for c in candidates if (c / "tokenizer_config.json").is_file()), None)
+        self.tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
 
     def __call__(self, sample_id: str, max_chars: int = 80) -> str:
         for r in self.readers:
