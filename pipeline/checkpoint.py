@@ -122,3 +122,35 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
     if rng.is_file():
         torch.set_rng_state(torch.load(rng, weights_only=False)["torch"])
     return extra["trainer"]
+
+
+def save_optimizer(path: str | os.PathLike, model: nn.Module, optimizer, rank: int) -> None:
+    """Sharded optimizer state alone (DCP), for the next round's ``carry_optimizer`` (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+    barrier()
+    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+    barrier()
+
+
+def load_optimizer_moments(path: str | os.PathLike, model: nn.Module, optimizer) -> None:
+    """Load an optimizer state saved by :func:`save_optimizer` but keep the current parameter
+    groups' hyperparameters (lr, initial_lr, betas, eps, weight decay) (collective).
+
+    Raises:
+        FileNotFoundError: no saved state at ``path``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"carry_optimizer: no optimizer state of the previous round at {path}")
+    hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    for g, hp in zip(optimizer.param_groups, hparams):
+        g.update(hp)

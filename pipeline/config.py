@@ -236,6 +236,9 @@ class TrainStudentConfig(_Section):
     lr_find: LRFindConfig = LRFindConfig()
     select: SelectConfig | None = None
     """Train only on samples selected from the previous round's loss log (None: all samples)."""
+    carry_optimizer: bool = False
+    """In round r > 0, start from round r-1's final AdamW state (moments) instead of a fresh
+    optimizer; learning rates and the schedule still come from this round's config."""
     rounds: list[dict] = Field(default_factory=list)
     """Multi-round run: one dict of overrides of this config per round (e.g. ``{max_steps: 200,
     select: {metric: kl, top_fraction: 0.3}}``); round r starts from round r-1's final student

@@ -13,7 +13,8 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import export_hf, load_checkpoint, resolve_resume, save_checkpoint
+from pipeline.checkpoint import (export_hf, load_checkpoint, load_optimizer_moments, resolve_resume, save_checkpoint,
+                                 save_optimizer)
 from pipeline.config import ConfigError, TrainStudentConfig, dump_config
 from pipeline.data import load_samples
 from pipeline.distributed import DistInfo, any_rank, barrier, broadcast_object, print0, shard_model
@@ -76,7 +77,10 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         state["current"] = rc.round
         if info.is_main:
             write_run_json(out, state)
-        summary = train(rc, info, loss_log_dir=out / "loss_logs", sample_ids=ids)
+        nxt = rcfgs[rc.round + 1] if rc.round + 1 < len(rcfgs) else None
+        summary = train(rc, info, loss_log_dir=out / "loss_logs", sample_ids=ids,
+                        carry_from=out / f"round-{rc.round - 1}" / "optimizer" if rc.carry_optimizer and rc.round else None,
+                        save_optimizer_to=out / f"round-{rc.round}" / "optimizer" if nxt and nxt.carry_optimizer else None)
         barrier()  # every rank's loss-log files are closed before the next round selects from them
         outcome = broadcast_object(summary["outcome"] if info.is_main else None)
         if outcome == "preempted":
@@ -89,7 +93,8 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
 
 
 def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = None,
-          sample_ids: list[str] | None = None) -> dict | None:
+          sample_ids: list[str] | None = None, carry_from: Path | None = None,
+          save_optimizer_to: Path | None = None) -> dict | None:
     """Train the student; returns the summary dict on rank 0 (None elsewhere).
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``loss_logs/``,
@@ -142,6 +147,9 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
         sampler.epoch, sampler.position = st["epoch"], st["position"]
         loss_log.truncate_after(cfg.round, st["step"])
         print0(f"[train] resumed from {ckpt} at step {st['step']} (epoch {st['epoch']}, sample {st['position']})")
+    elif carry_from is not None:
+        load_optimizer_moments(carry_from, model, optimizer)
+        print0(f"[train] optimizer state carried over from {carry_from}")
     last_eval: dict = {}
     stop = Preemption()
 
@@ -203,6 +211,8 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
         train_s = time.perf_counter() - t_train
         if outcome != "preempted":
             export_hf(model, run_dir / "final", tok_dir, info.rank)
+            if save_optimizer_to is not None:
+                save_optimizer(save_optimizer_to, model, optimizer, info.rank)
     finally:
         stop.restore()
         loss_log.close()

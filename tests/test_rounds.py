@@ -68,3 +68,23 @@ def test_three_rounds_select_and_resume(assets, caches, tmp_path):
     assert "round 0 already finished" in out and "resumed from" in out
     _, rows = _rows_of(tmp_path / "run")
     assert rows == ref_rows and len(rows) == len(set(rows))
+
+
+def test_carry_optimizer_keeps_adam_moments_across_rounds(assets, caches, tmp_path):
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    cfg = write_yaml(tmp_path / "c.yaml", train_config(
+        assets, caches, tmp_path / "run", micro_batch_size=4, eval_steps=100,
+        rounds=[{"max_steps": 4}, {"max_steps": 3, "carry_optimizer": True},
+                {"max_steps": 2, "carry_optimizer": True, "optim": {"lr": 1e-4}}]))
+    p = _popen(cfg, 1)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert out.count("optimizer state carried over") == 2
+    dcp_to_torch_save(tmp_path / "run" / "round-1" / "optimizer", tmp_path / "opt.pt")
+    optim = torch.load(tmp_path / "opt.pt", weights_only=False)["optim"]
+    steps = {float(s["step"]) for s in optim["state"].values()}
+    assert steps == {7.0}  # 4 steps of round 0 + 3 of round 1: the AdamW moments went on
+    # round 1's own schedule (lr 2e-3, warmup 2, cosine to 10% at its step 3), not round 0's values
+    assert all(abs(g["lr"] - 2e-4) < 1e-12 and abs(g["initial_lr"] - 2e-3) < 1e-12 for g in optim["param_groups"])
