@@ -236,6 +236,10 @@ class TrainStudentConfig(_Section):
     lr_find: LRFindConfig = LRFindConfig()
     select: SelectConfig | None = None
     """Train only on samples selected from the previous round's loss log (None: all samples)."""
+    weight_by: Literal["loss", "ce", "kl"] | None = None
+    """Round r > 0: draw each epoch's samples with replacement, with probability proportional
+    to their ``{weight_by}`` per token in round r-1's train log (after ``select``); None: uniform
+    permutation."""
     carry_optimizer: bool = False
     """In round r > 0, start from round r-1's final AdamW state (moments) instead of a fresh
     optimizer; learning rates and the schedule still come from this round's config."""

@@ -81,7 +81,8 @@ def collate(records: list, pad_only: bool = False) -> Batch:
 class StepSampler:
     """Yields, per optimizer step, this rank's micro-batches of sample indices.
 
-    Epoch ``e`` uses ``np.random.default_rng([seed, e]).permutation(indices)``; the tail of an
+    Epoch ``e`` uses ``np.random.default_rng([seed, e]).permutation(indices)`` (or, with
+    ``weights``, ``len(indices)`` draws with replacement ∝ weights); the tail of an
     epoch that does not fill a global batch is dropped (every rank makes the same calls).
 
     Attributes:
@@ -97,6 +98,8 @@ class StepSampler:
     seed: int
     epoch: int = 0
     position: int = 0
+    weights: np.ndarray | None = None
+    """(N,) sampling weights of ``indices``: epochs are drawn with replacement ∝ weights."""
 
     @property
     def global_batch(self) -> int:
@@ -115,7 +118,11 @@ class StepSampler:
         """This rank's ``grad_accum_steps`` micro-batches for the next optimizer step."""
         if self.position + self.global_batch > len(self.indices):
             self.epoch, self.position = self.epoch + 1, 0
-        perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if self.weights is None:
+            perm = rng.permutation(self.indices)
+        else:
+            perm = rng.choice(self.indices, size=len(self.indices), replace=True, p=self.weights / self.weights.sum())
         step = perm[self.position: self.position + self.global_batch]
         self.position += self.global_batch
         per_rank = self.micro_batch_size * self.grad_accum_steps

@@ -74,6 +74,16 @@ def select_sample_ids(table, select: SelectConfig) -> list[str]:
     return sorted(ids[i] for i in keep)
 
 
+def sample_weights(table, sample_ids: list[str], metric: str) -> np.ndarray:
+    """(len(sample_ids),) float64 per-token ``metric`` of each sample in a loss-log table, for
+    loss-proportional sampling; samples absent from the log get the mean weight."""
+    g = table.group_by("sample_id").aggregate([(f"{metric}_sum", "sum"), ("n_tokens", "sum")])
+    per_tok = g[f"{metric}_sum_sum"].to_numpy().astype(np.float64) / np.maximum(g["n_tokens_sum"].to_numpy(), 1)
+    lookup = dict(zip(g["sample_id"].to_pylist(), per_tok))
+    mean = float(per_tok.mean()) if len(per_tok) else 1.0
+    return np.maximum(np.array([lookup.get(s, mean) for s in sample_ids], dtype=np.float64), 1e-12)
+
+
 def read_run_json(run_dir: str | os.PathLike) -> dict:
     p = Path(run_dir) / "run.json"
     return json.loads(p.read_text()) if p.is_file() else {"rounds": [], "current": 0}

@@ -23,6 +23,7 @@ from pipeline.loss_log import LossLogWriter
 from pipeline.inspect import load_loss_logs
 from pipeline.lr_find import run_lr_find
 from pipeline.rounds import read_run_json, round_configs, select_sample_ids, write_run_json
+from pipeline.rounds import sample_weights as loss_weights
 from pipeline.metrics import MetricsLogger
 from pipeline.models import build_student, count_parameters, load_tokenizer, vocab_size
 from pipeline.trainer import Trainer, build_optimizer, early_stopping_update, lr_lambda
@@ -54,13 +55,13 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         ConfigError: ``select`` on the first round (there is no previous loss log).
     """
     if not cfg.rounds:
-        if cfg.select is not None:
-            raise ConfigError("config key 'select': needs a previous round (use rounds:)")
+        if cfg.select is not None or cfg.weight_by is not None:
+            raise ConfigError("config keys 'select'/'weight_by': need a previous round (use rounds:)")
         return train(cfg, info)
     out = Path(cfg.output_dir)
     rcfgs = round_configs(cfg)
-    if rcfgs[0].select is not None:
-        raise ConfigError("config key 'rounds[0].select': the first round has no previous loss log")
+    if rcfgs[0].select is not None or rcfgs[0].weight_by is not None:
+        raise ConfigError("config key 'rounds[0].select'/'weight_by': the first round has no previous loss log")
     state = broadcast_object(read_run_json(out) if info.is_main else None)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -70,15 +71,19 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         if any(x["round"] == rc.round for x in state["rounds"]):
             print0(f"[rounds] round {rc.round} already finished")
             continue
-        ids = None
-        if rc.select is not None:
-            ids = select_sample_ids(load_loss_logs(out, round_=rc.round - 1, split="train"), rc.select)
-            print0(f"[rounds] round {rc.round}: {len(ids)} samples selected by {rc.select.model_dump(exclude_none=True)}")
+        ids = weights = None
+        if rc.round > 0 and (rc.select is not None or rc.weight_by is not None):
+            prev = load_loss_logs(out, round_=rc.round - 1, split="train")
+            ids = select_sample_ids(prev, rc.select) if rc.select is not None else sorted(set(prev["sample_id"].to_pylist()))
+            weights = loss_weights(prev, ids, rc.weight_by) if rc.weight_by is not None else None
+            print0(f"[rounds] round {rc.round}: {len(ids)} samples"
+                   + (f" selected by {rc.select.model_dump(exclude_none=True)}" if rc.select else "")
+                   + (f", drawn ∝ {rc.weight_by} per token" if weights is not None else ""))
         state["current"] = rc.round
         if info.is_main:
             write_run_json(out, state)
         nxt = rcfgs[rc.round + 1] if rc.round + 1 < len(rcfgs) else None
-        summary = train(rc, info, loss_log_dir=out / "loss_logs", sample_ids=ids,
+        summary = train(rc, info, loss_log_dir=out / "loss_logs", sample_ids=ids, sample_weights=weights,
                         carry_from=out / f"round-{rc.round - 1}" / "optimizer" if rc.carry_optimizer and rc.round else None,
                         save_optimizer_to=out / f"round-{rc.round}" / "optimizer" if nxt and nxt.carry_optimizer else None)
         barrier()  # every rank's loss-log files are closed before the next round selects from them
@@ -93,7 +98,7 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
 
 
 def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = None,
-          sample_ids: list[str] | None = None, carry_from: Path | None = None,
+          sample_ids: list[str] | None = None, sample_weights: np.ndarray | None = None, carry_from: Path | None = None,
           save_optimizer_to: Path | None = None) -> dict | None:
     """Train the student; returns the summary dict on rank 0 (None elsewhere).
 
@@ -126,8 +131,11 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     indices = np.arange(len(train_src))
     if sample_ids is not None:
         index = train_src.index_of if hasattr(train_src, "index_of") else {s.sample_id: i for i, s in enumerate(train_src)}.__getitem__
-        indices = np.array(sorted(index(s) for s in sample_ids), dtype=np.int64)
-    sampler = StepSampler(indices, cfg.micro_batch_size, cfg.grad_accum_steps, info.rank, info.world_size, cfg.seed)
+        order = sorted(range(len(sample_ids)), key=lambda i: index(sample_ids[i]))
+        indices = np.array([index(sample_ids[i]) for i in order], dtype=np.int64)
+        sample_weights = None if sample_weights is None else np.asarray(sample_weights)[order]
+    sampler = StepSampler(indices, cfg.micro_batch_size, cfg.grad_accum_steps, info.rank, info.world_size, cfg.seed,
+                          weights=sample_weights)
     max_steps = cfg.epochs * sampler.steps_per_epoch if cfg.epochs else cfg.max_steps
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))

@@ -77,14 +77,33 @@ def test_carry_optimizer_keeps_adam_moments_across_rounds(assets, caches, tmp_pa
     cfg = write_yaml(tmp_path / "c.yaml", train_config(
         assets, caches, tmp_path / "run", micro_batch_size=4, eval_steps=100,
         rounds=[{"max_steps": 4}, {"max_steps": 3, "carry_optimizer": True},
-                {"max_steps": 2, "carry_optimizer": True, "optim": {"lr": 1e-4}}]))
+                {"max_steps": 2, "carry_optimizer": True, "weight_by": "kl", "optim": {"lr": 1e-4}}]))
     p = _popen(cfg, 1)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err[-2000:]
-    assert out.count("optimizer state carried over") == 2
+    assert out.count("optimizer state carried over") == 2 and "drawn ∝ kl per token" in out
     dcp_to_torch_save(tmp_path / "run" / "round-1" / "optimizer", tmp_path / "opt.pt")
     optim = torch.load(tmp_path / "opt.pt", weights_only=False)["optim"]
     steps = {float(s["step"]) for s in optim["state"].values()}
     assert steps == {7.0}  # 4 steps of round 0 + 3 of round 1: the AdamW moments went on
     # round 1's own schedule (lr 2e-3, warmup 2, cosine to 10% at its step 3), not round 0's values
     assert all(abs(g["lr"] - 2e-4) < 1e-12 and abs(g["initial_lr"] - 2e-3) < 1e-12 for g in optim["param_groups"])
+
+
+def test_loss_weighted_sampling(tmp_path):
+    import numpy as np
+
+    from pipeline.loader import StepSampler
+    from pipeline.rounds import sample_weights
+
+    w = LossLogWriter(tmp_path / "loss_logs", rank=0)
+    w.append(0, "train", 0, 1, {**_rows(["a", "b", "c"], [10, 10, 10], [10.0, 30.0, 0.0])})
+    w.close()
+    t = load_loss_logs(tmp_path, round_=0, split="train")
+    weights = sample_weights(t, ["a", "b", "c", "z"], "loss")  # z not in the log: mean weight
+    np.testing.assert_allclose(weights, [1.0, 3.0, 1e-12, 4.0 / 3.0])
+    s = StepSampler(np.arange(4), 4, 1, 0, 1, seed=0, weights=np.array([1.0, 0.0, 0.0, 3.0]))
+    drawn = np.concatenate([np.concatenate(s.next_step()) for _ in range(2000)])
+    counts = np.bincount(drawn, minlength=4) / len(drawn)
+    assert counts[1] == counts[2] == 0
+    assert abs(counts[3] - 0.75) < 0.02  # 8,000 draws: standard error ≈ 0.005
