@@ -194,7 +194,7 @@ def main() -> None:
     print(f"peak RSS online/ce:          {res['online']['rss_step_mib'] / res['ce']['rss_step_mib']:.3f}")
     print(f"KD throughput vs CE (t_ce/t_kd): {thr_ratio:.3f}  (goal >= 0.95: {'met' if thr_ratio >= 0.95 else 'NOT met'})")
     print(f"KD from cache vs online KD speed-up (t_online/t_kd): {speedup:.2f}x")
-    print(f"per-step times (s): " + "; ".join(f"{m} " + ", ".join(f"{t:.3f}" for x in runs[m] for t in x["times_s"])
+    print("per-step times (s): " + "; ".join(f"{m} " + ", ".join(f"{t:.3f}" for x in runs[m] for t in x["times_s"])
                                                for m in MODES))
     print(f"wall time {time.perf_counter() - t0:.0f}s")
 

@@ -11,7 +11,6 @@ from tqdm import tqdm
 
 from pipeline.cache import Manifest, cache_record_from_targets, finalize_cache, open_writer, prepare_cache
 from pipeline.cache.manifest import TeacherEntry
-from pipeline.checkpoint import copy_tokenizer
 from pipeline.config import PrecomputeConfig
 from pipeline.data import Sample, load_samples
 from pipeline.distributed import DistInfo, barrier, broadcast_object, print0, shard_model

@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
 from pipeline.config import ConfigError, SelectConfig, TrainStudentConfig
 
