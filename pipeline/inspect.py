@@ -47,12 +47,13 @@ def per_sample(table: pa.Table) -> pa.Table:
     return g
 
 
-def summary(table: pa.Table) -> list[dict]:
+def summary(table: pa.Table, samples: pa.Table | None = None) -> list[dict]:
     """Per (round, split): rows, unique samples, tokens, loss/CE/KL per token (token-weighted),
-    and the 10/50/90% quantiles of per-sample loss per token."""
+    and the 10/50/90% quantiles of per-sample loss per token. ``samples``: ``per_sample(table)``
+    when the caller already has it (computed once, reused by every report)."""
     agg = table.group_by(["round", "split"]).aggregate(
         [("sample_id", "count"), ("n_tokens", "sum"), ("loss_sum", "sum"), ("ce_sum", "sum"), ("kl_sum", "sum")])
-    samples = per_sample(table)
+    samples = per_sample(table) if samples is None else samples
     out = []
     for row in sorted(agg.to_pylist(), key=lambda x: (x["round"], x["split"])):
         r, s = row["round"], row["split"]
@@ -66,16 +67,17 @@ def summary(table: pa.Table) -> list[dict]:
     return out
 
 
-def hardest(table: pa.Table, n: int, metric: str = "loss") -> pa.Table:
+def hardest(table: pa.Table, n: int, metric: str = "loss", samples: pa.Table | None = None) -> pa.Table:
     """The ``n`` (round, split, sample) rows with the highest ``{metric}_per_token``."""
-    ps = per_sample(table)
+    ps = per_sample(table) if samples is None else samples
     return ps.sort_by([(f"{metric}_per_token", "descending")]).slice(0, n)
 
 
-def compare_rounds(table: pa.Table, r1: int, r2: int, split: str = "train", metric: str = "loss") -> pa.Table:
+def compare_rounds(table: pa.Table, r1: int, r2: int, split: str = "train", metric: str = "loss",
+                   samples: pa.Table | None = None) -> pa.Table:
     """Samples present in both rounds with ``{metric}_per_token`` in each and ``delta = r2 - r1``,
     sorted by ``|delta|`` descending (the samples that moved most)."""
-    ps = per_sample(table.filter(pc.field("split") == split))
+    ps = (per_sample(table) if samples is None else samples).filter(pc.field("split") == split)
     col = f"{metric}_per_token"
     a = ps.filter(pc.field("round") == r1).select(["sample_id", col]).rename_columns(["sample_id", f"{col}_r{r1}"])
     b = ps.filter(pc.field("round") == r2).select(["sample_id", col]).rename_columns(["sample_id", f"{col}_r{r2}"])
@@ -85,7 +87,8 @@ def compare_rounds(table: pa.Table, r1: int, r2: int, split: str = "train", metr
     return j.sort_by([("abs_delta", "descending")]).drop_columns(["abs_delta"])
 
 
-def plot(table: pa.Table, path: str | os.PathLike, metric: str = "loss", compare: tuple[int, int] | None = None) -> None:
+def plot(table: pa.Table, path: str | os.PathLike, metric: str = "loss", compare: tuple[int, int] | None = None,
+         samples: pa.Table | None = None) -> None:
     """Histogram of per-sample ``{metric}`` per token, one curve per (round, split); with
     ``compare`` a second panel scatters round r1 against r2 per sample. Needs matplotlib."""
     import matplotlib
@@ -93,7 +96,7 @@ def plot(table: pa.Table, path: str | os.PathLike, metric: str = "loss", compare
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ps = per_sample(table)
+    ps = per_sample(table) if samples is None else samples
     col = f"{metric}_per_token"
     fig, axes = plt.subplots(1, 2 if compare else 1, figsize=(11 if compare else 6, 4), squeeze=False)
     ax = axes[0][0]
@@ -103,7 +106,7 @@ def plot(table: pa.Table, path: str | os.PathLike, metric: str = "loss", compare
     ax.set(xlabel=f"{metric} per token (nats)", ylabel="samples", title="per-sample loss")
     ax.legend()
     if compare:
-        c = compare_rounds(table, *compare, metric=metric)
+        c = compare_rounds(table, *compare, metric=metric, samples=ps)
         ax = axes[0][1]
         x, y = c.column(1).to_numpy(), c.column(2).to_numpy()
         ax.scatter(x, y, s=4, alpha=0.5)

@@ -45,9 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         print("inspect-losses: no rows match", file=sys.stderr)
         return 1
     print(f"loss logs of {args.run_dir}: {table.num_rows} rows")
-    print(_fmt(summary(table), ["round", "split", "rows", "samples", "tokens", "loss_per_token", "ce_per_token",
+    ps = per_sample(table)  # one group-by, shared by every report below
+    print(_fmt(summary(table, ps), ["round", "split", "rows", "samples", "tokens", "loss_per_token", "ce_per_token",
                                 "kl_per_token", "p10", "p50", "p90"]))
-    top = hardest(table, args.top, args.metric).to_pylist()
+    top = hardest(table, args.top, args.metric, ps).to_pylist()
     text = SampleText(args.run_dir)
     for r in top:
         r["text"] = text(r["sample_id"])
@@ -55,17 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     print(_fmt(top, ["round", "split", "sample_id", "visits", "n_tokens", f"{args.metric}_per_token", "text"]))
     if args.compare:
         r1, r2 = args.compare
-        moved = compare_rounds(table, r1, r2, metric=args.metric).slice(0, args.top).to_pylist()
+        moved = compare_rounds(table, r1, r2, metric=args.metric, samples=ps).slice(0, args.top).to_pylist()
         for r in moved:
             r["text"] = text(r["sample_id"])
         print(f"\n{len(moved)} samples that moved most from round {r1} to {r2} ({args.metric} per token, train):")
         cols = list(moved[0]) if moved else ["sample_id"]
         print(_fmt(moved, cols))
     if args.plot:
-        plot(table, args.plot, args.metric, tuple(args.compare) if args.compare else None)
+        plot(table, args.plot, args.metric, tuple(args.compare) if args.compare else None, ps)
         print(f"\nplot written to {args.plot}")
     if args.export:
-        ps = per_sample(table)
         if args.export.endswith(".csv"):
             pacsv.write_csv(ps, args.export)
         else:
