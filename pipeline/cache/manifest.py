@@ -50,6 +50,12 @@ class Manifest(BaseModel):
     value_dtype: str
     vocab_size: int
     temperature: float
+    target_type: str = "topk"
+    """``topk`` (exact top-k), ``sampled`` (unique ids of ``num_draws`` draws, value = log of the
+    estimated probability) or ``topk+sampled`` (exact top ``head_k`` plus a sampled tail)."""
+    num_draws: int = 0
+    head_k: int = 0
+    sample_temperature: float = 1.0
     tokenizer_fingerprint: str
     teachers: list[TeacherEntry]
     dataset: dict
@@ -67,7 +73,7 @@ class Manifest(BaseModel):
     updated_at: float = 0.0
 
     HEADER_KEYS: ClassVar[tuple[str, ...]] = ("format_version", "backend", "k", "index_dtype", "value_dtype", "vocab_size",
-                          "temperature", "tokenizer_fingerprint", "teachers", "dataset_fingerprint", "max_length")
+                          "temperature", "target_type", "num_draws", "head_k", "sample_temperature", "tokenizer_fingerprint", "teachers", "dataset_fingerprint", "max_length")
 
     def header(self) -> dict:
         return {k: getattr(self, k) for k in self.HEADER_KEYS}
