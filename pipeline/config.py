@@ -83,6 +83,10 @@ class PrecomputeConfig(_Section):
     """Sequences per teacher forward call, per rank."""
     temperature: float = Field(default=1.0, gt=0)
     """Cache temperature: logprobs are ``log_softmax(logits / temperature)``."""
+    combine: Literal["probability", "logit_mean"] = "probability"
+    """How an ensemble's teachers are combined per position (pipeline/teacher.py):
+    ``probability``: ``log p = logsumexp_m(log w_m + logp_m)`` (a mixture);
+    ``logit_mean``: ``log p = log_softmax(Σ_m w_m logp_m)`` (normalised geometric mean)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

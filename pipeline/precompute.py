@@ -13,31 +13,73 @@ from pipeline.cache import Manifest, cache_record_from_targets, finalize_cache, 
 from pipeline.cache.manifest import TeacherEntry
 from pipeline.config import PrecomputeConfig
 from pipeline.data import Sample, load_samples
-from pipeline.distributed import DistInfo, barrier, broadcast_object, print0, shard_model
+from pipeline.distributed import DistInfo, barrier, broadcast_object, gather_objects, print0, shard_model
 from pipeline.loader import collate
 from pipeline.models import load_teacher, load_tokenizer, model_fingerprint, tokenizer_fingerprint, vocab_size
 from pipeline.teacher import ensemble_logprobs, topk_targets
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 def _load_teachers(cfg: PrecomputeConfig, tokenizer, dtype: torch.dtype) -> tuple[list, int, list[TeacherEntry]]:
-    """Load every teacher and check they share one vocabulary (and the tokenizer's)."""
-    teachers, entries, sizes = [], [], []
+    """Load every teacher and check that they share the tokenizer and cover its vocabulary.
+
+    The cache vocabulary is ``V = len(tokenizer)``, the tokens that can occur: a teacher whose
+    output layer is padded beyond it (e.g. to a multiple of 64) has its logits sliced to the
+    first V before the softmax (pipeline/teacher.py), so padding rows get no probability.
+
+    Returns:
+        (teachers in eval mode with frozen parameters in ``dtype``, V, manifest entries with
+        normalised weights and model fingerprints)
+    Raises:
+        FileNotFoundError: a teacher directory is missing.
+        ValueError: a teacher's tokenizer differs from the shared one (both fingerprints named),
+            an ensemble member has no tokenizer files to check, or a teacher has fewer output
+            logits than the tokenizer has tokens.
+    """
+    V, fp = len(tokenizer), tokenizer_fingerprint(tokenizer)
+    tok_dir = cfg.tokenizer or cfg.teachers[0].path
+    total = sum(t.weight for t in cfg.teachers)
+    teachers, entries = [], []
     for t in cfg.teachers:
         if not Path(t.path).is_dir():
             raise FileNotFoundError(f"teacher directory not found: {t.path}")
+        if any((Path(t.path) / f).is_file() for f in TOKENIZER_FILES):
+            if Path(t.path).resolve() != Path(tok_dir).resolve():
+                other = tokenizer_fingerprint(load_tokenizer(t.path))
+                if other != fp:
+                    raise ValueError(f"teacher {t.path} has a different tokenizer (fingerprint {other}) than {tok_dir} "
+                                     f"(fingerprint {fp}); all teachers must share one tokenizer and vocabulary")
+        elif len(cfg.teachers) > 1:
+            raise ValueError(f"teacher {t.path} has no tokenizer files, so it cannot be checked against {tok_dir}; "
+                             "save the tokenizer with every teacher of an ensemble")
         teachers.append(load_teacher(t.path, dtype))
-        sizes.append(vocab_size(teachers[-1]))
-        entries.append(TeacherEntry(path=str(Path(t.path).resolve()), weight=t.weight, fingerprint=model_fingerprint(t.path)))
-        if (Path(t.path) / "tokenizer.json").is_file() and t.path != (cfg.tokenizer or cfg.teachers[0].path):
-            other = tokenizer_fingerprint(load_tokenizer(t.path))
-            if other != tokenizer_fingerprint(tokenizer):
-                raise ValueError(f"teacher {t.path} has a different tokenizer (fingerprint {other}); "
-                                 "an ensemble needs one shared tokenizer")
-    if len(set(sizes)) > 1:
-        raise ValueError(f"teachers have different vocabulary sizes {dict(zip([t.path for t in cfg.teachers], sizes))}")
-    if len(tokenizer) > sizes[0]:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the teacher vocabulary is {sizes[0]}")
-    return teachers, sizes[0], entries
+        if vocab_size(teachers[-1]) < V:
+            raise ValueError(f"teacher {t.path} has {vocab_size(teachers[-1])} output logits but the tokenizer "
+                             f"({tok_dir}) has {V} tokens")
+        entries.append(TeacherEntry(path=str(Path(t.path).resolve()), weight=t.weight / total,
+                                    fingerprint=model_fingerprint(t.path)))
+    return teachers, V, entries
+
+
+PROGRESS_EVERY_S = 30.0
+"""Seconds between the per-rank progress lines of the teacher loop."""
+LAST_STATS: dict = {}
+"""Throughput of the last :func:`precompute` call in this process (read by bench/)."""
+
+
+def _throughput(info: DistInfo, tokens: int, seconds: float) -> None:
+    """Gather every rank's (tokens, seconds) of the teacher loop; rank 0 prints one line per rank
+    and the global tokens/s (all ranks' tokens / the slowest rank's seconds). Collective."""
+    per_rank = gather_objects((tokens, seconds))
+    total, wall = sum(t for t, _ in per_rank), max(s for _, s in per_rank)
+    LAST_STATS.update(tokens=total, seconds=wall, tokens_per_s=total / max(wall, 1e-9), per_rank=per_rank)
+    if info.world_size > 1:
+        for r, (t, sec) in enumerate(per_rank):
+            print0(f"[precompute] rank {r}: {t} tokens in {sec:.1f}s ({t / max(sec, 1e-9):.0f} tok/s)")
+    print0(f"[precompute] teacher loop: {total} tokens in {wall:.1f}s, global {total / max(wall, 1e-9):.0f} tok/s "
+           f"on {info.world_size} rank(s)")
 
 
 def _batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
@@ -64,7 +106,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     samples, ds_fp, skipped = load_samples(cfg.dataset, tokenizer)
     manifest = Manifest(backend=cfg.cache.backend, k=cfg.cache.k, index_dtype="uint16" if V <= 65536 else "int32",
                         value_dtype=cfg.cache.value_dtype, vocab_size=V, temperature=cfg.temperature,
-                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), teachers=entries,
+                        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), teachers=entries, combine=cfg.combine,
                         dataset=cfg.dataset.model_dump(), dataset_fingerprint=ds_fp, max_length=cfg.dataset.max_length)
     if cfg.cache.k > V:
         raise ValueError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {V}")
@@ -93,11 +135,13 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     bar = tqdm(total=sum(len(s.input_ids) for b in batches for s in b), unit="tok", unit_scale=True,
                disable=not info.is_main, desc="teacher top-k", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
     t0 = time.perf_counter()
+    my_tokens, last_log = 0, t0
     with torch.no_grad():  # not inference_mode: FSDP2 unshard fails on inference tensors (torch 2.13)
         for b in range(n_calls):
             group = mine[b] if b < len(mine) else None
             batch = collate(group if group else [samples[0]], pad_only=group is None).to(info.device)
-            lp = ensemble_logprobs(teachers, [t.weight for t in cfg.teachers], batch.input_ids, cfg.temperature)
+            lp = ensemble_logprobs(teachers, [e.weight for e in entries], batch.input_ids, cfg.temperature, V,
+                                   cfg.combine)
             tg = topk_targets(lp, batch.input_ids, cfg.cache.k)
             if group:
                 ids, vals = tg.topk_ids.cpu().numpy(), tg.topk_logprobs.cpu().numpy()
@@ -107,8 +151,14 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
                               for i, s in enumerate(group)])
             # rank 0 advances the bar by the global work of this call (all ranks run in lockstep)
             bar.update(sum(len(s.input_ids) for bb in batches[b * info.world_size:(b + 1) * info.world_size] for s in bb))
+            my_tokens += sum(len(s.input_ids) for s in group or ())
+            if time.perf_counter() - last_log > PROGRESS_EVERY_S:
+                last_log = time.perf_counter()
+                print(f"[precompute rank {info.rank}/{info.world_size}] call {b + 1}/{n_calls}, {my_tokens} tokens, "
+                      f"{my_tokens / (last_log - t0):.0f} tok/s", flush=True)
     writer.close()
     bar.close()
+    _throughput(info, my_tokens, time.perf_counter() - t0)
     barrier()
     if not info.is_main:
         return None

@@ -6,6 +6,7 @@ log-softmax at the cache temperature, plus the log of the probability mass outsi
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,31 +43,68 @@ class TeacherTargets:
     target_logprob: torch.Tensor
 
 
+COMBINE_MODES = ("probability", "logit_mean")
+
+
 @torch.no_grad()
 def ensemble_logprobs(teachers: list[nn.Module], weights: list[float], input_ids: torch.Tensor,
-                      temperature: float = 1.0) -> torch.Tensor:
-    """Mixture log-probabilities of same-vocabulary teachers, in probability space.
+                      temperature: float = 1.0, vocab: int | None = None,
+                      combine: str = "probability") -> torch.Tensor:
+    """Full-vocabulary log-probabilities of one teacher or a same-tokenizer ensemble.
 
-    ``log p = logsumexp_m(log w_m + log_softmax(z_m / temperature))`` with ``w`` normalised;
-    only one teacher's full-vocabulary output is alive beside the running mixture.
+    Each teacher's logits are sliced to the first ``vocab`` entries (the shared tokenizer's
+    vocabulary: rows of an embedding matrix padded beyond the tokenizer are never valid
+    tokens, so they get no probability) and tempered: ``lp_m = log_softmax(z_m[..., :V] / τ)``.
+    With normalised weights ``w_m = weight_m / Σ weight``:
+
+    - ``probability`` (mixture of experts in probability space, DESIGN.md):
+      ``log p = logsumexp_m(log w_m + lp_m)``;
+    - ``logit_mean`` (normalised weighted geometric mean, a "product of experts"):
+      ``log p = log_softmax(Σ_m w_m · lp_m)``, equal to ``log_softmax(Σ_m w_m z_m / τ)``.
+
+    A single teacher returns ``lp_0`` unchanged (bit for bit the plain path). Memory: only one
+    teacher's (B, T, V) output is alive beside the running mixture (the next teacher runs
+    after the previous one's logits are freed).
 
     Args:
+        teachers: M causal LMs called as ``model(input_ids=..., use_cache=False).logits``.
+        weights: M positive mixture weights (normalised here).
         input_ids: (B, T) int64, right-padded (causal attention makes padding harmless for
             the positions before it, so no attention mask is passed).
+        temperature: τ > 0.
+        vocab: V, the number of real tokens (``len(tokenizer)``); None keeps every logit.
+        combine: ``probability`` or ``logit_mean``.
     Returns:
         (B, T, V) float32 log-probabilities.
+    Raises:
+        ValueError: unknown ``combine``, weights not matching the teachers, a teacher with
+            fewer than ``vocab`` outputs.
     """
+    if combine not in COMBINE_MODES:
+        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
+    if len(weights) != len(teachers) or not teachers or min(weights) <= 0:
+        raise ValueError(f"need one positive weight per teacher, got {weights} for {len(teachers)} teacher(s)")
     total = float(sum(weights))
     mix = None
     for model, w in zip(teachers, weights):
-        logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
+        logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V_model)
+        if vocab is not None:
+            if logits.shape[-1] < vocab:
+                raise ValueError(f"teacher {type(model).__name__} has {logits.shape[-1]} output logits, fewer than "
+                                 f"the tokenizer's {vocab} tokens")
+            logits = logits[..., :vocab]
         lp = F.log_softmax(logits.float() / temperature, dim=-1)
         del logits
         if len(teachers) == 1:
             return lp
-        lp.add_(torch.log(torch.tensor(w / total)))
-        mix = lp if mix is None else torch.logaddexp(mix, lp, out=mix)
-    return mix
+        if combine == "probability":
+            lp.add_(math.log(w / total))
+            mix = lp if mix is None else torch.logaddexp(mix, lp, out=mix)
+        else:
+            lp.mul_(w / total)
+            mix = lp if mix is None else mix.add_(lp)
+        del lp
+    return mix if combine == "probability" else F.log_softmax(mix, dim=-1)
 
 
 def topk_targets(logprobs: torch.Tensor, input_ids: torch.Tensor, k: int) -> TeacherTargets:

@@ -58,6 +58,8 @@ class Manifest(BaseModel):
     sample_temperature: float = 1.0
     tokenizer_fingerprint: str
     teachers: list[TeacherEntry]
+    combine: str = "probability"
+    """How an ensemble was combined: ``probability`` (mixture) or ``logit_mean`` (geometric mean)."""
     dataset: dict
     dataset_fingerprint: str
     max_length: int
@@ -73,7 +75,7 @@ class Manifest(BaseModel):
     updated_at: float = 0.0
 
     HEADER_KEYS: ClassVar[tuple[str, ...]] = ("format_version", "backend", "k", "index_dtype", "value_dtype", "vocab_size",
-                          "temperature", "target_type", "num_draws", "head_k", "sample_temperature", "tokenizer_fingerprint", "teachers", "dataset_fingerprint", "max_length")
+                          "temperature", "target_type", "num_draws", "head_k", "sample_temperature", "tokenizer_fingerprint", "teachers", "combine", "dataset_fingerprint", "max_length")
 
     def header(self) -> dict:
         return {k: getattr(self, k) for k in self.HEADER_KEYS}
