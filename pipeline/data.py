@@ -5,6 +5,8 @@ position ``t`` predicts token ``t+1`` and is a valid position iff ``loss_mask[t+
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,53 +71,262 @@ def load_rows(cfg: DatasetConfig):
     return ds
 
 
-def tokenize_rows(ds, tokenizer, cfg: DatasetConfig) -> tuple[list[Sample], int]:
-    """Tokenize plain-text rows into :class:`Sample` records.
+ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "model": "assistant",
+                "chatgpt": "assistant", "bot": "assistant", "system": "system", "tool": "tool", "function": "tool",
+                "observation": "tool", "ipython": "tool"}
+"""Chat roles as the chat template sees them, from OpenAI-style ``role`` or ShareGPT ``from`` values."""
 
-    Sample IDs come from ``cfg.id_field`` or are ``{dataset fingerprint[:16]}-{row index}``.
-    Samples with fewer than 2 tokens (nothing to predict) are skipped and counted.
+
+def resolve_format(cfg: DatasetConfig, columns: list[str]) -> tuple[str, str | None]:
+    """``(format, chat column)`` for ``cfg.format`` on a dataset with these columns.
+
+    ``auto``: ``chat`` when a ``messages`` (else ``conversations``) column exists (or
+    ``messages_field`` is set), ``prompt_response`` when ``prompt_field`` and ``response_field``
+    both exist, ``text`` otherwise.
+
+    Raises:
+        KeyError: a configured column is missing (the columns are listed).
+    """
+    fmt = cfg.format
+    chat_col = cfg.messages_field or next((c for c in ("messages", "conversations") if c in columns), None)
+    if fmt == "auto":
+        if cfg.messages_field or chat_col is not None:
+            fmt = "chat"
+        elif cfg.prompt_field in columns and cfg.response_field in columns:
+            fmt = "prompt_response"
+        else:
+            fmt = "text"
+    needed = {"text": list(_text_fields(cfg)), "chat": [chat_col or "messages"],
+              "prompt_response": [cfg.prompt_field, cfg.response_field]}[fmt] + ([cfg.id_field] if cfg.id_field else [])
+    for field in needed:
+        if field not in columns:
+            raise KeyError(f"dataset {cfg.path}: no column {field!r} for format {fmt} (columns: {columns})")
+    return fmt, chat_col if fmt == "chat" else None
+
+
+def _text_fields(cfg: DatasetConfig) -> list[str]:
+    return [cfg.text_field] if isinstance(cfg.text_field, str) else list(cfg.text_field)
+
+
+def _row_error(cfg: DatasetConfig, row: int, sid: str, msg: str) -> ValueError:
+    return ValueError(f"dataset {cfg.path} row {row} (sample_id {sid!r}): {msg}")
+
+
+def _str_value(cfg: DatasetConfig, row: int, sid: str, field: str, value) -> str:
+    """A text cell: None counts as empty; anything but a string is an error naming the row."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _row_error(cfg, row, sid, f"field {field!r} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _chat_template(cfg: DatasetConfig, tokenizer) -> str:
+    """The Jinja template: ``cfg.chat_template`` (a string or a file path) or the tokenizer's own."""
+    t = cfg.chat_template
+    if t is not None and "{" not in t:
+        p = Path(t)
+        if not p.is_file():
+            raise FileNotFoundError(f"dataset.chat_template: file not found: {t}")
+        t = p.read_text()
+    t = t or getattr(tokenizer, "chat_template", None)
+    if not t:
+        raise ValueError(f"dataset {cfg.path}: format chat needs a chat template, and the tokenizer has none "
+                         "(set dataset.chat_template to a Jinja string or file)")
+    return t
+
+
+def _messages(cfg: DatasetConfig, row: int, sid: str, conv) -> list[dict]:
+    """Normalised ``[{role, content}]`` from OpenAI-style or ShareGPT-style messages."""
+    if not isinstance(conv, list) or not conv:
+        raise _row_error(cfg, row, sid, f"chat messages must be a non-empty list, got {type(conv).__name__}")
+    out = []
+    for j, m in enumerate(conv):
+        if not isinstance(m, dict):
+            raise _row_error(cfg, row, sid, f"message {j} is {type(m).__name__}, expected a mapping")
+        role = m.get("role") if m.get("role") is not None else m.get("from")
+        content = m.get("content") if m.get("content") is not None else m.get("value")
+        if role not in ROLE_ALIASES:
+            raise _row_error(cfg, row, sid, f"message {j} has unknown role {role!r} (known: {sorted(ROLE_ALIASES)})")
+        if not isinstance(content, str):
+            raise _row_error(cfg, row, sid, f"message {j} content is {type(content).__name__}, expected a string")
+        out.append({"role": ROLE_ALIASES[role], "content": content})
+    return out
+
+
+def render_chat(tokenizer, messages: list[dict], template: str, where: str = "") -> tuple[list[int], np.ndarray]:
+    """Token IDs of a conversation rendered with ``template`` and its assistant-only loss mask.
+
+    Assistant message ``i`` owns the characters from the end of
+    ``render(messages[:i], add_generation_prompt=True)`` (the assistant header is context) to
+    the end of ``render(messages[:i+1])`` (its content and end-of-turn markup are targets). A
+    token is a target iff its character span (tokenizer offsets) overlaps an assistant span.
+    The text is tokenized without adding special tokens when the template already writes BOS.
+
+    Args:
+        messages: ``[{role, content}]`` with roles ``system|user|assistant|tool``.
+    Returns:
+        (input_ids list of T ints, loss_mask (T,) bool).
+    Raises:
+        ValueError (prefixed with ``where``): the template does not render a conversation's
+            prefix as a prefix of the whole (assistant tokens cannot be located), or a slow
+            tokenizer without offsets.
+    """
+    def render(msgs: list[dict], gen: bool = False) -> str:
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=gen)
+
+    full = render(messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = render(messages[:i], gen=True) if i else render([], gen=True), render(messages[: i + 1])
+        if not (full.startswith(start) and full.startswith(end) and len(start) <= len(end)):
+            raise ValueError(f"{where}the chat template does not render message {i}'s prefix of the conversation as a "
+                             "prefix of the whole, so the assistant tokens cannot be located")
+        spans.append((len(start), len(end)))
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{where}format chat needs a fast tokenizer (character offsets)")
+    bos = tokenizer.bos_token
+    enc = tokenizer(full, add_special_tokens=not (bos and full.startswith(bos)), return_offsets_mapping=True)
+    mask = np.zeros(len(enc["input_ids"]), dtype=bool)
+    for t, (s, e) in enumerate(enc["offset_mapping"]):
+        mask[t] = e > s and any(s < se and e > ss for ss, se in spans)
+    return list(enc["input_ids"]), mask
+
+
+def fit_length(input_ids, loss_mask: np.ndarray, cfg: DatasetConfig, bos_token_id: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Apply ``cfg.max_length`` / ``overflow`` / ``stride`` to one tokenized row.
+
+    ``truncate`` keeps the first ``max_length`` tokens. ``window`` repeats the leading BOS (when
+    ``input_ids[0] == bos_token_id``) and slides a window of ``L = max_length - len(prefix)``
+    body tokens by ``s = stride or L``; body tokens already targets in an earlier window are
+    context only (mask False), so each target token is a target exactly once.
+
+    Returns:
+        [(input_ids (T,) int32, loss_mask (T,) bool), ...] with ``T <= max_length``.
+    """
+    ids = np.asarray(input_ids, dtype=np.int32)
+    mask = np.asarray(loss_mask, dtype=bool)
+    n = cfg.max_length
+    if len(ids) <= n:
+        return [(ids, mask)]
+    if cfg.overflow == "truncate":
+        return [(ids[:n], mask[:n])]
+    p = 1 if bos_token_id is not None and ids[0] == bos_token_id else 0
+    body, bmask = ids[p:], mask[p:]
+    L = n - p
+    step = min(cfg.stride or L, L)
+    out, start, covered = [], 0, 0
+    while True:
+        end = min(start + L, len(body))
+        m = bmask[start:end].copy()
+        m[: max(0, covered - start)] = False
+        out.append((np.concatenate([ids[:p], body[start:end]]), np.concatenate([mask[:p], m])))
+        covered = end
+        if end >= len(body):
+            return out
+        start += step
+
+
+def _encode_rows(ds, tokenizer, cfg: DatasetConfig, fmt: str, chat_col: str | None, ids: list[str]) -> list:
+    """Per row ``(input_ids, loss_mask)`` before the length limit (text rows are truncated here
+    by the tokenizer itself when ``overflow: truncate``, which keeps any EOS it appends)."""
+    if fmt == "text":
+        fields = _text_fields(cfg)
+        cols = [ds[f][:] for f in fields]  # lists (datasets >= 4 returns lazy Columns)
+        texts = [cfg.text_join.join(v for v in (_str_value(cfg, i, ids[i], f, x) for f, x in zip(fields, vals)) if v)
+                 for i, vals in enumerate(zip(*cols))]
+        trunc = cfg.overflow == "truncate"
+        enc = tokenizer(texts, truncation=trunc, max_length=cfg.max_length if trunc else None, add_special_tokens=True)
+        return [(toks, np.ones(len(toks), dtype=bool)) for toks in enc["input_ids"]]
+    if fmt == "prompt_response":
+        prompts = [_str_value(cfg, i, ids[i], cfg.prompt_field, x) for i, x in enumerate(ds[cfg.prompt_field][:])]
+        responses = [_str_value(cfg, i, ids[i], cfg.response_field, x) for i, x in enumerate(ds[cfg.response_field][:])]
+        p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        return [(p + r + eos, np.concatenate([np.zeros(len(p), bool), np.ones(len(r) + len(eos), bool)])) if r
+                else (p, np.zeros(len(p), bool)) for p, r in zip(p_ids, r_ids)]
+    template = _chat_template(cfg, tokenizer)
+    out = []
+    for i, conv in enumerate(ds[chat_col][:]):
+        where = f"dataset {cfg.path} row {i} (sample_id {ids[i]!r}): "
+        try:
+            out.append(render_chat(tokenizer, _messages(cfg, i, ids[i], conv), template, where))
+        except Exception as e:  # jinja errors (raise_exception in templates) become row errors
+            if isinstance(e, ValueError) and str(e).startswith(where):
+                raise
+            raise ValueError(f"{where}chat template failed: {type(e).__name__}: {e}") from e
+    return out
+
+
+def tokenize_rows(ds, tokenizer, cfg: DatasetConfig) -> tuple[list[Sample], int]:
+    """Tokenize rows (plain text, chat or prompt/response, see :func:`resolve_format`) into
+    :class:`Sample` records, applying ``max_length`` / ``overflow``.
+
+    Sample IDs come from ``cfg.id_field`` or are ``{dataset fingerprint[:16]}-{row index}``;
+    with ``overflow: window`` every sample's ID is ``{id}#{n}`` (window n = 0, 1, ...). Samples
+    with no valid position (fewer than 2 tokens, or no target token: an empty text, a chat
+    without assistant content) are skipped and counted.
 
     Returns:
         (samples, n_skipped_empty)
     Raises:
-        KeyError: ``text_field`` / ``id_field`` missing from the dataset's columns.
-        ValueError: duplicate sample IDs (the ID is named) or no usable sample at all.
+        KeyError: a configured column missing from the dataset's columns.
+        ValueError: a bad row (its file, row index and sample ID are named), duplicate sample
+            IDs (the ID is named) or no usable sample at all.
     """
-    for field in (cfg.text_field, cfg.id_field):
-        if field is not None and field not in ds.column_names:
-            raise KeyError(f"dataset {cfg.path}: no column {field!r} (columns: {ds.column_names})")
-    texts = ds[cfg.text_field][:]  # a list (datasets >= 4 returns a lazy Column)
+    fmt, chat_col = resolve_format(cfg, ds.column_names)
     if cfg.id_field is not None:
-        ids = [str(x) for x in ds[cfg.id_field][:]]
+        ids = [None if x is None else str(x) for x in ds[cfg.id_field][:]]
+        if None in ids:
+            raise ValueError(f"dataset {cfg.path} row {ids.index(None)}: id_field {cfg.id_field!r} is null")
     else:
         ids = [f"{ds._fingerprint[:16]}-{i}" for i in range(len(ds))]
-    enc = tokenizer(texts, truncation=True, max_length=cfg.max_length, add_special_tokens=True)["input_ids"]
+    rows = _encode_rows(ds, tokenizer, cfg, fmt, chat_col, ids)
     samples, seen, skipped = [], set(), 0
-    for sid, toks in zip(ids, enc):
-        if sid in seen:
-            raise ValueError(f"dataset {cfg.path}: duplicate sample_id {sid!r}")
-        seen.add(sid)
-        if len(toks) < 2:
-            skipped += 1
-            continue
-        arr = np.asarray(toks, dtype=np.int32)
-        samples.append(Sample(sid, arr, np.ones(len(arr), dtype=bool)))
+    for sid, (toks, mask) in zip(ids, rows):
+        pieces = fit_length(toks, mask, cfg, tokenizer.bos_token_id)
+        for n, (arr, m) in enumerate(pieces):
+            wid = f"{sid}#{n}" if cfg.overflow == "window" else sid
+            if wid in seen:
+                raise ValueError(f"dataset {cfg.path}: duplicate sample_id {wid!r}")
+            seen.add(wid)
+            if len(arr) < 2 or not m[1:].any():
+                skipped += 1
+                continue
+            samples.append(Sample(wid, arr, m))
     if not samples:
-        raise ValueError(f"dataset {cfg.path} (split {cfg.split}): no sample with at least 2 tokens ({len(ids)} rows)")
+        raise ValueError(f"dataset {cfg.path} (split {cfg.split}): no sample with a target token ({len(ids)} rows, format {fmt})")
     return samples, skipped
+
+
+def _tokenization_fingerprint(ds, tokenizer, cfg: DatasetConfig) -> str:
+    """The rows' fingerprint, mixed with every tokenization option that differs from its
+    default (and the chat template in use), so a cache is not resumed with other samples."""
+    keys = ("format", "text_field", "text_join", "messages_field", "chat_template", "prompt_field", "response_field",
+            "overflow", "stride")
+    opts = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != DatasetConfig.model_fields[k].default}
+    if resolve_format(cfg, ds.column_names)[0] == "chat":
+        opts["chat_template_sha256"] = hashlib.sha256(_chat_template(cfg, tokenizer).encode()).hexdigest()
+    if not opts:
+        return ds._fingerprint
+    return hashlib.sha256((ds._fingerprint + json.dumps(opts, sort_keys=True)).encode()).hexdigest()[:16]
 
 
 def load_samples(cfg: DatasetConfig, tokenizer) -> tuple[list[Sample], str, int]:
     """:func:`load_rows` then :func:`tokenize_rows`.
 
     Returns:
-        (samples, dataset fingerprint, number of skipped empty rows)
+        (samples, dataset fingerprint (rows + non-default tokenization options), number of
+        skipped empty samples)
     """
     ds = load_rows(cfg)
     if len(ds) == 0:
         raise ValueError(f"dataset {cfg.path} (split {cfg.split}) is empty")
     samples, skipped = tokenize_rows(ds, tokenizer, cfg)
-    return samples, ds._fingerprint, skipped
+    return samples, _tokenization_fingerprint(ds, tokenizer, cfg), skipped
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
