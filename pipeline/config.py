@@ -90,16 +90,48 @@ class CacheConfig(_Section):
 
     dir: str
     """Output directory (created; a complete cache there is refused unless overwrite)."""
-    backend: Literal["parquet"] = "parquet"
+    backend: Literal["parquet", "zarr"] = "parquet"
+    """Storage backend; readers detect it from the manifest."""
     k: int = Field(default=32, ge=1)
     """Number of teacher log-probabilities kept per position."""
-    value_dtype: Literal["float32", "float16"] = "float16"
-    """Storage dtype of ``topk_logprobs`` (the tail log-mass is always float32)."""
+    value_dtype: Literal["float32", "float16", "bfloat16", "q8"] = "q8"
+    """Storage of the top-k log-probabilities: floats, or ``q8`` = 8-bit codes of the distance
+    to the position's top-1 (``q8_step`` nats per code; reconstruction KL ≈ step²/24)."""
+    index_coding: Literal["plain", "delta"] = "delta"
+    """``delta``: each position's ids sorted and stored as gaps (smaller after zstd);
+    ``plain``: ids in probability order."""
+    q8_step: float = Field(default=1 / 16, gt=0, le=1)
+    """Nats per q8 code (1/16 → about 1.6e-4 nats reconstruction KL)."""
+    compression: Literal["zstd", "none"] = "zstd"
+    compression_level: int = Field(default=3, ge=1, le=22)
     samples_per_shard: int = Field(default=2048, ge=1)
-    """Samples per closed parquet shard (one file per shard, per rank)."""
+    """Samples per closed shard (one file / zarr group per shard, per rank)."""
     row_group_size: int = Field(default=32, ge=1)
-    """Parquet rows per row group: small groups make random access by sample ID cheap."""
+    """Samples per block (parquet row group, zarr block): the unit of random access."""
     overwrite: bool = False
+
+
+class TargetsConfig(_Section):
+    """Which sparse targets stage 1 stores per position (pipeline/targets.py).
+
+    ``topk``: the exact top ``cache.k``. ``sampled``: the unique ids of ``num_draws`` draws
+    from the teacher distribution, value ``log(count / num_draws)`` (an unbiased estimate of
+    the full distribution; Anshumann et al., ACL 2025). ``topk+sampled``: the exact top
+    ``head_k`` plus ``num_draws`` draws from the rest, value ``log(tail mass · count / num_draws)``.
+    """
+
+    type: Literal["topk", "sampled", "topk+sampled"] = "topk"
+    num_draws: int | None = Field(default=None, ge=1)
+    """Draws per position (sampled types only); default: the sampled slots (``cache.k``, or
+    ``cache.k - head_k``), which guarantees no position has more unique ids than slots."""
+    head_k: int | None = Field(default=None, ge=1)
+    """``topk+sampled`` only: exact head size, ``1 <= head_k < cache.k``; default ``cache.k // 2``."""
+    sample_temperature: float = Field(default=1.0, gt=0)
+    """Proposal temperature of the draws (relative to the cache temperature); values ≠ 1 use
+    self-normalised importance weights (consistent, biased by O(1/num_draws))."""
+    seed: int = 0
+    """Draws of sample ``s`` use a generator seeded from ``(seed, s)``: reruns, resumed and
+    multi-rank runs write the same cache."""
 
 
 class PrecomputeConfig(_Section):
@@ -119,6 +151,33 @@ class PrecomputeConfig(_Section):
     ``probability``: ``log p = logsumexp_m(log w_m + logp_m)`` (a mixture);
     ``logit_mean``: ``log p = log_softmax(Σ_m w_m logp_m)`` (normalised geometric mean)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+
+    @model_validator(mode="after")
+    def _resolve_targets(self) -> "PrecomputeConfig":
+        t, k = self.targets, self.cache.k
+        if t.type == "topk":
+            for key in ("num_draws", "head_k"):
+                if getattr(t, key) is not None:
+                    raise ValueError(f"targets.{key} applies only to targets.type sampled or topk+sampled")
+            if t.sample_temperature != 1.0:
+                raise ValueError("targets.sample_temperature applies only to targets.type sampled or topk+sampled")
+            return self
+        if t.type == "sampled":
+            if t.head_k is not None:
+                raise ValueError("targets.head_k applies only to targets.type topk+sampled")
+            slots = k
+        else:
+            if t.head_k is None:
+                if k < 2:
+                    raise ValueError(f"targets.type topk+sampled needs cache.k >= 2 (got {k})")
+                t.head_k = k // 2
+            if t.head_k >= k:
+                raise ValueError(f"targets.head_k={t.head_k} must be smaller than cache.k={k}")
+            slots = k - t.head_k
+        if t.num_draws is None:
+            t.num_draws = slots
+        return self
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -136,9 +195,13 @@ class LossConfig(_Section):
 
     alpha: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=1.0, gt=0)
-    tail: Literal["renormalize", "bucket"] = "bucket"
-    """How the teacher mass outside the top-k enters the KL: dropped and the top-k
-    renormalised, or kept as one extra bucket (see pipeline/losses.py)."""
+    tail: Literal["renormalize", "bucket", "sampled"] = "bucket"
+    """How the teacher targets enter the KL (formulas in pipeline/losses.py): ``renormalize``
+    (the stored support renormalised), ``bucket`` (the tail mass as one extra outcome) or
+    ``sampled`` (CE against the stored estimate, the unbiased estimator for sampled caches).
+    Unset: ``bucket`` for ``topk`` caches, ``sampled`` for ``sampled`` / ``topk+sampled``
+    caches (read from ``data.train_cache``'s manifest); incompatible pairs are refused
+    (:func:`pipeline.losses.check_tail_mode`)."""
     aux_loss_coef: float = Field(default=0.0, ge=0)
     """Weight of the student's own auxiliary loss (e.g. a MoE router load-balancing loss,
     ``outputs.aux_loss`` with ``output_router_logits=True``); 0 = not requested."""
@@ -185,6 +248,12 @@ class TrainDataConfig(_Section):
     tokenizer: str | None = None
     """Tokenizer directory; defaults to the cache's copy of the teacher tokenizer."""
     eval_max_samples: int | None = Field(default=None, ge=1)
+    num_workers: int = Field(default=2, ge=0)
+    """Background threads that read and collate micro-batches ahead of the trainer (0: inline)."""
+    prefetch_steps: int = Field(default=4, ge=1)
+    """Optimizer steps of micro-batches prepared ahead."""
+    max_cached_bytes: int = Field(default=2 << 30, ge=0)
+    """Bound of each cache reader's LRU of decoded blocks (bytes)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrainDataConfig":
@@ -288,6 +357,29 @@ class TrainStudentConfig(_Section):
     def _ce_only_without_teacher(self) -> "TrainStudentConfig":
         if self.data.train_dataset is not None and self.loss.alpha != 1.0:
             raise ValueError("loss.alpha must be 1 when training from data.train_dataset (no teacher)")
+        return self
+
+    @model_validator(mode="after")
+    def _tail_for_cache(self) -> "TrainStudentConfig":
+        """Default ``loss.tail`` from the train cache's target type, and refuse bad pairs."""
+        manifest = Path(self.data.train_cache or "", "manifest.json")
+        if self.data.train_cache is None or self.loss.alpha == 1.0 or not manifest.is_file():
+            return self  # no teacher targets (or no cache yet: train-student reports the path)
+        import json
+        import warnings
+
+        from pipeline.losses import check_tail_mode
+
+        m = json.loads(manifest.read_text())
+        target_type = m.get("target_type", "topk")
+        tail = self.loss.tail
+        if "tail" not in self.loss.model_fields_set:
+            tail = "bucket" if target_type == "topk" else "sampled"
+        for w in check_tail_mode(tail, target_type, self.loss.temperature, float(m.get("temperature", 1.0))):
+            warnings.warn(w, stacklevel=2)
+        if tail != self.loss.tail or "tail" not in self.loss.model_fields_set:
+            object.__setattr__(self, "loss", self.loss.model_copy(update={"tail": tail}))
+            self.loss.model_fields_set.add("tail")
         return self
 
 

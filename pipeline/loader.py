@@ -6,8 +6,12 @@ global sample set is the same whatever the micro-batch size, accumulation and wo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+import copy
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -100,6 +104,7 @@ class StepSampler:
     position: int = 0
     weights: np.ndarray | None = None
     """(N,) sampling weights of ``indices``: epochs are drawn with replacement ∝ weights."""
+    _order: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def global_batch(self) -> int:
@@ -114,16 +119,23 @@ class StepSampler:
             raise ValueError(f"{len(self.indices)} training samples are fewer than one global batch "
                              f"(micro_batch_size × grad_accum_steps × world_size = {self.global_batch})")
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(N,) sample indices of ``epoch`` in visiting order (memoised for the latest epoch)."""
+        if epoch not in self._order:
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.weights is None:
+                order = rng.permutation(self.indices)
+            else:
+                order = rng.choice(self.indices, size=len(self.indices), replace=True, p=self.weights / self.weights.sum())
+            self._order.clear()
+            self._order[epoch] = order
+        return self._order[epoch]
+
     def next_step(self) -> list[np.ndarray]:
         """This rank's ``grad_accum_steps`` micro-batches for the next optimizer step."""
         if self.position + self.global_batch > len(self.indices):
             self.epoch, self.position = self.epoch + 1, 0
-        rng = np.random.default_rng([self.seed, self.epoch])
-        if self.weights is None:
-            perm = rng.permutation(self.indices)
-        else:
-            perm = rng.choice(self.indices, size=len(self.indices), replace=True, p=self.weights / self.weights.sum())
-        step = perm[self.position: self.position + self.global_batch]
+        step = self.epoch_order(self.epoch)[self.position: self.position + self.global_batch]
         self.position += self.global_batch
         per_rank = self.micro_batch_size * self.grad_accum_steps
         mine = step[self.rank * per_rank: (self.rank + 1) * per_rank]
@@ -141,3 +153,88 @@ def eval_batches(source, n: int, batch_size: int, rank: int, world_size: int) ->
             yield collate([source[i] for i in chunk])
         else:
             yield collate([source[0]], pad_only=True)
+
+
+class StepPrefetcher:
+    """Reads and collates the micro-batches of the next ``depth`` optimizer steps in
+    ``num_workers`` background threads, so the trainer does not wait on the cache.
+
+    The wrapped :class:`StepSampler` advances only when a step is consumed, so its
+    ``epoch``/``position`` (saved in checkpoints) always describe the consumed data: a
+    resume is exact whatever was prefetched. Cache decoding (pyarrow, zarr, numpy) releases
+    the GIL, so threads overlap with the trainer's torch ops.
+
+    Args:
+        sampler: the step sampler (mutated as steps are consumed).
+        source: indexable records (a cache reader or a list of samples).
+        num_workers: threads (0: build each step inline).
+        depth: steps prepared ahead.
+    """
+
+    def __init__(self, sampler: StepSampler, source, num_workers: int = 2, depth: int = 4):
+        self.sampler, self.source, self.depth = sampler, source, depth
+        self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="kd-loader") if num_workers > 0 else None
+        self.pending: dict[tuple[int, int], Future] = {}
+
+    def _build(self, micro: list[np.ndarray]) -> list[Batch]:
+        return [collate([self.source[int(i)] for i in idx]) for idx in micro]
+
+    def next_step(self) -> list[Batch]:
+        """This rank's collated micro-batches for the next optimizer step."""
+        if self.pool is None:
+            return self._build(self.sampler.next_step())
+        ahead = copy.copy(self.sampler)
+        keys = []
+        for _ in range(self.depth + 1):
+            key = (ahead.epoch, ahead.position)
+            micro = ahead.next_step()
+            keys.append(key)
+            if key not in self.pending:
+                self.pending[key] = self.pool.submit(self._build, micro)
+        for stale in set(self.pending) - set(keys):
+            self.pending.pop(stale).cancel()
+        self.sampler.next_step()
+        return self.pending.pop(keys[0]).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for f in self.pending.values():
+                f.cancel()
+            self.pending.clear()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def prefetch(items: Iterable, depth: int = 4) -> Iterator:
+    """Iterate ``items`` with a background thread producing up to ``depth`` items ahead
+    (exceptions are re-raised in the consumer)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for x in items:
+                if stop.is_set():
+                    return
+                q.put(x)
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 — handed to the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="kd-prefetch")
+    t.start()
+    try:
+        while True:
+            x = q.get()
+            if x is done:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                t.join(timeout=0.01)

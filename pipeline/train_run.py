@@ -18,7 +18,7 @@ from pipeline.checkpoint import (export_hf, load_checkpoint, load_optimizer_mome
 from pipeline.config import ConfigError, TrainStudentConfig, dump_config
 from pipeline.data import load_samples
 from pipeline.distributed import DistInfo, any_rank, barrier, broadcast_object, print0, shard_model
-from pipeline.loader import StepSampler, collate, eval_batches
+from pipeline.loader import StepPrefetcher, StepSampler, eval_batches, prefetch
 from pipeline.loss_log import LossLogWriter
 from pipeline.inspect import load_loss_logs
 from pipeline.lr_find import run_lr_find
@@ -33,8 +33,8 @@ def _sources(cfg: TrainStudentConfig):
     """(train source, eval source or None, tokenizer dir, vocabulary size the data requires)."""
     d = cfg.data
     if d.train_cache is not None:
-        train = open_cache(d.train_cache)
-        ev = open_cache(d.eval_cache) if d.eval_cache else None
+        train = open_cache(d.train_cache, max_cached_bytes=d.max_cached_bytes)
+        ev = open_cache(d.eval_cache, max_cached_bytes=d.max_cached_bytes) if d.eval_cache else None
         m = train.manifest
         if ev is not None and (ev.manifest.vocab_size, ev.manifest.tokenizer_fingerprint) != (m.vocab_size, m.tokenizer_fingerprint):
             raise ValueError(f"data.eval_cache {d.eval_cache} has another vocabulary/tokenizer than data.train_cache {d.train_cache}")
@@ -164,7 +164,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     def run_eval(step: int, epoch_f: float) -> bool:
         """Evaluate, log, export best/; True when early stopping says stop."""
         nonlocal last_eval
-        ev = trainer.evaluate(eval_batches(eval_src, n_eval, cfg.micro_batch_size, info.rank, info.world_size))
+        ev = trainer.evaluate(prefetch(eval_batches(eval_src, n_eval, cfg.micro_batch_size, info.rank, info.world_size)))
         loss_log.append(cfg.round, "eval", sampler.epoch, step, ev.rows)
         es = cfg.early_stopping
         st["best"], st["bad_evals"], improved, stop_now = early_stopping_update(st["best"], st["bad_evals"], ev.loss,
@@ -189,10 +189,11 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     bar = tqdm(total=max_steps, initial=st["step"], disable=not info.is_main, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
     t_train, outcome = time.perf_counter(), "finished"
+    loader = StepPrefetcher(sampler, train_src, cfg.data.num_workers, cfg.data.prefetch_steps)
     try:
         for step in range(st["step"] + 1, max_steps + 1):
             t0 = time.perf_counter()
-            micro = [collate([train_src[i] for i in idx]) for idx in sampler.next_step()]
+            micro = loader.next_step()
             stats = trainer.train_step(micro)
             dt = time.perf_counter() - t0
             st["tokens"] += stats.n_tokens
@@ -222,6 +223,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
             if save_optimizer_to is not None:
                 save_optimizer(save_optimizer_to, model, optimizer, info.rank)
     finally:
+        loader.close()
         stop.restore()
         loss_log.close()
         logger.finish()

@@ -7,8 +7,10 @@ import torch
 from pipeline.cache.store import CacheRecord
 
 
-def synthetic_records(n: int, vocab: int, k: int, seed: int = 0, min_len: int = 5, max_len: int = 24) -> list[CacheRecord]:
-    """Records of varying length with random loss masks and a valid random top-k per position."""
+def synthetic_records(n: int, vocab: int, k: int, seed: int = 0, min_len: int = 5, max_len: int = 24,
+                      padded: bool = False) -> list[CacheRecord]:
+    """Records of varying length with random loss masks and a valid random top-k per position;
+    ``padded``: a random number of trailing slots are padding (id 0, -inf), as sampled targets have."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -19,6 +21,10 @@ def synthetic_records(n: int, vocab: int, k: int, seed: int = 0, min_len: int = 
         lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
         top = np.argsort(-lp, axis=-1)[:, :k]
         vals = np.take_along_axis(lp, top, -1)
+        if padded:
+            n_real = rng.integers(1, k + 1, T - 1)
+            pad = np.arange(k)[None, :] >= n_real[:, None]
+            vals, top = np.where(pad, -np.inf, vals), np.where(pad, 0, top)
         tail = np.log1p(-np.exp(vals).sum(-1))
         out.append(CacheRecord(f"s{i}", ids, mask, top.astype(np.int32), vals.astype(np.float32),
                                tail.astype(np.float32), 0.0))

@@ -7,7 +7,10 @@ Life cycle (stage 1)::
     writer.write(records) ... writer.close()             # every rank, own shards only
     finalize_cache(dir)                                  # rank 0, after a barrier
 
-``manifest.json`` says ``complete: true`` only after ``finalize_cache``.
+``manifest.json`` says ``complete: true`` only after ``finalize_cache``. Two backends
+(``parquet``, ``zarr``) implement :class:`~pipeline.cache.store.ShardBackend`; writer,
+reader, coding and validation are shared (:mod:`pipeline.cache.store`,
+:mod:`pipeline.cache.codec`).
 """
 from __future__ import annotations
 
@@ -19,12 +22,26 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.manifest import MANIFEST, Manifest, read_manifest, write_manifest
-from pipeline.cache.parquet import ParquetCacheReader, ParquetCacheWriter, closed_shards, shard_sample_ids
-from pipeline.cache.store import CacheReader, CacheRecord, CacheWriter
+from pipeline.cache.codec import Encoding
+from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_manifest, write_manifest
+from pipeline.cache.parquet import ParquetBackend
+from pipeline.cache.store import CacheReader, CacheRecord, CacheWriter, ShardBackend, closed_shards, remove_unclosed
+from pipeline.cache.zarr_backend import ZarrBackend
 
-__all__ = ["CacheReader", "CacheRecord", "CacheWriter", "Manifest", "PrepareState", "prepare_cache", "open_writer",
-           "finalize_cache", "open_cache", "read_manifest", "validate_cache"]
+__all__ = ["BACKENDS", "CacheReader", "CacheRecord", "CacheWriter", "Encoding", "Manifest", "PrepareState",
+           "cache_bytes", "prepare_cache", "open_writer", "finalize_cache", "open_cache", "read_manifest",
+           "validate_cache"]
+
+BACKENDS = ("parquet", "zarr")
+
+
+def backend_for(name: str, compression: str = "zstd", compression_level: int | None = 3) -> ShardBackend:
+    """The :class:`ShardBackend` called ``name``. Raises ValueError for an unknown backend."""
+    if name == "parquet":
+        return ParquetBackend(compression, compression_level)
+    if name == "zarr":
+        return ZarrBackend(compression, compression_level)
+    raise ValueError(f"cache.backend {name!r} is not one of {BACKENDS}")
 
 
 @dataclass
@@ -39,7 +56,7 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
     """Create or resume a cache directory and mark it incomplete (rank 0 only).
 
     A rerun with the same header (teachers, tokenizer, dataset, k, dtypes...) keeps every
-    closed shard and reports their sample IDs as done; temporary and unmarked files are removed.
+    closed shard and reports their sample IDs as done; temporary and unmarked shards are removed.
 
     Raises:
         ValueError: the directory holds a cache with a different header (the differences are
@@ -49,7 +66,8 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
     if d.exists() and any(d.iterdir()):
         if not (d / MANIFEST).is_file():
             if not overwrite:
-                raise ValueError(f"cache.dir {d} exists, is not empty and is not a teacher cache")
+                raise ValueError(f"cache.dir {d} exists, is not empty and is not a teacher cache; "
+                                 "use another cache.dir (nothing was changed)")
         else:
             old = read_manifest(d)
             diff = old.header_diff(manifest)
@@ -59,27 +77,24 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
         if overwrite:
             shutil.rmtree(d)
     d.mkdir(parents=True, exist_ok=True)
-    for stale in list(d.glob("*.tmp")):
-        stale.unlink()
-    marked = {s.file for s in closed_shards(d)}
-    for f in d.glob("part-*.parquet"):
-        if f.name not in marked:
-            f.unlink()
+    remove_unclosed(d)
+    backend = backend_for(manifest.backend, manifest.compression)
     done: set[str] = set()
-    for s in closed_shards(d):
-        done.update(shard_sample_ids(d, s))
+    shards = closed_shards(d)
+    for s in shards:
+        done.update(backend.read_index(d / s.file).sample_ids)
     manifest.complete = False
-    manifest.shards = closed_shards(d)
+    manifest.shards = shards
     write_manifest(d, manifest)
     return PrepareState(attempt=int(time.time() * 1000) % 10**10, done_ids=done)
 
 
 def open_writer(cache_dir: str | os.PathLike, manifest: Manifest, rank: int, attempt: int,
-                samples_per_shard: int, row_group_size: int) -> CacheWriter:
-    """The writer for ``manifest.backend`` (parquet)."""
-    if manifest.backend != "parquet":
-        raise ValueError(f"cache.backend {manifest.backend!r} is not supported")
-    return ParquetCacheWriter(cache_dir, manifest, rank, attempt, samples_per_shard, row_group_size)
+                samples_per_shard: int, row_group_size: int, compression_level: int | None = 3) -> CacheWriter:
+    """This rank's :class:`CacheWriter` for ``manifest.backend``; ``row_group_size`` samples
+    per block (parquet row group / zarr block)."""
+    backend = backend_for(manifest.backend, manifest.compression, compression_level)
+    return CacheWriter(backend, cache_dir, manifest, rank, attempt, samples_per_shard, row_group_size)
 
 
 def finalize_cache(cache_dir: str | os.PathLike, skipped_empty: int = 0) -> Manifest:
@@ -96,61 +111,56 @@ def finalize_cache(cache_dir: str | os.PathLike, skipped_empty: int = 0) -> Mani
     return m
 
 
-def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, verify: bool = True) -> CacheReader:
-    """Open a cache for reading.
+def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, verify: bool = True,
+               max_cached_bytes: int = 2 << 30) -> CacheReader:
+    """Open a cache for reading; the backend comes from the manifest.
 
     Args:
         allow_incomplete: read the closed shards of a cache still being written.
-        verify: check shard checksums and run :func:`validate_cache`.
+        verify: check shard checksums and row counts now, and every record as its block is
+            decoded (:func:`pipeline.cache.store.check_block`).
+        max_cached_bytes: bound of the reader's LRU of decoded blocks.
     Raises:
-        FileNotFoundError: no such cache / no manifest.
-        ValueError: incomplete cache (without ``allow_incomplete``), checksum mismatch or an
-            invalid record (the shard and sample ID are named).
+        FileNotFoundError: no such cache / no manifest / a listed shard is missing.
+        ValueError: incomplete cache (without ``allow_incomplete``), an invalid manifest, a
+            format version this code does not read, a checksum or row-count mismatch, a shard
+            on disk without a listing, duplicate sample IDs (shard and sample ID named).
     """
     m = read_manifest(cache_dir)
+    if m.format_version != FORMAT_VERSION:
+        raise ValueError(f"cache {cache_dir} has format_version {m.format_version}; this version reads "
+                         f"{FORMAT_VERSION}: rerun precompute-teacher into a new cache.dir")
     if not m.complete and not allow_incomplete:
         raise ValueError(f"cache {cache_dir} is incomplete (precompute-teacher has not finished); "
                          "rerun it to resume, or read what is closed with allow_incomplete")
     shards = m.shards if m.complete else closed_shards(cache_dir)
-    reader = ParquetCacheReader(cache_dir, m, shards, verify=verify)
-    if verify:
-        validate_cache(reader)
-    return reader
+    if m.complete and verify:
+        on_disk = {s.file for s in closed_shards(cache_dir)}
+        listed = {s.file for s in m.shards}
+        if on_disk != listed:
+            extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)
+            raise ValueError(f"cache {cache_dir}: manifest and closed shards disagree "
+                             f"(not listed: {extra[:3]}, marker missing: {missing[:3]})")
+    return CacheReader(backend_for(m.backend, m.compression), cache_dir, m, shards, verify=verify,
+                       max_cached_bytes=max_cached_bytes)
 
 
-def validate_cache(r: ParquetCacheReader, mass_tol: float = 1e-2) -> None:
-    """Vectorised checks of every record; raises ValueError naming shard, sample ID and problem.
+def validate_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False) -> CacheReader:
+    """Open with checksums and decode-and-check every record (raises ValueError naming the
+    shard and sample ID of the first problem); returns the reader."""
+    r = open_cache(cache_dir, allow_incomplete=allow_incomplete, verify=True)
+    r.validate()
+    return r
 
-    Checks: T-1 positions per T tokens, token and top-k IDs within the vocabulary, top-k
-    logprobs finite, <= 0, sorted descending, top-k mass <= 1 + ``mass_tol``, tail log-mass <= 0.
-    """
-    V = r.manifest.vocab_size
 
-    def fail(pos_index: int, what: str, per_position: bool = True) -> None:
-        i = int(np.searchsorted(r.pos_off if per_position else r.tok_off, pos_index, side="right") - 1)
-        raise ValueError(f"cache {r.dir}: shard {r.shard_name(i)} sample_id {r.sample_ids[i]!r}: {what}")
-
-    bad = np.nonzero(np.diff(r.pos_off) != np.diff(r.tok_off) - 1)[0]
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"cache {r.dir}: shard {r.shard_name(i)} sample_id {r.sample_ids[i]!r}: "
-                         "number of positions is not tokens - 1")
-    for name, arr, per_pos in (("input_ids", r.input_ids, False), ("topk_ids", r.topk_ids, True)):
-        bad = np.nonzero((arr.reshape(len(arr), -1) >= V).any(-1) | (arr.reshape(len(arr), -1) < 0).any(-1))[0]
-        if bad.size:
-            fail(int(bad[0]), f"{name} outside the vocabulary [0, {V})", per_pos)
-    lp = r.topk_logprobs.astype(np.float32)
-    checks = [
-        (~np.isfinite(lp).all(-1), "topk_logprobs not finite"),
-        ((lp > 0).any(-1), "topk_logprobs > 0"),
-        ((np.diff(lp, axis=-1) > 0).any(-1), "topk_logprobs not sorted descending"),
-        (np.log(np.exp(lp.astype(np.float64)).sum(-1)) > np.log1p(mass_tol), "top-k probability mass > 1"),
-        (np.isnan(r.tail_logprob) | (r.tail_logprob > 0), "tail_logprob NaN or > 0"),
-    ]
-    for mask, what in checks:
-        bad = np.nonzero(mask)[0]
-        if bad.size:
-            fail(int(bad[0]), what)
+def cache_bytes(cache_dir: str | os.PathLike) -> int:
+    """Bytes on disk of the closed shards of a cache (manifest and markers excluded)."""
+    d = Path(cache_dir)
+    total = 0
+    for s in closed_shards(d):
+        p = d / s.file
+        total += p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return total
 
 
 def cache_record_from_targets(sample, topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail: np.ndarray,

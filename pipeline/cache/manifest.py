@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -48,6 +48,12 @@ class Manifest(BaseModel):
     k: int
     index_dtype: str
     value_dtype: str
+    """float32 | float16 | bfloat16 | q8 (pipeline.cache.codec)."""
+    index_coding: str = "plain"
+    """plain (ids in probability order) | delta (sorted ids stored as gaps)."""
+    q8_step: float = 1 / 16
+    """Nats per code of q8 values."""
+    compression: str = "zstd"
     vocab_size: int
     temperature: float
     target_type: str = "topk"
@@ -74,7 +80,8 @@ class Manifest(BaseModel):
     complete: bool = False
     updated_at: float = 0.0
 
-    HEADER_KEYS: ClassVar[tuple[str, ...]] = ("format_version", "backend", "k", "index_dtype", "value_dtype", "vocab_size",
+    HEADER_KEYS: ClassVar[tuple[str, ...]] = ("format_version", "backend", "k", "index_dtype", "value_dtype", "index_coding",
+                          "q8_step", "vocab_size",
                           "temperature", "target_type", "num_draws", "head_k", "sample_temperature", "tokenizer_fingerprint", "teachers", "combine", "dataset_fingerprint", "max_length")
 
     def header(self) -> dict:
@@ -87,11 +94,22 @@ class Manifest(BaseModel):
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
-    """Raises FileNotFoundError naming the path when the cache has no manifest."""
+    """Read and validate ``manifest.json``.
+
+    Raises:
+        FileNotFoundError: the directory has no manifest (the path is named).
+        ValueError: the manifest is not valid JSON or misses / mistypes a field (edited by
+            hand?); the file and the first problem are named.
+    """
     p = Path(cache_dir) / MANIFEST
     if not p.is_file():
         raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}")
-    return Manifest.model_validate_json(p.read_text())
+    try:
+        return Manifest.model_validate_json(p.read_text())
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"
+        raise ValueError(f"{p}: invalid manifest at {where}: {err.get('msg')}") from None
 
 
 def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> None:

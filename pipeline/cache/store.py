@@ -1,12 +1,30 @@
-"""The cache's record and the writer/reader interface every backend implements."""
+"""The cache's record, the backend interface, and the backend-independent writer and reader.
+
+A backend (parquet, zarr) only moves *coded shards* between memory and disk
+(:class:`ShardBackend`). Everything else lives here once for all backends: buffering,
+atomic shard closing (temporary name → rename → completion marker), coding
+(:mod:`pipeline.cache.codec`), validation, the sample-ID index, a byte-bounded LRU of
+decoded blocks for random access, and sequential streaming.
+"""
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import signal
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Iterator, Protocol
 
 import numpy as np
 
+from pipeline.cache.codec import Encoding, decode_targets, encode_targets
 from pipeline.cache.manifest import Manifest, ShardEntry
+
+MARKER_SUFFIX = ".done.json"
+TMP_SUFFIX = ".tmp"
 
 
 @dataclass
@@ -17,9 +35,10 @@ class CacheRecord:
         sample_id: unique string ID.
         input_ids: (T,) int32 tokens.
         loss_mask: (T,) bool; position t is valid iff ``loss_mask[t+1]``.
-        topk_ids: (T-1, k) integer token IDs (uint16 when the vocabulary allows, else int32).
-        topk_logprobs: (T-1, k) float16/float32 teacher log-probabilities, sorted descending.
-        tail_logprob: (T-1,) float32 log of the teacher mass outside the top-k.
+        topk_ids: (T-1, k) int32 token IDs, descending probability; padding slots id 0.
+        topk_logprobs: (T-1, k) float32 teacher log-probabilities (or, for sampled targets, log
+            of the estimated probability), sorted descending; padding slots ``-inf``.
+        tail_logprob: (T-1,) float32 log of the teacher mass outside the stored ids.
         teacher_nll_sum: teacher's summed negative log-likelihood of the actual next tokens
             over the valid positions (nats).
     """
@@ -37,29 +56,376 @@ class CacheRecord:
         return int(self.loss_mask[1:].sum())
 
 
-class CacheWriter(Protocol):
-    """Per-rank writer: buffers records and closes shards atomically (temp name → rename →
-    completion marker)."""
+@dataclass
+class Block:
+    """Decoded targets of consecutive samples (flat token-major arrays plus offsets).
 
-    def write(self, records: list[CacheRecord]) -> None: ...
+    Attributes:
+        sample_ids: n IDs. tok_off / pos_off: (n+1,) int64 offsets into the token arrays
+        (``input_ids``, ``loss_mask``) and the position arrays (``topk_ids`` (P, k),
+        ``topk_logprobs`` (P, k), ``tail_logprob`` (P,)). teacher_nll_sum: (n,) float64.
+    """
+
+    sample_ids: list[str]
+    tok_off: np.ndarray
+    pos_off: np.ndarray
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    tail_logprob: np.ndarray
+    teacher_nll_sum: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.input_ids, self.loss_mask, self.topk_ids, self.topk_logprobs, self.tail_logprob))
+
+    def record(self, j: int) -> CacheRecord:
+        a, b = self.tok_off[j], self.tok_off[j + 1]
+        p, q = self.pos_off[j], self.pos_off[j + 1]
+        return CacheRecord(self.sample_ids[j], self.input_ids[a:b], self.loss_mask[a:b], self.topk_ids[p:q],
+                           self.topk_logprobs[p:q], self.tail_logprob[p:q], float(self.teacher_nll_sum[j]))
+
+    @staticmethod
+    def from_records(records: list[CacheRecord]) -> "Block":
+        n_tok = np.array([len(r.input_ids) for r in records], dtype=np.int64)
+        cat = np.concatenate
+        return Block([r.sample_id for r in records], np.concatenate([[0], np.cumsum(n_tok)]),
+                     np.concatenate([[0], np.cumsum(n_tok - 1)]), cat([r.input_ids for r in records]),
+                     cat([r.loss_mask for r in records]).astype(bool), cat([r.topk_ids for r in records]),
+                     cat([r.topk_logprobs for r in records]), cat([r.tail_logprob for r in records]),
+                     np.array([r.teacher_nll_sum for r in records], dtype=np.float64))
+
+
+def check_block(b: Block, vocab_size: int, k: int, allow_padding: bool, mass_tol: float = 1e-2,
+                value_tol: float = 1e-4) -> tuple[int, str] | None:
+    """Vectorised record checks; returns (sample index in the block, problem) for the first bad
+    sample, or None.
+
+    Checks: T-1 positions per T tokens, (P, k) target shapes, token and target ids within
+    ``[0, vocab_size)``, values not NaN, finite except trailing ``-inf`` padding (only when
+    ``allow_padding``), ``<= value_tol``, sorted descending, probability mass ``<= 1 + mass_tol``,
+    tail log-mass not NaN and ``<= value_tol``.
+    """
+    n = len(b.sample_ids)
+    if len(b.input_ids) != b.tok_off[-1] or len(b.loss_mask) != b.tok_off[-1]:
+        return 0, f"{len(b.input_ids)} tokens stored, lengths say {int(b.tok_off[-1])}"
+    if np.any(np.diff(b.tok_off) < 2):
+        return int(np.argmax(np.diff(b.tok_off) < 2)), "fewer than 2 tokens"
+    if b.topk_ids.shape != (b.pos_off[-1], k) or b.topk_logprobs.shape != (b.pos_off[-1], k) \
+            or b.tail_logprob.shape != (b.pos_off[-1],):
+        return 0, (f"targets of shape {b.topk_logprobs.shape} do not match {int(b.pos_off[-1])} positions "
+                   f"(tokens - 1 per sample) × k={k}")
+    tok_owner = np.repeat(np.arange(n), np.diff(b.tok_off))
+    pos_owner = np.repeat(np.arange(n), np.diff(b.pos_off))
+    bad = (b.input_ids.astype(np.int64) < 0) | (b.input_ids.astype(np.int64) >= vocab_size)
+    if bad.any():
+        return int(tok_owner[np.argmax(bad)]), f"input_ids outside the vocabulary [0, {vocab_size})"
+    v = b.topk_logprobs.astype(np.float32, copy=False)
+    ids = b.topk_ids.astype(np.int64, copy=False)
+    pad = np.isneginf(v)
+    with np.errstate(invalid="ignore"):
+        steps = np.diff(np.where(pad, -np.inf, v), axis=1)
+        lse = np.log(np.exp(v.astype(np.float64)).sum(1))
+    checks = [
+        ((((ids < 0) | (ids >= vocab_size)) & ~pad).any(1), f"topk_ids outside the vocabulary [0, {vocab_size})"),
+        ((np.isnan(v) | np.isposinf(v)).any(1), "topk_logprobs not finite (NaN or +inf)"),
+        (pad.any(1) if not allow_padding else pad.all(1), "topk_logprobs -inf" if not allow_padding
+         else "every slot is padding (-inf)"),
+        ((v > value_tol).any(1), f"topk_logprobs > 0 (tolerance {value_tol})"),
+        ((steps > 0).any(1), "topk_logprobs not sorted descending (or padding before a real slot)"),
+        (lse > np.log1p(mass_tol), f"probability mass of the stored slots > 1 + {mass_tol}"),
+        (np.isnan(b.tail_logprob) | (b.tail_logprob > value_tol), "tail_logprob NaN or > 0"),
+    ]
+    for mask, what in checks:
+        if mask.any():
+            return int(pos_owner[np.argmax(mask)]), what
+    return None
+
+
+def dir_sha256(path: Path) -> str:
+    """SHA-256 of a shard: the file's bytes, or for a directory (zarr group) every file's
+    relative path and bytes in sorted order."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class ShardIndex:
+    """What a reader needs from a shard without decoding its targets.
+
+    Attributes:
+        sample_ids: n IDs in storage order. num_tokens: (n,) int64. teacher_nll_sum: (n,)
+        float64. block_starts: (B+1,) int64 sample offsets of the shard's blocks.
+    """
+
+    sample_ids: list[str]
+    num_tokens: np.ndarray
+    teacher_nll_sum: np.ndarray
+    block_starts: np.ndarray
+
+
+class ShardBackend(Protocol):
+    """Moves one coded shard between memory and disk (parquet file or zarr group).
+
+    ``arrays`` hold ``sample_id`` (list of n str), ``num_tokens`` (n,) int32,
+    ``teacher_nll_sum`` (n,) float64, ``input_ids`` (T_total,), ``loss_mask`` (T_total,) bool
+    and the coded target arrays of :func:`pipeline.cache.codec.encode_targets` over
+    ``P_total = T_total - n`` positions.
+    """
+
+    suffix: str
+
+    def write_shard(self, path: Path, arrays: dict, k: int, block_size: int) -> None:
+        """Write a shard at ``path`` (a path not yet existing; the caller renames it)."""
+        ...
+
+    def read_index(self, path: Path) -> ShardIndex: ...
+
+    def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
+        """The ``arrays`` of the samples ``index.block_starts[block]:[block+1]``."""
+        ...
+
+
+def encoding_of(m: Manifest) -> Encoding:
+    return Encoding(m.index_dtype, m.value_dtype, m.index_coding, m.q8_step)
+
+
+class CacheWriter:
+    """Per-rank writer: buffers records and closes shards atomically (temporary name →
+    rename → completion marker ``<name>.done.json`` holding the :class:`ShardEntry`).
+
+    Shards are ``part-r{rank}-a{attempt}-{n}{suffix}``; no two writers ever share a shard
+    (PLATFORM.md: concurrent writers inside one zarr shard lost data).
+
+    Raises:
+        ValueError: a record fails :func:`check_block` (NaN teacher output...); the record's
+            sample ID is named and its shard is not written.
+    """
+
+    def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest, rank: int,
+                 attempt: int, samples_per_shard: int, block_size: int):
+        self.backend, self.dir, self.m = backend, Path(cache_dir), manifest
+        self.enc = encoding_of(manifest)
+        self.rank, self.attempt = rank, attempt
+        self.samples_per_shard, self.block_size = samples_per_shard, block_size
+        self.buffer: list[CacheRecord] = []
+        self.closed: list[ShardEntry] = []
+
+    def write(self, records: list[CacheRecord]) -> None:
+        self.buffer.extend(records)
+        while len(self.buffer) >= self.samples_per_shard:
+            self._flush(self.buffer[: self.samples_per_shard])
+            self.buffer = self.buffer[self.samples_per_shard:]
 
     def close(self) -> list[ShardEntry]:
         """Flush the open shard; returns the shards this writer closed."""
-        ...
+        if self.buffer:
+            self._flush(self.buffer)
+            self.buffer = []
+        return self.closed
+
+    def _flush(self, records: list[CacheRecord]) -> None:
+        blk = Block.from_records(records)
+        bad = check_block(blk, self.m.vocab_size, self.m.k, allow_padding=self.m.target_type != "topk")
+        if bad is not None:
+            raise ValueError(f"teacher output for sample_id {blk.sample_ids[bad[0]]!r}: {bad[1]}; "
+                             f"nothing written for its shard (cache {self.dir})")
+        arrays = {"sample_id": blk.sample_ids, "num_tokens": np.diff(blk.tok_off).astype(np.int32),
+                  "teacher_nll_sum": blk.teacher_nll_sum,
+                  "input_ids": blk.input_ids.astype(self.enc.index_dtype), "loss_mask": blk.loss_mask,
+                  **encode_targets(blk.topk_ids, blk.topk_logprobs, blk.tail_logprob, self.enc)}
+        name = f"part-r{self.rank:05d}-a{self.attempt}-{len(self.closed):05d}{self.backend.suffix}"
+        final, tmp = self.dir / name, self.dir / (name + TMP_SUFFIX)
+        self.backend.write_shard(tmp, arrays, self.m.k, self.block_size)
+        self._fault("before_rename")
+        os.replace(tmp, final)
+        self._fault("before_marker")
+        entry = ShardEntry(file=name, rank=self.rank, num_samples=len(records), num_tokens=int(blk.tok_off[-1]),
+                           num_valid_positions=int(sum(r.n_valid for r in records)),
+                           teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(final))
+        marker = self.dir / (name + MARKER_SUFFIX)
+        marker.with_suffix(TMP_SUFFIX).write_text(entry.model_dump_json())
+        os.replace(marker.with_suffix(TMP_SUFFIX), marker)
+        self._fault("after_marker")
+        self.closed.append(entry)
+
+    def _fault(self, point: str) -> None:
+        """Fault injection for the crash tests: ``KD_FAULT_KILL=[rankR:]POINT:N`` SIGKILLs this
+        process at ``POINT`` (before_rename | before_marker | after_marker) of its shard N."""
+        spec = os.environ.get("KD_FAULT_KILL")
+        if not spec:
+            return
+        parts = spec.split(":")
+        if parts[0].startswith("rank"):
+            if int(parts[0][4:]) != self.rank:
+                return
+            parts = parts[1:]
+        if parts == [point, str(len(self.closed))]:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-class CacheReader(Protocol):
-    """Random access by index or sample ID over every closed shard of a cache."""
+def closed_shards(cache_dir: str | os.PathLike) -> list[ShardEntry]:
+    """Shards with a completion marker, in file-name order (unmarked shards are ignored)."""
+    return [ShardEntry.model_validate_json(p.read_text()) for p in sorted(Path(cache_dir).glob("*" + MARKER_SUFFIX))]
 
-    manifest: Manifest
-    sample_ids: list[str]
 
-    def __len__(self) -> int: ...
+def remove_unclosed(cache_dir: str | os.PathLike) -> list[str]:
+    """Delete temporary files/directories and shards without a completion marker; returns their names."""
+    d = Path(cache_dir)
+    marked = {s.file for s in closed_shards(d)}
+    gone = []
+    for p in list(d.glob("*" + TMP_SUFFIX)) + [p for p in d.glob("part-*") if not p.name.endswith(MARKER_SUFFIX)]:
+        if p.name in marked or not p.exists():
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        gone.append(p.name)
+    return gone
 
-    def __getitem__(self, i: int) -> CacheRecord: ...
 
-    def index_of(self, sample_id: str) -> int: ...
+class CacheReader:
+    """Random access by index or sample ID, and sequential streaming, over closed shards.
+
+    Opening reads only each shard's index (sample IDs, lengths). Targets are decoded one
+    block (a parquet row group / a run of zarr rows) at a time and kept in an LRU bounded by
+    ``max_cached_bytes`` of decoded arrays, so random access costs one block decode per
+    miss and a cache that fits is decoded once. Each decoded block is validated
+    (:func:`check_block`) unless ``verify`` is false. Thread-safe.
+
+    Raises:
+        FileNotFoundError: a listed shard is missing. ValueError: a shard is unreadable, its
+        checksum (``verify``) or row count differs from the manifest, duplicate sample IDs,
+        or an invalid record (shard and sample ID named).
+    """
+
+    def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest,
+                 shards: list[ShardEntry], verify: bool = True, max_cached_bytes: int = 2 << 30):
+        self.backend, self.dir, self.manifest, self.shards = backend, Path(cache_dir), manifest, shards
+        self.enc = encoding_of(manifest)
+        self.verify, self.max_cached_bytes = verify, max_cached_bytes
+        if not shards:
+            raise ValueError(f"cache {self.dir}: no closed shard")
+        self.index: list[ShardIndex] = []
+        for s in shards:
+            path = self.dir / s.file
+            if not path.exists():
+                raise FileNotFoundError(f"cache {self.dir}: shard {s.file} listed but missing")
+            if verify and dir_sha256(path) != s.sha256:
+                raise ValueError(f"cache {self.dir}: shard {s.file} checksum mismatch (file changed, truncated or corrupt)")
+            try:
+                ix = backend.read_index(path)
+            except Exception as e:  # noqa: BLE001 — any decoder error means an unreadable shard
+                raise ValueError(f"cache {self.dir}: shard {s.file} unreadable ({type(e).__name__}: {e})") from None
+            if len(ix.sample_ids) != s.num_samples or int(ix.num_tokens.sum()) != s.num_tokens:
+                raise ValueError(f"cache {self.dir}: shard {s.file} holds {len(ix.sample_ids)} samples / "
+                                 f"{int(ix.num_tokens.sum())} tokens, its marker says {s.num_samples} / {s.num_tokens}")
+            self.index.append(ix)
+        self.sample_ids: list[str] = [sid for ix in self.index for sid in ix.sample_ids]
+        self._lengths = np.concatenate([ix.num_tokens for ix in self.index]).astype(np.int64)
+        self.teacher_nll_sum = np.concatenate([ix.teacher_nll_sum for ix in self.index])
+        self.shard_of = np.repeat(np.arange(len(shards)), [len(ix.sample_ids) for ix in self.index])
+        self.row_in_shard = np.concatenate([np.arange(len(ix.sample_ids)) for ix in self.index])
+        self._sample_index = {sid: i for i, sid in enumerate(self.sample_ids)}
+        if len(self._sample_index) != len(self.sample_ids):
+            seen: dict[str, int] = {}
+            for i, sid in enumerate(self.sample_ids):
+                if sid in seen:
+                    raise ValueError(f"cache {self.dir}: duplicate sample_id {sid!r} in shards "
+                                     f"{self.shard_name(seen[sid])} and {self.shard_name(i)}")
+                seen[sid] = i
+        if manifest.complete and len(self.sample_ids) != manifest.num_samples:
+            raise ValueError(f"cache {self.dir}: manifest says {manifest.num_samples} samples, shards hold {len(self.sample_ids)}")
+        self._lru: OrderedDict[tuple[int, int], Block] = OrderedDict()
+        self._lru_bytes = 0
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ index
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def index_of(self, sample_id: str) -> int:
+        """Position of ``sample_id``. Raises KeyError naming the cache and ID."""
+        try:
+            return self._sample_index[sample_id]
+        except KeyError:
+            raise KeyError(f"cache {self.dir}: no sample_id {sample_id!r}") from None
 
     def lengths(self) -> np.ndarray:
         """(N,) int64 token count of every sample."""
-        ...
+        return self._lengths
+
+    def shard_name(self, i: int) -> str:
+        return self.shards[self.shard_of[i]].file
+
+    # ------------------------------------------------------------------ blocks
+    def num_blocks(self, shard: int) -> int:
+        return len(self.index[shard].block_starts) - 1
+
+    def read_block(self, shard: int, block: int) -> Block:
+        """Decode (and validate) one block, bypassing the LRU."""
+        ix, name = self.index[shard], self.shards[shard].file
+        try:
+            a = self.backend.read_block(self.dir / name, ix, block)
+            ids, vals, tail = decode_targets(a, self.enc)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cache {self.dir}: shard {name} block {block} unreadable ({type(e).__name__}: {e})") from None
+        lo, hi = ix.block_starts[block], ix.block_starts[block + 1]
+        n_tok = ix.num_tokens[lo:hi].astype(np.int64)
+        blk = Block(ix.sample_ids[lo:hi], np.concatenate([[0], np.cumsum(n_tok)]),
+                    np.concatenate([[0], np.cumsum(n_tok - 1)]), a["input_ids"].astype(np.int32), a["loss_mask"].astype(bool),
+                    ids, vals, tail, ix.teacher_nll_sum[lo:hi])
+        if self.verify:
+            bad = check_block(blk, self.manifest.vocab_size, self.manifest.k, self.manifest.target_type != "topk",
+                              mass_tol=self.enc.mass_tolerance)
+            if bad is not None:
+                raise ValueError(f"cache {self.dir}: shard {name} sample_id {blk.sample_ids[bad[0]]!r}: {bad[1]}")
+        return blk
+
+    def _block(self, shard: int, block: int) -> Block:
+        key = (shard, block)
+        with self._lock:
+            if key in self._lru:
+                self._lru.move_to_end(key)
+                return self._lru[key]
+        blk = self.read_block(shard, block)
+        with self._lock:
+            if key not in self._lru:
+                self._lru[key] = blk
+                self._lru_bytes += blk.nbytes
+                while self._lru_bytes > self.max_cached_bytes and len(self._lru) > 1:
+                    _, old = self._lru.popitem(last=False)
+                    self._lru_bytes -= old.nbytes
+        return blk
+
+    def __getitem__(self, i: int) -> CacheRecord:
+        s, row = int(self.shard_of[i]), int(self.row_in_shard[i])
+        starts = self.index[s].block_starts
+        b = int(np.searchsorted(starts, row, side="right") - 1)
+        return self._block(s, b).record(row - int(starts[b]))
+
+    def iter_blocks(self) -> Iterator[Block]:
+        """Every block in storage order (sequential streaming; no LRU)."""
+        for s in range(len(self.shards)):
+            for b in range(self.num_blocks(s)):
+                yield self.read_block(s, b)
+
+    def __iter__(self) -> Iterator[CacheRecord]:
+        for blk in self.iter_blocks():
+            for j in range(len(blk.sample_ids)):
+                yield blk.record(j)
+
+    def validate(self) -> None:
+        """Decode and check every block (raises ValueError naming shard and sample ID)."""
+        verify, self.verify = self.verify, True
+        try:
+            for _ in self.iter_blocks():
+                pass
+        finally:
+            self.verify = verify

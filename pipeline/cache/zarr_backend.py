@@ -1,0 +1,100 @@
+"""Zarr v3 backend: token-major arrays plus per-sample lengths, one group per closed shard.
+
+Layout of a shard group ``part-r{rank}-a{attempt}-{n}.zarr`` (each rank writes only its own
+groups, as whole shards: PLATFORM.md measured data loss when writers share a zarr shard)::
+
+    sample_id        (n,)        string
+    num_tokens       (n,)        int32       T of each sample (offsets are its cumsum)
+    teacher_nll_sum  (n,)        float64
+    input_ids        (T_total,)  idx
+    loss_mask        (T_total,)  bool
+    topk_ids         (P_total, k) idx        plain ids or id gaps (pipeline.cache.codec)
+    topk_values      (P_total, k) val
+    tail_logprob     (P_total,)  float32 | float16
+    value_ref        (P_total,)  float16     q8 only
+
+Arrays use the sharding codec (one shard object per array, ``chunk_positions`` rows per
+inner chunk, so a sample's rows are read without decompressing the whole array) and zstd.
+Group attribute ``block_size``: samples per logical block (the reader's unit of caching).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.cache.store import ShardIndex
+
+_PER_TOKEN = ("input_ids", "loss_mask")
+_PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
+
+
+class ZarrBackend:
+    """:class:`pipeline.cache.store.ShardBackend` over zarr v3 groups.
+
+    Args:
+        compression: ``zstd`` or ``none``. compression_level: zstd level.
+        chunk_positions: rows (positions or tokens) per inner chunk.
+    """
+
+    suffix = ".zarr"
+
+    def __init__(self, compression: str = "zstd", compression_level: int | None = 3, chunk_positions: int = 4096):
+        self.compression, self.compression_level = compression, compression_level
+        self.chunk_positions = chunk_positions
+
+    def _compressors(self):
+        import zarr
+
+        if self.compression == "none":
+            return None
+        if self.compression != "zstd":
+            raise ValueError(f"zarr backend: compression {self.compression!r} is not zstd or none")
+        return zarr.codecs.ZstdCodec(level=self.compression_level or 3)
+
+    def write_shard(self, path: Path, arrays: dict, k: int, block_size: int) -> None:
+        import zarr
+
+        g = zarr.open_group(str(path), mode="w", zarr_format=3)
+        g.attrs["block_size"] = int(block_size)
+        n = len(arrays["sample_id"])
+        g.create_array("sample_id", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(arrays["sample_id"], dtype=object)
+        for name in ("num_tokens", "teacher_nll_sum"):
+            a = np.asarray(arrays[name])
+            g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(max(n, 1),), compressors=self._compressors())[:] = a
+        for name in _PER_TOKEN + _PER_POSITION:
+            if name not in arrays:
+                continue
+            a = np.ascontiguousarray(arrays[name])
+            rows = max(len(a), 1)
+            inner = min(self.chunk_positions, rows)
+            shard_rows = -(-rows // inner) * inner
+            chunks, shards = (inner,) + a.shape[1:], (shard_rows,) + a.shape[1:]
+            z = g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
+                               compressors=self._compressors())
+            if len(a):
+                z[:] = a
+
+    def read_index(self, path: Path) -> ShardIndex:
+        import zarr
+
+        g = zarr.open_group(str(path), mode="r", zarr_format=3)
+        ids = [str(s) for s in g["sample_id"][:]]
+        n_tok = np.asarray(g["num_tokens"][:]).astype(np.int64)
+        bs = int(g.attrs["block_size"])
+        starts = np.unique(np.concatenate([np.arange(0, len(ids), bs), [len(ids)]])).astype(np.int64)
+        return ShardIndex(ids, n_tok, np.asarray(g["teacher_nll_sum"][:]), starts)
+
+    def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
+        import zarr
+
+        g = zarr.open_group(str(path), mode="r", zarr_format=3)
+        lo, hi = int(index.block_starts[block]), int(index.block_starts[block + 1])
+        tok = np.concatenate([[0], np.cumsum(index.num_tokens)])
+        t0, t1 = int(tok[lo]), int(tok[hi])
+        p0, p1 = t0 - lo, t1 - hi  # positions = tokens - 1 per sample
+        out = {name: np.asarray(g[name][t0:t1]) for name in _PER_TOKEN}
+        for name in _PER_POSITION:
+            if name in g:
+                out[name] = np.asarray(g[name][p0:p1])
+        return out
