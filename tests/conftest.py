@@ -53,9 +53,10 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run a stage module in a subprocess (``torchrun --nproc_per_node`` when nproc > 1)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a stage module in a subprocess (``torchrun --nproc_per_node`` when nproc > 1);
+    ``env`` adds environment variables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), **(env or {})}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", *args]
