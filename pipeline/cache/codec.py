@@ -51,7 +51,7 @@ class Encoding:
     index_dtype: str
     value_dtype: str
     index_coding: str = "plain"
-    q8_step: float = 1 / 16
+    q8_step: float = 1 / 8
 
     def __post_init__(self) -> None:
         if self.value_dtype not in VALUE_DTYPES:

@@ -51,7 +51,7 @@ class Manifest(BaseModel):
     """float32 | float16 | bfloat16 | q8 (pipeline.cache.codec)."""
     index_coding: str = "plain"
     """plain (ids in probability order) | delta (sorted ids stored as gaps)."""
-    q8_step: float = 1 / 16
+    q8_step: float = 1 / 8
     """Nats per code of q8 values."""
     compression: str = "zstd"
     vocab_size: int

@@ -17,6 +17,7 @@ Compressed with zstd. A row group is the unit of random access: ``row_group_size
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,15 @@ class ParquetBackend:
 
     def __init__(self, compression: str = "zstd", compression_level: int | None = 3):
         self.compression, self.compression_level = compression, compression_level
+        self._local = threading.local()  # per-thread open ParquetFile handles
+
+    def _file(self, path: Path) -> pq.ParquetFile:
+        files = self._local.__dict__.setdefault("files", {})
+        if path not in files:
+            if len(files) > 64:
+                files.clear()
+            files[path] = pq.ParquetFile(path)
+        return files[path]
 
     def write_shard(self, path: Path, arrays: dict, k: int, block_size: int) -> None:
         n_tok = arrays["num_tokens"].astype(np.int64)
@@ -57,8 +67,12 @@ class ParquetBackend:
             flat = pa.array(a.reshape(-1))
             cols[name] = pa.ListArray.from_arrays(pos_off, pa.FixedSizeListArray.from_arrays(flat, k) if a.ndim == 2 else flat)
         level = self.compression_level if self.compression != "none" else None
+        # Target columns: no dictionary, byte-stream split (each byte plane of the values in its
+        # own stream, so zstd sees the mostly-constant high bytes of small id gaps and codes
+        # together): measured 21.7 vs 29.1 bytes/position for k=64 id gaps of the real teacher.
+        split = [c for c in ("input_ids", "topk_ids", "topk_values", "tail_logprob", "value_ref") if c in cols]
         pq.write_table(pa.table(cols), path, row_group_size=block_size, compression=self.compression,
-                       compression_level=level)
+                       compression_level=level, use_dictionary=["sample_id"], use_byte_stream_split=split)
 
     def read_index(self, path: Path) -> ShardIndex:
         f = pq.ParquetFile(path)
@@ -68,7 +82,7 @@ class ParquetBackend:
                           t.column("teacher_nll_sum").to_numpy(), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
-        f = pq.ParquetFile(path)
+        f = self._file(path)
         names = [n for n in _PER_TOKEN + _PER_POSITION if n in f.schema_arrow.names]
         t = f.read_row_group(block, columns=names)
         out = {}

@@ -14,7 +14,8 @@ groups, as whole shards: PLATFORM.md measured data loss when writers share a zar
     value_ref        (P_total,)  float16     q8 only
 
 Arrays use the sharding codec (one shard object per array, ``chunk_positions`` rows per
-inner chunk, so a sample's rows are read without decompressing the whole array) and zstd.
+inner chunk, so a sample's rows are read without decompressing the whole array) and zstd
+(after Blosc's byte shuffle for multi-byte dtypes).
 Group attribute ``block_size``: samples per logical block (the reader's unit of caching).
 """
 from __future__ import annotations
@@ -42,14 +43,30 @@ class ZarrBackend:
     def __init__(self, compression: str = "zstd", compression_level: int | None = 3, chunk_positions: int = 4096):
         self.compression, self.compression_level = compression, compression_level
         self.chunk_positions = chunk_positions
+        self._groups: dict[Path, object] = {}  # open read-only groups (zarr arrays are safe to read from threads)
 
-    def _compressors(self):
+    def _group(self, path: Path):
+        import zarr
+
+        g = self._groups.get(path)
+        if g is None:
+            if len(self._groups) > 64:
+                self._groups.clear()
+            g = self._groups[path] = zarr.open_group(str(path), mode="r", zarr_format=3)
+        return g
+
+    def _compressors(self, itemsize: int = 1):
+        """zstd; multi-byte arrays go through Blosc's byte shuffle first (the same byte-plane
+        split as parquet's BYTE_STREAM_SPLIT, see pipeline/cache/parquet.py)."""
         import zarr
 
         if self.compression == "none":
             return None
         if self.compression != "zstd":
             raise ValueError(f"zarr backend: compression {self.compression!r} is not zstd or none")
+        if itemsize > 1:
+            return zarr.codecs.BloscCodec(cname="zstd", clevel=self.compression_level or 3, shuffle="shuffle",
+                                          typesize=itemsize)
         return zarr.codecs.ZstdCodec(level=self.compression_level or 3)
 
     def write_shard(self, path: Path, arrays: dict, k: int, block_size: int) -> None:
@@ -71,9 +88,15 @@ class ZarrBackend:
             shard_rows = -(-rows // inner) * inner
             chunks, shards = (inner,) + a.shape[1:], (shard_rows,) + a.shape[1:]
             z = g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=chunks, shards=shards,
-                               compressors=self._compressors())
+                               compressors=self._compressors(a.dtype.itemsize))
             if len(a):
                 z[:] = a
+
+    def _members(self, path: Path, g) -> dict:
+        key = (path, "members")
+        if key not in self._groups:
+            self._groups[key] = {name: g[name] for name in _PER_TOKEN + _PER_POSITION if name in g}
+        return self._groups[key]
 
     def read_index(self, path: Path) -> ShardIndex:
         import zarr
@@ -86,15 +109,14 @@ class ZarrBackend:
         return ShardIndex(ids, n_tok, np.asarray(g["teacher_nll_sum"][:]), starts)
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
-        import zarr
-
-        g = zarr.open_group(str(path), mode="r", zarr_format=3)
+        g = self._group(path)
         lo, hi = int(index.block_starts[block]), int(index.block_starts[block + 1])
         tok = np.concatenate([[0], np.cumsum(index.num_tokens)])
         t0, t1 = int(tok[lo]), int(tok[hi])
         p0, p1 = t0 - lo, t1 - hi  # positions = tokens - 1 per sample
-        out = {name: np.asarray(g[name][t0:t1]) for name in _PER_TOKEN}
+        members = self._members(path, g)
+        out = {name: np.asarray(members[name][t0:t1]) for name in _PER_TOKEN}
         for name in _PER_POSITION:
-            if name in g:
-                out[name] = np.asarray(g[name][p0:p1])
+            if name in members:
+                out[name] = np.asarray(members[name][p0:p1])
         return out
