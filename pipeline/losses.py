@@ -1,7 +1,7 @@
-"""Sum-reduced CE and sparse top-k KL (DESIGN.md, Loss).
+"""Sum-reduced CE and sparse KL (DESIGN.md, Loss).
 
 For student logits ``z_t`` (vocab V), training temperature ``τ`` and teacher support ``S_t``
-(the cached top-k)::
+(the cached ids; ``-inf`` padding slots of sampled caches are excluded everywhere)::
 
     CE_t = -log_softmax(z_t)[y_t]
     KL_t = Σ_{i∈S_t} p_t(i) (log p_t(i) - log q_t(i)) [+ p_tail (log p_tail - log q_tail)]
@@ -19,6 +19,19 @@ Network", 2015, §2). Tail modes:
   outside the support. Equals the dense KL when S is the whole vocabulary. At ``τ`` equal to
   the cache temperature it is exact KL between the (k+1)-outcome coarsenings of p and q; at
   other ``τ`` the bucket is re-tempered as if it were one token (an approximation).
+* ``sampled``: for ``sampled`` / ``topk+sampled`` caches, whose values are an estimate ``p̂``
+  of the whole teacher distribution (pipeline/targets.py): ``KL_t = Σ_{i∈S_t} p̂(i) (log p̂(i)
+  - log q_t(i))`` with no renormalisation and no tail bucket. Its gradient
+  ``-Σ_i p̂(i) ∇log q_t(i)`` is linear in ``p̂`` and ``E[p̂] = p``, so it is an unbiased
+  estimate of ``∇ KL(p || q)`` (Anshumann et al., "Sparse Logit Sampling", ACL 2025, §3) at
+  ``τ`` equal to the cache temperature. ``p̂`` is never re-tempered (a sampled estimate of
+  ``p`` gives none of ``p^(1/τ)``): at another ``τ`` the student's ``q_τ`` is fitted to the
+  cache-temperature distribution. The KL value itself is a biased, noisy estimate (``Σ p̂ log p̂``
+  is not ``Σ p log p``); only its gradient is unbiased.
+
+Temperature, in short: every mode is exact at ``τ`` = the cache temperature. ``renormalize``
+re-tempers the support exactly (``p_S^(1/τ)`` renormalised) but ignores the tail; ``bucket``
+approximates the tail at other ``τ``; ``sampled`` keeps the cache-temperature target.
 
 The function returns sums and counts; the trainer divides once by the global valid-token count.
 """
@@ -34,6 +47,47 @@ from pipeline.teacher import log1mexp
 
 
 AUTO_CHUNK_BYTES = 256 * 2**20  # float32 (chunk, V) logits per chunk when chunk_size=0
+TAIL_MODES = ("renormalize", "bucket", "sampled")
+
+
+def check_tail_mode(tail: str, target_type: str, temperature: float, cache_temperature: float) -> list[str]:
+    """Refuse loss/cache pairs that bias the student; return warnings for inexact ones.
+
+    * ``sampled`` on a ``topk`` cache: refused. Without renormalisation its optimum is the
+      renormalised top-k scaled by the top-k mass (the ``renormalize`` bias, less clearly).
+    * ``bucket`` on a sampled cache: refused. The estimate already covers the tail, so the true
+      tail mass would be counted twice.
+    * ``renormalize`` on a sampled cache: allowed (the values already sum to 1, so at
+      ``τ`` = cache temperature it equals ``sampled``); warned at another ``τ``, where
+      re-tempering an estimate is biased.
+    * ``sampled`` at ``τ`` ≠ cache temperature: warned (the target stays at the cache temperature).
+
+    Returns:
+        Warning messages (empty when the pair is exact).
+    Raises:
+        ValueError: a refused pair, naming ``loss.tail`` and the cache's ``target_type``.
+    """
+    if tail not in TAIL_MODES:
+        raise ValueError(f"loss.tail must be one of {TAIL_MODES}, got {tail!r}")
+    sampled_cache = target_type != "topk"
+    if tail == "sampled" and not sampled_cache:
+        raise ValueError("loss.tail=sampled needs a cache with targets.type sampled or topk+sampled; "
+                         "this train cache is topk (use loss.tail=bucket or renormalize)")
+    if tail == "bucket" and sampled_cache:
+        raise ValueError(f"loss.tail=bucket on a {target_type} cache counts the tail twice "
+                         "(the sampled values already estimate it); use loss.tail=sampled")
+    warns = []
+    if sampled_cache and temperature != cache_temperature:
+        warns.append(f"loss.temperature={temperature} differs from the cache temperature {cache_temperature}: with "
+                     f"loss.tail={tail} on a {target_type} cache the target is only exact at the cache temperature")
+    return warns
+
+
+def _weighted_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Elementwise ``p (log p - log q)`` with ``0`` where ``p = 0`` (``-inf`` padding slots)."""
+    live = ~torch.isneginf(log_p)
+    safe = torch.where(live, log_p, 0.0)
+    return torch.where(live, safe.exp() * (safe - log_q), 0.0)
 
 
 @dataclass
@@ -61,26 +115,30 @@ def sparse_kl(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.
     Args:
         log_q: (N, V) float32 student ``log_softmax(z / τ)``.
         topk_ids: (N, k) int64 teacher support.
-        topk_logprobs: (N, k) float32 teacher log-probabilities at the cache temperature.
+        topk_logprobs: (N, k) float32 teacher log-probabilities (or, for sampled caches, log
+            estimated probabilities) at the cache temperature; ``-inf`` = padding slot.
         tail_logprob: (N,) float32 teacher tail log-mass (``-inf`` allowed).
-        tail: ``renormalize`` or ``bucket``.
+        tail: ``renormalize``, ``bucket`` or ``sampled``.
     Returns:
         (N,) float32 KL in nats.
     """
     log_q_s = log_q.gather(-1, topk_ids)  # (N, k)
+    if tail == "sampled":  # no re-tempering, no renormalisation, no bucket (module docstring)
+        return _weighted_log_ratio(topk_logprobs, log_q_s).sum(-1)
     lp = topk_logprobs / temperature
     if tail == "renormalize":
         log_p = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
-        return (log_p.exp() * (log_p - log_q_s)).sum(-1)
+        return _weighted_log_ratio(log_p, log_q_s).sum(-1)
     lt = tail_logprob / temperature  # (N,)
     z = torch.logsumexp(torch.cat([lp, lt[:, None]], dim=-1), dim=-1)  # (N,)
     log_p = lp - z[:, None]
     log_p_tail = lt - z
     p_tail = log_p_tail.exp()
     # q_tail = 1 - Σ_S q; clamp so a student with all its mass on S gives a finite log.
-    log_q_tail = log1mexp(torch.logsumexp(log_q_s, dim=-1).clamp(max=-1e-6))
+    log_q_s_live = torch.where(torch.isneginf(lp), -torch.inf, log_q_s)
+    log_q_tail = log1mexp(torch.logsumexp(log_q_s_live, dim=-1).clamp(max=-1e-6))
     tail_term = torch.where(p_tail > 0, p_tail * (torch.where(p_tail > 0, log_p_tail, 0.0) - log_q_tail), 0.0)
-    return (log_p.exp() * (log_p - log_q_s)).sum(-1) + tail_term
+    return _weighted_log_ratio(log_p, log_q_s).sum(-1) + tail_term
 
 
 def _chunk_terms(z: torch.Tensor, y: torch.Tensor, topk_ids, topk_logprobs, tail_logprob,

@@ -16,6 +16,7 @@ from pipeline.data import Sample, load_samples
 from pipeline.distributed import DistInfo, barrier, broadcast_object, gather_objects, print0, shard_model
 from pipeline.loader import collate
 from pipeline.models import load_teacher, load_tokenizer, model_fingerprint, tokenizer_fingerprint, vocab_size
+from pipeline.targets import SampleStats, sample_seed, sampled_targets
 from pipeline.teacher import ensemble_logprobs, topk_targets
 
 
@@ -108,6 +109,11 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
                         value_dtype=cfg.cache.value_dtype, vocab_size=V, temperature=cfg.temperature,
                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), teachers=entries, combine=cfg.combine,
                         dataset=cfg.dataset.model_dump(), dataset_fingerprint=ds_fp, max_length=cfg.dataset.max_length)
+    tcfg = cfg.targets
+    if tcfg.type != "topk":  # recorded in the manifest header: a rerun must use the same targets
+        manifest.target_type, manifest.num_draws = tcfg.type, tcfg.num_draws
+        manifest.head_k, manifest.sample_temperature = tcfg.head_k or 0, tcfg.sample_temperature
+    stats = SampleStats()
     if cfg.cache.k > V:
         raise ValueError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {V}")
     state: object = None
@@ -146,6 +152,13 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
             if group:
                 ids, vals = tg.topk_ids.cpu().numpy(), tg.topk_logprobs.cpu().numpy()
                 tail, target = tg.tail_logprob.cpu().numpy(), tg.target_logprob.cpu().numpy()
+                for i, s in enumerate(group if tcfg.type != "topk" else []):  # per sample: batch-independent draws
+                    n = len(s.input_ids) - 1
+                    gen = torch.Generator(device=lp.device).manual_seed(sample_seed(tcfg.seed, s.sample_id))
+                    si, sv, st = sampled_targets(lp[i, :n], cfg.cache.k, tcfg.type, num_draws=tcfg.num_draws,
+                                                 head_k=tcfg.head_k or 0, sample_temperature=tcfg.sample_temperature,
+                                                 generator=gen, stats=stats)
+                    ids[i, :n], vals[i, :n], tail[i, :n] = si.cpu().numpy(), sv.cpu().numpy(), st.cpu().numpy()
                 writer.write([cache_record_from_targets(s, ids[i, : len(s.input_ids) - 1], vals[i, : len(s.input_ids) - 1],
                                                         tail[i, : len(s.input_ids) - 1], target[i, : len(s.input_ids) - 1])
                               for i, s in enumerate(group)])
@@ -158,6 +171,8 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
                       f"{my_tokens / (last_log - t0):.0f} tok/s", flush=True)
     writer.close()
     bar.close()
+    if tcfg.type != "topk":
+        print0(f"[precompute] {tcfg.type} targets (rank 0): {stats.summary()}")
     _throughput(info, my_tokens, time.perf_counter() - t0)
     barrier()
     if not info.is_main:

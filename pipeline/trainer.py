@@ -141,7 +141,8 @@ class Trainer:
         if batch.tail_logprob is not None:  # teacher statistics over the valid positions, per sample
             mass = (-torch.expm1(batch.tail_logprob) * batch.valid).sum(-1)
             lp = batch.topk_logprobs  # (B, T-1, k)
-            entropy = (-(lp.exp() * lp).sum(-1) * batch.valid).sum(-1)  # entropy restricted to the top-k
+            plogp = torch.where(torch.isneginf(lp), 0.0, lp.exp() * lp)  # -inf = padding slot (sampled caches)
+            entropy = (-plogp.sum(-1) * batch.valid).sum(-1)  # entropy restricted to the stored ids
         keep = [i for i, s in enumerate(batch.sample_ids) if s is not None]
         cols = {"sample_id": batch.sample_ids, "n_tokens": sums.n_tokens, "ce_sum": sums.ce_sum,
                 "kl_sum": sums.kl_sum, "loss_sum": loss, "top1_agree": sums.top1_agree,
