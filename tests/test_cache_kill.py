@@ -3,7 +3,7 @@ backends), rerun it, and check the final cache holds exactly the samples of an
 uninterrupted run, bit for bit."""
 import numpy as np
 import pytest
-from conftest import precompute_config, run_cli, write_yaml
+from conftest import precompute_config, run_cli, train_config, write_yaml
 
 from pipeline.cache import open_cache, read_manifest
 
@@ -46,3 +46,9 @@ def test_killed_precompute_resumes_to_the_same_cache(assets, caches, tmp_path, b
             np.testing.assert_array_equal(getattr(g, name), getattr(rec, name), err_msg=f"{sid} {name}")
         assert g.teacher_nll_sum == rec.teacher_nll_sum
     assert not list(cache.glob("*.tmp"))
+    if backend == "zarr" and nproc == 1:  # train-student finds the backend in the manifest (eval cache: parquet)
+        cfg = train_config(assets, {"train": cache, "validation": caches["validation"]}, tmp_path / "run", max_steps=3,
+                           eval_steps=3)
+        res = run_cli(["stages.train_student", "--config", str(write_yaml(tmp_path / "train.yaml", cfg))])
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (tmp_path / "run" / "final" / "config.json").is_file()

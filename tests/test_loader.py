@@ -1,0 +1,75 @@
+"""The prefetching loader gives exactly the batches of the inline loader, keeps the sampler's
+state exact, and reads zarr and parquet caches alike; inspect-cache on a real cache."""
+import json
+
+import numpy as np
+import pytest
+from helpers import synthetic_records
+
+from pipeline.cache import finalize_cache, open_cache, open_writer, prepare_cache
+from pipeline.cache.manifest import Manifest, TeacherEntry
+from pipeline.loader import StepPrefetcher, StepSampler, prefetch
+from stages import inspect_cache
+
+V, K = 60, 6
+
+
+def _cache(d, backend, recs):
+    m = Manifest(backend=backend, k=K, index_dtype="uint16", value_dtype="q8", index_coding="delta", vocab_size=V,
+                 temperature=1.0, tokenizer_fingerprint="t", teachers=[TeacherEntry(path="/t", weight=1, fingerprint="f")],
+                 dataset={}, dataset_fingerprint="d", max_length=32)
+    st = prepare_cache(d, m)
+    w = open_writer(d, m, 0, st.attempt, 8, 3)
+    w.write(recs)
+    w.close()
+    finalize_cache(d)
+    return open_cache(d, max_cached_bytes=2000)  # small LRU: evictions while threads read
+
+
+def test_prefetching_loader_equals_inline_and_keeps_sampler_state(tmp_path):
+    recs = synthetic_records(30, V, K, seed=11)
+    readers = {b: _cache(tmp_path / b, b, recs) for b in ("parquet", "zarr")}
+    runs = {}
+    for name, reader, workers in (("inline", readers["parquet"], 0), ("threads", readers["parquet"], 2),
+                                  ("zarr", readers["zarr"], 2)):
+        s = StepSampler(np.arange(len(recs)), 4, 2, 0, 1, seed=3)
+        loader = StepPrefetcher(s, reader, num_workers=workers, depth=3)
+        steps = []
+        for i in range(9):  # crosses an epoch boundary (3 steps per epoch)
+            steps.append(loader.next_step())
+            assert (s.epoch, s.position) == (i // 3, 8 * (i % 3 + 1))  # the consumed data only
+        loader.close()
+        runs[name] = steps
+    for name in ("threads", "zarr"):
+        for a_step, b_step in zip(runs["inline"], runs[name]):
+            for a, b in zip(a_step, b_step):
+                assert a.sample_ids == b.sample_ids
+                for f in ("input_ids", "valid", "topk_ids", "topk_logprobs", "tail_logprob"):
+                    assert np.array_equal(getattr(a, f).numpy(), getattr(b, f).numpy()), (name, f)
+
+
+def test_prefetch_iterator_passes_items_and_errors():
+    assert list(prefetch(iter(range(10)), depth=2)) == list(range(10))
+
+    def boom():
+        yield 1
+        raise ValueError("bad block")
+
+    with pytest.raises(ValueError, match="bad block"):
+        list(prefetch(boom()))
+
+
+def test_inspect_cache_json_text_plot_and_errors(caches, tmp_path, capsys):
+    assert inspect_cache.main([str(caches["train"]), "--json", "--validate", "--plot", str(tmp_path / "h.png")]) == 0
+    s = json.loads(capsys.readouterr().out)
+    r = open_cache(caches["train"])
+    assert s["backend"] == "parquet" and s["complete"] and s["validated"] and s["k"] == 8
+    assert s["n_samples"] == len(r) and s["n_tokens"] == int(r.lengths().sum())
+    assert 0 < s["bytes_per_token"] < 200 and s["positions_read"] == r.manifest.num_valid_positions
+    assert 0 < s["topk_mass"]["q50"] <= 1.07 and s["teacher_entropy_nats"]["mean"] > 0
+    assert (tmp_path / "h.png").stat().st_size > 0
+    assert inspect_cache.main([str(caches["train"])]) == 0
+    out = capsys.readouterr().out
+    assert "bytes/token" in out and "top-k mass" in out
+    assert inspect_cache.main([str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
