@@ -2,15 +2,7 @@
 # End to end on the real stories260K teacher and TinyStories text, CE-only vs distilled students.
 #   configs/tinystories/run.sh ../shared/realdata [NPROC]
 # Prints the teacher's and both students' held-out perplexities; writes runs/tinystories/summary.json.
-set -euo pipefail
-REAL=${1:?usage: run.sh REALDATA_DIR [NPROC]}
-NPROC=${2:-1}
-PY=${PY:-.venv/bin/python}
-OUT=runs/tinystories
-if [ "$NPROC" -gt 1 ]; then LAUNCH=("$PY" -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m);
-else LAUNCH=("$PY" -m); fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((2 / NPROC > 0 ? 2 / NPROC : 1))} WANDB_MODE=${WANDB_MODE:-disabled}
-mkdir -p "$OUT"
+source "$(dirname "$0")/launch.sh"
 "$PY" -c "from data.stdlib_corpus import llama_config; llama_config(512, 32, 3, 4, 2, 86, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/student-init')"
 T="[{path: $REAL/teacher-stories260K}]"
 "${LAUNCH[@]}" stages.precompute_teacher --config configs/tinystories/precompute.yaml teachers="$T" \
