@@ -229,7 +229,8 @@ def main() -> int:
     ap.add_argument("--real", default=str(Path(__file__).resolve().parents[2] / "shared" / "realdata"))
     ap.add_argument("--samples", type=int, default=300)
     ap.add_argument("--ks", default="8,32,64,128")
-    ap.add_argument("--no-loader", action="store_true")
+    ap.add_argument("--no-loader", action="store_true", help="skip the loader-vs-consumption measurement")
+    ap.add_argument("--loader-only", action="store_true", help="only the loader-vs-consumption measurement")
     args = ap.parse_args()
     ks = [int(x) for x in args.ks.split(",")]
     teachers = {}
@@ -240,6 +241,11 @@ def main() -> int:
         print(f"real teacher: {len(teachers['real'][0])} samples in {time.perf_counter() - t0:.1f}s")
     else:
         print(f"no real teacher at {real}: synthetic only")
+    if args.loader_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            recs, V = teachers["real"] if "real" in teachers else (synthetic_teacher([200] * args.samples), 32000)
+            print(_loader_line(loader_vs_consumption(recs, V, Path(tmp)), V))
+        return 0
     lengths = [len(r.input_ids) for r in teachers["real"][0]] if "real" in teachers else [200] * args.samples
     t0 = time.perf_counter()
     teachers["synth32k"] = (synthetic_teacher(lengths), 32000)
@@ -280,12 +286,15 @@ def main() -> int:
                           flush=True)
         if not args.no_loader:
             recs, V = teachers.get("real", teachers["synth32k"])
-            res = loader_vs_consumption(recs, V, root)
-            print(f"\n## loader vs demo-student consumption (k=64, q8-delta, parquet, V={V})\n"
-                  f"stream {res['stream_tok_s']:.0f} tok/s (1 thread, cold reader) / training {res['train_tok_s']:.0f} tok/s "
-                  f"= {res['ratio']:.1f}x (goal >= 20); trainer waited {100 * res['wait_fraction']:.2f}% of its time "
-                  f"with the prefetching loader (2 threads, 4 steps ahead)")
+            print("\n" + _loader_line(loader_vs_consumption(recs, V, root), V))
     return 0
+
+
+def _loader_line(res: dict, V: int) -> str:
+    return (f"## loader vs demo-student consumption (k=64, q8-delta, parquet, V={V})\n"
+            f"stream {res['stream_tok_s']:.0f} tok/s (1 thread, cold reader) / training {res['train_tok_s']:.0f} tok/s "
+            f"= {res['ratio']:.1f}x (goal >= 20); trainer waited {100 * res['wait_fraction']:.2f}% of its time "
+            f"with the prefetching loader (2 threads, 4 steps ahead)")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,9 @@ def decode_targets(arrays: dict[str, np.ndarray], enc: Encoding) -> tuple[np.nda
     ids = arrays["topk_ids"]
     if enc.index_coding == "delta":
         ids = np.cumsum(ids, axis=1, dtype=np.int64)
-        order = np.argsort(-vals, axis=1, kind="stable")
+        # q8: ascending codes = descending values, and numpy's stable sort of 8-bit integers is
+        # a radix sort (about 5x faster than sorting the float values)
+        order = np.argsort(raw if enc.value_dtype == "q8" else -vals, axis=1, kind="stable")
         ids = np.take_along_axis(ids, order, axis=1)
         vals = np.take_along_axis(vals, order, axis=1)
         ids[np.isneginf(vals)] = 0
