@@ -100,6 +100,12 @@ def test_bad_inputs_give_one_line_errors(assets, caches, tmp_path, capsys):
                                 "dataset.id_field=null", f"cache.dir={tmp_path / 'c3'}"], capsys)
     assert code == 2 and "empty.jsonl" in err
     assert not (tmp_path / "c3" / "manifest.json").exists() or not read_manifest(tmp_path / "c3").complete
+    code, err = _main_err(pre, ["--config", str(tmp_path / "b.yaml"), "cache.k=100000", f"cache.dir={tmp_path / 'c4'}"], capsys)
+    assert code == 2 and "cache.k=100000 exceeds the vocabulary" in err and not (tmp_path / "c4").exists()
+    before = read_manifest(caches["train"]).model_dump()
+    code, err = _main_err(pre, ["--config", str(tmp_path / "b.yaml"), "cache.k=16", f"cache.dir={caches['train']}"], capsys)
+    assert code == 2 and "k: 8 != 16" in err and len(err.strip().splitlines()) == 1
+    assert read_manifest(caches["train"]).model_dump() == before  # a complete cache of another run is left alone
     from data.stdlib_corpus import llama_config
 
     llama_config(assets["vocab"] + 7, 16, 1, 2).save_pretrained(tmp_path / "wrong-student")
