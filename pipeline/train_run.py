@@ -118,9 +118,12 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     train_src, eval_src, tok_dir, data_vocab = _sources(cfg)
     model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
     V = vocab_size(model)
-    if (cfg.data.train_cache and V != data_vocab) or V < data_vocab:
-        raise ValueError(f"student vocabulary size {V} does not match the data's {data_vocab} "
+    if V < data_vocab:
+        raise ValueError(f"student vocabulary size {V} is smaller than the data's {data_vocab} "
                          f"({cfg.data.train_cache or cfg.data.tokenizer})")
+    if V > data_vocab:
+        print0(f"[train] student output layer has {V} rows, the data's vocabulary {data_vocab}: logits are sliced "
+               f"to the first {data_vocab}")
     n_params = count_parameters(model)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -139,7 +142,8 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     max_steps = cfg.epochs * sampler.steps_per_epoch if cfg.epochs else cfg.max_steps
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))
-    trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device)
+    trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device,
+                      vocab_size=data_vocab if V > data_vocab else None)
     if cfg.lr_find.enabled:
         return run_lr_find(cfg.lr_find, trainer, sampler, train_src, run_dir, info)
     print0(f"[train] round {cfg.round}: student {n_params / 1e6:.2f}M params, V={V}; {len(indices)} train samples, "

@@ -105,11 +105,14 @@ class Trainer:
         loss_cfg: α, τ, tail mode, chunk size.
         max_grad_norm: clip threshold on the global L2 norm (None: no clipping).
         device: where batches go.
+        vocab_size: the data's vocabulary V; a student whose output layer is padded beyond it
+            has its logits sliced to the first V (padding rows get no probability mass).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_cfg: LossConfig,
-                 max_grad_norm: float | None, device: torch.device):
+                 max_grad_norm: float | None, device: torch.device, vocab_size: int | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.vocab_size = vocab_size
         self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
 
     def _loss(self, batch: Batch) -> LossSums:
@@ -123,7 +126,8 @@ class Trainer:
         c = self.loss_cfg
         extra = {"output_router_logits": True} if c.aux_loss_coef > 0 else {}
         out = self.model(input_ids=batch.input_ids, **extra)
-        sums = distill_loss(out.logits, batch.input_ids, batch.valid, alpha=c.alpha, temperature=c.temperature,
+        logits = out.logits if self.vocab_size is None else out.logits[..., : self.vocab_size]
+        sums = distill_loss(logits, batch.input_ids, batch.valid, alpha=c.alpha, temperature=c.temperature,
                             tail=c.tail, topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
                             tail_logprob=batch.tail_logprob, chunk_size=c.chunk_size)
         if c.aux_loss_coef > 0:

@@ -108,10 +108,10 @@ def test_bad_inputs_give_one_line_errors(assets, caches, tmp_path, capsys):
     assert read_manifest(caches["train"]).model_dump() == before  # a complete cache of another run is left alone
     from data.stdlib_corpus import llama_config
 
-    llama_config(assets["vocab"] + 7, 16, 1, 2).save_pretrained(tmp_path / "wrong-student")
+    llama_config(assets["vocab"] - 7, 16, 1, 2).save_pretrained(tmp_path / "wrong-student")
     cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, tmp_path / "run"))
     code, err = _main_err(train, ["--config", str(cfg), f"student.path={tmp_path / 'wrong-student'}"], capsys)
-    assert code == 2 and f"{assets['vocab'] + 7}" in err and f"{assets['vocab']}" in err
+    assert code == 2 and f"{assets['vocab'] - 7}" in err and f"{assets['vocab']}" in err
     code, err = _main_err(train, ["--config", str(cfg), f"data.train_cache={tmp_path / 'nothing'}"], capsys)
     assert code == 2 and "nothing" in err
     assert not (tmp_path / "run" / "final").exists()

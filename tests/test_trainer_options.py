@@ -59,3 +59,30 @@ def test_moe_aux_loss_is_added_with_its_coefficient():
     assert sums[0.1] - sums[0.0] == pytest.approx(0.1 * aux * batch.n_valid, rel=1e-4)
     with pytest.raises(ValueError, match="aux_loss"):
         Trainer(tiny_student(64), None, None, LossConfig(aux_loss_coef=0.1), None, torch.device("cpu"))._loss(batch)
+
+
+def test_student_with_padded_output_layer_equals_unpadded():
+    """A student whose (tied) embedding has 7 extra rows gets its logits sliced to the data's V:
+    same loss and same gradients on the real rows as the unpadded student."""
+    import torch
+    from helpers import synthetic_records
+
+    from pipeline.config import LossConfig
+    from pipeline.loader import collate
+    from pipeline.trainer import Trainer
+
+    V = 64
+    small, padded = tiny_student(V), tiny_student(V + 7)
+    with torch.no_grad():
+        for (name, p), q in zip(small.named_parameters(), padded.parameters()):
+            q[: p.shape[0]].copy_(p) if "embed" in name else q.copy_(p)
+    batch = collate(synthetic_records(3, V, 4, seed=5))
+    cfg = LossConfig(alpha=0.5)
+    a = Trainer(small, None, None, cfg, None, torch.device("cpu"))._loss(batch).loss_sum
+    b = Trainer(padded, None, None, cfg, None, torch.device("cpu"), vocab_size=V)._loss(batch).loss_sum
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    a.backward()
+    b.backward()
+    ga, gb = small.get_input_embeddings().weight.grad, padded.get_input_embeddings().weight.grad
+    torch.testing.assert_close(gb[:V], ga, rtol=1e-5, atol=1e-7)
+    assert gb[V:].abs().max() == 0  # padding rows are never predicted nor input
