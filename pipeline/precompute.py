@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.cache import Manifest, cache_record_from_targets, finalize_cache, open_writer, prepare_cache
+from pipeline.cache import Encoding, Manifest, cache_record_from_targets, finalize_cache, open_writer, prepare_cache
 from pipeline.cache.manifest import TeacherEntry
 from pipeline.config import PrecomputeConfig
 from pipeline.data import Sample, load_samples
@@ -105,8 +105,9 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
     teachers, V, entries = _load_teachers(cfg, tokenizer, dtype)
     samples, ds_fp, skipped = load_samples(cfg.dataset, tokenizer)
-    manifest = Manifest(backend=cfg.cache.backend, k=cfg.cache.k, index_dtype="uint16" if V <= 65536 else "int32",
-                        value_dtype=cfg.cache.value_dtype, vocab_size=V, temperature=cfg.temperature,
+    manifest = Manifest(backend=cfg.cache.backend, k=cfg.cache.k, index_dtype=Encoding.index_dtype_for(V),
+                        value_dtype=cfg.cache.value_dtype, index_coding=cfg.cache.index_coding,
+                        q8_step=cfg.cache.q8_step, compression=cfg.cache.compression, vocab_size=V, temperature=cfg.temperature,
                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), teachers=entries, combine=cfg.combine,
                         dataset=cfg.dataset.model_dump(), dataset_fingerprint=ds_fp, max_length=cfg.dataset.max_length)
     tcfg = cfg.targets
@@ -137,7 +138,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
         shard_model(t, sum_gradients=False)
         t.to(info.device)
     writer = open_writer(cfg.cache.dir, manifest, info.rank, state.attempt, cfg.cache.samples_per_shard,
-                         cfg.cache.row_group_size)
+                         cfg.cache.row_group_size, cfg.cache.compression_level)
     bar = tqdm(total=sum(len(s.input_ids) for b in batches for s in b), unit="tok", unit_scale=True,
                disable=not info.is_main, desc="teacher top-k", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
     t0 = time.perf_counter()
@@ -171,9 +172,9 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
                       f"{my_tokens / (last_log - t0):.0f} tok/s", flush=True)
     writer.close()
     bar.close()
+    _throughput(info, my_tokens, time.perf_counter() - t0)
     if tcfg.type != "topk":
         print0(f"[precompute] {tcfg.type} targets (rank 0): {stats.summary()}")
-    _throughput(info, my_tokens, time.perf_counter() - t0)
     barrier()
     if not info.is_main:
         return None
