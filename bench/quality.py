@@ -163,15 +163,16 @@ def summarize(rows: list[dict], cache_info: dict, teacher_ev: dict, args) -> str
         return float(d.mean()), float(d.min()), float(d.max()), len(seeds)
 
     def verdict(a: str, b: str, key: str, fmt: str = "+.2f") -> str:
+        """Mean paired difference a − b over common seeds; ``*`` paired t-test significant at 5%
+        (two-sided), ``**`` also larger than either cell's seed spread (max − min)."""
         p = paired(a, b, key)
         if p is None or a == b:
             return ""
         mean, lo, hi, n = p
-        va = np.array([cells[a][s][key] for s in cells[a]])
-        vb = np.array([cells[b][s][key] for s in cells[b]])
-        spread = max(np.ptp(va), np.ptp(vb))
-        sign_ok = (lo > 0 or hi < 0) and n >= 2
-        mark = "**" if sign_ok and abs(mean) > spread else ("*" if sign_ok else "")
+        d = np.array([cells[a][s][key] - cells[b][s][key] for s in sorted(set(cells[a]) & set(cells[b]))])
+        t = abs(mean) / (d.std(ddof=1) / math.sqrt(n)) if n > 1 and d.std(ddof=1) > 0 else 0.0
+        spread = max(np.ptp([r[key] for r in cells[a].values()]), np.ptp([r[key] for r in cells[b].values()]))
+        mark = ("**" if abs(mean) > spread else "*") if n > 1 and t > T_CRIT[min(n - 1, 10)] else ""
         return f"{mark}{mean:{fmt}}{mark}"
 
     lines = [f"| cell | bytes/token | ppl mean ± sd (min–max) | Δppl vs CE | Δppl vs dense | ECE mean ± sd | ΔECE vs dense | seeds |",
@@ -185,6 +186,10 @@ def summarize(rows: list[dict], cache_info: dict, teacher_ev: dict, args) -> str
                      f"{ece.mean():.4f} ± {ece.std(ddof=1) if len(ece) > 1 else 0:.4f} | {verdict(c, 'dense', 'ece', '+.4f')} | {len(ppl)} |")
     lines.append(f"| teacher stories260K | | {teacher_ev['ppl']:.2f} | | | {teacher_ev['ece']:.4f} | | |")
     return "\n".join(lines)
+
+
+T_CRIT = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+"""Two-sided 5% critical values of Student's t by degrees of freedom (10 stands for ≥ 10)."""
 
 
 def cell_names(args) -> list[str]:

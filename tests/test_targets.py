@@ -12,7 +12,7 @@ from pipeline.config import ConfigError, PrecomputeConfig, TrainStudentConfig, l
 from pipeline.losses import check_tail_mode, distill_loss, sparse_kl
 from pipeline.targets import sample_seed, sampled_targets
 from pipeline.teacher import topk_targets
-from conftest import precompute_config, run_cli, write_yaml
+from conftest import precompute_config, write_yaml
 
 
 def _toy(V=12, P=1, seed=0):
@@ -167,8 +167,20 @@ def _read(cache_dir):
     return r, {r.sample_ids[i]: r[i] for i in range(len(r))}
 
 
+def _precompute(config_path, capsys) -> None:
+    """The precompute-teacher stage's function in this process (one-rank gloo group, torn down)."""
+    from pipeline.distributed import init_distributed, teardown
+    from pipeline.precompute import precompute
+
+    try:
+        precompute(load_config(PrecomputeConfig, config_path), init_distributed("cpu"))
+    finally:
+        teardown()
+    assert "unique ids per position" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])
-def test_sampled_targets_round_trip_and_resume_identically(assets, tmp_path, backend):
+def test_sampled_targets_round_trip_and_resume_identically(assets, tmp_path, backend, capsys):
     """precompute-teacher with targets.type=topk+sampled writes a cache whose records match
     sampled_targets on the teacher's own log-probabilities; deleting a shard and rerunning
     (the resume path, different batches) rewrites bit-identical records."""
@@ -178,9 +190,7 @@ def test_sampled_targets_round_trip_and_resume_identically(assets, tmp_path, bac
                                                        "targets.type": "topk+sampled", "targets.head_k": 3,
                                                        "targets.num_draws": 8, "targets.seed": 7,
                                                        "dataset.num_samples": 24})
-    res = run_cli(["stages.precompute_teacher", "--config", str(write_yaml(tmp_path / "p.yaml", cfg))])
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "unique ids per position" in res.stdout
+    _precompute(write_yaml(tmp_path / "p.yaml", cfg), capsys)
     r, recs = _read(tmp_path / "c")
     m = r.manifest
     assert (m.target_type, m.head_k, m.num_draws, m.sample_temperature) == ("topk+sampled", 3, 8, 1.0)
@@ -202,8 +212,7 @@ def test_sampled_targets_round_trip_and_resume_identically(assets, tmp_path, bac
     shutil.rmtree(shard) if shard.is_dir() else shard.unlink()
     first.unlink()
     cfg["cache"]["dir"] = str(resumed)
-    res = run_cli(["stages.precompute_teacher", "--config", str(write_yaml(tmp_path / "p2.yaml", cfg))])
-    assert res.returncode == 0, res.stderr[-3000:]
+    _precompute(write_yaml(tmp_path / "p2.yaml", cfg), capsys)
     _, recs2 = _read(resumed)
     assert set(recs2) == set(recs)
     for sid, rec in recs.items():
