@@ -107,7 +107,6 @@ def check_block(b: Block, vocab_size: int, k: int, allow_padding: bool, mass_tol
     ``allow_padding``), ``<= value_tol``, sorted descending, probability mass ``<= 1 + mass_tol``,
     tail log-mass not NaN and ``<= value_tol``.
     """
-    n = len(b.sample_ids)
     if len(b.input_ids) != b.tok_off[-1] or len(b.loss_mask) != b.tok_off[-1]:
         return 0, f"{len(b.input_ids)} tokens stored, lengths say {int(b.tok_off[-1])}"
     if np.any(np.diff(b.tok_off) < 2):
@@ -116,17 +115,18 @@ def check_block(b: Block, vocab_size: int, k: int, allow_padding: bool, mass_tol
             or b.tail_logprob.shape != (b.pos_off[-1],):
         return 0, (f"targets of shape {b.topk_logprobs.shape} do not match {int(b.pos_off[-1])} positions "
                    f"(tokens - 1 per sample) × k={k}")
-    tok_owner = np.repeat(np.arange(n), np.diff(b.tok_off))
-    pos_owner = np.repeat(np.arange(n), np.diff(b.pos_off))
-    bad = (b.input_ids.astype(np.int64) < 0) | (b.input_ids.astype(np.int64) >= vocab_size)
+    def owner(offsets: np.ndarray, index: int) -> int:
+        return int(np.searchsorted(offsets, index, side="right") - 1)
+
+    bad = (b.input_ids < 0) | (b.input_ids >= vocab_size)
     if bad.any():
-        return int(tok_owner[np.argmax(bad)]), f"input_ids outside the vocabulary [0, {vocab_size})"
+        return owner(b.tok_off, int(np.argmax(bad))), f"input_ids outside the vocabulary [0, {vocab_size})"
     v = b.topk_logprobs.astype(np.float32, copy=False)
-    ids = b.topk_ids.astype(np.int64, copy=False)
+    ids = b.topk_ids
     pad = np.isneginf(v)
-    with np.errstate(invalid="ignore"):
-        steps = np.diff(np.where(pad, -np.inf, v), axis=1)
-        lse = np.log(np.exp(v.astype(np.float64)).sum(1))
+    with np.errstate(invalid="ignore", over="ignore"):
+        steps = np.diff(v, axis=1)  # -inf after -inf is NaN: not > 0
+        lse = np.log(np.exp(v).sum(1, dtype=np.float64))
     checks = [
         ((((ids < 0) | (ids >= vocab_size)) & ~pad).any(1), f"topk_ids outside the vocabulary [0, {vocab_size})"),
         ((np.isnan(v) | np.isposinf(v)).any(1), "topk_logprobs not finite (NaN or +inf)"),
@@ -139,7 +139,7 @@ def check_block(b: Block, vocab_size: int, k: int, allow_padding: bool, mass_tol
     ]
     for mask, what in checks:
         if mask.any():
-            return int(pos_owner[np.argmax(mask)]), what
+            return owner(b.pos_off, int(np.argmax(mask))), what
     return None
 
 
