@@ -114,6 +114,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     if tcfg.type != "topk":  # recorded in the manifest header: a rerun must use the same targets
         manifest.target_type, manifest.num_draws = tcfg.type, tcfg.num_draws
         manifest.head_k, manifest.sample_temperature = tcfg.head_k or 0, tcfg.sample_temperature
+        manifest.sample_seed = tcfg.seed
     stats = SampleStats()
     if cfg.cache.k > V:
         raise ValueError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {V}")

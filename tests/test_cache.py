@@ -113,6 +113,7 @@ def test_rerun_skips_closed_shards_and_refuses_other_settings(tmp_path, backend)
     before = sorted(p.name for p in tmp_path.iterdir())
     for change, msg in [(dict(k=7), "k: 5 != 7"), (dict(value_dtype="q8"), "value_dtype: 'float32' != 'q8'"),
                         (dict(dataset_fingerprint="other"), "dataset_fingerprint"),
+                        (dict(sample_seed=1), "sample_seed: 0 != 1"),
                         (dict(backend="zarr" if backend == "parquet" else "parquet"), "backend")]:
         with pytest.raises(ValueError, match=msg):
             prepare_cache(tmp_path, _manifest(**{"backend": backend, **change}))

@@ -62,6 +62,8 @@ class Manifest(BaseModel):
     num_draws: int = 0
     head_k: int = 0
     sample_temperature: float = 1.0
+    sample_seed: int = 0
+    """``targets.seed`` of the sampled types: a resumed run must draw with the same seed."""
     tokenizer_fingerprint: str
     teachers: list[TeacherEntry]
     combine: str = "probability"
@@ -82,7 +84,8 @@ class Manifest(BaseModel):
 
     HEADER_KEYS: ClassVar[tuple[str, ...]] = ("format_version", "backend", "k", "index_dtype", "value_dtype", "index_coding",
                           "q8_step", "vocab_size",
-                          "temperature", "target_type", "num_draws", "head_k", "sample_temperature", "tokenizer_fingerprint", "teachers", "combine", "dataset_fingerprint", "max_length")
+                          "temperature", "target_type", "num_draws", "head_k", "sample_temperature",
+                          "sample_seed", "tokenizer_fingerprint", "teachers", "combine", "dataset_fingerprint", "max_length")
 
     def header(self) -> dict:
         return {k: getattr(self, k) for k in self.HEADER_KEYS}
