@@ -41,7 +41,6 @@ Run (about 3-5 minutes on 2 CPU cores)::
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time

@@ -175,7 +175,7 @@ def summarize(rows: list[dict], cache_info: dict, teacher_ev: dict, args) -> str
         mark = ("**" if abs(mean) > spread else "*") if n > 1 and t > T_CRIT[min(n - 1, 10)] else ""
         return f"{mark}{mean:{fmt}}{mark}"
 
-    lines = [f"| cell | bytes/token | ppl mean ± sd (min–max) | Δppl vs CE | Δppl vs dense | ECE mean ± sd | ΔECE vs dense | seeds |",
+    lines = ["| cell | bytes/token | ppl mean ± sd (min–max) | Δppl vs CE | Δppl vs dense | ECE mean ± sd | ΔECE vs dense | seeds |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for c in names:
         ppl = np.array([r["ppl"] for r in cells[c].values()])
