@@ -254,6 +254,11 @@ class TrainDataConfig(_Section):
     """Optimizer steps of micro-batches prepared ahead."""
     max_cached_bytes: int = Field(default=2 << 30, ge=0)
     """Bound of each cache reader's LRU of decoded blocks (bytes)."""
+    shuffle: Literal["global", "block"] = "global"
+    """``global``: a full permutation per epoch. ``block``: cache blocks in random order, samples
+    shuffled within windows of ``shuffle_window`` blocks — for caches larger than
+    ``max_cached_bytes``, so each block is decoded once per epoch (pipeline/loader.py)."""
+    shuffle_window: int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrainDataConfig":

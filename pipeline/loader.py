@@ -86,8 +86,15 @@ class StepSampler:
     """Yields, per optimizer step, this rank's micro-batches of sample indices.
 
     Epoch ``e`` uses ``np.random.default_rng([seed, e]).permutation(indices)`` (or, with
-    ``weights``, ``len(indices)`` draws with replacement ∝ weights); the tail of an
-    epoch that does not fill a global batch is dropped (every rank makes the same calls).
+    ``weights``, ``len(indices)`` draws with replacement ∝ weights; or, with ``groups``, a
+    block shuffle); the tail of an epoch that does not fill a global batch is dropped (every
+    rank makes the same calls).
+
+    Block shuffle (``groups``, e.g. the cache block of every index): the groups are visited
+    in a random order and the samples of each window of ``window`` consecutive groups are
+    permuted together, so a reader whose LRU holds ``window`` blocks decodes every block once
+    per epoch however large the cache (the shuffle-buffer scheme of WebDataset / MosaicML
+    Streaming). Weights, when given, take precedence.
 
     Attributes:
         indices: (N,) dataset indices to train on.
@@ -104,6 +111,10 @@ class StepSampler:
     position: int = 0
     weights: np.ndarray | None = None
     """(N,) sampling weights of ``indices``: epochs are drawn with replacement ∝ weights."""
+    groups: np.ndarray | None = None
+    """(N,) int64 group (cache block) of each entry of ``indices``: block shuffle."""
+    window: int = 16
+    """Groups shuffled together by the block shuffle."""
     _order: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -123,13 +134,24 @@ class StepSampler:
         """(N,) sample indices of ``epoch`` in visiting order (memoised for the latest epoch)."""
         if epoch not in self._order:
             rng = np.random.default_rng([self.seed, epoch])
-            if self.weights is None:
+            if self.weights is None and self.groups is not None:
+                order = self._block_order(rng)
+            elif self.weights is None:
                 order = rng.permutation(self.indices)
             else:
                 order = rng.choice(self.indices, size=len(self.indices), replace=True, p=self.weights / self.weights.sum())
             self._order.clear()
             self._order[epoch] = order
         return self._order[epoch]
+
+    def _block_order(self, rng: np.random.Generator) -> np.ndarray:
+        uniq, inverse = np.unique(self.groups, return_inverse=True)
+        visit = rng.permutation(len(uniq))  # visit[j]: the j-th group visited
+        rank_of = np.empty(len(uniq), dtype=np.int64)
+        rank_of[visit] = np.arange(len(uniq))
+        window_of = rank_of[inverse] // max(self.window, 1)  # (N,) window of each entry
+        # sort by (window, random key): windows in visiting order, samples shuffled inside
+        return self.indices[np.lexsort((rng.random(len(self.indices)), window_of))]
 
     def next_step(self) -> list[np.ndarray]:
         """This rank's ``grad_accum_steps`` micro-batches for the next optimizer step."""

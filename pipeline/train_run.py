@@ -137,8 +137,13 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
         order = sorted(range(len(sample_ids)), key=lambda i: index(sample_ids[i]))
         indices = np.array([index(sample_ids[i]) for i in order], dtype=np.int64)
         sample_weights = None if sample_weights is None else np.asarray(sample_weights)[order]
+    groups = None
+    if cfg.data.shuffle == "block":
+        if not hasattr(train_src, "block_ids"):
+            raise ConfigError("data.shuffle=block needs data.train_cache (a dataset has no blocks)")
+        groups = train_src.block_ids()[indices]
     sampler = StepSampler(indices, cfg.micro_batch_size, cfg.grad_accum_steps, info.rank, info.world_size, cfg.seed,
-                          weights=sample_weights)
+                          weights=sample_weights, groups=groups, window=cfg.data.shuffle_window)
     max_steps = cfg.epochs * sampler.steps_per_epoch if cfg.epochs else cfg.max_steps
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))

@@ -73,3 +73,31 @@ def test_inspect_cache_json_text_plot_and_errors(caches, tmp_path, capsys):
     assert "bytes/token" in out and "top-k mass" in out
     assert inspect_cache.main([str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_block_shuffle_decodes_each_block_once_per_epoch(tmp_path):
+    """With data.shuffle=block and an LRU of about `window` blocks every block is decoded once
+    per epoch; a global permutation through the same LRU decodes blocks again and again."""
+    recs = synthetic_records(60, V, K, seed=12, min_len=10, max_len=10)  # 8 shards, 23 blocks of <= 3 samples
+    reader = _cache(tmp_path / "c", "parquet", recs)
+    block_bytes = reader.read_block(0, 0).nbytes
+    decodes = {}
+    for shuffle in ("block", "global"):
+        r = open_cache(tmp_path / "c", max_cached_bytes=2 * block_bytes)  # room for 2 blocks
+        calls = []
+        read = r.read_block
+        r.read_block = lambda s, b: calls.append((s, b)) or read(s, b)
+        groups = r.block_ids() if shuffle == "block" else None
+        assert groups is None or (len(groups) == 60 and len(np.unique(groups)) == sum(r.num_blocks(s) for s in range(len(r.shards))))
+        s = StepSampler(np.arange(60), 4, 1, 0, 1, seed=5, groups=groups, window=2)
+        order = s.epoch_order(0)
+        assert sorted(order) == list(range(60))
+        for i in order:
+            r[int(i)]
+        decodes[shuffle] = len(calls)
+        if shuffle == "block":
+            assert len(calls) == len(set(calls)) == len(np.unique(groups)) == 23
+            assert not np.array_equal(order, np.sort(order))  # shuffled, not sequential
+            again = StepSampler(np.arange(60), 4, 1, 0, 1, seed=5, groups=groups, window=2).epoch_order(0)
+            assert np.array_equal(order, again)  # deterministic (exact resume)
+    assert decodes["global"] > 2 * decodes["block"]

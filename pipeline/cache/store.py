@@ -364,6 +364,15 @@ class CacheReader:
     def shard_name(self, i: int) -> str:
         return self.shards[self.shard_of[i]].file
 
+    def block_ids(self) -> np.ndarray:
+        """(N,) int64 global block number of every sample (the unit the LRU caches)."""
+        out, base = [], 0
+        for s, ix in enumerate(self.index):
+            n = len(ix.sample_ids)
+            out.append(base + np.searchsorted(ix.block_starts, np.arange(n), side="right") - 1)
+            base += self.num_blocks(s)
+        return np.concatenate(out).astype(np.int64)
+
     # ------------------------------------------------------------------ blocks
     def num_blocks(self, shard: int) -> int:
         return len(self.index[shard].block_starts) - 1
