@@ -12,7 +12,7 @@ its full distribution as a V-wide support (``tail: bucket`` with an empty tail i
 dense KL, tests/test_targets.py); train-student has no online mode.
 
 Caches are written by the ``precompute-teacher`` stage with configs/tinystories/precompute.yaml
-(reused across seeds and reruns); bytes/token = (cache directory size without the tokenizer copy)
+(reused across seeds and reruns); bytes/token = bytes of the closed shards (pipeline.cache.cache_bytes)
 / cached tokens. Results are appended to ``OUT/results.jsonl`` as each run finishes (a rerun
 skips finished runs); the table goes to ``OUT/table.md``.
 
@@ -42,11 +42,6 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- caches
-def cache_bytes(d: Path) -> int:
-    """Bytes on disk of a cache directory, without its tokenizer copy (a constant ~30 kB)."""
-    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file() and "tokenizer" not in p.relative_to(d).parts)
-
-
 def make_cache(args, name: str, k: int, target_type: str) -> Path:
     """The train cache of one target type and k, written by the precompute-teacher stage's code
     (``pipeline.precompute.precompute`` with configs/tinystories/precompute.yaml); reused if complete."""
@@ -68,13 +63,6 @@ def make_cache(args, name: str, k: int, target_type: str) -> Path:
     precompute(load_config(PrecomputeConfig, ROOT / "configs/tinystories/precompute.yaml", over), init_distributed("cpu"))
     log(f"cache {name}: {time.perf_counter() - t0:.1f}s")
     return d
-
-
-def open_train_cache(d: Path):
-    """Open a cache with full validation (trailing -inf pads are valid in sampled caches)."""
-    from pipeline.cache import open_cache
-
-    return open_cache(d)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -222,7 +210,7 @@ def main(argv=None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     from data.stdlib_corpus import llama_config
-    from pipeline.cache import read_manifest
+    from pipeline.cache import cache_bytes, open_cache, read_manifest
     from pipeline.config import DatasetConfig
     from pipeline.data import load_samples
     from pipeline.distributed import init_distributed, teardown
@@ -248,7 +236,8 @@ def main(argv=None) -> int:
             d = make_cache(args, name, k, t)
             m = read_manifest(d)
             caches[name] = d
-            cache_info[name] = {"bytes": cache_bytes(d), "tokens": m.num_tokens, "bytes_per_token": cache_bytes(d) / m.num_tokens,
+            n_bytes = cache_bytes(d)
+            cache_info[name] = {"bytes": n_bytes, "tokens": m.num_tokens, "bytes_per_token": n_bytes / m.num_tokens,
                                 "num_draws": m.num_draws, "head_k": m.head_k}
     (out / "caches.json").write_text(json.dumps(cache_info, indent=1))
     log(f"caches ready ({time.perf_counter() - t_start:.0f}s)")
@@ -258,7 +247,7 @@ def main(argv=None) -> int:
                                               max_length=256, num_samples=args.eval_samples), tok)[0]
     teacher_ev = evaluate(teacher, eval_samples)
     log(f"teacher held-out: {teacher_ev}")
-    srcs = {name: open_train_cache(d) for name, d in caches.items()}
+    srcs = {name: open_cache(d) for name, d in caches.items()}  # full validation
     ref = next(iter(srcs.values()))
     ids = sorted(ref.sample_ids)  # one canonical sample order shared by every cache and cell
     orders = {name: [s.index_of(i) for i in ids] for name, s in srcs.items()}

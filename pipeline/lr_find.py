@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.config import LRFindConfig
 from pipeline.distributed import DistInfo, print0
-from pipeline.loader import StepSampler, collate
+from pipeline.loader import StepPrefetcher, StepSampler
 from pipeline.trainer import Trainer
 
 
@@ -29,11 +29,12 @@ def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train
     ref = max(base)
     trainer.scheduler = None
     rows, avg, best = [], 0.0, math.inf
+    loader = StepPrefetcher(sampler, train_src, num_workers=0)
     for i in range(cfg.steps):
         lr = cfg.min_lr * (cfg.max_lr / cfg.min_lr) ** (i / max(cfg.steps - 1, 1))
         for g, b in zip(opt.param_groups, base):
             g["lr"] = lr * b / ref
-        stats = trainer.train_step([collate([train_src[j] for j in idx]) for idx in sampler.next_step()])
+        stats = trainer.train_step(loader.next_step())
         avg = 0.98 * avg + 0.02 * stats.loss  # exponential moving average, debiased below
         smooth = avg / (1 - 0.98 ** (i + 1))
         rows.append({"step": i + 1, "lr": lr, "loss": stats.loss, "smoothed_loss": smooth})

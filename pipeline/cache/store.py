@@ -8,6 +8,7 @@ decoded blocks for random access, and sequential streaming.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -170,6 +171,11 @@ class ShardIndex:
     num_tokens: np.ndarray
     teacher_nll_sum: np.ndarray
     block_starts: np.ndarray
+
+    @functools.cached_property
+    def token_offsets(self) -> np.ndarray:
+        """(n+1,) int64 offset of each sample's first token in the shard's token arrays."""
+        return np.concatenate([[0], np.cumsum(self.num_tokens)]).astype(np.int64)
 
 
 class ShardBackend(Protocol):

@@ -43,17 +43,19 @@ class ZarrBackend:
     def __init__(self, compression: str = "zstd", compression_level: int | None = 3, chunk_positions: int = 4096):
         self.compression, self.compression_level = compression, compression_level
         self.chunk_positions = chunk_positions
-        self._groups: dict[Path, object] = {}  # open read-only groups (zarr arrays are safe to read from threads)
+        self._arrays: dict[Path, dict] = {}  # open read-only arrays per shard (safe to read from threads)
 
-    def _group(self, path: Path):
+    def _open_arrays(self, path: Path) -> dict:
+        """The per-token and per-position arrays of a shard group, opened once."""
         import zarr
 
-        g = self._groups.get(path)
-        if g is None:
-            if len(self._groups) > 64:
-                self._groups.clear()
-            g = self._groups[path] = zarr.open_group(str(path), mode="r", zarr_format=3)
-        return g
+        arrays = self._arrays.get(path)
+        if arrays is None:
+            if len(self._arrays) > 64:
+                self._arrays.clear()
+            g = zarr.open_group(str(path), mode="r", zarr_format=3)
+            arrays = self._arrays[path] = {name: g[name] for name in _PER_TOKEN + _PER_POSITION if name in g}
+        return arrays
 
     def _compressors(self, itemsize: int = 1):
         """zstd; multi-byte arrays go through Blosc's byte shuffle first (the same byte-plane
@@ -92,12 +94,6 @@ class ZarrBackend:
             if len(a):
                 z[:] = a
 
-    def _members(self, path: Path, g) -> dict:
-        key = (path, "members")
-        if key not in self._groups:
-            self._groups[key] = {name: g[name] for name in _PER_TOKEN + _PER_POSITION if name in g}
-        return self._groups[key]
-
     def read_index(self, path: Path) -> ShardIndex:
         import zarr
 
@@ -109,14 +105,8 @@ class ZarrBackend:
         return ShardIndex(ids, n_tok, np.asarray(g["teacher_nll_sum"][:]), starts)
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
-        g = self._group(path)
+        arrays = self._open_arrays(path)
         lo, hi = int(index.block_starts[block]), int(index.block_starts[block + 1])
-        tok = np.concatenate([[0], np.cumsum(index.num_tokens)])
-        t0, t1 = int(tok[lo]), int(tok[hi])
+        t0, t1 = int(index.token_offsets[lo]), int(index.token_offsets[hi])
         p0, p1 = t0 - lo, t1 - hi  # positions = tokens - 1 per sample
-        members = self._members(path, g)
-        out = {name: np.asarray(members[name][t0:t1]) for name in _PER_TOKEN}
-        for name in _PER_POSITION:
-            if name in members:
-                out[name] = np.asarray(members[name][p0:p1])
-        return out
+        return {name: np.asarray(a[t0:t1] if name in _PER_TOKEN else a[p0:p1]) for name, a in arrays.items()}
