@@ -179,6 +179,7 @@ def loader_vs_consumption(recs: list, V: int, root: Path, demo_cache: Path | Non
     from data.stdlib_corpus import llama_config
     from pipeline.config import LossConfig
     from pipeline.distributed import init_distributed, shard_model
+    from pipeline.models import defer_output_projection
     from pipeline.loader import StepPrefetcher, StepSampler
     from pipeline.trainer import Trainer
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -201,6 +202,7 @@ def loader_vs_consumption(recs: list, V: int, root: Path, demo_cache: Path | Non
     info = init_distributed("cpu")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(student_cfg)
+    defer_output_projection(model)  # as train-student: the output layer runs in the fused loss
     shard_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)

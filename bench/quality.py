@@ -74,14 +74,21 @@ def evaluate(model, samples, batch_size: int = 32, bins: int = 15) -> dict:
     probability (Guo et al. 2017, eq. 3); accuracy = argmax equals the next token.
     """
     from pipeline.loader import collate
+    from pipeline.models import OutputProjection
 
     model.eval()
     nll, n = 0.0, 0
     conf_all, hit_all = [], []
     for i in range(0, len(samples), batch_size):
         b = collate(samples[i: i + batch_size])
-        lp = F.log_softmax(model(input_ids=b.input_ids).logits.float()[:, :-1], -1)
-        y, v = b.input_ids[:, 1:], b.valid
+        out = model(input_ids=b.input_ids).logits
+        head = model.get_output_embeddings()
+        if isinstance(head, OutputProjection):  # trained by pipeline.trainer: the forward returns hidden states
+            out = out @ head.weight.t()  # (B, T, V); the root's weight stays unsharded after the forward
+        lp = F.log_softmax(out.float()[:, :-1], -1)
+        y = b.input_ids[:, 1:]
+        v = torch.zeros(y.shape, dtype=torch.bool)
+        v.view(-1)[b.rows - b.rows // b.input_ids.shape[1]] = True  # flat (B, T) positions -> (B, T-1)
         nll += float(-lp.gather(-1, y[..., None]).squeeze(-1)[v].double().sum())
         n += int(v.sum())
         top, arg = lp[v].max(-1)
@@ -98,13 +105,14 @@ def evaluate(model, samples, batch_size: int = 32, bins: int = 15) -> dict:
 # ----------------------------------------------------------------------------- training
 def dense_batch(teacher, batch):
     """The batch with the teacher's full distribution as targets (support = all V ids, empty tail)."""
-    from pipeline.loader import Batch
+    import dataclasses
 
     with torch.no_grad():
-        lp = F.log_softmax(teacher(input_ids=batch.input_ids, use_cache=False).logits.float(), -1)[:, :-1]
-    B, T1, V = lp.shape
-    ids = torch.arange(V).expand(B, T1, V)
-    return Batch(batch.sample_ids, batch.input_ids, batch.valid, ids, lp.contiguous(), torch.full((B, T1), -math.inf))
+        lp = F.log_softmax(teacher(input_ids=batch.input_ids, use_cache=False).logits.float(), -1)
+    V = lp.shape[-1]
+    lp = lp.reshape(-1, V)[batch.rows]  # (N, V) at the valid positions
+    return dataclasses.replace(batch, topk_ids=torch.arange(V).expand(len(lp), V), topk_logprobs=lp.contiguous(),
+                               tail_logprob=torch.full((len(lp),), -math.inf))
 
 
 def train_one(args, cell: dict, seed: int, src, order: list[int], eval_samples, teacher) -> dict:

@@ -259,6 +259,13 @@ class TrainDataConfig(_Section):
     shuffled within windows of ``shuffle_window`` blocks — for caches larger than
     ``max_cached_bytes``, so each block is decoded once per epoch (pipeline/loader.py)."""
     shuffle_window: int = Field(default=16, ge=1)
+    packing: bool = False
+    """Pack each micro-batch's samples into rows of ``pack_length`` tokens (first-fit
+    decreasing), attention confined to each sample by position ids that restart per sample.
+    The micro-batch still holds ``micro_batch_size`` samples, so the loss, gradient and loss-log
+    rows equal the unpacked run's; less compute goes to padding."""
+    pack_length: int | None = Field(default=None, ge=2)
+    """Tokens per packed row; None = the cache's ``max_length`` (or the longest sample)."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrainDataConfig":

@@ -33,6 +33,21 @@ Temperature, in short: every mode is exact at ``τ`` = the cache temperature. ``
 re-tempers the support exactly (``p_S^(1/τ)`` renormalised) but ignores the tail; ``bucket``
 approximates the tail at other ``τ``; ``sampled`` keeps the cache-temperature target.
 
+Fused output layer (:func:`fused_linear_loss`): the student's final hidden states of the valid
+positions ``(N, H)`` go through the output projection ``W`` (V, H) chunk by chunk; each chunk
+forms its float32 logits, the log-softmax statistics, CE, KL, per-position values and — in the
+same pass — the gradient with respect to its hidden states and to ``W`` (the scheme of
+Liger-Kernel's ``fused_linear_cross_entropy`` / ``fused_linear_jsd``, written in plain PyTorch
+so CPUs get it too). No ``(N, V)`` or ``(B, T, V)`` tensor exists; the ``(chunk, V)``
+temporaries are bounded by a byte budget. The closed-form logit gradients it uses (``q`` the
+student's softmax at temperature τ, ``S`` the live support):
+
+    ∂CE_t/∂z = softmax(z) − onehot(y)
+    ∂KL_t/∂z = (1/τ) (A_t q − scatter_S(B_t))
+      sampled / renormalize:  A_t = Σ_S p,  B_t = p
+      bucket:                 A_t = Σ_S p − r_t Q_S,  B_t = p − r_t q_S,
+                              r_t = p_tail / q_tail,  Q_S = Σ_S q  (r_t = 0 where q_tail is clamped)
+
 The function returns sums and counts; the trainer divides once by the global valid-token count.
 """
 from __future__ import annotations
@@ -40,13 +55,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from pipeline.teacher import log1mexp
 
 
-AUTO_CHUNK_BYTES = 256 * 2**20  # float32 (chunk, V) logits per chunk when chunk_size=0
+AUTO_CHUNK_BYTES = 64 * 2**20
+"""Budget (bytes) of the float32 ``(chunk, V)`` temporaries of one chunk when ``chunk_size=0``."""
 TAIL_MODES = ("renormalize", "bucket", "sampled")
 
 
@@ -83,131 +97,208 @@ def check_tail_mode(tail: str, target_type: str, temperature: float, cache_tempe
     return warns
 
 
-def _weighted_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Elementwise ``p (log p - log q)`` with ``0`` where ``p = 0`` (``-inf`` padding slots)."""
-    live = ~torch.isneginf(log_p)
-    safe = torch.where(live, log_p, 0.0)
-    return torch.where(live, safe.exp() * (safe - log_q), 0.0)
+@dataclass
+class LossTargets:
+    """The targets of the valid positions of one micro-batch, flattened sample-major.
+
+    Attributes:
+        labels: (N,) int64 next-token ids ``y_t``.
+        sample_index: (N,) int64 index in ``[0, n_samples)`` of each position's sample.
+        n_samples: S, the number of samples (loss-log rows) of the micro-batch.
+        topk_ids: (N, k) int64 teacher support, or None (CE only).
+        topk_logprobs: (N, k) float32 teacher log-probabilities at the cache temperature (for
+            sampled caches, log estimated probabilities); ``-inf`` marks a padding slot.
+        tail_logprob: (N,) float32 teacher log tail mass (``-inf`` allowed).
+    """
+
+    labels: torch.Tensor
+    sample_index: torch.Tensor
+    n_samples: int
+    topk_ids: torch.Tensor | None = None
+    topk_logprobs: torch.Tensor | None = None
+    tail_logprob: torch.Tensor | None = None
 
 
 @dataclass
 class LossSums:
-    """Per-batch loss terms.
+    """Per-micro-batch loss terms.
 
     Attributes:
         loss_sum: scalar float32 with grad, ``α Σ CE + (1-α) τ² Σ KL`` over valid positions.
-        ce_sum, kl_sum: (B,) float32 per-sample sums (nats), detached.
-        n_tokens: (B,) int64 valid positions per sample.
-        top1_agree: (B,) int64 positions where the student's argmax equals the teacher's top-1.
+        ce_sum, kl_sum: (S,) float32 per-sample sums (nats), detached.
+        top1_agree: (S,) int64 positions where the student's largest logit is at the teacher's
+            top-1 id (0 without teacher targets).
     """
 
     loss_sum: torch.Tensor
     ce_sum: torch.Tensor
     kl_sum: torch.Tensor
-    n_tokens: torch.Tensor
     top1_agree: torch.Tensor
 
 
-def sparse_kl(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor,
-              temperature: float, tail: str) -> torch.Tensor:
-    """Per-position KL(p || q) over the teacher's sparse support (module docstring formulas).
+def auto_chunk_size(vocab_size: int, temperature: float, budget_bytes: int = AUTO_CHUNK_BYTES) -> int:
+    """Positions per chunk so the float32 ``(chunk, V)`` temporaries fit ``budget_bytes``
+    (one buffer at τ = 1, two at τ ≠ 1); at least 1."""
+    buffers = 1 if temperature == 1.0 else 2
+    return max(1, budget_bytes // (4 * vocab_size * buffers))
+
+
+def _kl_terms(zS: torch.Tensor, lse_t: torch.Tensor, lp: torch.Tensor, tail_lp: torch.Tensor, temperature: float,
+              tail: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL values and the coefficients of its logit gradient for one chunk (module docstring).
 
     Args:
-        log_q: (N, V) float32 student ``log_softmax(z / τ)``.
-        topk_ids: (N, k) int64 teacher support.
-        topk_logprobs: (N, k) float32 teacher log-probabilities (or, for sampled caches, log
-            estimated probabilities) at the cache temperature; ``-inf`` = padding slot.
-        tail_logprob: (N,) float32 teacher tail log-mass (``-inf`` allowed).
-        tail: ``renormalize``, ``bucket`` or ``sampled``.
+        zS: (n, k) student logits at the support ids (temperature 1). lse_t: (n,) ``logsumexp(z/τ)``.
+        lp: (n, k) teacher log-probabilities (``-inf`` = padding). tail_lp: (n,) teacher tail log-mass.
     Returns:
-        (N,) float32 KL in nats.
+        kl (n,), A (n,), B (n, k): ``∂KL/∂(z/τ) = A q_τ − scatter_S(B)``.
     """
-    log_q_s = log_q.gather(-1, topk_ids)  # (N, k)
-    if tail == "sampled":  # no re-tempering, no renormalisation, no bucket (module docstring)
-        return _weighted_log_ratio(topk_logprobs, log_q_s).sum(-1)
-    lp = topk_logprobs / temperature
-    if tail == "renormalize":
-        log_p = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
-        return _weighted_log_ratio(log_p, log_q_s).sum(-1)
-    lt = tail_logprob / temperature  # (N,)
-    z = torch.logsumexp(torch.cat([lp, lt[:, None]], dim=-1), dim=-1)  # (N,)
-    log_p = lp - z[:, None]
-    log_p_tail = lt - z
-    p_tail = log_p_tail.exp()
-    # q_tail = 1 - Σ_S q; clamp so a student with all its mass on S gives a finite log.
-    log_q_s_live = torch.where(torch.isneginf(lp), -torch.inf, log_q_s)
-    log_q_tail = log1mexp(torch.logsumexp(log_q_s_live, dim=-1).clamp(max=-1e-6))
-    tail_term = torch.where(p_tail > 0, p_tail * (torch.where(p_tail > 0, log_p_tail, 0.0) - log_q_tail), 0.0)
-    return _weighted_log_ratio(log_p, log_q_s).sum(-1) + tail_term
+    live = ~torch.isneginf(lp)
+    log_qS = zS / temperature - lse_t[:, None]  # (n, k) log q_τ at the support
+    if tail == "sampled":  # no re-tempering, no renormalisation, no bucket
+        log_p = lp
+    elif tail == "renormalize":
+        lpt = lp / temperature
+        log_p = lpt - torch.logsumexp(lpt, -1, keepdim=True)
+    else:  # bucket
+        lpt, lt = lp / temperature, tail_lp / temperature
+        zz = torch.logsumexp(torch.cat([lpt, lt[:, None]], -1), -1)  # (n,)
+        log_p, log_p_tail = lpt - zz[:, None], lt - zz
+    safe = torch.where(live, log_p, 0.0)
+    p = torch.where(live, safe.exp(), 0.0)  # (n, k)
+    kl = (p * (safe - log_qS)).sum(-1)
+    A, B = p.sum(-1), p
+    if tail == "bucket":
+        p_tail = log_p_tail.exp()
+        lse_S = torch.logsumexp(torch.where(live, log_qS, -torch.inf), -1)  # log Σ_S q
+        # q_tail = 1 - Σ_S q, clamped so a student with all its mass on S gives a finite log
+        log_q_tail = log1mexp(lse_S.clamp(max=-1e-6))
+        has_tail = p_tail > 0
+        kl = kl + torch.where(has_tail, p_tail * (torch.where(has_tail, log_p_tail, 0.0) - log_q_tail), 0.0)
+        r = torch.where(has_tail & (lse_S <= -1e-6), p_tail / log_q_tail.exp(), 0.0)  # (n,)
+        A = A - r * lse_S.exp()
+        B = B - r[:, None] * torch.where(live, log_qS.exp(), 0.0)
+    return kl, A, B
 
 
-def _chunk_terms(z: torch.Tensor, y: torch.Tensor, topk_ids, topk_logprobs, tail_logprob,
-                 temperature: float, tail: str, with_kl: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    log_q1 = F.log_softmax(z.float(), dim=-1)  # (n, V)
-    ce = -log_q1.gather(-1, y[:, None]).squeeze(-1)
-    if not with_kl:
-        return ce, torch.zeros_like(ce)
-    log_qt = log_q1 if temperature == 1.0 else F.log_softmax(z.float() / temperature, dim=-1)
-    return ce, sparse_kl(log_qt, topk_ids, topk_logprobs, tail_logprob, temperature, tail)
+class _FusedLinearLoss(torch.autograd.Function):
+    """Output projection + hybrid loss, chunked; gradients formed in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, topk_ids, topk_logprobs, tail_logprob, alpha, temperature,
+                tail, vocab_size, chunk_size):
+        N, H = hidden.shape
+        need_grad = any(ctx.needs_input_grad[:3])
+        with_kl = alpha < 1.0
+        W = weight[:vocab_size]  # (V, H): a padded output layer's extra rows are never used
+        b = bias[:vocab_size] if bias is not None else None
+        fdt = torch.promote_types(hidden.dtype, torch.float32)  # float32 (float64 in tests)
+        ce = torch.zeros(N, dtype=fdt, device=hidden.device)
+        kl = torch.zeros_like(ce)
+        agree = torch.zeros(N, dtype=torch.bool, device=hidden.device)
+        if need_grad:
+            g_hidden = torch.empty_like(hidden)
+            g_weight = torch.zeros(weight.shape, dtype=fdt, device=weight.device)
+            g_bias = torch.zeros(bias.shape, dtype=fdt, device=bias.device) if bias is not None else None
+        tau, w_kl = temperature, (1.0 - alpha) * temperature**2
+        for s in range(0, N, chunk_size):
+            e = min(N, s + chunk_size)
+            h = hidden[s:e]  # (n, H)
+            z = (torch.addmm(b, h, W.t()) if b is not None else h @ W.t()).to(fdt)  # (n, V) logits
+            y = labels[s:e, None]
+            zmax = z.amax(-1, keepdim=True)  # (n, 1)
+            zy = z.gather(1, y).squeeze(1)
+            if with_kl:
+                ids = topk_ids[s:e]
+                zS = z.gather(1, ids)  # (n, k)
+                agree[s:e] = zS[:, 0] >= zmax[:, 0]
+                if tau != 1.0:  # q_τ in its own buffer, normalised below
+                    qt = (z / tau).sub_(zmax / tau).exp_()
+                    st = qt.sum(-1)
+                    lse_t = zmax[:, 0] / tau + st.log()
+            q = z.sub_(zmax).exp_()  # (n, V) exp(z - max), in place of the logits
+            s1 = q.sum(-1)
+            lse1 = zmax[:, 0] + s1.log()
+            ce[s:e] = lse1 - zy
+            if with_kl:
+                if tau == 1.0:
+                    lse_t = lse1
+                kl_c, A, Bk = _kl_terms(zS, lse_t, topk_logprobs[s:e].to(fdt), tail_logprob[s:e].to(fdt), tau, tail)
+                kl[s:e] = kl_c
+            if not need_grad:
+                continue
+            # ∂loss/∂z = α (q1 − onehot(y)) + (1−α) τ (A q_τ − scatter(B))   (module docstring)
+            if with_kl and tau == 1.0:
+                q.mul_(((alpha + w_kl / tau * A) / s1)[:, None])
+            else:
+                q.mul_((alpha / s1)[:, None])
+                if with_kl:
+                    q.add_(qt.mul_((w_kl / tau * A / st)[:, None]))
+                    del qt
+            q.scatter_add_(1, y, torch.full_like(y, -alpha, dtype=fdt))
+            if with_kl:
+                q.scatter_add_(1, ids, -(w_kl / tau) * Bk)
+            dz = q.to(hidden.dtype)
+            g_hidden[s:e] = dz @ W
+            g_weight[:vocab_size].addmm_(dz.t().to(fdt), h.to(fdt))
+            if g_bias is not None:
+                g_bias[:vocab_size] += dz.sum(0).to(fdt)
+        loss = alpha * ce.sum() + w_kl * kl.sum() if with_kl else ce.sum()
+        if need_grad:
+            ctx.save_for_backward(g_hidden, g_weight.to(weight.dtype), g_bias.to(bias.dtype) if g_bias is not None else None)
+        ctx.mark_non_differentiable(ce, kl, agree)
+        return loss.to(torch.float32) if fdt == torch.float32 else loss, ce, kl, agree
+
+    @staticmethod
+    def backward(ctx, g_loss, *_):
+        g_hidden, g_weight, g_bias = ctx.saved_tensors
+        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # noqa: E731
+        return (scale(g_hidden), scale(g_weight), scale(g_bias), *([None] * 9))
 
 
-def distill_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *, alpha: float,
-                 temperature: float = 1.0, tail: str = "bucket", topk_ids: torch.Tensor | None = None,
-                 topk_logprobs: torch.Tensor | None = None, tail_logprob: torch.Tensor | None = None,
-                 chunk_size: int = 0) -> LossSums:
-    """Hybrid sum-reduced loss over the valid positions of a batch.
+def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: LossTargets, *,
+                      alpha: float, temperature: float = 1.0, tail: str = "bucket", vocab_size: int | None = None,
+                      chunk_size: int = 0) -> LossSums:
+    """The hybrid sum-reduced loss of the valid positions, fused with the output projection.
 
-    Valid positions are gathered first, then processed ``chunk_size`` at a time; each chunk's
-    log-softmax is recomputed in the backward pass (activation checkpointing), so the float32
-    ``(chunk, V)`` temporaries exist for one chunk at a time and the sparse targets are
-    gathered, never densified to V.
+    ``logits = hidden @ weight[:V].T (+ bias[:V])`` are formed one chunk of positions at a
+    time and never kept; the gradients with respect to ``hidden``, ``weight`` and ``bias`` are
+    computed in the same pass and scaled by the incoming gradient in the backward pass (module
+    docstring), so the output projection's all-gathered weight is used once per micro-step.
 
     Args:
-        logits: (B, T, V) student logits (any float dtype).
-        input_ids: (B, T) int64; position t's target is ``input_ids[:, t+1]``.
-        valid: (B, T-1) bool valid positions (``loss_mask[:, 1:]`` and not padding).
-        alpha: CE weight in [0, 1]; the teacher tensors may be None when ``alpha == 1``.
-        topk_ids: (B, T-1, k) int64; topk_logprobs: (B, T-1, k) float32; tail_logprob: (B, T-1).
+        hidden: (N, H) final hidden states of the valid positions (float32, or bf16 under
+            mixed precision; the logits and the softmax are float32).
+        weight: (V_out, H) output projection (the tied input embedding, or ``lm_head.weight``);
+            ``V_out >= vocab_size`` (a padded output layer's extra rows get zero gradient).
+        bias: (V_out,) or None.
+        targets: :class:`LossTargets` of the same N positions.
+        alpha: CE weight in [0, 1]; teacher targets may be None when ``alpha == 1``.
+        temperature: τ > 0; CE is always at temperature 1.
+        tail: ``renormalize``, ``bucket`` or ``sampled`` (module docstring).
+        vocab_size: V, the data's vocabulary (default ``V_out``).
+        chunk_size: positions per chunk; 0 = :func:`auto_chunk_size` (``AUTO_CHUNK_BYTES``).
     Returns:
-        :class:`LossSums`.
+        :class:`LossSums` (per-sample sums over ``targets.n_samples`` samples).
     Raises:
-        ValueError: ``alpha < 1`` without teacher targets.
+        ValueError: ``alpha < 1`` without teacher targets; ``vocab_size`` above ``V_out``; an
+            unknown ``tail``.
     """
-    B, T, V = logits.shape
-    if chunk_size <= 0:
-        chunk_size = max(1, AUTO_CHUNK_BYTES // (4 * V))
+    V = weight.shape[0] if vocab_size is None else vocab_size
+    if V > weight.shape[0]:
+        raise ValueError(f"vocab_size {V} exceeds the output layer's {weight.shape[0]} rows")
+    if tail not in TAIL_MODES:
+        raise ValueError(f"loss.tail must be one of {TAIL_MODES}, got {tail!r}")
     with_kl = alpha < 1.0
-    if with_kl and (topk_ids is None or topk_logprobs is None or tail_logprob is None):
+    if with_kl and (targets.topk_ids is None or targets.topk_logprobs is None or targets.tail_logprob is None):
         raise ValueError("alpha < 1 needs teacher targets (topk_ids, topk_logprobs, tail_logprob)")
-    b_idx, t_idx = valid.nonzero(as_tuple=True)  # (N,), (N,)
-    flat_logits = logits.reshape(B * T, V)
-    rows = b_idx * T + t_idx
-    y = input_ids[b_idx, t_idx + 1]
-    ce_parts, kl_parts, agree_parts = [], [], []
-    for s in range(0, rows.numel(), chunk_size):
-        sl = slice(s, s + chunk_size)
-        z = flat_logits[rows[sl]]  # (n, V)
-        teacher = (topk_ids[b_idx[sl], t_idx[sl]], topk_logprobs[b_idx[sl], t_idx[sl]].float(),
-                   tail_logprob[b_idx[sl], t_idx[sl]].float()) if with_kl else (None, None, None)
-        args = (z, y[sl], *teacher, temperature, tail, with_kl)
-        if rows.numel() > chunk_size and torch.is_grad_enabled():
-            ce, kl = checkpoint(_chunk_terms, *args, use_reentrant=False)
-        else:
-            ce, kl = _chunk_terms(*args)
-        ce_parts.append(ce)
-        kl_parts.append(kl)
-        if with_kl:
-            with torch.no_grad():
-                agree_parts.append(z.argmax(-1) == teacher[0][:, 0])
-    ce = torch.cat(ce_parts) if ce_parts else logits.new_zeros(0, dtype=torch.float32)
-    kl = torch.cat(kl_parts) if kl_parts else torch.zeros_like(ce)
-    loss_sum = alpha * ce.sum() + ((1.0 - alpha) * temperature**2) * kl.sum() if with_kl else ce.sum()
-    if rows.numel() == 0:
-        loss_sum = loss_sum + 0.0 * logits.sum()  # keep the graph connected for empty batches
+    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(V, temperature)
+    loss, ce, kl, agree = _FusedLinearLoss.apply(
+        hidden, weight, bias, targets.labels, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
+        float(alpha), float(temperature), tail, int(V), int(chunk))
+    S, idx = targets.n_samples, targets.sample_index
 
     def per_sample(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        return torch.zeros(B, dtype=dtype, device=logits.device).index_add_(0, b_idx, x.detach().to(dtype))
+        return torch.zeros(S, dtype=dtype, device=hidden.device).index_add_(0, idx, x.to(dtype))
 
-    agree = torch.cat(agree_parts) if agree_parts else torch.zeros_like(ce, dtype=torch.bool)
-    return LossSums(loss_sum, per_sample(ce), per_sample(kl), valid.sum(-1).to(torch.int64),
-                    per_sample(agree, torch.int64))
+    return LossSums(loss, per_sample(ce), per_sample(kl), per_sample(agree, torch.int64))

@@ -14,7 +14,7 @@ from pipeline.trainer import Trainer
 
 
 def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train_src, run_dir: Path,
-                info: DistInfo) -> dict | None:
+                info: DistInfo, pack_length: int | None = None) -> dict | None:
     """Run up to ``cfg.steps`` optimizer steps with ``lr_i = min_lr · (max_lr / min_lr)^(i / (steps-1))``
     (each parameter group keeps its ratio to the base LR), stop early once the smoothed loss
     exceeds 4× its minimum, and write ``lr_find.csv`` (+ ``lr_find.png`` when matplotlib is
@@ -22,14 +22,15 @@ def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train
 
     Returns (rank 0): ``{"suggested_lr": ..., "rows": [...]}`` where the suggestion is the LR of
     the minimum smoothed loss divided by 10 (a common rule of thumb). The model's weights are
-    changed by the probe: it is not a training run.
+    changed by the probe: it is not a training run. ``pack_length``: packed micro-batches, as
+    in training (``data.packing``).
     """
     opt = trainer.optimizer
     base = [g["lr"] for g in opt.param_groups]
     ref = max(base)
     trainer.scheduler = None
     rows, avg, best = [], 0.0, math.inf
-    loader = StepPrefetcher(sampler, train_src, num_workers=0)
+    loader = StepPrefetcher(sampler, train_src, num_workers=0, pack_length=pack_length)
     for i in range(cfg.steps):
         lr = cfg.min_lr * (cfg.max_lr / cfg.min_lr) ** (i / max(cfg.steps - 1, 1))
         for g, b in zip(opt.param_groups, base):

@@ -25,8 +25,8 @@ from pipeline.lr_find import run_lr_find
 from pipeline.rounds import read_run_json, round_configs, select_sample_ids, write_run_json
 from pipeline.rounds import sample_weights as loss_weights
 from pipeline.metrics import MetricsLogger
-from pipeline.models import build_student, count_parameters, load_tokenizer, vocab_size
-from pipeline.trainer import Trainer, build_optimizer, early_stopping_update, lr_lambda
+from pipeline.models import build_student, count_parameters, defer_output_projection, load_tokenizer, vocab_size
+from pipeline.trainer import Trainer, build_optimizer, check_packing, early_stopping_update, lr_lambda
 
 
 def _sources(cfg: TrainStudentConfig):
@@ -117,6 +117,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     run_dir = Path(cfg.output_dir)
     train_src, eval_src, tok_dir, data_vocab = _sources(cfg)
     model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
+    defer_output_projection(model)  # the output layer runs inside the fused loss (before fully_shard)
     V = vocab_size(model)
     if V < data_vocab:
         raise ValueError(f"student vocabulary size {V} is smaller than the data's {data_vocab} "
@@ -149,11 +150,17 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))
     trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device,
                       vocab_size=data_vocab if V > data_vocab else None)
+    pack_len = None
+    if cfg.data.packing:
+        pack_len = cfg.data.pack_length or (train_src.manifest.max_length if hasattr(train_src, "manifest")
+                                            else cfg.data.train_dataset.max_length)
+        check_packing(trainer, data_vocab)
     if cfg.lr_find.enabled:
-        return run_lr_find(cfg.lr_find, trainer, sampler, train_src, run_dir, info)
+        return run_lr_find(cfg.lr_find, trainer, sampler, train_src, run_dir, info, pack_length=pack_len)
     print0(f"[train] round {cfg.round}: student {n_params / 1e6:.2f}M params, V={V}; {len(indices)} train samples, "
            f"{sampler.steps_per_epoch} steps/epoch of {sampler.global_batch} samples; {max_steps} steps; "
-           f"alpha={cfg.loss.alpha} tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)")
+           f"alpha={cfg.loss.alpha} tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)"
+           + (f"; packing into rows of {pack_len} tokens" if pack_len else ""))
     logger = MetricsLogger(run_dir, info.rank, cfg.wandb, cfg.model_dump(mode="json"))
     loss_log = LossLogWriter(loss_log_dir or run_dir / "loss_logs", info.rank)
     n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
@@ -173,7 +180,8 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     def run_eval(step: int, epoch_f: float) -> bool:
         """Evaluate, log, export best/; True when early stopping says stop."""
         nonlocal last_eval
-        ev = trainer.evaluate(prefetch(eval_batches(eval_src, n_eval, cfg.micro_batch_size, info.rank, info.world_size)))
+        ev = trainer.evaluate(prefetch(eval_batches(eval_src, n_eval, cfg.micro_batch_size, info.rank, info.world_size,
+                                                       pack_length=pack_len)))
         loss_log.append(cfg.round, "eval", sampler.epoch, step, ev.rows)
         es = cfg.early_stopping
         st["best"], st["bad_evals"], improved, stop_now = early_stopping_update(st["best"], st["bad_evals"], ev.loss,
@@ -198,7 +206,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     bar = tqdm(total=max_steps, initial=st["step"], disable=not info.is_main, desc="train", unit="step",
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
     t_train, outcome = time.perf_counter(), "finished"
-    loader = StepPrefetcher(sampler, train_src, cfg.data.num_workers, cfg.data.prefetch_steps)
+    loader = StepPrefetcher(sampler, train_src, cfg.data.num_workers, cfg.data.prefetch_steps, pack_length=pack_len)
     try:
         for step in range(st["step"] + 1, max_steps + 1):
             t0 = time.perf_counter()

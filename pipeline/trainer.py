@@ -11,13 +11,15 @@ import math
 import re
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline.config import LossConfig, OptimConfig
 from pipeline.distributed import all_reduce_sum, set_gradient_sync
 from pipeline.loader import Batch
-from pipeline.losses import LossSums, distill_loss
+from pipeline.losses import LossSums, fused_linear_loss
+from pipeline.models import defer_output_projection
 
 
 @dataclass
@@ -97,8 +99,51 @@ def early_stopping_update(best: float, bad_evals: int, loss: float, min_delta: f
     return best, bad_evals, improved, patience is not None and bad_evals >= patience
 
 
+@torch.no_grad()
+def check_packing(trainer: "Trainer", vocab_size: int, tol: float = 1e-4) -> None:
+    """Refuse ``data.packing`` for a student whose attention crosses packed samples.
+
+    Two probe samples (5 and 7 tokens) are scored packed in one row and one per row; their
+    losses must agree within ``tol`` (relative): an attention implementation that ignores the
+    restarting ``position_ids`` lets the second sample attend to the first and fails.
+    Collective (every rank runs the same forwards).
+
+    Raises:
+        ValueError: the losses differ (names ``data.packing`` and the model class).
+    """
+    from pipeline.loader import collate
+
+    class _Probe:
+        def __init__(self, sid, n, seed):
+            g = np.random.default_rng(seed)
+            self.sample_id, self.input_ids = sid, g.integers(0, vocab_size, n)
+            self.loss_mask = np.ones(n, dtype=bool)
+
+    recs = [_Probe("a", 5, 0), _Probe("b", 7, 1)]
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        got = [trainer._loss(collate(recs, pack_length=pl).to(trainer.device)).ce_sum.cpu() for pl in (None, 16)]
+    finally:
+        trainer.model.train(was_training)
+    if not torch.allclose(got[0], got[1], rtol=tol, atol=0.0):
+        raise ValueError(f"data.packing: {type(trainer.model).__name__}'s attention does not confine each packed sample "
+                         f"to itself (per-sample CE {got[0].tolist()} unpacked vs {got[1].tolist()} packed); "
+                         "use data.packing: false or an attention implementation that honours position_ids")
+
+
 class Trainer:
     """Runs optimizer steps and evaluations of a (FSDP2-wrapped) causal LM.
+
+    The model's output layer is replaced by :class:`pipeline.models.OutputProjection`
+    (:func:`~pipeline.models.defer_output_projection`, which must run before ``fully_shard``;
+    the Trainer applies it to an unwrapped model itself): the forward pass returns the final
+    hidden states and :func:`pipeline.losses.fused_linear_loss` projects and scores the valid
+    positions chunk by chunk, so no ``(B, T, V)`` logits exist.
+
+    Host synchronisation: one per optimizer step (the step's totals, gradient norm and
+    per-sample rows leave the device in one transfer); the valid-token counts come from the
+    host-side batches.
 
     Args:
         model: the student, already wrapped by ``pipeline.distributed.shard_model``.
@@ -106,30 +151,39 @@ class Trainer:
         max_grad_norm: clip threshold on the global L2 norm (None: no clipping).
         device: where batches go.
         vocab_size: the data's vocabulary V; a student whose output layer is padded beyond it
-            has its logits sliced to the first V (padding rows get no probability mass).
+            scores only the first V rows (padding rows get no probability mass).
+    Raises:
+        TypeError: an FSDP-wrapped model whose output layer was not deferred before wrapping.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_cfg: LossConfig,
                  max_grad_norm: float | None, device: torch.device, vocab_size: int | None = None):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.head = defer_output_projection(model)
         self.vocab_size = vocab_size
         self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
 
     def _loss(self, batch: Batch) -> LossSums:
-        """Forward + :func:`distill_loss`; with ``aux_loss_coef > 0`` the model's auxiliary loss
-        (a per-forward mean) is added as ``coef · aux · n_valid(micro-batch)``, so that after the
-        division by the step's valid-token count it enters as a token-weighted mean.
+        """Forward to the final hidden states + :func:`fused_linear_loss` of the valid positions;
+        with ``aux_loss_coef > 0`` the model's auxiliary loss (a per-forward mean) is added as
+        ``coef · aux · n_valid(micro-batch)``, so that after the division by the step's
+        valid-token count it enters as a token-weighted mean.
 
         Raises:
             ValueError: ``aux_loss_coef > 0`` but the model returns no ``aux_loss``.
         """
         c = self.loss_cfg
         extra = {"output_router_logits": True} if c.aux_loss_coef > 0 else {}
+        if batch.position_ids is not None:  # packed rows: positions restart per sample
+            extra["position_ids"] = batch.position_ids
         out = self.model(input_ids=batch.input_ids, **extra)
-        logits = out.logits if self.vocab_size is None else out.logits[..., : self.vocab_size]
-        sums = distill_loss(logits, batch.input_ids, batch.valid, alpha=c.alpha, temperature=c.temperature,
-                            tail=c.tail, topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs,
-                            tail_logprob=batch.tail_logprob, chunk_size=c.chunk_size)
+        hidden = out.logits  # (R, L, H): the deferred output layer returns its input
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)  # (N, H) valid positions
+        # after the root forward FSDP2 keeps the root's parameters unsharded: .weight is the
+        # all-gathered tensor, and its gradient joins the root's reduce-scatter
+        sums = fused_linear_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
+                                 temperature=c.temperature, tail=c.tail, vocab_size=self.vocab_size,
+                                 chunk_size=c.chunk_size)
         if c.aux_loss_coef > 0:
             aux = getattr(out, "aux_loss", None)
             if aux is None:
@@ -137,69 +191,78 @@ class Trainer:
             sums.loss_sum = sums.loss_sum + c.aux_loss_coef * aux * batch.n_valid
         return sums
 
-    def _rows(self, batch: Batch, sums: LossSums, rows: dict[str, list]) -> None:
+    def _rows(self, batches: list[Batch], per_sample: list[float], rows: dict[str, list]) -> None:
+        """Append the loss-log rows of ``batches`` (host data + the transferred per-sample sums)."""
         c = self.loss_cfg
-        loss = c.alpha * sums.ce_sum + (1 - c.alpha) * c.temperature**2 * sums.kl_sum
-        zeros = torch.zeros_like(sums.ce_sum)
-        mass = entropy = zeros
-        if batch.tail_logprob is not None:  # teacher statistics over the valid positions, per sample
-            mass = (-torch.expm1(batch.tail_logprob) * batch.valid).sum(-1)
-            lp = batch.topk_logprobs  # (B, T-1, k)
-            plogp = torch.where(torch.isneginf(lp), 0.0, lp.exp() * lp)  # -inf = padding slot (sampled caches)
-            entropy = (-plogp.sum(-1) * batch.valid).sum(-1)  # entropy restricted to the stored ids
-        keep = [i for i, s in enumerate(batch.sample_ids) if s is not None]
-        cols = {"sample_id": batch.sample_ids, "n_tokens": sums.n_tokens, "ce_sum": sums.ce_sum,
-                "kl_sum": sums.kl_sum, "loss_sum": loss, "top1_agree": sums.top1_agree,
-                "topk_mass_sum": mass, "teacher_entropy_sum": entropy}
-        for name, col in cols.items():
-            vals = col if isinstance(col, list) else col.tolist()
-            rows.setdefault(name, []).extend(vals[i] for i in keep)
+        at = 0
+        for b in batches:
+            S = len(b.sample_ids)
+            ce, kl, agree = (per_sample[at + j * S: at + (j + 1) * S] for j in range(3))
+            at += 3 * S
+            n_tok = b.n_tokens.tolist()
+            mass = b.topk_mass_sum.tolist() if b.topk_mass_sum is not None else [0.0] * S
+            ent = b.teacher_entropy_sum.tolist() if b.teacher_entropy_sum is not None else [0.0] * S
+            for i, sid in enumerate(b.sample_ids):
+                if sid is None:
+                    continue
+                for name, v in (("sample_id", sid), ("n_tokens", n_tok[i]), ("ce_sum", ce[i]), ("kl_sum", kl[i]),
+                                ("loss_sum", c.alpha * ce[i] + (1 - c.alpha) * c.temperature**2 * kl[i]),
+                                ("top1_agree", int(agree[i])), ("topk_mass_sum", mass[i]),
+                                ("teacher_entropy_sum", ent[i])):
+                    rows.setdefault(name, []).append(v)
 
-    def _totals(self, sums: list[LossSums]) -> torch.Tensor:
-        """(4,) float64 this-rank [Σ loss_sum, Σ CE, Σ KL, N]."""
-        t = torch.zeros(4, dtype=torch.float64, device=self.device)
+    def _finish(self, batches: list[Batch], sums: list[LossSums], n_global: torch.Tensor,
+                extra: torch.Tensor | None = None) -> tuple[list[float], float | None, dict[str, list]]:
+        """All-reduce the totals and move totals, count, ``extra`` and per-sample sums to the
+        host in one transfer. Returns ([Σ loss_sum, Σ CE, Σ KL, N], extra or None, rows)."""
+        f64 = torch.float64
+        tot = torch.zeros(3, dtype=f64, device=self.device)
         for s in sums:
-            t += torch.stack([s.loss_sum.detach().double(), s.ce_sum.sum().double(), s.kl_sum.sum().double(),
-                              s.n_tokens.sum().double()])
-        return t
+            tot += torch.stack([s.loss_sum.detach().to(f64), s.ce_sum.sum().to(f64), s.kl_sum.sum().to(f64)])
+        all_reduce_sum(tot)
+        parts = [tot, n_global.to(f64).reshape(1), (extra if extra is not None else tot.new_zeros(1)).to(f64).reshape(1)]
+        parts += [torch.cat([s.ce_sum.to(f64), s.kl_sum.to(f64), s.top1_agree.to(f64)]) for s in sums]
+        host = torch.cat(parts).tolist()  # the one host synchronisation
+        rows: dict[str, list] = {}
+        self._rows(batches, host[5:], rows)
+        return host[:4], (host[4] if extra is not None else None), rows
 
     def train_step(self, micro_batches: list[Batch]) -> StepStats:
         """One optimizer step over this rank's micro-batches (collective: all ranks call it)."""
         self.model.train()
+        n_local = sum(b.n_valid for b in micro_batches)  # host-side counts: no device sync
         micro_batches = [b.to(self.device) for b in micro_batches]
-        n_global = all_reduce_sum(torch.tensor([sum(b.n_valid for b in micro_batches)], device=self.device))
-        denom = max(int(n_global.item()), 1)
-        rows: dict[str, list] = {}
+        n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.int64, device=self.device))
+        denom = n_global.clamp(min=1).to(torch.float32)  # stays on the device
         sums_all = []
         for i, batch in enumerate(micro_batches):
             set_gradient_sync(self.model, i == len(micro_batches) - 1)
             sums = self._loss(batch)
             (sums.loss_sum / denom).backward()
             sums_all.append(sums)
-            self._rows(batch, sums, rows)
-        grad_norm = None
+        norm = None
         if self.max_grad_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tot = all_reduce_sum(self._totals(sums_all))
-        return StepStats(*(float(x) / denom for x in tot[:3]), n_tokens=int(tot[3]), grad_norm=grad_norm, rows=rows)
+        tot, grad_norm, rows = self._finish(micro_batches, sums_all, n_global, norm)
+        n = max(int(tot[3]), 1)
+        return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), grad_norm=grad_norm, rows=rows)
 
     @torch.no_grad()
     def evaluate(self, batches) -> StepStats:
         """Per-token loss/CE/KL over all ranks' batches (no_grad, not inference_mode:
         PLATFORM.md trap 2). Collective: every rank must pass the same number of batches."""
         self.model.eval()
-        rows: dict[str, list] = {}
-        tot = torch.zeros(4, dtype=torch.float64, device=self.device)
+        kept, sums_all, n_local = [], [], 0
         for batch in batches:
-            batch = batch.to(self.device)
-            sums = self._loss(batch)
-            tot += self._totals([sums])
-            self._rows(batch, sums, rows)
-        all_reduce_sum(tot)
+            n_local += batch.n_valid
+            kept.append(batch)  # the host copy: its rows are written after the one transfer
+            sums_all.append(self._loss(batch.to(self.device)))
+        n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.int64, device=self.device))
+        tot, _, rows = self._finish(kept, sums_all, n_global)
         n = max(int(tot[3]), 1)
-        return StepStats(*(float(x) / n for x in tot[:3]), n_tokens=int(tot[3]), rows=rows)
+        return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), rows=rows)

@@ -1,8 +1,9 @@
 """One SGD(lr=1) optimizer step of a tiny FSDP2 student; the resulting full state dict is saved.
 
-Run as ``python tests/dist_grad_check.py OUT MBS ACCUM`` (1 rank) or under
+Run as ``python tests/dist_grad_check.py OUT MBS ACCUM [PACK]`` (1 rank) or under
 ``torchrun --nproc_per_node=2`` (2 ranks): with the same global batch the saved states must
-match, since the parameter change equals the gradient.
+match, since the parameter change equals the gradient. ``PACK`` > 0 packs each micro-batch
+into rows of that many tokens (``data.packing``).
 """
 import sys
 from pathlib import Path
@@ -17,30 +18,34 @@ from helpers import synthetic_records, tiny_student  # noqa: E402
 from pipeline.config import LossConfig  # noqa: E402
 from pipeline.distributed import barrier, full_state_dict, init_distributed, shard_model, teardown  # noqa: E402
 from pipeline.loader import StepSampler, collate  # noqa: E402
+from pipeline.models import defer_output_projection  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
 
 VOCAB, K, N = 64, 6, 16
 
 
-def one_step(out: str, mbs: int, accum: int) -> None:
+def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
     info = init_distributed("cpu")
     records = synthetic_records(N, VOCAB, K)
-    model = shard_model(tiny_student(VOCAB))
+    student = tiny_student(VOCAB)
+    defer_output_projection(student)  # before fully_shard, as train-student does
+    model = shard_model(student)
     init = {n: t.clone() for n, t in full_state_dict(model).items()}  # may alias the parameters
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     trainer = Trainer(model, opt, None, LossConfig(alpha=0.3, temperature=2.0, tail="bucket"), None, info.device)
     import numpy as np
 
     sampler = StepSampler(np.arange(N), mbs, accum, info.rank, info.world_size, seed=0)
-    micro = [collate([records[i] for i in idx]) for idx in sampler.next_step()]
+    micro = [collate([records[i] for i in idx], pack_length=pack or None) for idx in sampler.next_step()]
     stats = trainer.train_step(micro)
     state = full_state_dict(model)
     if info.rank == 0:
         torch.save({"delta": {n: state[n] - init[n] for n in state}, "loss": stats.loss, "n_tokens": stats.n_tokens,
-                    "micro_valid": [b.n_valid for b in micro]}, out)
+                    "micro_valid": [b.n_valid for b in micro], "rows": stats.rows,
+                    "micro_rows": [b.input_ids.shape[0] for b in micro]}, out)
     barrier()  # destroying the group while rank 0 still saves aborts rank 1 ("terminate called...")
     teardown()
 
 
 if __name__ == "__main__":
-    one_step(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    one_step(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)

@@ -3,6 +3,7 @@ plus inspect-losses and the bad-input errors."""
 import json
 
 import numpy as np
+import torch
 import pyarrow.dataset as pads
 import pytest
 from conftest import precompute_config, run_cli, train_config as _train_cfg, write_yaml
@@ -37,15 +38,20 @@ def test_precompute_two_ranks_equals_one_rank(caches, assets, tmp_path):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_train_student_end_to_end(caches, assets, tmp_path, nproc):
     out = tmp_path / "run"
-    cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, out, micro_batch_size=4 // nproc))
+    over = {"micro_batch_size": 4 // nproc}
+    if nproc == 2:  # packed micro-batches through the CLI (numerics: test_grad_equivalence)
+        over["data"] = {"train_cache": str(caches["train"]), "eval_cache": str(caches["validation"]), "packing": True}
+    cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, out, **over))
     res = run_cli(["stages.train_student", "--config", str(cfg)], nproc=nproc)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == nproc and np.isfinite(summary["final_eval"]["loss"])
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    AutoModelForCausalLM.from_pretrained(out / "final")
-    AutoTokenizer.from_pretrained(out / "final")
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    # the export is a plain HF causal LM: its forward gives vocabulary logits again
+    assert final(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == final.config.vocab_size >= len(tok)
     # 10 steps × 4 samples = exactly one epoch of the 40 samples: each sample logged once
     logs = pads.dataset(out / "loss_logs", format="parquet", partitioning="hive").to_table().to_pandas()
     train = logs[logs["split"] == "train"]

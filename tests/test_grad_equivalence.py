@@ -9,12 +9,12 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "dist_grad_check.py"
 
 
-def _run(out: Path, mbs: int, accum: int, nproc: int = 1) -> dict:
+def _run(out: Path, mbs: int, accum: int, nproc: int = 1, pack: int = 0) -> dict:
     env_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([*env_cmd, str(SCRIPT), str(out), str(mbs), str(accum)], capture_output=True, text=True,
+    res = subprocess.run([*env_cmd, str(SCRIPT), str(out), str(mbs), str(accum), str(pack)], capture_output=True, text=True,
                          timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out, weights_only=False)
@@ -45,3 +45,19 @@ def test_two_ranks_equal_one_rank(tmp_path):
     two = _run(tmp_path / "two.pt", mbs=2, accum=2, nproc=2)
     assert len(set(two["micro_valid"])) > 1
     _assert_same(two, one)
+
+
+def test_packing_equals_padding_and_two_packed_ranks_equal_one(tmp_path):
+    """Packed micro-batches (rows of 48 tokens, samples of 5-24 tokens): the same global token
+    count, loss, per-sample rows and gradient as the padded run, at 1 and 2 ranks."""
+    padded = _run(tmp_path / "pad.pt", mbs=8, accum=1)
+    packed = _run(tmp_path / "pack.pt", mbs=8, accum=1, pack=48)
+    assert packed["micro_rows"][0] < padded["micro_rows"][0]  # several samples per row
+    _assert_same(packed, padded)
+    assert packed["rows"]["sample_id"] == padded["rows"]["sample_id"]
+    assert packed["rows"]["n_tokens"] == padded["rows"]["n_tokens"]
+    for col in ("ce_sum", "kl_sum"):
+        for a, b in zip(packed["rows"][col], padded["rows"][col]):
+            assert abs(a - b) <= 1e-5 * abs(b), (col, a, b)
+    two = _run(tmp_path / "pack2.pt", mbs=2, accum=2, nproc=2, pack=48)
+    _assert_same(two, padded)

