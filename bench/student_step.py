@@ -239,8 +239,8 @@ def main() -> int:
             plain = med(res[f"{name}:plain"], "tok_s")
             for s in specs:
                 r = med(res[s["name"]], "tok_s")
-                lines.append(f"{s['name']:<14} {r:>10,.0f} tok/s   {r / plain:5.2f}x plain"
-                             f"   (rounds: {', '.join(f'{x['tok_s'] / y['tok_s']:.2f}' for x, y in zip(res[s['name']], res[f'{name}:plain']))})")
+                per_round = ", ".join(f"{x['tok_s'] / y['tok_s']:.2f}" for x, y in zip(res[s["name"]], res[f"{name}:plain"]))
+                lines.append(f"{s['name']:<14} {r:>10,.0f} tok/s   {r / plain:5.2f}x plain   (per round: {per_round})")
         if "var" in sections:
             n_var = args.var_batch * (args.warmup + args.steps)
             toks, what = tinystories_lengths(args.realdata, n_var, args.max_length, 1)

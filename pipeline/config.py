@@ -207,7 +207,7 @@ class LossConfig(_Section):
     ``outputs.aux_loss`` with ``output_router_logits=True``); 0 = not requested."""
     chunk_size: int = Field(default=0, ge=0)
     """Valid positions per log-softmax chunk, bounding the float32 (chunk, V) temporaries;
-    0 = automatic (chunks of about 256 MiB of float32 logits, so one chunk for small V)."""
+    0 = automatic (``pipeline.losses.AUTO_CHUNK_BYTES``: 128 MiB of float32 (chunk, V) temporaries)."""
 
 
 class ParamGroupConfig(_Section):

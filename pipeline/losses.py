@@ -59,7 +59,7 @@ import torch
 from pipeline.teacher import log1mexp
 
 
-AUTO_CHUNK_BYTES = 64 * 2**20
+AUTO_CHUNK_BYTES = 128 * 2**20
 """Budget (bytes) of the float32 ``(chunk, V)`` temporaries of one chunk when ``chunk_size=0``."""
 TAIL_MODES = ("renormalize", "bucket", "sampled")
 

@@ -17,7 +17,7 @@ from pipeline.checkpoint import (export_hf, load_checkpoint, load_optimizer_mome
                                  save_optimizer)
 from pipeline.config import ConfigError, TrainStudentConfig, dump_config
 from pipeline.data import load_samples
-from pipeline.distributed import DistInfo, any_rank, barrier, broadcast_object, print0, shard_model
+from pipeline.distributed import DistInfo, barrier, broadcast_object, print0, shard_model
 from pipeline.loader import StepPrefetcher, StepSampler, eval_batches, prefetch
 from pipeline.loss_log import LossLogWriter
 from pipeline.inspect import load_loss_logs
@@ -211,7 +211,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
         for step in range(st["step"] + 1, max_steps + 1):
             t0 = time.perf_counter()
             micro = loader.next_step()
-            stats = trainer.train_step(micro)
+            stats = trainer.train_step(micro, stop_requested=stop.flag)
             dt = time.perf_counter() - t0
             st["tokens"] += stats.n_tokens
             epoch_f = sampler.epoch + sampler.position / len(indices)
@@ -226,7 +226,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
             early = False
             if eval_src is not None and (step % cfg.eval_steps == 0 or step == max_steps):
                 early = run_eval(step, epoch_f)
-            preempted = stop.requested(info.device)
+            preempted = stats.stop  # agreed over all ranks inside the step
             if preempted or (cfg.save_steps and step % cfg.save_steps == 0):
                 checkpoint(step)
             if preempted or early:
@@ -256,8 +256,9 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
 
 
 class Preemption:
-    """SIGTERM/SIGINT set a flag; ``requested`` agrees on it over all ranks at a step boundary,
-    so every rank stops after the same optimizer step (none hangs in a collective)."""
+    """SIGTERM/SIGINT set a flag; the trainer agrees on it over all ranks inside the next
+    optimizer step (``Trainer.train_step(stop_requested=...)``), so every rank stops after the
+    same step (none hangs in a collective)."""
 
     def __init__(self):
         self.flag = False
@@ -270,9 +271,6 @@ class Preemption:
 
     def _set(self, signum, frame) -> None:
         self.flag = True
-
-    def requested(self, device) -> bool:
-        return any_rank(self.flag, device)
 
     def restore(self) -> None:
         for sig, handler in self.old.items():

@@ -37,6 +37,8 @@ class StepStats:
     n_tokens: int
     grad_norm: float | None = None
     rows: dict[str, list] = field(default_factory=dict)
+    stop: bool = False
+    """True on every rank when any rank passed ``stop_requested`` to the step."""
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -212,23 +214,33 @@ class Trainer:
                     rows.setdefault(name, []).append(v)
 
     def _finish(self, batches: list[Batch], sums: list[LossSums], n_global: torch.Tensor,
-                extra: torch.Tensor | None = None) -> tuple[list[float], float | None, dict[str, list]]:
-        """All-reduce the totals and move totals, count, ``extra`` and per-sample sums to the
-        host in one transfer. Returns ([Σ loss_sum, Σ CE, Σ KL, N], extra or None, rows)."""
+                extra: torch.Tensor | None = None, flag: bool = False) -> tuple[list[float], float | None, dict, bool]:
+        """All-reduce the totals (and ``flag``, summed over ranks) and move totals, count,
+        ``extra`` and per-sample sums to the host in one transfer.
+
+        Returns:
+            ([Σ loss_sum, Σ CE, Σ KL, N], extra or None, rows, flag on any rank).
+        """
         f64 = torch.float64
-        tot = torch.zeros(3, dtype=f64, device=self.device)
+        tot = torch.zeros(4, dtype=f64, device=self.device)
+        tot[3] = float(flag)
         for s in sums:
-            tot += torch.stack([s.loss_sum.detach().to(f64), s.ce_sum.sum().to(f64), s.kl_sum.sum().to(f64)])
+            tot[:3] += torch.stack([s.loss_sum.detach().to(f64), s.ce_sum.sum().to(f64), s.kl_sum.sum().to(f64)])
         all_reduce_sum(tot)
         parts = [tot, n_global.to(f64).reshape(1), (extra if extra is not None else tot.new_zeros(1)).to(f64).reshape(1)]
         parts += [torch.cat([s.ce_sum.to(f64), s.kl_sum.to(f64), s.top1_agree.to(f64)]) for s in sums]
         host = torch.cat(parts).tolist()  # the one host synchronisation
         rows: dict[str, list] = {}
-        self._rows(batches, host[5:], rows)
-        return host[:4], (host[4] if extra is not None else None), rows
+        self._rows(batches, host[6:], rows)
+        return host[:3] + [host[4]], (host[5] if extra is not None else None), rows, host[3] > 0
 
-    def train_step(self, micro_batches: list[Batch]) -> StepStats:
-        """One optimizer step over this rank's micro-batches (collective: all ranks call it)."""
+    def train_step(self, micro_batches: list[Batch], stop_requested: bool = False) -> StepStats:
+        """One optimizer step over this rank's micro-batches (collective: all ranks call it).
+
+        ``stop_requested`` (e.g. a SIGTERM seen by this rank) is agreed on over all ranks in the
+        step's own all-reduce and returned as ``StepStats.stop``, so every rank stops after the
+        same step without another synchronisation.
+        """
         self.model.train()
         n_local = sum(b.n_valid for b in micro_batches)  # host-side counts: no device sync
         micro_batches = [b.to(self.device) for b in micro_batches]
@@ -248,9 +260,9 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tot, grad_norm, rows = self._finish(micro_batches, sums_all, n_global, norm)
+        tot, grad_norm, rows, stop = self._finish(micro_batches, sums_all, n_global, norm, stop_requested)
         n = max(int(tot[3]), 1)
-        return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), grad_norm=grad_norm, rows=rows)
+        return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), grad_norm=grad_norm, rows=rows, stop=stop)
 
     @torch.no_grad()
     def evaluate(self, batches) -> StepStats:
@@ -263,6 +275,6 @@ class Trainer:
             kept.append(batch)  # the host copy: its rows are written after the one transfer
             sums_all.append(self._loss(batch.to(self.device)))
         n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.int64, device=self.device))
-        tot, _, rows = self._finish(kept, sums_all, n_global)
+        tot, _, rows, _ = self._finish(kept, sums_all, n_global)
         n = max(int(tot[3]), 1)
         return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), rows=rows)

@@ -24,6 +24,23 @@ from pipeline.trainer import Trainer  # noqa: E402
 VOCAB, K, N = 64, 6, 16
 
 
+def _count_fsdp_collectives() -> dict:
+    """Count FSDP2's all-gathers and reduce-scatters (torch 2.13 calls ``dist.all_gather_single``
+    and ``dist.reduce_scatter_single``) from now on."""
+    import torch.distributed as dist
+
+    counts = {"all_gather": 0, "reduce_scatter": 0}
+    for name, key in (("all_gather_single", "all_gather"), ("reduce_scatter_single", "reduce_scatter")):
+        orig = getattr(dist, name)
+
+        def wrap(*a, _orig=orig, _key=key, **kw):
+            counts[_key] += 1
+            return _orig(*a, **kw)
+
+        setattr(dist, name, wrap)
+    return counts
+
+
 def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
     info = init_distributed("cpu")
     records = synthetic_records(N, VOCAB, K)
@@ -37,12 +54,17 @@ def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
 
     sampler = StepSampler(np.arange(N), mbs, accum, info.rank, info.world_size, seed=0)
     micro = [collate([records[i] for i in idx], pack_length=pack or None) for idx in sampler.next_step()]
+    comms = _count_fsdp_collectives()
     stats = trainer.train_step(micro)
+    comms = dict(comms)
+    from torch.distributed.fsdp import FSDPModule
+
+    comms["groups"] = sum(isinstance(m, FSDPModule) for m in model.modules())
     state = full_state_dict(model)
     if info.rank == 0:
         torch.save({"delta": {n: state[n] - init[n] for n in state}, "loss": stats.loss, "n_tokens": stats.n_tokens,
                     "micro_valid": [b.n_valid for b in micro], "rows": stats.rows,
-                    "micro_rows": [b.input_ids.shape[0] for b in micro]}, out)
+                    "micro_rows": [b.input_ids.shape[0] for b in micro], "comms": comms}, out)
     barrier()  # destroying the group while rank 0 still saves aborts rank 1 ("terminate called...")
     teardown()
 

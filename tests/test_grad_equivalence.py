@@ -45,6 +45,11 @@ def test_two_ranks_equal_one_rank(tmp_path):
     two = _run(tmp_path / "two.pt", mbs=2, accum=2, nproc=2)
     assert len(set(two["micro_valid"])) > 1
     _assert_same(two, one)
+    # the fused output layer adds no collective: per micro-step each FSDP group (blocks + root,
+    # whose parameters include the output projection) is all-gathered once in the forward and
+    # each block once more in the backward; one reduce-scatter per group, on the last micro-step
+    c = two["comms"]
+    assert c["all_gather"] == 2 * (2 * c["groups"] - 1) and c["reduce_scatter"] == c["groups"], c
 
 
 def test_packing_equals_padding_and_two_packed_ranks_equal_one(tmp_path):
