@@ -1,17 +1,16 @@
 """Stage 1: run the frozen teacher(s) over the samples and write the sparse top-k cache."""
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.cache import Encoding, Manifest, cache_record_from_targets, finalize_cache, open_writer, prepare_cache
 from pipeline.cache.manifest import TeacherEntry
 from pipeline.config import PrecomputeConfig
+from pipeline import progress
 from pipeline.data import Sample, load_samples
 from pipeline.distributed import DistInfo, barrier, broadcast_object, gather_objects, print0, shard_model
 from pipeline.loader import collate
@@ -124,8 +123,10 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
             state = prepare_cache(cfg.cache.dir, manifest, cfg.cache.overwrite)
             Path(cfg.cache.dir, "tokenizer").mkdir(exist_ok=True)
             tokenizer.save_pretrained(str(Path(cfg.cache.dir, "tokenizer")))
-        except (ValueError, OSError) as e:
+        except ValueError as e:
             state = e
+        except OSError as e:  # not writable, disk full...: one line naming the directory
+            state = ValueError(f"cache.dir {cfg.cache.dir}: cannot be written ({e})")
     state = broadcast_object(state)
     if isinstance(state, Exception):
         raise state
@@ -140,8 +141,8 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
         t.to(info.device)
     writer = open_writer(cfg.cache.dir, manifest, info.rank, state.attempt, cfg.cache.samples_per_shard,
                          cfg.cache.row_group_size, cfg.cache.compression_level)
-    bar = tqdm(total=sum(len(s.input_ids) for b in batches for s in b), unit="tok", unit_scale=True,
-               disable=not info.is_main, desc="teacher top-k", dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    bar = progress.Progress(sum(len(s.input_ids) for b in batches for s in b), "teacher top-k", "tok",
+                            enabled=info.is_main, unit_scale=True)
     t0 = time.perf_counter()
     my_tokens, last_log = 0, t0
     with torch.no_grad():  # not inference_mode: FSDP2 unshard fails on inference tensors (torch 2.13)

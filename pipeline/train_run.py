@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import math
 import signal
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.cache import open_cache
 from pipeline.checkpoint import (export_hf, load_checkpoint, load_optimizer_moments, resolve_resume, save_checkpoint,
@@ -18,6 +16,7 @@ from pipeline.checkpoint import (export_hf, load_checkpoint, load_optimizer_mome
 from pipeline.config import ConfigError, TrainStudentConfig, dump_config
 from pipeline.data import load_samples
 from pipeline.distributed import DistInfo, barrier, broadcast_object, print0, shard_model
+from pipeline import progress
 from pipeline.loader import StepPrefetcher, StepSampler, eval_batches, prefetch
 from pipeline.loss_log import LossLogWriter
 from pipeline.inspect import load_loss_logs
@@ -191,7 +190,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
                      "round": cfg.round}
         logger.log(last_eval, step)
         if info.is_main:
-            tqdm.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} "
+            progress.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} "
                        f"ppl {last_eval['eval/perplexity']:.2f}{' (best)' if improved else ''}")
         if improved:
             export_hf(model, run_dir / "best", tok_dir, info.rank)
@@ -203,8 +202,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
                   samples_consumed=step * sampler.global_batch)
         save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(st), info.rank, cfg.save_total_limit)
 
-    bar = tqdm(total=max_steps, initial=st["step"], disable=not info.is_main, desc="train", unit="step",
-               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 15.0)
+    bar = progress.Progress(max_steps, "train", "step", enabled=info.is_main, initial=st["step"])
     t_train, outcome = time.perf_counter(), "finished"
     loader = StepPrefetcher(sampler, train_src, cfg.data.num_workers, cfg.data.prefetch_steps, pack_length=pack_len)
     try:
@@ -216,8 +214,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
             st["tokens"] += stats.n_tokens
             epoch_f = sampler.epoch + sampler.position / len(indices)
             loss_log.append(cfg.round, "train", sampler.epoch, step, stats.rows)
-            bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")
+            bar.update(1, loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")
             if step % cfg.log_steps == 0 or step == 1:
                 logger.log({"train/loss": stats.loss, "train/ce_loss": stats.ce, "train/kl_loss": stats.kl,
                             "train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": stats.grad_norm,
