@@ -1,13 +1,18 @@
-"""Exporting the student as a Hugging Face model directory (safetensors + config + tokenizer)."""
+"""Exporting the student as a Hugging Face model directory (safetensors + config + tokenizer),
+and verified sharded checkpoints ``checkpoints/step-NNNNNNNN/`` (DCP shards, ``trainer.pt``,
+per-rank RNG, and ``checksums.json``: the size and sha256 of every other file, written last)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from torch import nn
 
-from pipeline.distributed import barrier, full_state_dict
+from pipeline.distributed import barrier, broadcast_object, full_state_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -39,30 +44,117 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str |
 CKPT_PREFIX = "step-"
 
 
+CHECKSUMS = "checksums.json"
+"""The checkpoint's own manifest: ``{"format": 1, "step": N, "files": {relpath: {"size": bytes,
+"sha256": hex}}}`` over every other file in the directory, written last, before the rename."""
+
+
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first (a checkpoint is complete once renamed from
-    its temporary name; temporary directories are ignored)."""
+    its temporary name; temporary directories are ignored). Not verified: see
+    :func:`verify_checkpoint`."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
 
 
+def _file_sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    """Every file of a checkpoint directory but the checksums file, relative, sorted."""
+    return sorted(f.relative_to(path) for f in path.rglob("*") if f.is_file() and f.name != CHECKSUMS)
+
+
+def write_checksums(path: str | os.PathLike, step: int) -> None:
+    """Record the size and sha256 of every file of the checkpoint directory ``path`` in
+    :data:`CHECKSUMS` (atomically: ``.tmp`` then rename). Call it when every file is written."""
+    path = Path(path)
+    files = {str(f): {"size": (path / f).stat().st_size, "sha256": _file_sha256(path / f)}
+             for f in _checkpoint_files(path)}
+    tmp = path / (CHECKSUMS + ".tmp")
+    tmp.write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=1))
+    os.replace(tmp, path / CHECKSUMS)
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """Check a checkpoint against its :data:`CHECKSUMS`; returns the first problem found (missing
+    or unreadable checksums file, a listed file missing, a size or sha256 mismatch, a file not
+    listed) or None when it passes.
+
+    Cost: reads every byte of the checkpoint (sizes first, so a truncated file is found without
+    hashing). This is the one place to make cheaper (e.g. sizes only, or sampled blocks).
+    """
+    path = Path(path)
+    try:
+        listed = json.loads((path / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {CHECKSUMS} (incomplete, or written by an older version)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {CHECKSUMS} ({type(e).__name__}: {e})"
+    on_disk = {str(f) for f in _checkpoint_files(path)}
+    for name in sorted(set(listed) - on_disk):
+        return f"{name} is missing"
+    for name in sorted(on_disk - set(listed)):
+        return f"{name} is not in {CHECKSUMS}"
+    for name, want in sorted(listed.items()):
+        size = (path / name).stat().st_size
+        if size != want["size"]:
+            return f"{name} has {size} bytes, {want['size']} recorded (truncated or changed)"
+    for name, want in sorted(listed.items()):
+        if _file_sha256(path / name) != want["sha256"]:
+            return f"{name} sha256 mismatch (corrupt or changed)"
+    return None
+
+
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
-    """The checkpoint to resume from for ``resume: auto|never|PATH``.
+    """The checkpoint to resume from for ``resume: auto|never|PATH`` (verified).
+
+    ``auto``: the newest checkpoint of ``run_dir`` that passes :func:`verify_checkpoint`; each
+    newer one that fails is skipped with a warning line on stderr naming it and the problem
+    (None, start afresh, if none passes).
 
     Raises:
         FileNotFoundError: ``resume`` is a path that is not a complete checkpoint.
+        ValueError: ``resume`` is a path to a checkpoint that fails verification (named).
     """
     if resume == "never":
         return None
     if resume == "auto":
-        found = complete_checkpoints(run_dir)
-        return found[-1] if found else None
+        for p in reversed(complete_checkpoints(run_dir)):
+            problem = verify_checkpoint(p)
+            if problem is None:
+                return p
+            print(f"[checkpoint] warning: skipping {p}: fails verification: {problem}", file=sys.stderr, flush=True)
+        return None
     p = Path(resume)
     if not (p / "trainer.pt").is_file():
         raise FileNotFoundError(f"resume: {p} is not a complete checkpoint (no trainer.pt)")
+    problem = verify_checkpoint(p)
+    if problem is not None:
+        raise ValueError(f"resume: checkpoint {p} fails verification: {problem}")
     return p
+
+
+def agree_resume(run_dir: str | os.PathLike, resume: str, rank: int) -> Path | None:
+    """:func:`resolve_resume` on rank 0 (hashing once, warnings once), the answer broadcast to
+    every rank (collective); an error is raised on every rank."""
+    found: object = None
+    if rank == 0:
+        try:
+            found = resolve_resume(run_dir, resume)
+        except (FileNotFoundError, ValueError) as e:
+            found = e
+    found = broadcast_object(found)
+    if isinstance(found, Exception):
+        raise found
+    return found
 
 
 def _dcp_state(model: nn.Module, optimizer) -> dict:
@@ -78,8 +170,10 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     Sharded model and optimizer state go through ``torch.distributed.checkpoint`` (each rank
     writes its shards); rank 0 adds ``trainer.pt`` (LR scheduler + trainer state: round, epoch,
     step, data position, best eval, patience); every rank adds its RNG state. The directory is
-    written under a temporary name and renamed when all ranks are done; then checkpoints beyond
-    the newest ``keep`` are deleted.
+    written under a temporary name; when all ranks are done rank 0 records the checksums of its
+    files (:func:`write_checksums`) and renames it. Then checkpoints beyond the newest ``keep``
+    are deleted, never the one just written (the newest that passes verification: an older run
+    may have left a corrupt checkpoint of a later step).
     """
     import torch
     import torch.distributed.checkpoint as dcp
@@ -96,10 +190,12 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     if rank == 0:
         torch.save({"scheduler": scheduler.state_dict(), "trainer": trainer_state}, tmp / "trainer.pt.tmp")
         os.replace(tmp / "trainer.pt.tmp", tmp / "trainer.pt")
+        write_checksums(tmp, step)  # last: a checkpoint without it fails verification
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
 

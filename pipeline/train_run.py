@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.checkpoint import (export_hf, load_checkpoint, load_optimizer_moments, resolve_resume, save_checkpoint,
+from pipeline.checkpoint import (agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint,
                                  save_optimizer)
 from pipeline.config import ConfigError, TrainStudentConfig, dump_config
 from pipeline.data import load_samples
@@ -164,7 +164,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     loss_log = LossLogWriter(loss_log_dir or run_dir / "loss_logs", info.rank)
     n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
     st = {"step": 0, "epoch": 0, "position": 0, "best": math.inf, "bad_evals": 0, "tokens": 0, "round": cfg.round}
-    ckpt = resolve_resume(run_dir, cfg.resume)
+    ckpt = agree_resume(run_dir, cfg.resume, info.rank)  # verified on rank 0, the same on every rank
     if ckpt is not None:
         st = load_checkpoint(ckpt, model, optimizer, scheduler, info.rank)
         sampler.epoch, sampler.position = st["epoch"], st["position"]
