@@ -1,5 +1,12 @@
-"""Shared command-line plumbing of the stages: ``--config FILE [key=value ...]``, process-group
-set-up and teardown, and one-line errors with a non-zero exit code."""
+"""Shared command-line plumbing of the stages: ``--config FILE [key=value ...]`` plus each stage's
+own flags, process-group set-up and teardown, and one-line errors with a non-zero exit code.
+
+Error policy: the library converts the errors of bad inputs where they happen (a file, a
+directory, a checkpoint) into :data:`USER_ERRORS` whose message names the item; those end
+with exit code 2 and the single line ``PROG: error: MESSAGE`` on stderr. Anything else is a
+bug or an environment failure: one line ``PROG: internal error: TYPE: MESSAGE (rerun with
+KD_DEBUG=1 for the traceback)`` and exit code 1. ``KD_DEBUG=1`` re-raises both kinds.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,22 +18,49 @@ from pipeline.config import ConfigError, load_config
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError)
 
+ENV_HELP = """environment:
+  KD_DEBUG=1             show the traceback of an error instead of one line
+  KD_PROGRESS_EVERY_S=N  seconds between progress lines when stderr is not a terminal (default 30)"""
 
-def parse(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+
+def parse(prog: str, description: str, argv: list[str] | None,
+          flags: dict[str, tuple[str, str]] | None = None) -> argparse.Namespace:
+    """Parse ``--config FILE [flags] [key=value ...]``.
+
+    Args:
+        flags: ``{"--flag": (override, help)}``: boolean flags that append ``override`` (a
+            ``key=value``) to the overrides when given, e.g. ``--lr-find`` → ``lr_find.enabled=true``.
+    Returns:
+        The namespace; ``overrides`` includes the overrides of the flags given.
+    """
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=ENV_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config file")
+    for flag, (override, text) in (flags or {}).items():
+        p.add_argument(flag, action="append_const", const=override, dest="flag_overrides", help=f"{text} (= {override})")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3")
-    return p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
+    args.overrides = list(args.overrides) + list(getattr(args, "flag_overrides", None) or [])
+    return args
 
 
-def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, description: str) -> int:
+def one_line(msg: object) -> str:
+    """``msg`` as a single line (the lines of a multi-line message joined by `` / ``)."""
+    return " / ".join(ln.strip() for ln in str(msg).splitlines() if ln.strip())
+
+
+def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, description: str,
+              flags: dict[str, tuple[str, str]] | None = None) -> int:
     """Load the config, initialise distributed, call ``fn(cfg, info)``, always tear down.
 
-    Returns 0 on success, 2 on a user error (bad config, path, vocabulary...; one line on
-    stderr naming the key/path/sizes), and re-raises anything unexpected.
+    Returns:
+        0 on success; 2 on a user error (:data:`USER_ERRORS`: bad config, path, data file,
+        model, checkpoint, vocabulary...; one line on stderr naming the key/path/sizes); 1 on
+        any other exception (one line with its type; ``KD_DEBUG=1`` re-raises instead).
     """
-    args = parse(prog, description, argv)
+    args = parse(prog, description, argv, flags)
     from pipeline.distributed import barrier, init_distributed, teardown
+    from pipeline.progress import close_all
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
@@ -35,6 +69,7 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
     transformers.utils.logging.disable_progress_bar()  # keep the console to our own progress bars
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
+    debug = os.environ.get("KD_DEBUG", "") not in ("", "0")
     try:
         cfg = load_config(cfg_cls, args.config, args.overrides)
         info = init_distributed(cfg.device)
@@ -42,8 +77,18 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
         barrier()  # no rank destroys the gloo group while another still uses it (aborts otherwise)
         return 0
     except USER_ERRORS as e:
+        close_all()  # an open progress bar's line is ended first: the error starts on its own line
+        if debug:
+            raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {one_line(msg)}", file=sys.stderr, flush=True)
         return 2
+    except Exception as e:  # last resort: a bug or an environment failure, not a bad input
+        close_all()
+        if debug:
+            raise
+        what = f"{type(e).__name__}: {one_line(e)}" if one_line(e) else type(e).__name__
+        print(f"{prog}: internal error: {what} (rerun with KD_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
+        return 1
     finally:
         teardown()

@@ -14,25 +14,93 @@ from torch import nn
 
 
 def _require_dir(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path. Raises FileNotFoundError naming ``what`` when it does not exist."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{what} not found: {p}")
     return p
 
 
+def _check_config(p: Path, what: str) -> None:
+    """``config.json`` of a model directory (or ``p`` itself, a config file) is a JSON object.
+
+    Raises:
+        FileNotFoundError: no config.json.
+        ValueError: not valid JSON (line and column named) or not an object.
+    """
+    f = p if p.is_file() else p / "config.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{what} has no config.json: {p}")
+    try:
+        cfg = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} config {f} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{what} config {f}: not UTF-8 text (byte offset {e.start})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{what} config {f}: a JSON {type(cfg).__name__}, expected an object")
+
+
+def _bad_weight_file(p: Path) -> str | None:
+    """The first ``*.safetensors`` file in ``p`` whose header does not open (truncated, not
+    safetensors), as ``path (reason)``; None if all open."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(p.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except (SafetensorError, OSError) as e:
+            return f"{f} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+    return None
+
+
+def _from_pretrained(p: Path, what: str, dtype: torch.dtype) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` with its load errors as one line naming the path.
+
+    Raises:
+        FileNotFoundError: no weight files in ``p``.
+        ValueError: a truncated or corrupt weight file (named), a config transformers refuses
+            (unknown model type...), weights that do not fit the config.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
+        bad = _bad_weight_file(p)
+        if bad is not None:
+            raise ValueError(f"{what} weights unreadable (truncated or corrupt): {bad}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if isinstance(e, OSError) and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+            raise FileNotFoundError(f"{what} {p} has no weights (model.safetensors): {first}") from e
+        raise ValueError(f"{what} {p} cannot be loaded ({type(e).__name__}: {first})") from e
+
+
 def load_tokenizer(path: str | os.PathLike):
     """``AutoTokenizer.from_pretrained`` on a local directory.
 
     Raises:
-        FileNotFoundError: the directory does not exist or holds no tokenizer.
+        FileNotFoundError: the directory does not exist or holds no loadable tokenizer (a
+            missing, invalid or truncated tokenizer.json...; the directory and the first line of
+            the loader's message are named).
+        ValueError: the directory's config.json is not valid JSON (line and column named).
     """
     from transformers import AutoTokenizer
 
     p = _require_dir(path, "tokenizer directory")
+    if (p / "config.json").is_file():  # AutoTokenizer reads a model directory's config.json too
+        _check_config(p, "model")
     try:
         return AutoTokenizer.from_pretrained(str(p))
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"no loadable tokenizer in {p}: {str(e).splitlines()[0]}") from e
+    except Exception as e:
+        # tokenizers (Rust) raises a bare Exception for a tokenizer.json it cannot parse; the
+        # Python side raises OSError / ValueError / KeyError / TypeError. Anything else is a bug.
+        if not (type(e) is Exception or isinstance(e, (OSError, ValueError, KeyError, TypeError))):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FileNotFoundError(f"no loadable tokenizer in {p}: {type(e).__name__}: {first}") from e
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -62,13 +130,12 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
 
     Raises:
         FileNotFoundError: the directory or its config/weights are missing.
+        ValueError: config.json is not valid JSON (line named), a weight file is truncated or
+            corrupt (named), or transformers refuses the model (see :func:`_from_pretrained`).
     """
-    from transformers import AutoModelForCausalLM
-
     p = _require_dir(path, "teacher directory")
-    if not (p / "config.json").is_file():
-        raise FileNotFoundError(f"teacher directory has no config.json: {p}")
-    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+    _check_config(p, "teacher")
+    model = _from_pretrained(p, "teacher", dtype)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -82,15 +149,22 @@ def build_student(path: str | os.PathLike, init: str, seed: int, dtype: torch.dt
             ``config.json`` file itself.
         init: ``random`` (weights drawn with ``torch.manual_seed(seed)``) or ``pretrained``.
     Raises:
-        FileNotFoundError: the path or its config is missing.
+        FileNotFoundError: the path, its config or (pretrained) its weights are missing.
+        ValueError: config.json is not valid JSON (line named), a weight file is truncated or
+            corrupt (named), or transformers refuses the config.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     p = _require_dir(path, "student path")
+    _check_config(p, "student")
     if init == "pretrained":
-        model = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
+        model = _from_pretrained(p.parent if p.is_file() else p, "student", dtype)
     else:
-        config = AutoConfig.from_pretrained(str(p.parent if p.is_file() else p))
+        try:
+            config = AutoConfig.from_pretrained(str(p.parent if p.is_file() else p))
+        except (OSError, ValueError, KeyError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"student config {p} cannot be loaded ({type(e).__name__}: {first})") from e
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.config.use_cache = False

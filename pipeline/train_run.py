@@ -125,6 +125,9 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
         print0(f"[train] student output layer has {V} rows, the data's vocabulary {data_vocab}: logits are sliced "
                f"to the first {data_vocab}")
     n_params = count_parameters(model)
+    # verified on rank 0 (the same answer on every rank) before anything is written: a resume
+    # PATH that fails verification leaves the run directory as it was; lr-find does not resume
+    ckpt = None if cfg.lr_find.enabled else agree_resume(run_dir, cfg.resume, info.rank)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, run_dir / "config.yaml")
@@ -164,7 +167,6 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     loss_log = LossLogWriter(loss_log_dir or run_dir / "loss_logs", info.rank)
     n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
     st = {"step": 0, "epoch": 0, "position": 0, "best": math.inf, "bad_evals": 0, "tokens": 0, "round": cfg.round}
-    ckpt = agree_resume(run_dir, cfg.resume, info.rank)  # verified on rank 0, the same on every rank
     if ckpt is not None:
         st = load_checkpoint(ckpt, model, optimizer, scheduler, info.rank)
         sampler.epoch, sampler.position = st["epoch"], st["position"]

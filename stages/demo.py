@@ -91,7 +91,11 @@ def ppl(run_dir: Path) -> float:
     return json.loads((run_dir / "summary.json").read_text())["final_eval"]["perplexity"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m stages.demo", description=__doc__,  # no options
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     t0 = time.time()
     os.environ.setdefault("WANDB_SILENT", "true")
     build_assets()

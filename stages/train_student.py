@@ -12,13 +12,15 @@ from pipeline.cli import run_stage
 from pipeline.config import TrainStudentConfig
 
 
+FLAGS = {"--lr-find": ("lr_find.enabled=true", "run an LR range test instead of training; writes lr_find.csv/.png "
+                                               "in output_dir (lr_find.{min_lr,max_lr,steps})")}
+"""The stage's own flags (listed by ``--help``): flag → (the override it stands for, help)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     from pipeline.train_run import run
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "--lr-find" in argv:  # LR range test instead of training: writes lr_find.csv/.png
-        argv = [a for a in argv if a != "--lr-find"] + ["lr_find.enabled=true"]
-    return run_stage("train-student", TrainStudentConfig, run, argv, __doc__.splitlines()[0])
+    return run_stage("train-student", TrainStudentConfig, run, argv, __doc__.splitlines()[0], flags=FLAGS)
 
 
 if __name__ == "__main__":

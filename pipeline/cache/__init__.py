@@ -60,9 +60,12 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
 
     Raises:
         ValueError: the directory holds a cache with a different header (the differences are
-            named) and ``overwrite`` is false, or it is a non-empty directory that is not a cache.
+            named) and ``overwrite`` is false, or it is a non-empty directory that is not a cache,
+            or the path is an existing file (even with ``overwrite``: a file is never removed).
     """
     d = Path(cache_dir)
+    if d.exists() and not d.is_dir():
+        raise ValueError(f"cache.dir {d} is an existing file, not a directory; use another cache.dir (nothing was changed)")
     if d.exists() and any(d.iterdir()):
         if not (d / MANIFEST).is_file():
             if not overwrite:
@@ -122,10 +125,12 @@ def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, ver
         max_cached_bytes: bound of the reader's LRU of decoded blocks.
     Raises:
         FileNotFoundError: no such cache / no manifest / a listed shard is missing.
-        ValueError: incomplete cache (without ``allow_incomplete``), an invalid manifest, a
+        ValueError: the path is a file, incomplete cache (without ``allow_incomplete``), an invalid manifest, a
             format version this code does not read, a checksum or row-count mismatch, a shard
             on disk without a listing, duplicate sample IDs (shard and sample ID named).
     """
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise ValueError(f"cache {cache_dir} is a file, not a teacher cache directory")
     m = read_manifest(cache_dir)
     if m.format_version != FORMAT_VERSION:
         raise ValueError(f"cache {cache_dir} has format_version {m.format_version}; this version reads "
