@@ -160,7 +160,8 @@ def child(spec: dict) -> dict:
         opt = build_optimizer(model, ocfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, n_steps))
         alpha = 1.0 if spec["mode"] == "ce" else 0.5
-        trainer = Trainer(model, opt, sched, LossConfig(alpha=alpha, tail="bucket"), 1.0, info.device)
+        trainer = Trainer(model, opt, sched, LossConfig(alpha=alpha, tail="bucket"), 1.0, info.device,
+                          packing=spec["mode"] == "packed")
         loader = StepPrefetcher(sampler, src, num_workers=2, depth=4,
                                 pack_length=spec["max_length"] if spec["mode"] == "packed" else None)
         for _ in range(n_steps):

@@ -43,6 +43,8 @@ class Batch:
             targets of the valid positions, or None (CE-only data).
         topk_mass_sum, teacher_entropy_sum: (S,) float64 per-sample sums over valid positions of
             the stored top-k mass and the entropy restricted to the stored ids (host), or None.
+        segments: packed rows only: per row, the ``(start, end)`` token ranges of its samples and
+            trailing padding, covering ``[0, L)`` (host; for ``pipeline.packing``).
     """
 
     sample_ids: list[str | None]
@@ -57,6 +59,7 @@ class Batch:
     tail_logprob: torch.Tensor | None = None
     topk_mass_sum: torch.Tensor | None = None
     teacher_entropy_sum: torch.Tensor | None = None
+    segments: list[list[tuple[int, int]]] | None = None
 
     _DEVICE_FIELDS = ("input_ids", "rows", "labels", "sample_index", "position_ids", "topk_ids", "topk_logprobs",
                       "tail_logprob")
@@ -118,17 +121,21 @@ def collate(records: list, pad_only: bool = False, pack_length: int | None = Non
     ids = np.zeros((len(layout), L), dtype=np.int64)
     pos = np.zeros((len(layout), L), dtype=np.int64) if pack_length else None
     start = np.zeros(S, dtype=np.int64)  # flat index of each sample's first token
+    segments: list[list[tuple[int, int]]] | None = [] if pack_length else None
     for r, row in enumerate(layout):
         off = 0
+        segs = []
         for i in row:
             n = lengths[i]
             ids[r, off: off + n] = records[i].input_ids
             if pos is not None:
                 pos[r, off: off + n] = np.arange(n)
             start[i] = r * L + off
+            segs.append((off, off + n))
             off += n
         if pos is not None:
             pos[r, off:] = np.arange(L - off)  # trailing padding: a sequence of its own
+            segments.append(segs + ([(off, L)] if off < L else []))
     if pad_only:
         t_sel = [np.zeros(0, dtype=np.int64) for _ in records]
     else:
@@ -141,7 +148,7 @@ def collate(records: list, pad_only: bool = False, pack_length: int | None = Non
     sids = [None if pad_only else r.sample_id for r in records]
     batch = Batch(sids, torch.from_numpy(ids), torch.from_numpy(rows), torch.from_numpy(labels),
                   torch.from_numpy(sample_index), torch.from_numpy(counts),
-                  None if pos is None else torch.from_numpy(pos))
+                  None if pos is None else torch.from_numpy(pos), segments=segments)
     if not hasattr(records[0], "topk_ids"):
         return batch
     tk_ids = np.concatenate([r.topk_ids[t] for r, t in zip(records, t_sel)]).astype(np.int64)

@@ -151,7 +151,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))
     trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device,
-                      vocab_size=data_vocab if V > data_vocab else None)
+                      vocab_size=data_vocab if V > data_vocab else None, packing=cfg.data.packing)
     pack_len = None
     if cfg.data.packing:
         pack_len = cfg.data.pack_length or (train_src.manifest.max_length if hasattr(train_src, "manifest")

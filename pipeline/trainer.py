@@ -20,6 +20,7 @@ from pipeline.distributed import all_reduce_sum, set_gradient_sync
 from pipeline.loader import Batch
 from pipeline.losses import LossSums, fused_linear_loss
 from pipeline.models import defer_output_projection
+from pipeline.packing import enable_packed_attention
 
 
 @dataclass
@@ -122,12 +123,14 @@ def check_packing(trainer: "Trainer", vocab_size: int, tol: float = 1e-4) -> Non
             self.loss_mask = np.ones(n, dtype=bool)
 
     recs = [_Probe("a", 5, 0), _Probe("b", 7, 1)]
-    was_training = trainer.model.training
+    was_training, loss_cfg = trainer.model.training, trainer.loss_cfg
     trainer.model.eval()
+    trainer.loss_cfg = loss_cfg.model_copy(update={"alpha": 1.0, "aux_loss_coef": 0.0})  # CE only: no teacher
     try:
         got = [trainer._loss(collate(recs, pack_length=pl).to(trainer.device)).ce_sum.cpu() for pl in (None, 16)]
     finally:
         trainer.model.train(was_training)
+        trainer.loss_cfg = loss_cfg
     if not torch.allclose(got[0], got[1], rtol=tol, atol=0.0):
         raise ValueError(f"data.packing: {type(trainer.model).__name__}'s attention does not confine each packed sample "
                          f"to itself (per-sample CE {got[0].tolist()} unpacked vs {got[1].tolist()} packed); "
@@ -154,14 +157,18 @@ class Trainer:
         device: where batches go.
         vocab_size: the data's vocabulary V; a student whose output layer is padded beyond it
             scores only the first V rows (padding rows get no probability mass).
+        packing: batches may hold packed rows (``data.packing``): the student's attention is
+            prepared by :func:`pipeline.packing.enable_packed_attention`.
     Raises:
         TypeError: an FSDP-wrapped model whose output layer was not deferred before wrapping.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_cfg: LossConfig,
-                 max_grad_norm: float | None, device: torch.device, vocab_size: int | None = None):
+                 max_grad_norm: float | None, device: torch.device, vocab_size: int | None = None,
+                 packing: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.head = defer_output_projection(model)
+        self.packed_call = enable_packed_attention(model) if packing else None
         self.vocab_size = vocab_size
         self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
 
@@ -177,7 +184,12 @@ class Trainer:
         c = self.loss_cfg
         extra = {"output_router_logits": True} if c.aux_loss_coef > 0 else {}
         if batch.position_ids is not None:  # packed rows: positions restart per sample
+            if self.packed_call is None:
+                raise ValueError("a packed batch reached a Trainer built with packing=False")
             extra["position_ids"] = batch.position_ids
+            if self.packed_call == "segments":  # one causal attention per sample (pipeline/packing.py)
+                extra["attention_mask"] = torch.ones_like(batch.input_ids)
+                extra["kd_segments"] = batch.segments
         out = self.model(input_ids=batch.input_ids, **extra)
         hidden = out.logits  # (R, L, H): the deferred output layer returns its input
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)  # (N, H) valid positions

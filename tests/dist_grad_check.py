@@ -49,7 +49,8 @@ def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
     model = shard_model(student)
     init = {n: t.clone() for n, t in full_state_dict(model).items()}  # may alias the parameters
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    trainer = Trainer(model, opt, None, LossConfig(alpha=0.3, temperature=2.0, tail="bucket"), None, info.device)
+    trainer = Trainer(model, opt, None, LossConfig(alpha=0.3, temperature=2.0, tail="bucket"), None, info.device,
+                      packing=pack > 0)
     import numpy as np
 
     sampler = StepSampler(np.arange(N), mbs, accum, info.rank, info.world_size, seed=0)

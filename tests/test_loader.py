@@ -123,6 +123,10 @@ def test_collate_packs_without_crossing_sample_boundaries():
         assert row % L + 1 < L and int(flat_pos[row + 1]) == t + 1  # the target is in the same sample
         assert flat_ids[row] == rec.input_ids[t] and packed.labels[n] == rec.input_ids[t + 1]
     assert packed.n_valid == padded.n_valid == sum(int(r.loss_mask[1:].sum()) for r in recs)
+    for r, segs in enumerate(packed.segments):  # contiguous ranges covering the row; position 0 at each start
+        assert segs[0][0] == 0 and segs[-1][1] == L and all(a[1] == b[0] for a, b in zip(segs, segs[1:]))
+        assert all(int(packed.position_ids[r, s]) == 0 for s, _ in segs)
+    assert sum(len(segs) for segs in packed.segments) >= len(recs) and padded.segments is None
     rows = pack_rows([5, 9, 3, 7, 2], 10)
     assert sorted(i for r in rows for i in r) == list(range(5))
     assert all(sum([5, 9, 3, 7, 2][i] for i in r) <= 10 for r in rows) and len(rows) == 3

@@ -86,3 +86,18 @@ def test_student_with_padded_output_layer_equals_unpadded():
     ga, gb = small.get_input_embeddings().weight.grad, padded.get_input_embeddings().weight.grad
     torch.testing.assert_close(gb[:V], ga, rtol=1e-5, atol=1e-7)
     assert gb[V:].abs().max() == 0  # padding rows are never predicted nor input
+
+
+def test_packing_probe_accepts_segment_attention_and_refuses_crossing_attention():
+    import torch
+
+    from pipeline.config import LossConfig
+    from pipeline.trainer import Trainer, check_packing
+
+    model = tiny_student(64)
+    trainer = Trainer(model, None, None, LossConfig(alpha=0.5), None, torch.device("cpu"), packing=True)
+    assert model.config._attn_implementation == "kd_segment_sdpa"
+    check_packing(trainer, 64)  # one causal attention per packed sample: passes
+    model.set_attn_implementation("sdpa")  # plain causal attention over the whole packed row
+    with pytest.raises(ValueError, match="data.packing"):
+        check_packing(trainer, 64)
