@@ -37,7 +37,8 @@ def parse(prog: str, description: str, argv: list[str] | None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config file")
     for flag, (override, text) in (flags or {}).items():
-        p.add_argument(flag, action="append_const", const=override, dest="flag_overrides", help=f"{text} (= {override})")
+        p.add_argument(flag, action="append_const", const=override, dest="flag_overrides",
+                       help=f"{text} (= {override})")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3")
     args = p.parse_intermixed_args(argv)
     args.overrides = list(args.overrides) + list(getattr(args, "flag_overrides", None) or [])

@@ -65,7 +65,8 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
     """
     d = Path(cache_dir)
     if d.exists() and not d.is_dir():
-        raise ValueError(f"cache.dir {d} is an existing file, not a directory; use another cache.dir (nothing was changed)")
+        raise ValueError(f"cache.dir {d} is an existing file, not a directory; use another cache.dir "
+                         "(nothing was changed)")
     if d.exists() and any(d.iterdir()):
         if not (d / MANIFEST).is_file():
             if not overwrite:
