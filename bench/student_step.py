@@ -8,7 +8,7 @@ and the same batches:
   ``AdamW.step`` → ``zero_grad``; no FSDP, no clipping, data already in memory. **The baseline.**
 * ``ce``: train-student with ``loss.alpha: 1`` — ``pipeline.trainer.Trainer.train_step`` on the
   FSDP2-wrapped student with the fused output loss, clipping at 1.0, AdamW, batches read from a
-  parquet cache by the prefetching loader (``StepPrefetcher``, 2 threads), as train-student runs.
+  parquet cache by the prefetching loader (``StepPrefetcher``, train-student's default threads).
 * ``kd``: the same with ``alpha: 0.5``, ``tail: bucket`` and the cache's k = 64 top-k targets.
 * variable-length data (TinyStories paragraphs tokenized with the stories260K tokenizer when
   ``--realdata`` is given, otherwise lengths drawn like them): ``plain-var`` (the plain loop,
@@ -50,7 +50,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 K = 64
 STUDENTS = {"v32k": dict(vocab=32000, hidden=256, layers=4, heads=4, kv_heads=2, ffn=512),
-            "v512": dict(vocab=512, hidden=32, layers=4, heads=4, kv_heads=2, ffn=86)}
+            "v512": dict(vocab=512, hidden=32, layers=4, heads=4, kv_heads=2, ffn=86),
+            # a student whose transformer body, not its output layer, dominates the step (25M body
+            # parameters, the stories260K vocabulary): where padding costs the most compute
+            "body": dict(vocab=512, hidden=512, layers=8, heads=8, kv_heads=4, ffn=1376)}
 
 
 def peak_rss_mib() -> float:
@@ -162,7 +165,10 @@ def child(spec: dict) -> dict:
         alpha = 1.0 if spec["mode"] == "ce" else 0.5
         trainer = Trainer(model, opt, sched, LossConfig(alpha=alpha, tail="bucket"), 1.0, info.device,
                           packing=spec["mode"] == "packed")
-        loader = StepPrefetcher(sampler, src, num_workers=2, depth=4,
+        from pipeline.config import TrainDataConfig
+
+        defaults = TrainDataConfig.model_fields  # train-student's defaults (num_workers, prefetch_steps)
+        loader = StepPrefetcher(sampler, src, defaults["num_workers"].default, defaults["prefetch_steps"].default,
                                 pack_length=spec["max_length"] if spec["mode"] == "packed" else None)
         for _ in range(n_steps):
             t0 = time.perf_counter()
@@ -245,7 +251,7 @@ def main() -> int:
         if "var" in sections:
             n_var = args.var_batch * (args.warmup + args.steps)
             toks, what = tinystories_lengths(args.realdata, n_var, args.max_length, 1)
-            for student in ("v512", "v32k"):
+            for student in ("v512", "v32k", "body"):
                 V = STUDENTS[student]["vocab"]
                 cache = write_cache(tmp / f"cache-var-{student}", [[t % V for t in ids] for ids in toks], V)
                 specs = [dict(base, name=f"var-{student}:{m}", mode=m, student=student, cache=str(cache),

@@ -152,8 +152,10 @@ def shard_model(model: nn.Module, *, mixed_precision: bool = False, sum_gradient
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Turn FSDP2's reduce-scatter on (last micro-step) or off (accumulation micro-steps)."""
-    model.set_requires_gradient_sync(enabled)
+    """Turn FSDP2's reduce-scatter on (last micro-step) or off (accumulation micro-steps);
+    a module that is not FSDP-wrapped (unit tests) has nothing to sync."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -278,7 +278,7 @@ class StepPrefetcher:
         pack_length: pack each micro-batch's samples into rows of this many tokens (None: off).
     """
 
-    def __init__(self, sampler: StepSampler, source, num_workers: int = 2, depth: int = 4,
+    def __init__(self, sampler: StepSampler, source, num_workers: int = 1, depth: int = 4,
                  pack_length: int | None = None):
         self.sampler, self.source, self.depth, self.pack_length = sampler, source, depth, pack_length
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="kd-loader") if num_workers > 0 else None

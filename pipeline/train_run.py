@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -213,6 +214,16 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
             micro = loader.next_step()
             stats = trainer.train_step(micro, stop_requested=stop.flag)
             dt = time.perf_counter() - t0
+            if stats.nonfinite:  # the optimizer step was skipped: the weights are the previous step's
+                st["skipped_steps"] = st.get("skipped_steps", 0) + 1
+                ids = ", ".join(stats.nonfinite_sample_ids[:8]) + (" ..." if len(stats.nonfinite_sample_ids) > 8 else "")
+                what = (f"non-finite loss or gradient norm at step {step} (round {cfg.round}; loss {stats.loss}, "
+                        f"grad norm {stats.grad_norm}); samples on rank {info.rank}: {ids or 'none'}")
+                if st["skipped_steps"] > cfg.skip_nonfinite:
+                    raise ValueError(f"{what}; stopped with no checkpoint after it "
+                                     f"(skip_nonfinite={cfg.skip_nonfinite} steps may be skipped)")
+                print(f"[train] warning: {what}; step skipped ({st['skipped_steps']} of skip_nonfinite="
+                      f"{cfg.skip_nonfinite})", file=sys.stderr, flush=True)
             st["tokens"] += stats.n_tokens
             epoch_f = sampler.epoch + sampler.position / len(indices)
             loss_log.append(cfg.round, "train", sampler.epoch, step, stats.rows)
@@ -221,6 +232,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
                 logger.log({"train/loss": stats.loss, "train/ce_loss": stats.ce, "train/kl_loss": stats.kl,
                             "train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": stats.grad_norm,
                             "train/epoch": epoch_f, "train/step": step, "train/tokens_per_second": stats.n_tokens / dt,
+                            "train/skipped_steps": st.get("skipped_steps", 0),
                             "round": cfg.round}, step)
             early = False
             if eval_src is not None and (step % cfg.eval_steps == 0 or step == max_steps):

@@ -232,3 +232,24 @@ def test_help_lists_every_flag(script, capsys):
     assert all(f in out for f in flags), (flags, out)
     if script == "train-student":
         assert "--lr-find" in out
+
+
+def test_nonfinite_loss_stops_the_run_naming_step_and_samples(assets, caches, tmp_path, capfd):
+    """A student whose final norm is NaN: train-student stops at step 1 with one line naming the
+    step and the micro-batch's sample IDs; no checkpoint or final/ is written after it."""
+    from transformers import AutoModelForCausalLM
+
+    from stages.train_student import main as train
+
+    student = tmp_path / "nan-student"
+    model = AutoModelForCausalLM.from_pretrained(assets["teacher"])
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(student)
+    run = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, run, save_steps=1))
+    capfd.readouterr()  # the progress bars of loading and saving the NaN student above
+    err = _one_line_error(train, ["--config", cfg, f"student.path={student}", "student.init=pretrained"], capfd,
+                          "non-finite loss", "step 1", "skip_nonfinite=0")
+    assert re.search(r"samples on rank 0: \S+", err)
+    assert not (run / "final").exists() and not complete_checkpoints(run)

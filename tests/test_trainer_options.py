@@ -1,4 +1,6 @@
 """Optimizer parameter groups and LR schedules."""
+import math
+
 import pytest
 from helpers import tiny_student
 
@@ -101,3 +103,40 @@ def test_packing_probe_accepts_segment_attention_and_refuses_crossing_attention(
     model.set_attn_implementation("sdpa")  # plain causal attention over the whole packed row
     with pytest.raises(ValueError, match="data.packing"):
         check_packing(trainer, 64)
+
+
+def test_nonfinite_step_is_skipped_names_its_samples_and_leaves_the_weights():
+    """A NaN in one input-embedding row (untied head) makes only the sample that contains that
+    token non-finite: the step reports it by ID and leaves every weight and the AdamW state
+    untouched; the next, clean step trains normally."""
+    import torch
+    from helpers import synthetic_records
+    from transformers import AutoModelForCausalLM
+
+    from data.stdlib_corpus import llama_config
+    from pipeline.config import LossConfig, OptimConfig
+    from pipeline.loader import collate
+    from pipeline.trainer import Trainer
+
+    V = 64
+    cfg = llama_config(V, 16, 2, 2, 1, 32)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    recs = synthetic_records(4, V, 4, seed=3)
+    for r in recs:
+        r.input_ids[r.input_ids == V - 1] = V - 2
+    recs[1].input_ids[1] = V - 1  # only sample s1 holds token V-1
+    with torch.no_grad():
+        model.model.embed_tokens.weight[V - 1] = float("nan")
+    trainer = Trainer(model, build_optimizer(model, OptimConfig(lr=1e-2)), None, LossConfig(alpha=0.5), 1.0,
+                      torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = trainer.train_step([collate(recs)])
+    assert stats.nonfinite and stats.nonfinite_sample_ids == ["s1"]
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) or (torch.isnan(p).any() and n.endswith("embed_tokens.weight")), n
+    assert not trainer.optimizer.state  # AdamW never stepped
+    stats = trainer.train_step([collate([recs[i] for i in (0, 2, 3)])])
+    assert not stats.nonfinite and math.isfinite(stats.grad_norm)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"])
