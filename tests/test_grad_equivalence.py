@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -33,15 +34,21 @@ def _assert_same(a: dict, b: dict) -> None:
     assert den > 0 and (num / den) ** 0.5 <= 1e-5, (num / den) ** 0.5
 
 
-def test_accumulation_equals_one_big_batch(tmp_path):
-    big = _run(tmp_path / "big.pt", mbs=8, accum=1)
+@pytest.fixture(scope="module")
+def one_big_batch(tmp_path_factory) -> dict:
+    """The reference: one rank, one micro-batch of all 8 samples (run once for the module)."""
+    return _run(tmp_path_factory.mktemp("grad") / "big.pt", mbs=8, accum=1)
+
+
+def test_accumulation_equals_one_big_batch(tmp_path, one_big_batch):
+    big = one_big_batch
     acc = _run(tmp_path / "acc.pt", mbs=2, accum=4)
     assert len(set(acc["micro_valid"])) > 1, "micro-batches must hold different valid-token counts"
     _assert_same(acc, big)
 
 
-def test_two_ranks_equal_one_rank(tmp_path):
-    one = _run(tmp_path / "one.pt", mbs=8, accum=1)
+def test_two_ranks_equal_one_rank(tmp_path, one_big_batch):
+    one = one_big_batch
     two = _run(tmp_path / "two.pt", mbs=2, accum=2, nproc=2)
     assert len(set(two["micro_valid"])) > 1
     _assert_same(two, one)
@@ -52,10 +59,10 @@ def test_two_ranks_equal_one_rank(tmp_path):
     assert c["all_gather"] == 2 * (2 * c["groups"] - 1) and c["reduce_scatter"] == c["groups"], c
 
 
-def test_packing_equals_padding_and_two_packed_ranks_equal_one(tmp_path):
+def test_packing_equals_padding_and_two_packed_ranks_equal_one(tmp_path, one_big_batch):
     """Packed micro-batches (rows of 48 tokens, samples of 5-24 tokens): the same global token
     count, loss, per-sample rows and gradient as the padded run, at 1 and 2 ranks."""
-    padded = _run(tmp_path / "pad.pt", mbs=8, accum=1)
+    padded = one_big_batch
     packed = _run(tmp_path / "pack.pt", mbs=8, accum=1, pack=48)
     assert packed["micro_rows"][0] < padded["micro_rows"][0]  # several samples per row
     _assert_same(packed, padded)
