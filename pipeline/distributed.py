@@ -82,19 +82,6 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def all_reduce_max_int(value: int, device: torch.device) -> int:
-    """Maximum of a Python int over ranks."""
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one rank."""
-    return all_reduce_max_int(int(flag), device) > 0
-
-
 def gather_objects(obj: object) -> list[object]:
     """``all_gather_object``: every rank receives the list of all ranks' objects."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

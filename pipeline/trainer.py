@@ -122,15 +122,14 @@ def check_packing(trainer: "Trainer", vocab_size: int, tol: float = 1e-4) -> Non
     Raises:
         ValueError: the losses differ (names ``data.packing`` and the model class).
     """
+    from pipeline.data import Sample
     from pipeline.loader import collate
 
-    class _Probe:
-        def __init__(self, sid, n, seed):
-            g = np.random.default_rng(seed)
-            self.sample_id, self.input_ids = sid, g.integers(0, vocab_size, n)
-            self.loss_mask = np.ones(n, dtype=bool)
+    def probe(sid: str, n: int, seed: int) -> Sample:
+        ids = np.random.default_rng(seed).integers(0, vocab_size, n).astype(np.int32)
+        return Sample(sid, ids, np.ones(n, dtype=bool))
 
-    recs = [_Probe("a", 5, 0), _Probe("b", 7, 1)]
+    recs = [probe("a", 5, 0), probe("b", 7, 1)]
     was_training, loss_cfg = trainer.model.training, trainer.loss_cfg
     trainer.model.eval()
     trainer.loss_cfg = loss_cfg.model_copy(update={"alpha": 1.0, "aux_loss_coef": 0.0})  # CE only: no teacher
