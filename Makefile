@@ -24,8 +24,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	@$(PY) -m stages.demo
 
+# Two pytest workers (PYTEST_WORKERS): most tests wait on one single-threaded stage run, so two
+# keep both cores busy; each worker runs one torch thread.
 test: install
-	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} WANDB_MODE=disabled $(PY) -m pytest tests
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest tests -n $${PYTEST_WORKERS:-2} --dist worksteal
 
 clean:
 	rm -rf runs data/build

@@ -53,9 +53,16 @@ def write_yaml(path: Path, cfg: dict) -> Path:
     return path
 
 
-def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a stage module in a subprocess (``torchrun --nproc_per_node`` when nproc > 1);
-    ``env`` adds environment variables."""
+def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | None = None,
+            subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run a stage module's ``main`` and return its exit code and output.
+
+    Under ``torchrun --nproc_per_node`` when ``nproc > 1``; in a subprocess when ``env`` adds
+    environment variables (fault injection) or ``subprocess_`` is set; otherwise in this
+    process (one thread, as the subprocesses run), which saves the ~5 s of importing torch and
+    transformers per run. Both forms return a ``CompletedProcess`` with stdout and stderr."""
+    if nproc == 1 and env is None and not subprocess_:
+        return _run_in_process(args)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT), **(env or {})}
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -63,6 +70,34 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | Non
     else:
         cmd = [sys.executable, "-m", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def _run_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` as a call of ``MODULE.main(ARGS)`` in this process, with one
+    torch thread and stdout/stderr captured."""
+    import contextlib
+    import importlib
+    import io
+
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, saved_env = torch.get_num_threads(), os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "disabled"
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = importlib.import_module(args[0]).main(list(args[1:]))
+            except SystemExit as e:  # argparse errors and --help
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        torch.set_num_threads(threads)
+        if saved_env is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = saved_env
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ Run as ``python tests/dist_grad_check.py OUT MBS ACCUM [PACK]`` (1 rank) or unde
 match, since the parameter change equals the gradient. ``PACK`` > 0 packs each micro-batch
 into rows of that many tokens (``data.packing``).
 """
+import contextlib
 import sys
 from pathlib import Path
 
@@ -24,21 +25,26 @@ from pipeline.trainer import Trainer  # noqa: E402
 VOCAB, K, N = 64, 6, 16
 
 
-def _count_fsdp_collectives() -> dict:
+@contextlib.contextmanager
+def _count_fsdp_collectives():
     """Count FSDP2's all-gathers and reduce-scatters (torch 2.13 calls ``dist.all_gather_single``
-    and ``dist.reduce_scatter_single``) from now on."""
+    and ``dist.reduce_scatter_single``) inside the block; yields the counts."""
     import torch.distributed as dist
 
     counts = {"all_gather": 0, "reduce_scatter": 0}
-    for name, key in (("all_gather_single", "all_gather"), ("reduce_scatter_single", "reduce_scatter")):
-        orig = getattr(dist, name)
-
-        def wrap(*a, _orig=orig, _key=key, **kw):
+    names = (("all_gather_single", "all_gather"), ("reduce_scatter_single", "reduce_scatter"))
+    originals = {name: getattr(dist, name) for name, _ in names}
+    for name, key in names:
+        def wrap(*a, _orig=originals[name], _key=key, **kw):
             counts[_key] += 1
             return _orig(*a, **kw)
 
         setattr(dist, name, wrap)
-    return counts
+    try:
+        yield counts
+    finally:
+        for name, orig in originals.items():
+            setattr(dist, name, orig)
 
 
 def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
@@ -55,9 +61,8 @@ def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
 
     sampler = StepSampler(np.arange(N), mbs, accum, info.rank, info.world_size, seed=0)
     micro = [collate([records[i] for i in idx], pack_length=pack or None) for idx in sampler.next_step()]
-    comms = _count_fsdp_collectives()
-    stats = trainer.train_step(micro)
-    comms = dict(comms)
+    with _count_fsdp_collectives() as comms:
+        stats = trainer.train_step(micro)
     from torch.distributed.fsdp import FSDPModule
 
     comms["groups"] = sum(isinstance(m, FSDPModule) for m in model.modules())

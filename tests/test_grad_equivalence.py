@@ -11,7 +11,19 @@ SCRIPT = HERE / "dist_grad_check.py"
 
 
 def _run(out: Path, mbs: int, accum: int, nproc: int = 1, pack: int = 0) -> dict:
-    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    """One optimizer step of ``dist_grad_check.py``: in this process (one thread) at 1 rank,
+    under torchrun at 2; returns what it saved."""
+    if nproc == 1:
+        from dist_grad_check import one_step  # tests/ is on sys.path (conftest.py)
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            one_step(str(out), mbs, accum, pack)
+        finally:
+            torch.set_num_threads(threads)
+        return torch.load(out, weights_only=False)
+    env_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

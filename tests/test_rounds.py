@@ -7,7 +7,7 @@ import pyarrow.dataset as pads
 import pytest
 from conftest import train_config, write_yaml
 from test_inspect import _rows
-from test_resume import _popen, _wait_for
+from test_resume import _popen, _run_to_end, _wait_for
 
 from pipeline.config import SelectConfig
 from pipeline.inspect import load_loss_logs
@@ -44,9 +44,8 @@ def _rows_of(run):
 
 def test_three_rounds_select_and_resume(assets, caches, tmp_path):
     ref = write_yaml(tmp_path / "ref.yaml", _three_rounds(assets, caches, tmp_path / "ref"))
-    p = _popen(ref, 1)
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-2000:]
+    code, out, err = _run_to_end(ref, 1)
+    assert code == 0, err[-2000:]
     state = json.loads((tmp_path / "ref" / "run.json").read_text())
     assert [r["round"] for r in state["rounds"]] == [0, 1, 2] and state["rounds"][1]["samples"] == 20
     t, ref_rows = _rows_of(tmp_path / "ref")
@@ -62,9 +61,8 @@ def test_three_rounds_select_and_resume(assets, caches, tmp_path):
     _wait_for(tmp_path / "run" / "round-1" / "checkpoints" / "step-00000003", p)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
-    p = _popen(cfg, 1)
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-2000:]
+    code, out, err = _run_to_end(cfg, 1)
+    assert code == 0, err[-2000:]
     assert "round 0 already finished" in out and "resumed from" in out
     _, rows = _rows_of(tmp_path / "run")
     assert rows == ref_rows and len(rows) == len(set(rows))
@@ -78,9 +76,8 @@ def test_carry_optimizer_keeps_adam_moments_across_rounds(assets, caches, tmp_pa
         assets, caches, tmp_path / "run", micro_batch_size=4, eval_steps=100,
         rounds=[{"max_steps": 4}, {"max_steps": 3, "carry_optimizer": True},
                 {"max_steps": 2, "carry_optimizer": True, "weight_by": "kl", "optim": {"lr": 1e-4}}]))
-    p = _popen(cfg, 1)
-    out, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err[-2000:]
+    code, out, err = _run_to_end(cfg, 1)
+    assert code == 0, err[-2000:]
     assert out.count("optimizer state carried over") == 2 and "drawn ∝ kl per token" in out
     dcp_to_torch_save(tmp_path / "run" / "round-1" / "optimizer", tmp_path / "opt.pt")
     optim = torch.load(tmp_path / "opt.pt", weights_only=False)["optim"]
