@@ -13,6 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.distributed import barrier, broadcast_object, full_state_dict
+from pipeline.errors import writing
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -32,9 +33,10 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str |
     if rank == 0:
         out, tmp = Path(out_dir), Path(str(out_dir) + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        if tokenizer_dir is not None:
-            copy_tokenizer(tokenizer_dir, tmp)
+        with writing("the model export", out, tmp):  # the previous export stays until the new one is whole
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if tokenizer_dir is not None:
+                copy_tokenizer(tokenizer_dir, tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     barrier()
@@ -184,13 +186,16 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{rank}.pt")
+    # an I/O error (full disk...) removes the temporary directory; older checkpoints are untouched
+    with writing("checkpoint", final, tmp):
+        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp))
+        torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{rank}.pt")
     barrier()
     if rank == 0:
-        torch.save({"scheduler": scheduler.state_dict(), "trainer": trainer_state}, tmp / "trainer.pt.tmp")
-        os.replace(tmp / "trainer.pt.tmp", tmp / "trainer.pt")
-        write_checksums(tmp, step)  # last: a checkpoint without it fails verification
+        with writing("checkpoint", final, tmp):
+            torch.save({"scheduler": scheduler.state_dict(), "trainer": trainer_state}, tmp / "trainer.pt.tmp")
+            os.replace(tmp / "trainer.pt.tmp", tmp / "trainer.pt")
+            write_checksums(tmp, step)  # last: a checkpoint without it fails verification
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in complete_checkpoints(run_dir)[:-keep]:

@@ -15,8 +15,9 @@ import sys
 from typing import Callable
 
 from pipeline.config import ConfigError, load_config
+from pipeline.errors import StorageError
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, StorageError)
 
 ENV_HELP = """environment:
   KD_DEBUG=1             show the traceback of an error instead of one line

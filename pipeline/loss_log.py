@@ -20,6 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import writing
+
 SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()), ("n_tokens", pa.int32()),
     ("ce_sum", pa.float32()), ("kl_sum", pa.float32()), ("loss_sum", pa.float32()),
@@ -69,8 +71,9 @@ class LossLogWriter:
         n = len(list(d.glob("part-*.parquet")))
         final = d / f"part-{n:05d}.parquet"
         tmp = d / f".part-{n:05d}.parquet.tmp"
-        pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, final)
+        with writing("loss-log part", final, tmp):
+            pq.write_table(table, tmp, compression="zstd")
+            os.replace(tmp, final)
 
     def truncate_after(self, round_: int, step: int) -> None:
         """Drop this rank's rows of ``round_`` logged after optimizer step ``step`` (used on
@@ -82,8 +85,9 @@ class LossLogWriter:
             if table.num_rows and pc.max(table["step"]).as_py() > step:
                 kept = table.filter(pc.less_equal(table["step"], step))
                 tmp = part.with_name("." + part.name + ".tmp")
-                pq.write_table(kept, tmp, compression="zstd")
-                os.replace(tmp, part)
+                with writing("loss-log part", part, tmp):  # the part stays whole until the rename
+                    pq.write_table(kept, tmp, compression="zstd")
+                    os.replace(tmp, part)
 
     def flush(self) -> None:
         """Write every buffered row and wait until all part files are closed."""

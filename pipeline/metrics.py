@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from pipeline.config import WandbConfig
+from pipeline.errors import writing
 
 
 class MetricsLogger:
@@ -36,7 +37,7 @@ class MetricsLogger:
     def log(self, metrics: dict, step: int) -> None:
         if not self.active:
             return
-        with open(self.path, "a") as fh:
+        with writing("metrics", self.path), open(self.path, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)

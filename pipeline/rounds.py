@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, SelectConfig, TrainStudentConfig
+from pipeline.errors import writing
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -92,5 +93,6 @@ def write_run_json(run_dir: str | os.PathLike, state: dict) -> None:
     p = Path(run_dir) / "run.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, p)
+    with writing("the run state", p, tmp):  # the previous run.json stays as it was
+        tmp.write_text(json.dumps(state, indent=1))
+        os.replace(tmp, p)

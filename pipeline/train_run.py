@@ -17,6 +17,7 @@ from pipeline.checkpoint import (agree_resume, export_hf, load_checkpoint, load_
 from pipeline.config import ConfigError, TrainStudentConfig, dump_config
 from pipeline.data import load_samples
 from pipeline.distributed import DistInfo, barrier, broadcast_object, print0, shard_model
+from pipeline.errors import writing
 from pipeline import progress
 from pipeline.loader import StepPrefetcher, StepSampler, eval_batches, prefetch
 from pipeline.loss_log import LossLogWriter
@@ -261,7 +262,8 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
                "best_eval_loss": st["best"], "steps": max_steps, "train_tokens": st["tokens"], "train_seconds": train_s,
                "tokens_per_second": st["tokens"] / max(train_s, 1e-9), "num_parameters": n_params,
                "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    with writing("the run summary", run_dir / "summary.json"):
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     print0(f"[train] {outcome} in {summary['wall_s']:.0f}s; student in {run_dir / ('checkpoints' if outcome == 'preempted' else 'final')}")
     return summary
 

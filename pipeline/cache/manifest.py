@@ -13,6 +13,8 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pipeline.errors import writing
+
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
@@ -119,5 +121,6 @@ def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> None:
     manifest.updated_at = time.time()
     p = Path(cache_dir) / MANIFEST
     tmp = p.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest.model_dump(), indent=1))
-    os.replace(tmp, p)
+    with writing("the manifest", p, tmp):  # the previous manifest stays as it was
+        tmp.write_text(json.dumps(manifest.model_dump(), indent=1))
+        os.replace(tmp, p)

@@ -23,6 +23,7 @@ import numpy as np
 
 from pipeline.cache.codec import Encoding, decode_targets, encode_targets
 from pipeline.cache.manifest import Manifest, ShardEntry
+from pipeline.errors import writing
 
 MARKER_SUFFIX = ".done.json"
 TMP_SUFFIX = ".tmp"
@@ -250,16 +251,19 @@ class CacheWriter:
                   **encode_targets(blk.topk_ids, blk.topk_logprobs, blk.tail_logprob, self.enc)}
         name = f"part-r{self.rank:05d}-a{self.attempt}-{len(self.closed):05d}{self.backend.suffix}"
         final, tmp = self.dir / name, self.dir / (name + TMP_SUFFIX)
-        self.backend.write_shard(tmp, arrays, self.m.k, self.block_size)
-        self._fault("before_rename")
-        os.replace(tmp, final)
-        self._fault("before_marker")
-        entry = ShardEntry(file=name, rank=self.rank, num_samples=len(records), num_tokens=int(blk.tok_off[-1]),
-                           num_valid_positions=int(sum(r.n_valid for r in records)),
-                           teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(final))
         marker = self.dir / (name + MARKER_SUFFIX)
-        marker.with_suffix(TMP_SUFFIX).write_text(entry.model_dump_json())
-        os.replace(marker.with_suffix(TMP_SUFFIX), marker)
+        # a failed write removes the shard's files (space back) and leaves no marker: the rerun
+        # writes this shard again and keeps every shard closed before it
+        with writing(f"shard {name} of the cache", self.dir, tmp, final, marker.with_suffix(TMP_SUFFIX)):
+            self.backend.write_shard(tmp, arrays, self.m.k, self.block_size)
+            self._fault("before_rename")
+            os.replace(tmp, final)
+            self._fault("before_marker")
+            entry = ShardEntry(file=name, rank=self.rank, num_samples=len(records), num_tokens=int(blk.tok_off[-1]),
+                               num_valid_positions=int(sum(r.n_valid for r in records)),
+                               teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(final))
+            marker.with_suffix(TMP_SUFFIX).write_text(entry.model_dump_json())
+            os.replace(marker.with_suffix(TMP_SUFFIX), marker)
         self._fault("after_marker")
         self.closed.append(entry)
 
