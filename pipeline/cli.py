@@ -55,14 +55,15 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
               flags: dict[str, tuple[str, str]] | None = None) -> int:
     """Load the config, initialise distributed, call ``fn(cfg, info)``, always tear down.
 
+    Under torchrun the worker process ends in :func:`exit_worker` instead of returning.
+
     Returns:
         0 on success; 2 on a user error (:data:`USER_ERRORS`: bad config, path, data file,
         model, checkpoint, vocabulary...; one line on stderr naming the key/path/sizes); 1 on
         any other exception (one line with its type; ``KD_DEBUG=1`` re-raises instead).
     """
     args = parse(prog, description, argv, flags)
-    from pipeline.distributed import barrier, init_distributed, teardown
-    from pipeline.progress import close_all
+    from pipeline.distributed import teardown
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
@@ -72,6 +73,20 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     debug = os.environ.get("KD_DEBUG", "") not in ("", "0")
+    try:
+        code = _call(prog, cfg_cls, fn, args, debug)
+    finally:
+        teardown()
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # a torchrun worker: see exit_worker
+        exit_worker(code)
+    return code
+
+
+def _call(prog: str, cfg_cls, fn: Callable, args: argparse.Namespace, debug: bool) -> int:
+    """``fn(cfg, info)`` with the error policy of :func:`run_stage`; returns the exit code."""
+    from pipeline.distributed import barrier, init_distributed
+    from pipeline.progress import close_all
+
     try:
         cfg = load_config(cfg_cls, args.config, args.overrides)
         info = init_distributed(cfg.device)
@@ -92,5 +107,26 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
         what = f"{type(e).__name__}: {one_line(e)}" if one_line(e) else type(e).__name__
         print(f"{prog}: internal error: {what} (rerun with KD_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
         return 1
-    finally:
-        teardown()
+
+
+def exit_worker(code: int) -> None:
+    """End a torchrun worker process now, with ``code``, once its stage has returned and the
+    process group is destroyed: stdout/stderr and logging are flushed, then ``os._exit``.
+
+    Why: everything the stage writes is closed by then (caches, loss logs, checkpoints, wandb's
+    run is finished), and what is left is interpreter finalization, where C++ static destructors
+    of the communication stack run beside the threads of a peer still tearing down — the window
+    in which 2-rank runs beside a busy core sometimes aborted with ``terminate called without an
+    active exception`` (SIGABRT after the work was done; torchrun then reported a failure).
+    Skipping finalization closes that window. Plain ``python`` runs and in-process calls of a
+    stage's ``main`` (tests) return normally.
+    """
+    import logging
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
