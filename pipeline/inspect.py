@@ -20,19 +20,37 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
 
     Raises:
         FileNotFoundError: the run has no ``loss_logs`` directory.
+        ValueError: a part file is not readable parquet (truncated, overwritten): the file is
+            named. Part files are never skipped silently (their rows would be missing from
+            every report and from the next round's selection).
     """
     d = Path(run_dir) / "loss_logs"
     if not d.is_dir():
         raise FileNotFoundError(f"no loss logs in {run_dir} (expected {d})")
     part = pads.partitioning(pa.schema([("round", pa.int32()), ("split", pa.string()), ("rank", pa.int32())]), flavor="hive")
-    ds = pads.dataset(str(d), format="parquet", partitioning=part, exclude_invalid_files=True)
     flt = None
     for cond in ((pc.field("round") == round_) if round_ is not None else None,
                  (pc.field("split") == split) if split is not None else None,
                  (pc.field("n_tokens") >= min_tokens) if min_tokens is not None else None):
         if cond is not None:
             flt = cond if flt is None else flt & cond
-    return ds.to_table(filter=flt)
+    try:  # temporary ``.part-*.tmp`` files start with "." and are ignored by the dataset
+        return pads.dataset(str(d), format="parquet", partitioning=part).to_table(filter=flt)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(_unreadable_part(d, e)) from None
+
+
+def _unreadable_part(log_dir: Path, err: Exception) -> str:
+    """The message for a loss-log directory holding a part that is not parquet: names it."""
+    import pyarrow.parquet as pq
+
+    for f in sorted(log_dir.rglob("part-*.parquet")):
+        try:
+            pq.read_metadata(f)
+        except (pa.ArrowInvalid, OSError) as e:
+            return (f"loss-log part {f} is not readable parquet ({' '.join(str(e).split())}); "
+                    f"restore it, or delete it to drop its rows")
+    return f"loss logs in {log_dir} unreadable: {' '.join(str(err).split())}"
 
 
 def per_sample(table: pa.Table) -> pa.Table:

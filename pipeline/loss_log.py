@@ -81,7 +81,11 @@ class LossLogWriter:
         import pyarrow.compute as pc
 
         for part in sorted((self.dir / f"round={round_}").glob(f"split=*/rank={self.rank}/part-*.parquet")):
-            table = pq.read_table(part)
+            try:
+                table = pq.read_table(part)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise ValueError(f"loss-log part {part} is not readable parquet ({' '.join(str(e).split())}); "
+                                 f"restore it, or delete it to drop its rows, and resume again") from None
             if table.num_rows and pc.max(table["step"]).as_py() > step:
                 kept = table.filter(pc.less_equal(table["step"], step))
                 tmp = part.with_name("." + part.name + ".tmp")

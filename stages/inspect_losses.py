@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         table = load_loss_logs(args.run_dir, args.round, args.split, args.min_tokens)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # no logs; a part that is not parquet (named)
         print(f"inspect-losses: error: {e}", file=sys.stderr)
         return 2
     if table.num_rows == 0:

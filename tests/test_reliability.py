@@ -253,3 +253,20 @@ def test_nonfinite_loss_stops_the_run_naming_step_and_samples(assets, caches, tm
                           "non-finite loss", "step 1", "skip_nonfinite=0")
     assert re.search(r"samples on rank 0: \S+", err)
     assert not (run / "final").exists() and not complete_checkpoints(run)
+
+
+def test_corrupt_loss_log_part_is_named_never_skipped(assets, caches, tmp_path, capfd, monkeypatch):
+    """A truncated loss-log part: inspect-losses and a resuming train-student (which trims the
+    logs back to its checkpoint) stop with one line naming the part instead of dropping its rows."""
+    from stages.inspect_losses import main as inspect
+    from stages.train_student import main as train
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, run, max_steps=6, save_steps=3, eval_steps=100))
+    assert train(["--config", str(cfg)]) == 0
+    part = sorted((run / "loss_logs").rglob("part-*.parquet"))[0]
+    os.truncate(part, 100)
+    capfd.readouterr()
+    _one_line_error(inspect, [run], capfd, "inspect-losses: error:", str(part), "not readable parquet")
+    _one_line_error(train, ["--config", cfg, "max_steps=9"], capfd, "train-student: error:", str(part))
