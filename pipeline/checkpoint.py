@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.distributed import barrier, broadcast_object, full_state_dict
-from pipeline.errors import writing
+from pipeline.errors import reading_checkpoint, writing
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -214,9 +214,10 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
 
     path = Path(path)
     state = _dcp_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    with reading_checkpoint(path):
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optim"])
     extra = torch.load(path / "trainer.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     rng = path / f"rng-rank{rank}.pt"
@@ -251,7 +252,8 @@ def load_optimizer_moments(path: str | os.PathLike, model: nn.Module, optimizer)
         raise FileNotFoundError(f"carry_optimizer: no optimizer state of the previous round at {path}")
     hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
-    dcp.load(state, checkpoint_id=str(path))
-    set_optimizer_state_dict(model, optimizer, state["optim"])
+    with reading_checkpoint(path, "the previous round's optimizer state"):
+        dcp.load(state, checkpoint_id=str(path))
+        set_optimizer_state_dict(model, optimizer, state["optim"])
     for g, hp in zip(optimizer.param_groups, hparams):
         g.update(hp)

@@ -100,7 +100,9 @@ def _call(prog: str, cfg_cls, fn: Callable, args: argparse.Namespace, debug: boo
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {one_line(msg)}", file=sys.stderr, flush=True)
         return 2
-    except Exception as e:  # last resort: a bug or an environment failure, not a bad input
+    except BaseException as e:  # last resort: a bug or an environment failure, not a bad input
+        if not isinstance(e, Exception) and type(e).__name__ != "CheckpointException":
+            raise  # KeyboardInterrupt, SystemExit
         close_all()
         if debug:
             raise

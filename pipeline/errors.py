@@ -73,6 +73,27 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def reading_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Iterator[None]:
+    """Turn a failure of ``torch.distributed.checkpoint.load`` into a ``ValueError`` naming the
+    checkpoint and the first rank's reason (a saved tensor whose shape differs from the
+    student's: another architecture in the same ``output_dir``; a missing key; an unreadable file).
+
+    ``CheckpointException`` derives from ``BaseException``, so without this it would escape every
+    ``except Exception`` as a traceback.
+
+    Raises:
+        ValueError: the load failed; the message names ``path``.
+    """
+    try:
+        yield
+    except BaseException as e:
+        if not _rank_failures(e) and not isinstance(e, (RuntimeError, ValueError, KeyError, OSError)):
+            raise
+        raise ValueError(f"{what} {path} cannot be loaded into this run: {_describe(e)}; a checkpoint of another "
+                         f"student or optimizer? use another output_dir, resume: never, or the matching config") from None
+
+
+@contextlib.contextmanager
 def writing(what: str, path: str | os.PathLike, *cleanup: str | os.PathLike) -> Iterator[None]:
     """Turn an I/O error raised inside the block into a :class:`StorageError`.
 

@@ -270,3 +270,27 @@ def test_corrupt_loss_log_part_is_named_never_skipped(assets, caches, tmp_path, 
     capfd.readouterr()
     _one_line_error(inspect, [run], capfd, "inspect-losses: error:", str(part), "not readable parquet")
     _one_line_error(train, ["--config", cfg, "max_steps=9"], capfd, "train-student: error:", str(part))
+
+
+def test_checkpoint_of_another_student_is_named(assets, caches, tmp_path, capfd, monkeypatch):
+    """Resuming an output_dir whose checkpoint belongs to a student of another shape: one line
+    naming the checkpoint and the mismatched tensor (torch.distributed.checkpoint's exception
+    derives from BaseException and used to escape as a traceback); the checkpoint is untouched."""
+    import json
+
+    from pipeline.checkpoint import verify_checkpoint
+    from stages.train_student import main as train
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    wider = tmp_path / "wider"
+    shutil.copytree(assets["student"], wider)
+    conf = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**conf, "hidden_size": 24, "intermediate_size": 40}))
+    run = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, run, max_steps=3, save_steps=3, eval_steps=100))
+    assert train(["--config", str(cfg)]) == 0
+    ckpt = run / "checkpoints" / "step-00000003"
+    capfd.readouterr()
+    _one_line_error(train, ["--config", cfg, "max_steps=6", f"student.path={wider}"], capfd, "train-student: error:",
+                    str(ckpt), "Size mismatch")
+    assert verify_checkpoint(ckpt) is None
