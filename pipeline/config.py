@@ -108,6 +108,11 @@ class CacheConfig(_Section):
     """Samples per closed shard (one file / zarr group per shard, per rank)."""
     row_group_size: int = Field(default=32, ge=1)
     """Samples per block (parquet row group, zarr block): the unit of random access."""
+    writer_queue_shards: int = Field(default=2, ge=0)
+    """Full shards waiting for each rank's background writer thread (coding, zstd, sha256,
+    write) while the teacher runs; the teacher waits when this many are pending. Each holds its
+    records in memory (about samples_per_shard × T × k × 8 bytes). 0: shards are written in the
+    teacher loop, between forwards. The cache's bytes do not depend on it."""
     overwrite: bool = False
 
 

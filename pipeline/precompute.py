@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.cache import Encoding, Manifest, cache_record_from_targets, finalize_cache, open_writer, prepare_cache
+from pipeline.cache import (CacheWriter, Encoding, Manifest, cache_record_from_targets, finalize_cache, open_writer,
+                            prepare_cache)
 from pipeline.cache.manifest import TeacherEntry
 from pipeline.config import PrecomputeConfig
 from pipeline import progress
@@ -95,9 +96,16 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     length-sorted batch list goes to rank ``b % world_size``; ranks with fewer batches run
     padding batches so every rank makes the same number of forward calls.
 
+    The teacher loop only builds records; each rank's background writer thread
+    (:class:`~pipeline.cache.store.CacheWriter`, at most ``cache.writer_queue_shards`` shards
+    pending) codes and writes the shards, and is joined before the cache is finalised.
+
     Raises:
         FileNotFoundError, ValueError, KeyError: bad paths, incompatible cache, vocab mismatch,
             empty dataset; raised on every rank.
+        ValueError: invalid teacher output (sample ID named; its shard is not written).
+        StorageError: a shard or marker could not be written (full disk...); raised on that
+            rank, the cache stays incomplete.
     """
     tok_dir = cfg.tokenizer or cfg.teachers[0].path
     tokenizer = load_tokenizer(tok_dir)
@@ -140,7 +148,43 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
         shard_model(t, sum_gradients=False)
         t.to(info.device)
     writer = open_writer(cfg.cache.dir, manifest, info.rank, state.attempt, cfg.cache.samples_per_shard,
-                         cfg.cache.row_group_size, cfg.cache.compression_level)
+                         cfg.cache.row_group_size, cfg.cache.compression_level, cfg.cache.writer_queue_shards)
+    try:
+        my_tokens, t0 = _teacher_loop(cfg, info, teachers, entries, V, samples, batches, mine, n_calls, writer, stats)
+        writer.close()  # joins the writer thread; a shard's error is raised here at the latest
+    except BaseException:
+        writer.abort()  # the shard being written finishes (or fails) before the error goes up
+        raise
+    _throughput(info, my_tokens, time.perf_counter() - t0)
+    print0(f"[precompute] cache writer (rank 0): {len(writer.closed)} shards, teacher loop waited "
+           f"{writer.wait_seconds:.1f}s on the writer thread")
+    if tcfg.type != "topk":
+        print0(f"[precompute] {tcfg.type} targets (rank 0): {stats.summary()}")
+    barrier()
+    if not info.is_main:
+        return None
+    m = finalize_cache(cfg.cache.dir, skipped)
+    dt = time.perf_counter() - t0
+    done_tokens = sum(len(s.input_ids) for b in batches for s in b)
+    print0(f"[precompute] cache complete: {m.num_samples} samples, {m.num_tokens} tokens in {len(m.shards)} shards; "
+           f"{done_tokens} tokens computed in {dt:.1f}s ({done_tokens / max(dt, 1e-9):.0f} tok/s); teacher ppl "
+           f"{np.exp(m.teacher_nll_sum / max(m.num_valid_positions, 1)):.2f} on the valid positions")
+    return m
+
+
+def _teacher_loop(cfg: PrecomputeConfig, info: DistInfo, teachers: list, entries: list[TeacherEntry], V: int,
+                  samples: list[Sample], batches: list[list[Sample]], mine: list[list[Sample]], n_calls: int,
+                  writer: CacheWriter, stats: SampleStats) -> tuple[int, float]:
+    """Run ``n_calls`` teacher forwards on this rank (padding calls after ``mine`` runs out)
+    and hand each batch's :class:`CacheRecord` list to ``writer`` (whose thread closes the
+    shards); between forwards only collation and record building happen here.
+
+    Returns:
+        (tokens of this rank's real samples, ``time.perf_counter()`` at the loop's start)
+    Raises:
+        ValueError, StorageError: a shard failed in the writer (raised at the next write).
+    """
+    tcfg = cfg.targets
     bar = progress.Progress(sum(len(s.input_ids) for b in batches for s in b), "teacher top-k", "tok",
                             enabled=info.is_main, unit_scale=True)
     t0 = time.perf_counter()
@@ -172,18 +216,5 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
                 last_log = time.perf_counter()
                 print(f"[precompute rank {info.rank}/{info.world_size}] call {b + 1}/{n_calls}, {my_tokens} tokens, "
                       f"{my_tokens / (last_log - t0):.0f} tok/s", flush=True)
-    writer.close()
     bar.close()
-    _throughput(info, my_tokens, time.perf_counter() - t0)
-    if tcfg.type != "topk":
-        print0(f"[precompute] {tcfg.type} targets (rank 0): {stats.summary()}")
-    barrier()
-    if not info.is_main:
-        return None
-    m = finalize_cache(cfg.cache.dir, skipped)
-    dt = time.perf_counter() - t0
-    done_tokens = sum(len(s.input_ids) for b in batches for s in b)
-    print0(f"[precompute] cache complete: {m.num_samples} samples, {m.num_tokens} tokens in {len(m.shards)} shards; "
-           f"{done_tokens} tokens computed in {dt:.1f}s ({done_tokens / max(dt, 1e-9):.0f} tok/s); teacher ppl "
-           f"{np.exp(m.teacher_nll_sum / max(m.num_valid_positions, 1)):.2f} on the valid positions")
-    return m
+    return my_tokens, t0

@@ -4,8 +4,11 @@ Round trips for each value coding, completion, resume, refusal of incompatible r
 validation naming shard and sample, and the faults of issue 3 (truncated / garbage shard,
 hand-edited manifest, missing shard, NaN teacher output, foreign directory).
 """
+import errno
 import json
 import shutil
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from pipeline.cache import cache_bytes, finalize_cache, open_cache, open_writer,
 from pipeline.cache.codec import reconstruction_kl
 from pipeline.cache.store import closed_shards
 from pipeline.cache.manifest import Manifest, TeacherEntry
+from pipeline.errors import StorageError
 
 V, K = 50, 5
 BACKENDS = ["parquet", "zarr"]
@@ -38,6 +42,15 @@ def _write(d, records, manifest, rank=0, per_shard=4):
 
 def _shard_path(d, i=0):
     return d / closed_shards(d)[i].file
+
+
+def _read_every_shard(d, **kw):
+    """Open the cache at ``d`` and read the first sample of each shard in order (the reads
+    that check shard checksums lazily); returns the reader."""
+    r = open_cache(d, **kw)
+    for s in range(len(r.shards)):
+        r[int(np.argmax(r.shard_of == s))]
+    return r
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -180,14 +193,15 @@ def test_corrupt_truncated_missing_shards(tmp_path, backend):
     target = path if path.is_file() else sorted(p for p in path.rglob("c/*") if p.is_file())[0]
     original = target.read_bytes()
     target.write_bytes(original[: len(original) // 2])  # truncated
+    # parquet: at open (the index is in the footer); zarr (a data chunk): at the first read of shard 1
     with pytest.raises(ValueError, match=f"shard {m.shards[1].file} checksum mismatch"):
-        open_cache(tmp_path)
+        _read_every_shard(tmp_path)
     with pytest.raises(ValueError, match=f"shard {m.shards[1].file}.*unreadable"):
         r = open_cache(tmp_path, verify=False)
         [r[i] for i in range(len(r))]
     target.write_bytes(b"\x00garbage" * 50)  # overwritten with garbage
     with pytest.raises(ValueError, match="checksum mismatch"):
-        open_cache(tmp_path)
+        _read_every_shard(tmp_path)
     target.write_bytes(original)
     assert len(open_cache(tmp_path)) == 8
     shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -235,3 +249,151 @@ def test_duplicate_ids_across_shards_and_foreign_directory(tmp_path, backend):
     with pytest.raises(ValueError, match="is not a teacher cache"):
         prepare_cache(other, m)
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def _corrupt_targets(shard):
+    """Flip one byte inside the ``topk_values`` data of a shard, leaving its index (sample IDs,
+    lengths, teacher NLL; the parquet footer) readable."""
+    if shard.is_file():
+        import pyarrow.parquet as pq
+
+        rg = pq.ParquetFile(shard).metadata.row_group(0)
+        col = next(rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema.startswith("topk_values"))
+        target, at = shard, col.data_page_offset + col.total_compressed_size // 2
+    else:
+        target = sorted(p for p in (shard / "topk_values").rglob("*") if p.is_file() and "c" in p.parts)[0]
+        at = target.stat().st_size // 2
+    data = bytearray(target.read_bytes())
+    data[at] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_open_reads_no_shard_bytes_and_checks_each_shard_once_on_first_read(tmp_path, backend, monkeypatch):
+    """Opening hashes nothing; the first read of a block of a shard hashes that shard once (also
+    under concurrent readers), validate() hashes every shard; data corruption that leaves the
+    index readable is reported on the first read of that shard, naming cache and shard."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.cache import store
+
+    _write(tmp_path, synthetic_records(12, V, K, seed=9), _manifest(backend))  # 3 shards of 2 blocks
+    finalize_cache(tmp_path)
+    calls: list[str] = []
+    real = store.dir_sha256
+    monkeypatch.setattr(store, "dir_sha256", lambda path: calls.append(path.name) or real(path))
+    shards = [s.file for s in closed_shards(tmp_path)]
+    r = open_cache(tmp_path)
+    assert calls == [] and len(r) == 12
+    first_of = [int(np.argmax(r.shard_of == s)) for s in range(3)]
+    r[first_of[1]]
+    assert calls == [shards[1]]
+    for i in range(len(r)):  # every block of every shard
+        r[i]
+    assert sorted(calls) == sorted(shards)
+    calls.clear()
+    concurrent = open_cache(tmp_path, max_cached_bytes=1)  # every access decodes a block
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(lambda i: concurrent[i], list(range(len(r))) * 3))
+    assert sorted(calls) == sorted(shards)
+    calls.clear()
+    open_cache(tmp_path).validate()
+    assert sorted(calls) == sorted(shards)
+    calls.clear()
+    unverified = open_cache(tmp_path, verify=False)
+    [unverified[i] for i in range(len(unverified))]
+    assert calls == []
+
+    _corrupt_targets(tmp_path / shards[2])
+    r = open_cache(tmp_path)
+    assert calls == []
+    r[first_of[0]], r[first_of[1]]
+    for _ in range(2):  # the mismatch is remembered: the shard is not hashed again
+        with pytest.raises(ValueError, match=f"cache {tmp_path}: shard {shards[2]} checksum mismatch"):
+            r[first_of[2]]
+    assert calls == shards
+    with pytest.raises(ValueError, match=f"shard {shards[2]} checksum mismatch"):
+        validate_cache(tmp_path)
+
+
+def _fail_second_shard(writer, monkeypatch) -> list[str]:
+    """Make ``writer``'s backend write shard 1 completely and then raise ENOSPC (so its bytes
+    must be cleaned up); returns the list of thread names that wrote shards."""
+    real, threads = writer.backend.write_shard, []
+
+    def write_shard(path, arrays, k, block_size):
+        threads.append(threading.current_thread().name)
+        real(path, arrays, k, block_size)
+        if "-00001." in path.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer.backend, "write_shard", write_shard)
+    return threads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("surfaces_at", ["write", "close"])
+def test_background_writer_error_surfaces_as_storage_error(tmp_path, backend, monkeypatch, surfaces_at):
+    """ENOSPC in the writer thread on shard 1 of 3: the next write (or close) raises the
+    StorageError naming the shard and cache; shard 0 stays closed, nothing of shards 1 and 2
+    is on disk, and the thread is gone."""
+    recs = synthetic_records(10, V, K, seed=8)
+    m = _manifest(backend)
+    state = prepare_cache(tmp_path, m)
+    w = open_writer(tmp_path, m, 0, state.attempt, 4, 2)
+    threads = _fail_second_shard(w, monkeypatch)
+    suffix = ".parquet" if backend == "parquet" else ".zarr"
+    shard1 = f"part-r00000-a{state.attempt}-00001{suffix}"
+    with pytest.raises(StorageError, match=rf"shard {shard1} of the cache {tmp_path}: No space left on device") as e:
+        w.write(recs[:8])  # shards 0 and 1 queued
+        if surfaces_at == "write":
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # the failure reaches the caller at its next write
+                w.write([])
+                time.sleep(0.01)
+            pytest.fail("the writer thread's error did not reach write() within 60 s")
+        w.write(recs[8:])
+        w.close()
+    assert e.value.errno == errno.ENOSPC
+    with pytest.raises(StorageError, match=shard1):  # the writer stays failed
+        w.close()
+    assert threads == ["cache-writer-r0"] * len(threads) and len(threads) == 2  # shard 2 never written
+    assert not [t for t in threading.enumerate() if t.name.startswith("cache-writer")]
+    shard0 = f"part-r00000-a{state.attempt}-00000{suffix}"
+    assert [s.file for s in closed_shards(tmp_path)] == [shard0]
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == [shard0, shard0 + ".done.json"]
+    assert not read_manifest(tmp_path).complete
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_background_writer_bytes_equal_serial_writer(tmp_path, backend, monkeypatch):
+    """The same records through the background writer (fed a few at a time, as the teacher
+    loop does) and through the serial writer: same shards, markers (sha256 included) and
+    records bit for bit."""
+    recs = synthetic_records(11, V, K, seed=10)
+    m = _manifest(backend, value_dtype="q8", index_coding="delta")
+    out = {}
+    for queue_shards in (0, 1, 2):
+        d = tmp_path / f"q{queue_shards}"
+        prepare_cache(d, m.model_copy(deep=True))
+        w = open_writer(d, m, 0, 7, 4, 2, queue_shards=queue_shards)
+        real, threads = w.backend.write_shard, []
+        monkeypatch.setattr(w.backend, "write_shard",
+                            lambda *a, real=real, threads=threads: threads.append(threading.current_thread()) or real(*a))
+        for i in range(0, len(recs), 3):
+            w.write(recs[i: i + 3])
+        entries = w.close()
+        assert len(threads) == 3
+        assert all((t is threading.main_thread()) == (queue_shards == 0) for t in threads)
+        assert [e.model_dump() for e in entries] == [s.model_dump() for s in closed_shards(d)]
+        out[queue_shards] = d
+    serial = open_cache(out[0], allow_incomplete=True)
+    for q in (1, 2):
+        assert [s.model_dump() for s in closed_shards(out[q])] == [s.model_dump() for s in closed_shards(out[0])]
+        got = open_cache(out[q], allow_incomplete=True)
+        assert got.sample_ids == serial.sample_ids
+        for a, b in zip(got, serial):
+            for name in ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{a.sample_id} {name}"
+            assert a.teacher_nll_sum == b.teacher_nll_sum

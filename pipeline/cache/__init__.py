@@ -4,7 +4,8 @@ Life cycle (stage 1)::
 
     state = prepare_cache(dir, manifest, overwrite)      # rank 0; broadcast to all ranks
     writer = open_writer(dir, manifest, rank, state.attempt, ...)
-    writer.write(records) ... writer.close()             # every rank, own shards only
+    writer.write(records) ... writer.close()             # every rank, own shards only; a background
+                                                         # thread closes the shards, close() joins it
     finalize_cache(dir)                                  # rank 0, after a barrier
 
 ``manifest.json`` says ``complete: true`` only after ``finalize_cache``. Two backends
@@ -94,11 +95,18 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
 
 
 def open_writer(cache_dir: str | os.PathLike, manifest: Manifest, rank: int, attempt: int,
-                samples_per_shard: int, row_group_size: int, compression_level: int | None = 3) -> CacheWriter:
+                samples_per_shard: int, row_group_size: int, compression_level: int | None = 3,
+                queue_shards: int = 2) -> CacheWriter:
     """This rank's :class:`CacheWriter` for ``manifest.backend``; ``row_group_size`` samples
-    per block (parquet row group / zarr block)."""
+    per block (parquet row group / zarr block); shards are closed by a background thread fed
+    through a queue of at most ``queue_shards`` shards (0: in the calling thread).
+
+    Raises:
+        ValueError: unknown backend, ``queue_shards < 0``.
+    """
     backend = backend_for(manifest.backend, manifest.compression, compression_level)
-    return CacheWriter(backend, cache_dir, manifest, rank, attempt, samples_per_shard, row_group_size)
+    return CacheWriter(backend, cache_dir, manifest, rank, attempt, samples_per_shard, row_group_size,
+                       queue_shards=queue_shards)
 
 
 def finalize_cache(cache_dir: str | os.PathLike, skipped_empty: int = 0) -> Manifest:
@@ -121,14 +129,18 @@ def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, ver
 
     Args:
         allow_incomplete: read the closed shards of a cache still being written.
-        verify: check shard checksums and row counts now, and every record as its block is
-            decoded (:func:`pipeline.cache.store.check_block`).
+        verify: check row counts now (from the shard indexes), each shard's checksum on the
+            first read of one of its blocks, and every record as its block is decoded
+            (:func:`pipeline.cache.store.check_block`). Opening reads no shard's bytes beyond
+            its index.
         max_cached_bytes: bound of the reader's LRU of decoded blocks.
     Raises:
         FileNotFoundError: no such cache / no manifest / a listed shard is missing.
         ValueError: the path is a file, incomplete cache (without ``allow_incomplete``), an invalid manifest, a
-            format version this code does not read, a checksum or row-count mismatch, a shard
-            on disk without a listing, duplicate sample IDs (shard and sample ID named).
+            format version this code does not read, a row-count mismatch, an unreadable shard
+            index, a shard on disk without a listing, duplicate sample IDs (shard and sample ID
+            named); a checksum mismatch is raised by the first read of that shard
+            (:class:`~pipeline.cache.store.CacheReader`).
     """
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise ValueError(f"cache {cache_dir} is a file, not a teacher cache directory")
@@ -152,8 +164,8 @@ def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, ver
 
 
 def validate_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False) -> CacheReader:
-    """Open with checksums and decode-and-check every record (raises ValueError naming the
-    shard and sample ID of the first problem); returns the reader."""
+    """Open, check every shard's checksum and decode-and-check every record (raises ValueError
+    naming the shard, and the sample ID, of the first problem); returns the reader."""
     r = open_cache(cache_dir, allow_incomplete=allow_incomplete, verify=True)
     r.validate()
     return r

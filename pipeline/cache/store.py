@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import queue
 import shutil
 import signal
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,32 +214,127 @@ class CacheWriter:
     Shards are ``part-r{rank}-a{attempt}-{n}{suffix}``; no two writers ever share a shard
     (PLATFORM.md: concurrent writers inside one zarr shard lost data).
 
+    With ``queue_shards > 0`` (default 2) every full shard's records go to one background
+    thread per writer through a queue of at most ``queue_shards`` shards, so the caller (the
+    teacher loop) only buffers records: the thread does the checks, coding, compression,
+    SHA-256, write, rename and marker, in shard order, with the same names and bytes as
+    ``queue_shards=0``, which does all of it in the calling thread. A full queue blocks
+    :meth:`write` (backpressure; memory: about ``queue_shards + 2`` shards of records — the
+    open one, the queued ones, the one being written). An error of the thread is raised by
+    the next :meth:`write` or by :meth:`close`, unchanged (a :class:`~pipeline.errors.StorageError`
+    stays one); the shards after the failed one are dropped, not written. Records must not be
+    modified after :meth:`write`. :meth:`close` (or :meth:`abort`) must be called: it waits
+    for the thread.
+
+    Attributes:
+        closed: the :class:`ShardEntry` of every shard closed so far, in order (complete after
+            :meth:`close`). wait_seconds: seconds the caller spent blocked on the thread (full
+            queue, and the wait in :meth:`close`).
     Raises:
         ValueError: a record fails :func:`check_block` (NaN teacher output...); the record's
             sample ID is named and its shard is not written.
+        StorageError: an I/O error writing a shard or its marker (shard and cache named); the
+            shard's files are removed and it is not marked closed.
     """
 
     def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest, rank: int,
-                 attempt: int, samples_per_shard: int, block_size: int):
+                 attempt: int, samples_per_shard: int, block_size: int, queue_shards: int = 2):
+        if queue_shards < 0:
+            raise ValueError(f"cache writer: queue_shards={queue_shards} must be >= 0")
         self.backend, self.dir, self.m = backend, Path(cache_dir), manifest
         self.enc = encoding_of(manifest)
         self.rank, self.attempt = rank, attempt
         self.samples_per_shard, self.block_size = samples_per_shard, block_size
+        self.queue_shards = queue_shards
         self.buffer: list[CacheRecord] = []
         self.closed: list[ShardEntry] = []
+        self.wait_seconds = 0.0
+        self._queue: queue.Queue[list[CacheRecord] | None] = queue.Queue(maxsize=max(queue_shards, 1))
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None  # set by the thread, raised by the caller
+        self._discard = False  # abort: the thread drops the queued shards
 
     def write(self, records: list[CacheRecord]) -> None:
+        """Buffer ``records`` and hand every full shard (``samples_per_shard`` records) to the
+        writer (blocks while ``queue_shards`` shards are pending).
+
+        Raises:
+            ValueError, StorageError: an earlier shard failed in the writer thread (or, with
+                ``queue_shards=0``, this call's shard failed); nothing more is written.
+        """
+        self._raise_failure()
         self.buffer.extend(records)
         while len(self.buffer) >= self.samples_per_shard:
-            self._flush(self.buffer[: self.samples_per_shard])
-            self.buffer = self.buffer[self.samples_per_shard:]
+            shard, self.buffer = self.buffer[: self.samples_per_shard], self.buffer[self.samples_per_shard:]
+            self._submit(shard)
+        self._raise_failure()
 
     def close(self) -> list[ShardEntry]:
-        """Flush the open shard; returns the shards this writer closed."""
+        """Flush the open shard and wait until the writer thread has closed every shard;
+        returns the shards this writer closed.
+
+        Raises:
+            ValueError, StorageError: a shard failed (the first failure, as raised by the
+                writer); the shards after it are not written.
+        """
+        self._raise_failure()
         if self.buffer:
-            self._flush(self.buffer)
-            self.buffer = []
+            shard, self.buffer = self.buffer, []
+            self._submit(shard)
+        t = time.perf_counter()
+        self._stop()
+        self.wait_seconds += time.perf_counter() - t
+        self._raise_failure()
         return self.closed
+
+    def abort(self) -> None:
+        """Stop after the shard being written (if any): the open and queued shards are dropped,
+        nothing is raised. For a caller that is failing for another reason."""
+        self.buffer = []
+        self._stop(discard=True)
+
+    def _submit(self, records: list[CacheRecord]) -> None:
+        """Close one shard of ``records``: now (``queue_shards=0``) or via the writer thread."""
+        if self.queue_shards == 0:
+            self._flush(records)
+            return
+        if self._thread is None:
+            self._discard = False
+            self._thread = threading.Thread(target=self._run, name=f"cache-writer-r{self.rank}", daemon=True)
+            self._thread.start()
+        t = time.perf_counter()
+        self._queue.put(records)
+        self.wait_seconds += time.perf_counter() - t
+
+    def _run(self) -> None:
+        """The writer thread: close the queued shards in order until the ``None`` sentinel;
+        after a failure (or an abort) keep draining the queue without writing, so the caller
+        never blocks on a dead writer."""
+        while True:
+            records = self._queue.get()
+            if records is None:
+                return
+            if self._failure is not None or self._discard:
+                continue
+            try:
+                self._flush(records)
+            except BaseException as e:  # noqa: BLE001 — raised again in the caller's thread
+                self._failure = e
+
+    def _stop(self, discard: bool = False) -> None:
+        """Send the sentinel and join the writer thread (no-op without one)."""
+        if self._thread is None:
+            return
+        self._discard = self._discard or discard
+        self._queue.put(None)
+        self._thread.join()
+        self._thread = None
+
+    def _raise_failure(self) -> None:
+        """Raise the writer thread's error, if any, after stopping the thread."""
+        if self._failure is not None:
+            self._stop(discard=True)
+            raise self._failure
 
     def _flush(self, records: list[CacheRecord]) -> None:
         blk = Block.from_records(records)
@@ -303,16 +400,29 @@ def remove_unclosed(cache_dir: str | os.PathLike) -> list[str]:
 class CacheReader:
     """Random access by index or sample ID, and sequential streaming, over closed shards.
 
-    Opening reads only each shard's index (sample IDs, lengths). Targets are decoded one
+    Opening reads only the shard list (manifest / markers, passed in) and each shard's index
+    (sample IDs, lengths, block starts): its I/O does not grow with the cache's bytes, so every
+    rank of every start and resume opens at the cost of the indexes. Targets are decoded one
     block (a parquet row group / a run of zarr rows) at a time and kept in an LRU bounded by
     ``max_cached_bytes`` of decoded arrays, so random access costs one block decode per
-    miss and a cache that fits is decoded once. Each decoded block is validated
-    (:func:`check_block`) unless ``verify`` is false. Thread-safe.
+    miss and a cache that fits is decoded once.
+
+    With ``verify`` (the default) a shard's SHA-256 (:func:`dir_sha256`, over all its bytes) is
+    checked against its marker lazily: the first time any block of that shard is read, once
+    per shard per reader (concurrent first reads of one shard hash it once; a mismatch is
+    remembered and raised on every later read of the shard). A shard whose index cannot be
+    read at open is hashed then, so a truncated or overwritten file is reported as a checksum
+    mismatch rather than as unreadable. Each decoded block is also validated
+    (:func:`check_block`). :meth:`validate` checks every shard's checksum and every block.
+    Thread-safe.
 
     Raises:
-        FileNotFoundError: a listed shard is missing. ValueError: a shard is unreadable, its
-        checksum (``verify``) or row count differs from the manifest, duplicate sample IDs,
-        or an invalid record (shard and sample ID named).
+        FileNotFoundError: (open) a listed shard is missing.
+        ValueError: (open) a shard's index is unreadable, its row count differs from its
+            marker, duplicate sample IDs, sample count differs from a complete manifest;
+            (first read of a shard, ``verify``) its checksum differs from its marker
+            ("checksum mismatch", cache dir and shard file named); (read) a block is
+            unreadable or holds an invalid record (shard and sample ID named).
     """
 
     def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest,
@@ -327,11 +437,11 @@ class CacheReader:
             path = self.dir / s.file
             if not path.exists():
                 raise FileNotFoundError(f"cache {self.dir}: shard {s.file} listed but missing")
-            if verify and dir_sha256(path) != s.sha256:
-                raise ValueError(f"cache {self.dir}: shard {s.file} checksum mismatch (file changed, truncated or corrupt)")
             try:
                 ix = backend.read_index(path)
             except Exception as e:  # noqa: BLE001 — any decoder error means an unreadable shard
+                if verify:  # a changed file is named as such (the hash is paid only on this failure)
+                    self._check_sha256(s)
                 raise ValueError(f"cache {self.dir}: shard {s.file} unreadable ({type(e).__name__}: {e})") from None
             if len(ix.sample_ids) != s.num_samples or int(ix.num_tokens.sum()) != s.num_tokens:
                 raise ValueError(f"cache {self.dir}: shard {s.file} holds {len(ix.sample_ids)} samples / "
@@ -355,6 +465,39 @@ class CacheReader:
         self._lru: OrderedDict[tuple[int, int], Block] = OrderedDict()
         self._lru_bytes = 0
         self._lock = threading.Lock()
+        # lazy checksums: None = not checked yet, "" = matches, else the mismatch message
+        self._sha_state: list[str | None] = [None] * len(shards)
+        self._sha_locks = [threading.Lock() for _ in shards]  # one per shard: others are read meanwhile
+
+    # ------------------------------------------------------------------ checksums
+    def _check_sha256(self, entry: ShardEntry) -> None:
+        """Hash one shard now and raise ValueError ("checksum mismatch", cache and shard named)
+        if it differs from ``entry.sha256``."""
+        if dir_sha256(self.dir / entry.file) != entry.sha256:
+            raise ValueError(f"cache {self.dir}: shard {entry.file} checksum mismatch "
+                             "(file changed, truncated or corrupt)")
+
+    def verify_shard(self, shard: int) -> None:
+        """Check shard ``shard``'s SHA-256 against its marker, once per reader (later calls
+        return at once, or raise the same error again). Thread-safe: concurrent callers of one
+        shard wait for a single hash.
+
+        Raises:
+            ValueError: checksum mismatch (cache dir and shard file named).
+        """
+        state = self._sha_state[shard]
+        if state is None:
+            with self._sha_locks[shard]:
+                state = self._sha_state[shard]
+                if state is None:
+                    try:
+                        self._check_sha256(self.shards[shard])
+                        state = ""
+                    except ValueError as e:
+                        state = str(e)
+                    self._sha_state[shard] = state
+        if state:
+            raise ValueError(state)
 
     # ------------------------------------------------------------------ index
     def __len__(self) -> int:
@@ -388,8 +531,15 @@ class CacheReader:
         return len(self.index[shard].block_starts) - 1
 
     def read_block(self, shard: int, block: int) -> Block:
-        """Decode (and validate) one block, bypassing the LRU."""
+        """Decode (and validate) one block, bypassing the LRU. With ``verify`` the shard's
+        checksum is checked first, on the first read of the shard (:meth:`verify_shard`).
+
+        Raises:
+            ValueError: checksum mismatch, unreadable block, invalid record (shard named).
+        """
         ix, name = self.index[shard], self.shards[shard].file
+        if self.verify:
+            self.verify_shard(shard)
         try:
             a = self.backend.read_block(self.dir / name, ix, block)
             ids, vals, tail = decode_targets(a, self.enc)
@@ -441,9 +591,12 @@ class CacheReader:
                 yield blk.record(j)
 
     def validate(self) -> None:
-        """Decode and check every block (raises ValueError naming shard and sample ID)."""
+        """Check every shard's checksum and decode and check every block, whatever ``verify``
+        (raises ValueError naming the shard, and the sample ID for an invalid record)."""
         verify, self.verify = self.verify, True
         try:
+            for s in range(len(self.shards)):
+                self.verify_shard(s)
             for _ in self.iter_blocks():
                 pass
         finally:
