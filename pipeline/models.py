@@ -4,10 +4,12 @@ Everything is loaded from local paths; nothing is downloaded at run time.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -138,6 +140,175 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     model = _from_pretrained(p, "teacher", dtype)
     model.eval()
     model.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Inside the block every parameter a module registers is replaced at once by a meta
+    tensor of its shape and dtype, while buffers (rotary ``inv_freq``...) stay real CPU
+    tensors computed by the constructor. Only one layer's uninitialised storage exists at a
+    time (the idea of accelerate's ``init_empty_weights(include_buffers=False)``)."""
+    orig = nn.Module.register_parameter
+
+    def register(self, name, param):
+        orig(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def _safetensors_index(p: Path) -> dict[str, Path]:
+    """Tensor name → the ``.safetensors`` file holding it (``model.safetensors`` or the files
+    of ``model.safetensors.index.json``).
+
+    Raises:
+        FileNotFoundError: no safetensors weights in ``p``.
+        ValueError: the weight file or the index is truncated or corrupt (named).
+    """
+    index = p / "model.safetensors.index.json"
+    single = p / "model.safetensors"
+    try:
+        if index.is_file():
+            return {name: p / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+        if not single.is_file():
+            raise FileNotFoundError(f"no safetensors weights in {p}")
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return {name: single for name in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # SafetensorError (truncated header), JSONDecodeError, KeyError
+        bad = index if index.is_file() else single
+        raise ValueError(f"teacher weights unreadable (truncated or corrupt): {bad} "
+                         f"({type(e).__name__}: {' '.join(str(e).split())})") from e
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _safetensors_header(fh, file: Path) -> tuple[dict, int]:
+    """The JSON header of an open ``.safetensors`` file and the byte offset where its data
+    starts (format: little-endian u64 header length, the header, then the tensors' bytes,
+    each at ``data_offsets`` relative to the data start; huggingface/safetensors README).
+
+    Raises:
+        ValueError: the header is truncated or not JSON (the file is named).
+    """
+    raw = fh.read(8)
+    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+    size = os.fstat(fh.fileno()).st_size
+    if not 0 < n <= size - 8:
+        raise ValueError(f"teacher weights unreadable (truncated or corrupt): {file} (header length {n}, file {size} bytes)")
+    try:
+        header = json.loads(fh.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"teacher weights unreadable (truncated or corrupt): {file} (header: {e})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _read_rows(fh, file: Path, name: str, meta: dict, data_start: int, start: int, shape: torch.Size) -> torch.Tensor:
+    """Rows ``[start, start + shape[0])`` of tensor ``name`` (its header entry ``meta``), read
+    with one seek and one read: only those bytes are read, nothing is memory-mapped (mapped
+    pages would count against the rank's memory). Returns a tensor of ``shape`` in the file's
+    dtype.
+
+    Raises:
+        ValueError: an unknown dtype, or the file ends before the rows (truncated; named).
+    """
+    dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
+    if dtype is None:
+        raise ValueError(f"teacher {file}: tensor {name} has dtype {meta['dtype']}, not supported")
+    full = list(meta["shape"])
+    row_bytes = dtype.itemsize * (int(torch.Size(full[1:]).numel()) if len(full) > 1 else 1)
+    begin, end = meta["data_offsets"]
+    lo = begin + start * row_bytes if full else begin
+    n_bytes = int(shape.numel()) * dtype.itemsize
+    if lo + n_bytes > end:
+        raise ValueError(f"teacher {file}: tensor {name}: rows beyond its data (a shard layout this loader does not know)")
+    fh.seek(data_start + lo)
+    buf = bytearray(n_bytes)
+    if fh.readinto(buf) != n_bytes:
+        raise ValueError(f"teacher weights unreadable (truncated or corrupt): {file} (tensor {name} cut short)")
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def load_teacher_sharded(path: str | os.PathLike, dtype: torch.dtype, device: torch.device,
+                         shard: Callable[[nn.Module], object]) -> nn.Module:
+    """A frozen teacher that never exists whole on this rank: built with its parameters on the
+    meta device, sharded by ``shard`` (``pipeline.distributed.shard_model``: FSDP2, dim-0
+    shards), materialised on ``device``, and filled with only this rank's rows of every
+    parameter, read from the safetensors files with plain reads of those rows' bytes (the
+    other ranks' rows are never read; nothing is memory-mapped). Peak host memory per rank ≈ the rank's shard (1/world size of the
+    parameter bytes) plus one layer's buffers, instead of the whole teacher (torchtitan's
+    meta-device initialisation; FSDP2's ``Shard(0)`` layout via
+    ``compute_local_shape_and_global_offset``).
+
+    Falls back to :func:`load_teacher` then ``shard`` (whole load) when the checkpoint is not
+    safetensors or its tensor names differ from the model's (a checkpoint transformers
+    converts on load), printing one line saying so.
+
+    Args:
+        dtype: parameter dtype (float32 on CPU, bfloat16 on GPUs); checkpoint tensors are cast.
+    Raises:
+        FileNotFoundError, ValueError: as :func:`load_teacher` (path named).
+    """
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    p = _require_dir(path, "teacher directory")
+    _check_config(p, "teacher")
+    try:
+        names = _safetensors_index(p)
+    except FileNotFoundError:
+        names = {}
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p)), dtype=dtype)
+    params = dict(model.named_parameters())
+    if not names or set(params) - set(names):
+        missing = sorted(set(params) - set(names))[:3]
+        print(f"[teacher] {p}: whole-model load (tensor names {missing} not in its safetensors files)", flush=True)
+        model = load_teacher(p, dtype)
+        shard(model)
+        return model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    shard(model)
+    model.to_empty(device=device)
+    for name, b in model.named_buffers():  # to_empty left them uninitialised
+        b.copy_(buffers[name])
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(names[name], []).append(name)
+    params = dict(model.named_parameters())
+    for file, group in by_file.items():
+        with open(file, "rb") as fh:
+            header, data_start = _safetensors_header(fh, file)
+            for name in group:
+                param = params[name]
+                meta = header[name]
+                if tuple(meta["shape"]) != tuple(param.shape):
+                    raise ValueError(f"teacher {file}: tensor {name} has shape {tuple(meta['shape'])}, "
+                                     f"the model built from config.json expects {tuple(param.shape)}")
+                local = param.to_local() if isinstance(param, DTensor) else param
+                start = 0
+                if isinstance(param, DTensor):
+                    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+                    start = offset[0] if local.dim() else 0
+                if local.numel():
+                    with torch.no_grad():
+                        local.copy_(_read_rows(fh, file, name, meta, data_start, start, local.shape))
     return model
 
 
