@@ -13,6 +13,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import yaml
 
+from pipeline.loss_log import unreadable_part
+
 
 def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
                    min_tokens: int | None = None) -> pa.Table:
@@ -48,8 +50,7 @@ def _unreadable_part(log_dir: Path, err: Exception) -> str:
         try:
             pq.read_metadata(f)
         except (pa.ArrowInvalid, OSError) as e:
-            return (f"loss-log part {f} is not readable parquet ({' '.join(str(e).split())}); "
-                    f"restore it, or delete it to drop its rows")
+            return unreadable_part(f, e)
     return f"loss logs in {log_dir} unreadable: {' '.join(str(err).split())}"
 
 

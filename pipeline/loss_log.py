@@ -29,6 +29,12 @@ SCHEMA = pa.schema([
 ])
 
 
+def unreadable_part(part: str | os.PathLike, err: Exception) -> str:
+    """The one-line message for a loss-log part file that is not readable parquet (named)."""
+    return (f"loss-log part {part} is not readable parquet ({' '.join(str(err).split())}); "
+            f"restore it, or delete it to drop its rows")
+
+
 class LossLogWriter:
     """Buffers rows per (round, split) and writes part files on a background thread.
 
@@ -84,8 +90,7 @@ class LossLogWriter:
             try:
                 table = pq.read_table(part)
             except (pa.ArrowInvalid, OSError) as e:
-                raise ValueError(f"loss-log part {part} is not readable parquet ({' '.join(str(e).split())}); "
-                                 f"restore it, or delete it to drop its rows, and resume again") from None
+                raise ValueError(unreadable_part(part, e) + ", and resume again") from None
             if table.num_rows and pc.max(table["step"]).as_py() > step:
                 kept = table.filter(pc.less_equal(table["step"], step))
                 tmp = part.with_name("." + part.name + ".tmp")
