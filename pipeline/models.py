@@ -43,9 +43,15 @@ def _check_config(p: Path, what: str) -> None:
         raise ValueError(f"{what} config {f}: a JSON {type(cfg).__name__}, expected an object")
 
 
-def _bad_weight_file(p: Path) -> str | None:
+def _unreadable_weights(what: str, file: Path, reason: str) -> ValueError:
+    """The error for a truncated or corrupt weight file of the ``what`` (student/teacher),
+    naming the file and why it does not read."""
+    return ValueError(f"{what} weights unreadable (truncated or corrupt): {file} ({reason})")
+
+
+def _bad_weight_file(p: Path) -> tuple[Path, str] | None:
     """The first ``*.safetensors`` file in ``p`` whose header does not open (truncated, not
-    safetensors), as ``path (reason)``; None if all open."""
+    safetensors) and the reason; None if all open."""
     from safetensors import SafetensorError, safe_open
 
     for f in sorted(p.glob("*.safetensors")):
@@ -53,7 +59,7 @@ def _bad_weight_file(p: Path) -> str | None:
             with safe_open(str(f), framework="pt") as fh:
                 fh.keys()
         except (SafetensorError, OSError) as e:
-            return f"{f} ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})"
+            return f, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return None
 
 
@@ -73,7 +79,7 @@ def _from_pretrained(p: Path, what: str, dtype: torch.dtype) -> nn.Module:
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
         bad = _bad_weight_file(p)
         if bad is not None:
-            raise ValueError(f"{what} weights unreadable (truncated or corrupt): {bad}") from e
+            raise _unreadable_weights(what, *bad) from e
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         if isinstance(e, OSError) and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
             raise FileNotFoundError(f"{what} {p} has no weights (model.safetensors): {first}") from e
@@ -137,10 +143,7 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     """
     p = _require_dir(path, "teacher directory")
     _check_config(p, "teacher")
-    model = _from_pretrained(p, "teacher", dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return _set_role(_from_pretrained(p, "teacher", dtype), frozen=True)
 
 
 @contextlib.contextmanager
@@ -163,9 +166,9 @@ def _parameters_on_meta():
         nn.Module.register_parameter = orig
 
 
-def _safetensors_index(p: Path) -> dict[str, Path]:
+def _safetensors_index(p: Path, what: str) -> dict[str, Path]:
     """Tensor name → the ``.safetensors`` file holding it (``model.safetensors`` or the files
-    of ``model.safetensors.index.json``).
+    of ``model.safetensors.index.json``) of the ``what`` (student/teacher) in ``p``.
 
     Raises:
         FileNotFoundError: no safetensors weights in ``p``.
@@ -185,9 +188,8 @@ def _safetensors_index(p: Path) -> dict[str, Path]:
     except FileNotFoundError:
         raise
     except Exception as e:  # SafetensorError (truncated header), JSONDecodeError, KeyError
-        bad = index if index.is_file() else single
-        raise ValueError(f"teacher weights unreadable (truncated or corrupt): {bad} "
-                         f"({type(e).__name__}: {' '.join(str(e).split())})") from e
+        raise _unreadable_weights(what, index if index.is_file() else single,
+                                  f"{type(e).__name__}: {' '.join(str(e).split())}") from e
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -195,28 +197,33 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
                        "BOOL": torch.bool}
 
 
-def _safetensors_header(fh, file: Path) -> tuple[dict, int]:
+def _safetensors_header(fh, file: Path, what: str) -> tuple[dict, int]:
     """The JSON header of an open ``.safetensors`` file and the byte offset where its data
     starts (format: little-endian u64 header length, the header, then the tensors' bytes,
     each at ``data_offsets`` relative to the data start; huggingface/safetensors README).
 
     Raises:
-        ValueError: the header is truncated or not JSON (the file is named).
+        ValueError: the header is truncated or not JSON, or the file ends before the last
+            tensor's bytes (truncated); the ``what`` (student/teacher) and the file are named.
     """
     raw = fh.read(8)
     n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
     size = os.fstat(fh.fileno()).st_size
     if not 0 < n <= size - 8:
-        raise ValueError(f"teacher weights unreadable (truncated or corrupt): {file} (header length {n}, file {size} bytes)")
+        raise _unreadable_weights(what, file, f"header length {n}, file {size} bytes")
     try:
         header = json.loads(fh.read(n))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"teacher weights unreadable (truncated or corrupt): {file} (header: {e})") from None
-    header.pop("__metadata__", None)
+        header.pop("__metadata__", None)
+        end = max((int(m["data_offsets"][1]) for m in header.values()), default=0)
+    except (ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError) as e:
+        raise _unreadable_weights(what, file, f"header: {type(e).__name__}: {e}") from None
+    if 8 + n + end > size:
+        raise _unreadable_weights(what, file, f"tensor data ends at byte {8 + n + end}, file {size} bytes")
     return header, 8 + n
 
 
-def _read_rows(fh, file: Path, name: str, meta: dict, data_start: int, start: int, shape: torch.Size) -> torch.Tensor:
+def _read_rows(fh, file: Path, what: str, name: str, meta: dict, data_start: int, start: int,
+               shape: torch.Size) -> torch.Tensor:
     """Rows ``[start, start + shape[0])`` of tensor ``name`` (its header entry ``meta``), read
     with one seek and one read: only those bytes are read, nothing is memory-mapped (mapped
     pages would count against the rank's memory). Returns a tensor of ``shape`` in the file's
@@ -227,19 +234,108 @@ def _read_rows(fh, file: Path, name: str, meta: dict, data_start: int, start: in
     """
     dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
     if dtype is None:
-        raise ValueError(f"teacher {file}: tensor {name} has dtype {meta['dtype']}, not supported")
+        raise ValueError(f"{what} {file}: tensor {name} has dtype {meta['dtype']}, not supported")
     full = list(meta["shape"])
     row_bytes = dtype.itemsize * (int(torch.Size(full[1:]).numel()) if len(full) > 1 else 1)
     begin, end = meta["data_offsets"]
     lo = begin + start * row_bytes if full else begin
     n_bytes = int(shape.numel()) * dtype.itemsize
     if lo + n_bytes > end:
-        raise ValueError(f"teacher {file}: tensor {name}: rows beyond its data (a shard layout this loader does not know)")
+        raise ValueError(f"{what} {file}: tensor {name}: rows beyond its data (a shard layout this loader does not know)")
     fh.seek(data_start + lo)
     buf = bytearray(n_bytes)
     if fh.readinto(buf) != n_bytes:
-        raise ValueError(f"teacher weights unreadable (truncated or corrupt): {file} (tensor {name} cut short)")
+        raise _unreadable_weights(what, file, f"tensor {name} cut short")
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _auto_config(p: Path, what: str):
+    """``AutoConfig.from_pretrained`` of the model directory ``p``.
+
+    Raises:
+        ValueError: transformers refuses the config (unknown model type...; ``p`` named).
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(p))
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{what} config {p} cannot be loaded ({type(e).__name__}: {first})") from e
+
+
+def _set_role(model: nn.Module, frozen: bool) -> nn.Module:
+    """A teacher (``frozen``: eval mode, no gradients) or a student (train mode, every
+    parameter trainable, no KV cache); returns ``model``."""
+    model.train(not frozen)
+    model.requires_grad_(not frozen)
+    if not frozen:
+        model.config.use_cache = False
+    return model
+
+
+def _load_sharded(p: Path, what: str, dtype: torch.dtype, device: torch.device,
+                  shard: Callable[[nn.Module], object], frozen: bool) -> nn.Module:
+    """The model in directory ``p`` (the ``what``: student/teacher), never whole on this rank:
+    see :func:`load_teacher_sharded`. ``frozen``: as :func:`_set_role`. Every weight file's
+    header, size and tensor shapes are checked before ``shard`` is called."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from transformers import AutoModelForCausalLM
+
+    try:
+        names = _safetensors_index(p, what)
+    except FileNotFoundError:
+        names = {}
+    config = _auto_config(p, what)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    params = dict(model.named_parameters())
+    if not names or set(params) - set(names):
+        missing = sorted(set(params) - set(names))[:3]
+        print(f"[{what}] {p}: whole-model load (tensor names {missing} not in its safetensors files)", flush=True)
+        model = _set_role(_from_pretrained(p, what, dtype), frozen)
+        shard(model)
+        return model.to(device)
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(names[name], []).append(name)
+    headers = {}
+    for file in by_file:
+        with open(file, "rb") as fh:
+            headers[file] = _safetensors_header(fh, file, what)
+    for name, param in params.items():
+        meta = headers[names[name]][0].get(name)
+        if meta is None:
+            raise _unreadable_weights(what, names[name], f"tensor {name} of the index is not in the file")
+        if tuple(meta["shape"]) != tuple(param.shape):
+            raise ValueError(f"{what} {names[name]}: tensor {name} has shape {tuple(meta['shape'])}, "
+                             f"the model built from config.json expects {tuple(param.shape)}")
+    if (p / "generation_config.json").is_file():  # as from_pretrained does (exported with the model)
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(p))
+    _set_role(model, frozen)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    shard(model)
+    model.to_empty(device=device)
+    for name, b in model.named_buffers():  # to_empty left them uninitialised
+        b.copy_(buffers[name])
+    params = dict(model.named_parameters())
+    for file, group in by_file.items():
+        header, data_start = headers[file]
+        with open(file, "rb") as fh:
+            for name in group:
+                param = params[name]
+                local = param.to_local() if isinstance(param, DTensor) else param
+                start = 0
+                if isinstance(param, DTensor):
+                    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+                    start = offset[0] if local.dim() else 0
+                if local.numel():
+                    with torch.no_grad():
+                        local.copy_(_read_rows(fh, file, what, name, header[name], data_start, start, local.shape))
+    return model
 
 
 def load_teacher_sharded(path: str | os.PathLike, dtype: torch.dtype, device: torch.device,
@@ -259,87 +355,71 @@ def load_teacher_sharded(path: str | os.PathLike, dtype: torch.dtype, device: to
 
     Args:
         dtype: parameter dtype (float32 on CPU, bfloat16 on GPUs); checkpoint tensors are cast.
+        shard: called once with the model (parameters on the meta device, buffers real) before
+            any weight is read; it shards the model in place.
+    Returns:
+        The sharded model (parameters DTensors of the checkpoint's global shapes, ``dtype``),
+        eval mode, ``requires_grad=False`` everywhere.
     Raises:
-        FileNotFoundError, ValueError: as :func:`load_teacher` (path named).
+        FileNotFoundError, ValueError: as :func:`load_teacher` (path named), and a tensor whose
+            shape differs from the model's (named); all before ``shard`` is called.
     """
-    from torch.distributed.tensor import DTensor
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     p = _require_dir(path, "teacher directory")
     _check_config(p, "teacher")
-    try:
-        names = _safetensors_index(p)
-    except FileNotFoundError:
-        names = {}
-    with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(p)), dtype=dtype)
-    params = dict(model.named_parameters())
-    if not names or set(params) - set(names):
-        missing = sorted(set(params) - set(names))[:3]
-        print(f"[teacher] {p}: whole-model load (tensor names {missing} not in its safetensors files)", flush=True)
-        model = load_teacher(p, dtype)
-        shard(model)
-        return model.to(device)
-    model.eval()
-    model.requires_grad_(False)
-    buffers = {name: b.clone() for name, b in model.named_buffers()}
-    shard(model)
-    model.to_empty(device=device)
-    for name, b in model.named_buffers():  # to_empty left them uninitialised
-        b.copy_(buffers[name])
-    by_file: dict[Path, list[str]] = {}
-    for name in params:
-        by_file.setdefault(names[name], []).append(name)
-    params = dict(model.named_parameters())
-    for file, group in by_file.items():
-        with open(file, "rb") as fh:
-            header, data_start = _safetensors_header(fh, file)
-            for name in group:
-                param = params[name]
-                meta = header[name]
-                if tuple(meta["shape"]) != tuple(param.shape):
-                    raise ValueError(f"teacher {file}: tensor {name} has shape {tuple(meta['shape'])}, "
-                                     f"the model built from config.json expects {tuple(param.shape)}")
-                local = param.to_local() if isinstance(param, DTensor) else param
-                start = 0
-                if isinstance(param, DTensor):
-                    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-                    start = offset[0] if local.dim() else 0
-                if local.numel():
-                    with torch.no_grad():
-                        local.copy_(_read_rows(fh, file, name, meta, data_start, start, local.shape))
-    return model
+    return _load_sharded(p, "teacher", dtype, device, shard, frozen=True)
+
+
+def load_student_sharded(path: str | os.PathLike, dtype: torch.dtype, device: torch.device,
+                         shard: Callable[[nn.Module], object]) -> nn.Module:
+    """A pretrained student (``student.init: pretrained``) that never exists whole on this
+    rank, loaded as :func:`load_teacher_sharded` loads a teacher; its parameters are equal
+    bit for bit to those of :func:`build_student` with ``init='pretrained'``.
+
+    Args:
+        path: the student's HF directory, or its ``config.json`` file.
+        dtype: parameter dtype (float32; ``shard`` may add a bf16 mixed-precision policy);
+            checkpoint tensors are cast.
+        shard: called once with the model (parameters on the meta device, buffers real) before
+            any weight is read (pipeline/train_run.py defers the output layer, checks the
+            vocabulary, enables gradient checkpointing and calls ``shard_model`` in it).
+    Returns:
+        The sharded student: train mode, every parameter trainable (DTensors of global shape),
+        ``config.use_cache = False``.
+    Raises:
+        FileNotFoundError, ValueError: as :func:`build_student` with ``init='pretrained'`` (the
+            missing or corrupt file named), all before ``shard`` is called; whatever ``shard``
+            raises.
+    """
+    p = _require_dir(path, "student path")
+    _check_config(p, "student")
+    return _load_sharded(p.parent if p.is_file() else p, "student", dtype, device, shard, frozen=False)
 
 
 def build_student(path: str | os.PathLike, init: str, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The student causal LM, from a HF directory or a bare ``config.json``.
+    """The student causal LM, from a HF directory or a bare ``config.json``, whole on this
+    rank (:func:`load_student_sharded` loads a pretrained one sharded).
 
     Args:
         path: directory with ``config.json`` (and weights for ``init='pretrained'``), or the
             ``config.json`` file itself.
         init: ``random`` (weights drawn with ``torch.manual_seed(seed)``) or ``pretrained``.
+    Returns:
+        The model in train mode, parameters of ``dtype``, ``config.use_cache = False``.
     Raises:
         FileNotFoundError: the path, its config or (pretrained) its weights are missing.
         ValueError: config.json is not valid JSON (line named), a weight file is truncated or
             corrupt (named), or transformers refuses the config.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     p = _require_dir(path, "student path")
     _check_config(p, "student")
+    d = p.parent if p.is_file() else p
     if init == "pretrained":
-        model = _from_pretrained(p.parent if p.is_file() else p, "student", dtype)
-    else:
-        try:
-            config = AutoConfig.from_pretrained(str(p.parent if p.is_file() else p))
-        except (OSError, ValueError, KeyError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"student config {p} cannot be loaded ({type(e).__name__}: {first})") from e
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.config.use_cache = False
-    return model
+        return _set_role(_from_pretrained(d, "student", dtype), frozen=False)
+    config = _auto_config(d, "student")
+    torch.manual_seed(seed)
+    return _set_role(AutoModelForCausalLM.from_config(config, dtype=dtype), frozen=False)
 
 
 def vocab_size(model: nn.Module) -> int:

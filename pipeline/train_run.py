@@ -26,7 +26,8 @@ from pipeline.lr_find import run_lr_find
 from pipeline.rounds import read_run_json, round_configs, select_sample_ids, write_run_json
 from pipeline.rounds import sample_weights as loss_weights
 from pipeline.metrics import MetricsLogger
-from pipeline.models import build_student, count_parameters, defer_output_projection, load_tokenizer, vocab_size
+from pipeline.models import (build_student, count_parameters, defer_output_projection, load_student_sharded,
+                             load_tokenizer, vocab_size)
 from pipeline.trainer import Trainer, build_optimizer, check_packing, early_stopping_update, lr_lambda
 
 
@@ -117,25 +118,36 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
     t_start = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     train_src, eval_src, tok_dir, data_vocab = _sources(cfg)
-    model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
-    defer_output_projection(model)  # the output layer runs inside the fused loss (before fully_shard)
-    V = vocab_size(model)
-    if V < data_vocab:
-        raise ValueError(f"student vocabulary size {V} is smaller than the data's {data_vocab} "
-                         f"({cfg.data.train_cache or cfg.data.tokenizer})")
-    if V > data_vocab:
-        print0(f"[train] student output layer has {V} rows, the data's vocabulary {data_vocab}: logits are sliced "
-               f"to the first {data_vocab}")
-    n_params = count_parameters(model)
-    # verified on rank 0 (the same answer on every rank) before anything is written: a resume
-    # PATH that fails verification leaves the run directory as it was; lr-find does not resume
-    ckpt = None if cfg.lr_find.enabled else agree_resume(run_dir, cfg.resume, info.rank)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    shard_model(model, mixed_precision=info.device.type == "cuda")
+    V = n_params = ckpt = None
+
+    def prepare(model: torch.nn.Module) -> None:
+        """From the built student to the FSDP2-sharded one. A pretrained student comes here
+        with its parameters on the meta device, before any weight is read (shapes only)."""
+        nonlocal V, n_params, ckpt
+        defer_output_projection(model)  # the output layer runs inside the fused loss (before fully_shard)
+        V = vocab_size(model)
+        if V < data_vocab:
+            raise ValueError(f"student vocabulary size {V} is smaller than the data's {data_vocab} "
+                             f"({cfg.data.train_cache or cfg.data.tokenizer})")
+        if V > data_vocab:
+            print0(f"[train] student output layer has {V} rows, the data's vocabulary {data_vocab}: logits are "
+                   f"sliced to the first {data_vocab}")
+        n_params = count_parameters(model)
+        # verified on rank 0 (the same answer on every rank) before anything is written: a resume
+        # PATH that fails verification leaves the run directory as it was; lr-find does not resume
+        ckpt = None if cfg.lr_find.enabled else agree_resume(run_dir, cfg.resume, info.rank)
+        if info.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, run_dir / "config.yaml")
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        shard_model(model, mixed_precision=info.device.type == "cuda")
+
+    if cfg.student.init == "pretrained":  # never whole on a rank: its rows are read after sharding
+        model = load_student_sharded(cfg.student.path, torch.float32, info.device, prepare)
+    else:  # random weights drawn whole with torch.manual_seed(cfg.seed), as on every rank
+        model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
+        prepare(model)
     indices = np.arange(len(train_src))
     if sample_ids is not None:
         index = train_src.index_of if hasattr(train_src, "index_of") else {s.sample_id: i for i, s in enumerate(train_src)}.__getitem__
