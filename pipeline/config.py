@@ -149,6 +149,11 @@ class PrecomputeConfig(_Section):
     """Tokenizer directory; defaults to the first teacher's directory."""
     batch_size: int = Field(default=8, ge=1)
     """Sequences per teacher forward call, per rank."""
+    window_rows: int = Field(default=4096, ge=1)
+    """Dataset rows read and tokenized at a time (each rank tokenizes its part of a window);
+    batches are length-sorted within a window. Host memory holds one window's samples, not the
+    dataset; lower it for very long rows (``overflow: window`` over whole books). The batches,
+    and so the cache's bits, do not depend on the world size."""
     temperature: float = Field(default=1.0, gt=0)
     """Cache temperature: logprobs are ``log_softmax(logits / temperature)``."""
     combine: Literal["probability", "logit_mean"] = "probability"

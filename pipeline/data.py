@@ -9,6 +9,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -373,20 +374,22 @@ def fit_length(input_ids, loss_mask: np.ndarray, cfg: DatasetConfig, bos_token_i
         start += step
 
 
-def _encode_rows(ds, tokenizer, cfg: DatasetConfig, fmt: str, chat_col: str | None, ids: list[str]) -> list:
+def _encode_rows(ds, tokenizer, cfg: DatasetConfig, fmt: str, chat_col: str | None, ids: list[str],
+                 start: int = 0) -> list:
     """Per row ``(input_ids, loss_mask)`` before the length limit (text rows are truncated here
-    by the tokenizer itself when ``overflow: truncate``, which keeps any EOS it appends)."""
+    by the tokenizer itself when ``overflow: truncate``, which keeps any EOS it appends).
+    ``ds`` holds rows ``start, start+1, ...`` of the dataset (errors name those row numbers)."""
     if fmt == "text":
         fields = _text_fields(cfg)
         cols = [ds[f][:] for f in fields]  # lists (datasets >= 4 returns lazy Columns)
-        texts = [cfg.text_join.join(v for v in (_str_value(cfg, i, ids[i], f, x) for f, x in zip(fields, vals)) if v)
+        texts = [cfg.text_join.join(v for v in (_str_value(cfg, start + i, ids[i], f, x) for f, x in zip(fields, vals)) if v)
                  for i, vals in enumerate(zip(*cols))]
         trunc = cfg.overflow == "truncate"
         enc = tokenizer(texts, truncation=trunc, max_length=cfg.max_length if trunc else None, add_special_tokens=True)
         return [(toks, np.ones(len(toks), dtype=bool)) for toks in enc["input_ids"]]
     if fmt == "prompt_response":
-        prompts = [_str_value(cfg, i, ids[i], cfg.prompt_field, x) for i, x in enumerate(ds[cfg.prompt_field][:])]
-        responses = [_str_value(cfg, i, ids[i], cfg.response_field, x) for i, x in enumerate(ds[cfg.response_field][:])]
+        prompts = [_str_value(cfg, start + i, ids[i], cfg.prompt_field, x) for i, x in enumerate(ds[cfg.prompt_field][:])]
+        responses = [_str_value(cfg, start + i, ids[i], cfg.response_field, x) for i, x in enumerate(ds[cfg.response_field][:])]
         p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
         r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
         eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
@@ -395,9 +398,9 @@ def _encode_rows(ds, tokenizer, cfg: DatasetConfig, fmt: str, chat_col: str | No
     template = _chat_template(cfg, tokenizer)
     out = []
     for i, conv in enumerate(ds[chat_col][:]):
-        where = f"dataset {cfg.path} row {i} (sample_id {ids[i]!r}): "
+        where = f"dataset {cfg.path} row {start + i} (sample_id {ids[i]!r}): "
         try:
-            out.append(render_chat(tokenizer, _messages(cfg, i, ids[i], conv), template, where))
+            out.append(render_chat(tokenizer, _messages(cfg, start + i, ids[i], conv), template, where))
         except Exception as e:  # jinja errors (raise_exception in templates) become row errors
             if isinstance(e, ValueError) and str(e).startswith(where):
                 raise
@@ -405,14 +408,59 @@ def _encode_rows(ds, tokenizer, cfg: DatasetConfig, fmt: str, chat_col: str | No
     return out
 
 
-def tokenize_rows(ds, tokenizer, cfg: DatasetConfig) -> tuple[list[Sample], int]:
-    """Tokenize rows (plain text, chat or prompt/response, see :func:`resolve_format`) into
-    :class:`Sample` records, applying ``max_length`` / ``overflow``.
+def tokenize_part(ds, tokenizer, cfg: DatasetConfig, start: int = 0,
+                  fingerprint: str | None = None) -> tuple[list[Sample], int]:
+    """Tokenize the rows ``start, start+1, ...`` of a dataset held in ``ds`` (the whole dataset
+    or a contiguous slice of it) into :class:`Sample` records, applying ``max_length`` /
+    ``overflow``; no check across rows (see :func:`tokenize_rows`).
 
-    Sample IDs come from ``cfg.id_field`` or are ``{dataset fingerprint[:16]}-{row index}``;
-    with ``overflow: window`` every sample's ID is ``{id}#{n}`` (window n = 0, 1, ...). Samples
-    with no valid position (fewer than 2 tokens, or no target token: an empty text, a chat
-    without assistant content) are skipped and counted.
+    Sample IDs come from ``cfg.id_field`` or are ``{fingerprint[:16]}-{row index}`` (``fingerprint``
+    = the whole dataset's ``_fingerprint``, default ``ds._fingerprint``); with ``overflow: window``
+    every sample's ID is ``{id}#{n}`` (window n = 0, 1, ...). Samples with no valid position (fewer
+    than 2 tokens, or no target token: an empty text, a chat without assistant content) are
+    skipped and counted.
+
+    Returns:
+        (samples in row order, n_skipped_empty)
+    Raises:
+        KeyError: a configured column missing from the dataset's columns.
+        ValueError: a bad row (its file, global row index and sample ID are named), or a null ID.
+    """
+    fmt, chat_col = resolve_format(cfg, ds.column_names)
+    if cfg.id_field is not None:
+        ids = [None if x is None else str(x) for x in ds[cfg.id_field][:]]
+        if None in ids:
+            raise ValueError(f"dataset {cfg.path} row {start + ids.index(None)}: id_field {cfg.id_field!r} is null")
+    else:
+        fp = (fingerprint or ds._fingerprint)[:16]
+        ids = [f"{fp}-{start + i}" for i in range(len(ds))]
+    rows = _encode_rows(ds, tokenizer, cfg, fmt, chat_col, ids, start)
+    samples, skipped = [], 0
+    for sid, (toks, mask) in zip(ids, rows):
+        for n, (arr, m) in enumerate(fit_length(toks, mask, cfg, tokenizer.bos_token_id)):
+            if len(arr) < 2 or not m[1:].any():
+                skipped += 1
+                continue
+            samples.append(Sample(f"{sid}#{n}" if cfg.overflow == "window" else sid, arr, m))
+    return samples, skipped
+
+
+def check_unique(cfg: DatasetConfig, samples: list[Sample], seen: set[str]) -> None:
+    """Add the samples' IDs to ``seen``.
+
+    Raises:
+        ValueError: an ID already in ``seen`` or twice in ``samples`` (the ID is named).
+    """
+    for s in samples:
+        if s.sample_id in seen:
+            raise ValueError(f"dataset {cfg.path}: duplicate sample_id {s.sample_id!r}")
+        seen.add(s.sample_id)
+
+
+def tokenize_rows(ds, tokenizer, cfg: DatasetConfig) -> tuple[list[Sample], int]:
+    """Tokenize every row of ``ds`` (plain text, chat or prompt/response, see
+    :func:`resolve_format`): :func:`tokenize_part` over the whole dataset, then the checks
+    across rows.
 
     Returns:
         (samples, n_skipped_empty)
@@ -421,28 +469,11 @@ def tokenize_rows(ds, tokenizer, cfg: DatasetConfig) -> tuple[list[Sample], int]
         ValueError: a bad row (its file, row index and sample ID are named), duplicate sample
             IDs (the ID is named) or no usable sample at all.
     """
-    fmt, chat_col = resolve_format(cfg, ds.column_names)
-    if cfg.id_field is not None:
-        ids = [None if x is None else str(x) for x in ds[cfg.id_field][:]]
-        if None in ids:
-            raise ValueError(f"dataset {cfg.path} row {ids.index(None)}: id_field {cfg.id_field!r} is null")
-    else:
-        ids = [f"{ds._fingerprint[:16]}-{i}" for i in range(len(ds))]
-    rows = _encode_rows(ds, tokenizer, cfg, fmt, chat_col, ids)
-    samples, seen, skipped = [], set(), 0
-    for sid, (toks, mask) in zip(ids, rows):
-        pieces = fit_length(toks, mask, cfg, tokenizer.bos_token_id)
-        for n, (arr, m) in enumerate(pieces):
-            wid = f"{sid}#{n}" if cfg.overflow == "window" else sid
-            if wid in seen:
-                raise ValueError(f"dataset {cfg.path}: duplicate sample_id {wid!r}")
-            seen.add(wid)
-            if len(arr) < 2 or not m[1:].any():
-                skipped += 1
-                continue
-            samples.append(Sample(wid, arr, m))
+    samples, skipped = tokenize_part(ds, tokenizer, cfg)
+    check_unique(cfg, samples, set())
     if not samples:
-        raise ValueError(f"dataset {cfg.path} (split {cfg.split}): no sample with a target token ({len(ids)} rows, format {fmt})")
+        raise ValueError(f"dataset {cfg.path} (split {cfg.split}): no sample with a target token ({len(ds)} rows, "
+                         f"format {resolve_format(cfg, ds.column_names)[0]})")
     return samples, skipped
 
 
@@ -476,3 +507,70 @@ def load_samples(cfg: DatasetConfig, tokenizer) -> tuple[list[Sample], str, int]
 def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     """Strided share of ``range(n)`` for ``rank``: every rank gets ``n // world_size`` or one more."""
     return list(range(rank, n, world_size))
+
+
+class SampleWindows:
+    """The samples of a dataset, read and tokenized window by window, each rank tokenizing only
+    its part of every window (stage 1's streaming input; DESIGN.md, Samples).
+
+    The rows (a memory-mapped ``datasets.Dataset``, :func:`load_rows`) are cut into windows of
+    ``window_rows`` consecutive rows; rank ``r`` of ``W`` tokenizes the contiguous part
+    ``[a + n·r // W, a + n·(r+1) // W)`` of window ``[a, a + n)``, and one ``all_gather`` per
+    window gives every rank the whole window's samples in row order. So a window's samples,
+    and anything derived from them (stage 1's length-sorted batches), are the same at every
+    world size, while host memory holds one window, not the dataset: peak RSS does not grow
+    with the number of rows.
+
+    Iterating is collective: every rank must iterate in step (one gather per window).
+
+    Attributes:
+        num_rows: rows of the split (after ``num_samples``).
+        fingerprint: the dataset fingerprint recorded in the cache manifest (rows + non-default
+            tokenization options, :func:`load_samples`).
+        skipped: empty samples skipped so far (all ranks' parts).
+        num_samples: samples yielded so far.
+    Raises (while iterating, on every rank alike):
+        KeyError, ValueError: as :func:`tokenize_part` (the rank that read the bad row names it;
+            the others raise the same error), a duplicate sample ID (named), no usable sample in
+            the whole dataset.
+    """
+
+    def __init__(self, cfg: DatasetConfig, tokenizer, window_rows: int, rank: int = 0, world_size: int = 1,
+                 gather=None):
+        self.cfg, self.tokenizer, self.window_rows = cfg, tokenizer, window_rows
+        self.rank, self.world_size, self.gather = rank, world_size, gather
+        self.ds = load_rows(cfg)
+        if len(self.ds) == 0:
+            raise ValueError(f"dataset {cfg.path} (split {cfg.split}) is empty")
+        self.num_rows = len(self.ds)
+        self.fingerprint = _tokenization_fingerprint(self.ds, tokenizer, cfg)
+        resolve_format(cfg, self.ds.column_names)  # a missing column fails before any teacher forward
+        self.skipped = self.num_samples = 0
+        self._seen: set[str] = set()
+
+    def _part(self, a: int, n: int):
+        lo, hi = a + n * self.rank // self.world_size, a + n * (self.rank + 1) // self.world_size
+        if hi <= lo:
+            return [], 0
+        try:
+            return tokenize_part(self.ds.select(range(lo, hi)), self.tokenizer, self.cfg, lo, self.ds._fingerprint)
+        except (KeyError, ValueError) as e:
+            return e
+
+    def __iter__(self) -> Iterator[tuple[int, list[Sample]]]:
+        """Yields ``(rows in the window, the window's samples in row order)``, window by window."""
+        for a in range(0, self.num_rows, self.window_rows):
+            n = min(self.window_rows, self.num_rows - a)
+            part = self._part(a, n)
+            parts = self.gather(part) if self.world_size > 1 else [part]
+            for p in parts:
+                if isinstance(p, BaseException):
+                    raise p
+            samples = [s for p in parts for s in p[0]]
+            self.skipped += sum(p[1] for p in parts)
+            check_unique(self.cfg, samples, self._seen)
+            self.num_samples += len(samples)
+            yield n, samples
+        if not self.num_samples:
+            raise ValueError(f"dataset {self.cfg.path} (split {self.cfg.split}): no sample with a target token "
+                             f"({self.num_rows} rows, format {resolve_format(self.cfg, self.ds.column_names)[0]})")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +14,13 @@ from pipeline.cache import (CacheWriter, Encoding, Manifest, cache_record_from_t
 from pipeline.cache.manifest import TeacherEntry
 from pipeline.config import PrecomputeConfig
 from pipeline import progress
-from pipeline.data import Sample, load_samples
+from pipeline.data import Sample, SampleWindows
 from pipeline.distributed import DistInfo, barrier, broadcast_object, gather_objects, print0, shard_model
 from pipeline.loader import collate
-from pipeline.models import load_teacher_sharded, load_tokenizer, model_fingerprint, tokenizer_fingerprint, vocab_size
+from pipeline.models import (defer_output_projection, load_teacher_sharded, load_tokenizer, model_fingerprint,
+                             tokenizer_fingerprint, vocab_size)
 from pipeline.targets import SampleStats, sample_seed, sampled_targets
-from pipeline.teacher import ensemble_logprobs, topk_targets
+from pipeline.teacher import fused_topk_targets, output_head, position_logprobs
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -58,13 +61,20 @@ def _load_teachers(cfg: PrecomputeConfig, tokenizer, dtype: torch.dtype,
         elif len(cfg.teachers) > 1:
             raise ValueError(f"teacher {t.path} has no tokenizer files, so it cannot be checked against {tok_dir}; "
                              "save the tokenizer with every teacher of an ensemble")
-        teachers.append(load_teacher_sharded(t.path, dtype, device, lambda m: shard_model(m, sum_gradients=False)))
+        teachers.append(load_teacher_sharded(t.path, dtype, device, _shard_teacher))
         if vocab_size(teachers[-1]) < V:
             raise ValueError(f"teacher {t.path} has {vocab_size(teachers[-1])} output logits but the tokenizer "
                              f"({tok_dir}) has {V} tokens")
         entries.append(TeacherEntry(path=str(Path(t.path).resolve()), weight=t.weight / total,
                                     fingerprint=model_fingerprint(t.path)))
     return teachers, V, entries
+
+
+def _shard_teacher(model) -> None:
+    """Replace the output layer by :class:`~pipeline.models.OutputProjection` (the forward
+    returns hidden states; the targets are computed from them chunk by chunk), then FSDP2."""
+    defer_output_projection(model)
+    shard_model(model, sum_gradients=False)
 
 
 PROGRESS_EVERY_S = 30.0
@@ -114,9 +124,48 @@ def _return_freed_memory() -> bool:
 
 
 def _batches(samples: list[Sample], batch_size: int) -> list[list[Sample]]:
-    """Length-sorted batches (little padding), independent of the world size."""
+    """Length-sorted batches (little padding) of one window's samples; independent of the
+    world size."""
     order = sorted(samples, key=lambda s: (-len(s.input_ids), s.sample_id))
     return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@dataclass
+class _Plan:
+    """The global sequence of batches, built window by window (identical on every rank):
+    call ``c`` runs global batches ``c·W .. c·W + W − 1``, batch ``c·W + r`` on rank ``r``."""
+
+    windows: SampleWindows
+    done_ids: set
+    batch_size: int
+    world_size: int
+    cached: int = 0  # samples of the windows seen so far that were already in the cache
+    _pending: deque = field(default_factory=deque)
+    _it: object = None
+    _exhausted: bool = False
+
+    def next_call(self) -> tuple[list[tuple[float, list[Sample]]], bool]:
+        """The next call's ``(row credit, batch)`` pairs, one per rank that has a batch (fewer
+        than W at the end), and False once every batch has run. Collective (reads windows)."""
+        if self._it is None:
+            self._it = iter(self.windows)
+        credit = 0.0
+        while len(self._pending) < self.world_size and not self._exhausted:
+            try:
+                rows, samples = next(self._it)
+            except StopIteration:
+                self._exhausted = True
+                break
+            todo = [s for s in samples if s.sample_id not in self.done_ids]
+            self.cached += len(samples) - len(todo)
+            batches = _batches(todo, self.batch_size)
+            credit += rows
+            for b in batches:
+                self._pending.append((credit / len(batches), b))
+            if batches:
+                credit = 0.0
+        group = [self._pending.popleft() for _ in range(min(self.world_size, len(self._pending)))]
+        return group, bool(group)
 
 
 def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
@@ -143,12 +192,13 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     if info.device.type == "cpu":  # host memory holds the teacher's activations: give them back
         _return_freed_memory()
     teachers, V, entries = _load_teachers(cfg, tokenizer, dtype, info.device)
-    samples, ds_fp, skipped = load_samples(cfg.dataset, tokenizer)
+    windows = SampleWindows(cfg.dataset, tokenizer, cfg.window_rows, info.rank, info.world_size, gather_objects)
     manifest = Manifest(backend=cfg.cache.backend, k=cfg.cache.k, index_dtype=Encoding.index_dtype_for(V),
                         value_dtype=cfg.cache.value_dtype, index_coding=cfg.cache.index_coding,
                         q8_step=cfg.cache.q8_step, compression=cfg.cache.compression, vocab_size=V, temperature=cfg.temperature,
                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), teachers=entries, combine=cfg.combine,
-                        dataset=cfg.dataset.model_dump(), dataset_fingerprint=ds_fp, max_length=cfg.dataset.max_length)
+                        dataset=cfg.dataset.model_dump(), dataset_fingerprint=windows.fingerprint,
+                        max_length=cfg.dataset.max_length)
     tcfg = cfg.targets
     if tcfg.type != "topk":  # recorded in the manifest header: a rerun must use the same targets
         manifest.target_type, manifest.num_draws = tcfg.type, tcfg.num_draws
@@ -170,16 +220,14 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     state = broadcast_object(state)
     if isinstance(state, Exception):
         raise state
-    todo = [s for s in samples if s.sample_id not in state.done_ids]
-    batches = _batches(todo, cfg.batch_size)
-    n_calls = -(-len(batches) // info.world_size)
-    mine = batches[info.rank::info.world_size]
-    print0(f"[precompute] {len(samples)} samples ({skipped} empty skipped), {len(samples) - len(todo)} already cached, "
-           f"{len(todo)} to do in {len(batches)} batches on {info.world_size} rank(s); k={cfg.cache.k}, V={V}")
+    plan = _Plan(windows, state.done_ids, cfg.batch_size, info.world_size)
+    print0(f"[precompute] {windows.num_rows} rows in windows of {cfg.window_rows} rows; samples: "
+           f"{len(state.done_ids)} already cached; batches of {cfg.batch_size} on {info.world_size} rank(s); "
+           f"k={cfg.cache.k}, V={V}")
     writer = open_writer(cfg.cache.dir, manifest, info.rank, state.attempt, cfg.cache.samples_per_shard,
                          cfg.cache.row_group_size, cfg.cache.compression_level, cfg.cache.writer_queue_shards)
     try:
-        my_tokens, t0 = _teacher_loop(cfg, info, teachers, entries, V, samples, batches, mine, n_calls, writer, stats)
+        my_tokens, t0 = _teacher_loop(cfg, info, teachers, entries, V, plan, writer, stats)
         writer.close()  # joins the writer thread; a shard's error is raised here at the latest
     except BaseException:
         writer.abort()  # the shard being written finishes (or fails) before the error goes up
@@ -192,58 +240,96 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     barrier()
     if not info.is_main:
         return None
-    m = finalize_cache(cfg.cache.dir, skipped)
+    m = finalize_cache(cfg.cache.dir, windows.skipped)
     dt = time.perf_counter() - t0
-    done_tokens = sum(len(s.input_ids) for b in batches for s in b)
-    print0(f"[precompute] cache complete: {m.num_samples} samples, {m.num_tokens} tokens in {len(m.shards)} shards; "
-           f"{done_tokens} tokens computed in {dt:.1f}s ({done_tokens / max(dt, 1e-9):.0f} tok/s); teacher ppl "
+    done_tokens = LAST_STATS["tokens"]
+    print0(f"[precompute] cache complete: {m.num_samples} samples ({plan.cached} already cached, "
+           f"{m.num_samples - plan.cached} computed; {windows.skipped} empty skipped), {m.num_tokens} tokens in "
+           f"{len(m.shards)} shards; {done_tokens} tokens computed in "
+           f"{dt:.1f}s ({done_tokens / max(dt, 1e-9):.0f} tok/s); teacher ppl "
            f"{np.exp(m.teacher_nll_sum / max(m.num_valid_positions, 1)):.2f} on the valid positions")
     return m
 
 
+PAD_SAMPLE = Sample("<padding call>", np.zeros(2, dtype=np.int32), np.zeros(2, dtype=bool))
+"""The input of a padding call (a rank with no batch left runs the teacher on it so that every
+rank makes the same FSDP2 collectives)."""
+
+
+def _teacher_targets(cfg: PrecomputeConfig, teachers: list, weights: list[float], V: int, batch,
+                     group: list[Sample], stats: SampleStats) -> list:
+    """Cache records of one batch: the teachers' forwards (hidden states), then the targets of
+    the real positions only, computed chunk by chunk in the teachers' device memory
+    (:func:`~pipeline.teacher.fused_topk_targets`, or per sample for the sampled types), one
+    device→host copy per array."""
+    tcfg, T = cfg.targets, batch.input_ids.shape[1]
+    hiddens = [m(input_ids=batch.input_ids, use_cache=False).logits.flatten(0, 1) for m in teachers]  # (B·T, H)
+    if not group:
+        return []
+    heads = [output_head(m, V) for m in teachers]
+    n = [len(s.input_ids) - 1 for s in group]  # positions per sample (targets of tokens 1..T-1)
+    rows_np = np.concatenate([i * T + np.arange(p) for i, p in enumerate(n)])
+    rows = torch.from_numpy(rows_np).to(batch.input_ids.device)
+    next_ids = batch.input_ids.flatten()[rows + 1]
+    if tcfg.type == "topk":
+        out = fused_topk_targets(hiddens, heads, weights, rows, next_ids, cfg.cache.k, cfg.temperature, cfg.combine)
+        ids, vals, tail, target = (t.cpu().numpy() for t in out)
+    else:  # per sample: batch-independent draws
+        parts = []
+        for i, s in enumerate(group):
+            r = rows[sum(n[:i]): sum(n[:i + 1])]
+            lp = position_logprobs(hiddens, heads, weights, r, cfg.temperature, cfg.combine)  # (P, V)
+            gen = torch.Generator(device=lp.device).manual_seed(sample_seed(tcfg.seed, s.sample_id))
+            si, sv, st = sampled_targets(lp, cfg.cache.k, tcfg.type, num_draws=tcfg.num_draws, head_k=tcfg.head_k or 0,
+                                         sample_temperature=tcfg.sample_temperature, generator=gen, stats=stats)
+            parts.append((si, sv, st, lp.gather(-1, next_ids[sum(n[:i]): sum(n[:i + 1]), None]).squeeze(-1)))
+            del lp
+        ids, vals, tail, target = (torch.cat(x).cpu().numpy() for x in zip(*parts))
+    offsets = np.cumsum([0] + n)
+    return [cache_record_from_targets(s, ids[a:b], vals[a:b], tail[a:b], target[a:b])
+            for s, a, b in zip(group, offsets[:-1], offsets[1:])]
+
+
 def _teacher_loop(cfg: PrecomputeConfig, info: DistInfo, teachers: list, entries: list[TeacherEntry], V: int,
-                  samples: list[Sample], batches: list[list[Sample]], mine: list[list[Sample]], n_calls: int,
-                  writer: CacheWriter, stats: SampleStats) -> tuple[int, float]:
-    """Run ``n_calls`` teacher forwards on this rank (padding calls after ``mine`` runs out)
-    and hand each batch's :class:`CacheRecord` list to ``writer`` (whose thread closes the
-    shards); between forwards only collation and record building happen here.
+                  plan: _Plan, writer: CacheWriter, stats: SampleStats) -> tuple[int, float]:
+    """Run teacher forwards on this rank in step with the others (every rank the same number of
+    calls: padding calls once its batches run out) and hand each batch's :class:`CacheRecord`
+    list to ``writer`` (whose thread codes and closes the shards); between forwards only
+    collation and target extraction happen here.
 
     Returns:
         (tokens of this rank's real samples, ``time.perf_counter()`` at the loop's start)
     Raises:
-        ValueError, StorageError: a shard failed in the writer (raised at the next write).
+        ValueError, StorageError: a shard failed in the writer (raised at the next write); a
+            bad row or duplicate sample ID in a window (every rank).
     """
-    tcfg = cfg.targets
-    bar = progress.Progress(sum(len(s.input_ids) for b in batches for s in b), "teacher top-k", "tok",
-                            enabled=info.is_main, unit_scale=True)
+    from torch.distributed.fsdp import FSDPModule
+
+    bar = progress.Progress(plan.windows.num_rows, "teacher top-k", "row", enabled=info.is_main, unit_scale=True)
+    weights = [e.weight for e in entries]
     t0 = time.perf_counter()
-    my_tokens, last_log = 0, t0
+    my_tokens, last_log, credit, c = 0, t0, 0.0, 0
     with torch.no_grad():  # not inference_mode: FSDP2 unshard fails on inference tensors (torch 2.13)
-        for b in range(n_calls):
-            group = mine[b] if b < len(mine) else None
-            batch = collate(group if group else [samples[0]], pad_only=group is None).to(info.device)
-            lp = ensemble_logprobs(teachers, [e.weight for e in entries], batch.input_ids, cfg.temperature, V,
-                                   cfg.combine)
-            tg = topk_targets(lp, batch.input_ids, cfg.cache.k)
-            if group:
-                ids, vals = tg.topk_ids.cpu().numpy(), tg.topk_logprobs.cpu().numpy()
-                tail, target = tg.tail_logprob.cpu().numpy(), tg.target_logprob.cpu().numpy()
-                for i, s in enumerate(group if tcfg.type != "topk" else []):  # per sample: batch-independent draws
-                    n = len(s.input_ids) - 1
-                    gen = torch.Generator(device=lp.device).manual_seed(sample_seed(tcfg.seed, s.sample_id))
-                    si, sv, st = sampled_targets(lp[i, :n], cfg.cache.k, tcfg.type, num_draws=tcfg.num_draws,
-                                                 head_k=tcfg.head_k or 0, sample_temperature=tcfg.sample_temperature,
-                                                 generator=gen, stats=stats)
-                    ids[i, :n], vals[i, :n], tail[i, :n] = si.cpu().numpy(), sv.cpu().numpy(), st.cpu().numpy()
-                writer.write([cache_record_from_targets(s, ids[i, : len(s.input_ids) - 1], vals[i, : len(s.input_ids) - 1],
-                                                        tail[i, : len(s.input_ids) - 1], target[i, : len(s.input_ids) - 1])
-                              for i, s in enumerate(group)])
-            # rank 0 advances the bar by the global work of this call (all ranks run in lockstep)
-            bar.update(sum(len(s.input_ids) for bb in batches[b * info.world_size:(b + 1) * info.world_size] for s in bb))
+        while True:
+            calls, more = plan.next_call()
+            if not more:
+                break
+            group = calls[info.rank][1] if info.rank < len(calls) else None
+            batch = collate(group or [PAD_SAMPLE], pad_only=group is None).to(info.device)
+            records = _teacher_targets(cfg, teachers, weights, V, batch, group or [], stats)
+            for m in teachers:  # the root's parameters (embedding, output layer) stay unsharded after a forward
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+            if records:
+                writer.write(records)
+            credit += sum(cr for cr, _ in calls)  # rows: each window's rows spread over its batches
+            if int(credit) > bar.n:
+                bar.update(int(credit) - bar.n)
             my_tokens += sum(len(s.input_ids) for s in group or ())
+            c += 1
             if time.perf_counter() - last_log > PROGRESS_EVERY_S:
                 last_log = time.perf_counter()
-                print(f"[precompute rank {info.rank}/{info.world_size}] call {b + 1}/{n_calls}, {my_tokens} tokens, "
+                print(f"[precompute rank {info.rank}/{info.world_size}] call {c}, {my_tokens} tokens, "
                       f"{my_tokens / (last_log - t0):.0f} tok/s", flush=True)
     bar.close()
     return my_tokens, t0

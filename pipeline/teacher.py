@@ -84,18 +84,31 @@ def ensemble_logprobs(teachers: list[nn.Module], weights: list[float], input_ids
         raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
     if len(weights) != len(teachers) or not teachers or min(weights) <= 0:
         raise ValueError(f"need one positive weight per teacher, got {weights} for {len(teachers)} teacher(s)")
+    def member_logprobs():
+        for model in teachers:
+            logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V_model)
+            if vocab is not None:
+                if logits.shape[-1] < vocab:
+                    raise ValueError(f"teacher {type(model).__name__} has {logits.shape[-1]} output logits, fewer "
+                                     f"than the tokenizer's {vocab} tokens")
+                logits = logits[..., :vocab]
+            lp = F.log_softmax(logits.float() / temperature, dim=-1)
+            del logits
+            yield lp
+
+    return _combine(member_logprobs(), weights, combine)
+
+
+def _combine(member_logprobs, weights: list[float], combine: str) -> torch.Tensor:
+    """The ensemble's log-probabilities from its members' (an iterator of (..., V) float32
+    tensors, consumed one at a time and modified in place): ``probability`` =
+    ``logsumexp_m(log w_m + lp_m)``, ``logit_mean`` = ``log_softmax(Σ_m w_m lp_m)`` with
+    ``w_m = weight_m / Σ weight`` (formulas: :func:`ensemble_logprobs`). One member: its
+    tensor unchanged."""
     total = float(sum(weights))
     mix = None
-    for model, w in zip(teachers, weights):
-        logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V_model)
-        if vocab is not None:
-            if logits.shape[-1] < vocab:
-                raise ValueError(f"teacher {type(model).__name__} has {logits.shape[-1]} output logits, fewer than "
-                                 f"the tokenizer's {vocab} tokens")
-            logits = logits[..., :vocab]
-        lp = F.log_softmax(logits.float() / temperature, dim=-1)
-        del logits
-        if len(teachers) == 1:
+    for lp, w in zip(member_logprobs, weights):
+        if len(weights) == 1:
             return lp
         if combine == "probability":
             lp.add_(math.log(w / total))
@@ -127,3 +140,106 @@ def topk_targets(logprobs: torch.Tensor, input_ids: torch.Tensor, k: int) -> Tea
     tail = log1mexp(torch.logsumexp(vals, dim=-1))  # (B, T-1)
     target = lp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
     return TeacherTargets(ids.to(torch.int32), vals, tail, target)
+
+
+TARGETS_CHUNK_BYTES = 64 * 2**20
+"""Budget of one chunk's float32 logits, (rows, V) × 4 bytes per teacher, in
+:func:`fused_topk_targets` (64 MiB: 524 rows at V = 32,000, 110 at V = 152,064)."""
+
+
+def output_head(model: nn.Module, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``vocab`` rows of a teacher's output layer: ``weight`` (vocab, H) and ``bias``
+    (vocab,) or None, in the parameter dtype.
+
+    The teacher's output layer must be a :class:`pipeline.models.OutputProjection` (its forward
+    then returns the final hidden states). Under FSDP2 call it after the root forward: the
+    root's parameters are then unsharded (full tensors) until ``reshard()``.
+
+    Raises:
+        ValueError: the output layer has fewer than ``vocab`` rows.
+    """
+    head = model.get_output_embeddings()
+    if head.weight.shape[0] < vocab:
+        raise ValueError(f"teacher {type(model).__name__} has {head.weight.shape[0]} output logits, fewer than "
+                         f"the tokenizer's {vocab} tokens")
+    bias = getattr(head, "bias", None)
+    return head.weight[:vocab], None if bias is None else bias[:vocab]
+
+
+def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: list[float], rows: torch.Tensor,
+                      temperature: float = 1.0, combine: str = "probability") -> torch.Tensor:
+    """Full-vocabulary log-probabilities of the ensemble at some positions only.
+
+    Args:
+        hiddens: per teacher, final hidden states (B·T, H) in the parameter dtype.
+        heads: per teacher, ``(weight (V, H), bias (V,) or None)`` (:func:`output_head`).
+        weights: mixture weights (normalised here).
+        rows: (n,) int64 flat positions into B·T.
+        temperature, combine: as :func:`ensemble_logprobs`.
+    Returns:
+        (n, V) float32, equal to ``ensemble_logprobs(...)`` at those positions up to float
+        rounding (the output layer runs on these rows only).
+    """
+    def member_logprobs():
+        for h, (w, b) in zip(hiddens, heads):
+            logits = F.linear(h[rows], w, b).float()
+            if temperature != 1.0:
+                logits.div_(temperature)
+            yield F.log_softmax(logits, dim=-1)
+
+    return _combine(member_logprobs(), weights, combine)
+
+
+def fused_topk_targets(hiddens: list[torch.Tensor], heads: list[tuple], weights: list[float], rows: torch.Tensor,
+                       next_ids: torch.Tensor, k: int, temperature: float = 1.0, combine: str = "probability",
+                       chunk_bytes: int = TARGETS_CHUNK_BYTES) -> tuple[torch.Tensor, ...]:
+    """Top-k, tail mass and next-token log-probability at the given positions, computed from the
+    teachers' final hidden states chunk by chunk: per chunk of rows the output layer, the
+    tempered log-softmax (or, for one teacher, its log-normaliser), the top-k and the tail, so
+    no (B, T, V) tensor exists and padding positions cost nothing (the same idea as the
+    student's fused loss, pipeline/losses.py; Liger-Kernel's fused linear cross-entropy).
+
+    One teacher: the top-k of the logits are the top-k of the log-probabilities (the softmax is
+    monotone), so ``values = z_topk/τ − logsumexp(z/τ)`` and the (rows, V) log-softmax is never
+    formed. An ensemble: :func:`position_logprobs` per chunk, then the top-k of the mixture.
+
+    Args:
+        hiddens, heads, weights, temperature, combine: as :func:`position_logprobs`.
+        rows: (N,) int64 flat positions into B·T; next_ids: (N,) int64 the token after each.
+        k: entries kept per position (k ≤ V).
+        chunk_bytes: float32 logits budget of one chunk per teacher (bytes).
+    Returns:
+        ``ids`` (N, k) int32 sorted by descending probability, ``values`` (N, k) float32 log
+        probabilities, ``tail`` (N,) float32 log of the mass outside them (:func:`log1mexp`),
+        ``target`` (N,) float32 log-probability of ``next_ids``.
+    Raises:
+        ValueError: ``k`` larger than the vocabulary.
+    """
+    V = heads[0][0].shape[0]
+    if k > V:
+        raise ValueError(f"cache.k={k} exceeds the teacher vocabulary size {V}")
+    N = rows.numel()
+    step = max(1, chunk_bytes // (4 * V))
+    dev = hiddens[0].device
+    ids = torch.empty(N, k, dtype=torch.int32, device=dev)
+    vals = torch.empty(N, k, dtype=torch.float32, device=dev)
+    target = torch.empty(N, dtype=torch.float32, device=dev)
+    for a in range(0, N, step):
+        r, nxt = rows[a: a + step], next_ids[a: a + step, None]
+        if len(hiddens) == 1:
+            (w, b), = heads
+            z = F.linear(hiddens[0][r], w, b).float()
+            if temperature != 1.0:
+                z.div_(temperature)
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            v, i = torch.topk(z, k, dim=-1, sorted=True)
+            vals[a: a + step] = v - lse
+            target[a: a + step] = (z.gather(-1, nxt) - lse).squeeze(-1)
+        else:
+            lp = position_logprobs(hiddens, heads, weights, r, temperature, combine)
+            v, i = torch.topk(lp, k, dim=-1, sorted=True)
+            vals[a: a + step] = v
+            target[a: a + step] = lp.gather(-1, nxt).squeeze(-1)
+        ids[a: a + step] = i
+    tail = log1mexp(torch.logsumexp(vals, dim=-1))
+    return ids, vals, tail, target

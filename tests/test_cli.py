@@ -19,7 +19,7 @@ def test_precompute_writes_complete_manifest(caches, assets):
     assert (caches["train"] / "tokenizer" / "tokenizer.json").is_file()
     # a rerun of the same command finds everything done and recomputes nothing
     res = run_cli(["stages.precompute_teacher", "--config", str(caches["dir"] / "pre-train.yaml")])
-    assert res.returncode == 0 and "40 already cached, 0 to do" in res.stdout
+    assert res.returncode == 0 and "40 already cached, 0 computed" in res.stdout
 
 
 def test_precompute_two_ranks_equals_one_rank(caches, assets, tmp_path):
