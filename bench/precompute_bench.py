@@ -1,32 +1,31 @@
-"""Stage 1 throughput against a bare teacher forward, and per-rank memory of a sharded teacher.
+"""Stage one against a bare teacher forward, its memory against dataset size, and per-rank
+memory with a large teacher — measured in one run.
 
-What it measures, in one run on one machine:
+Sections (``--only`` selects some; all by default):
 
-* **Throughput ratio.** ``precompute`` (pipeline/precompute.py: FSDP2-sharded teacher(s),
-  full-vocabulary log-softmax, ensemble mixture, top-k + tail, device→host copy, cache write)
-  in tokens/s of its teacher loop, against a **bare forward**: the same teacher module(s),
-  sharded the same way, called as ``model(input_ids).logits`` over exactly the same
-  length-sorted batches (same per-rank split, same padding calls), nothing else. Goal:
-  ``precompute / bare ≥ 0.95``. The bare loop runs before and after precompute; the mean of
-  the two is the baseline (damps drift on a shared machine). Both are global tokens/s: all
-  ranks' real tokens / the slowest rank's loop seconds.
-* **Memory per rank.** Parameter bytes resident per rank after ``fully_shard`` (the local
-  shards, ``DTensor.to_local()``) against the unsharded parameter bytes (goal ≈ 1/world), the
-  RSS growth from before loading to after sharding (``/proc/self/statm``), and the process's
-  peak RSS (``ru_maxrss``; it includes the transient full load: every rank loads the whole
-  checkpoint before sharding it).
+* ``speed``: ``precompute-teacher``'s teacher loop (FSDP2-wrapped teacher, fused chunked
+  top-k + tail, records handed to the background cache writer, the loop's time includes the
+  writer's last shard) in tokens/s, against **the bare forward a user would write**: the same
+  teacher loaded with ``AutoModelForCausalLM.from_pretrained`` (no FSDP), called as
+  ``model(input_ids=ids).logits`` under ``torch.no_grad`` over exactly the same length-sorted
+  batches, nothing else. Teachers: random tied Llamas, hidden 512, 6 layers, 8 heads, FFN 1376,
+  with V = 32,000 and V = 512 (a byte-level BPE trained on the standard-library corpus; the
+  32,000 one has unused added tokens up to 32,000, so the output layer and softmax have the
+  full width); windows of 512 tokens (``overflow: window``), batches of 8, k = 64, 1 rank,
+  ``OMP_NUM_THREADS`` threads (default 2). Each mode runs in its own child process, in
+  alternating order, ``--rounds`` times; the ratio of medians is printed.
+  Goals (issue 13): ≥ 0.9 at V = 32,000, ≥ 0.95 at V = 512.
+* ``data``: peak RSS of ``precompute-teacher`` (1 rank, a tiny teacher: hidden 32, 2 layers,
+  V = 2,048, k = 8) over ≈ 1 M and ≈ 4 M tokens of the corpus. Goal: growth ≤ 100 MB.
+* ``teacher``: per-rank peak RSS at 1 and 2 ranks (``torchrun``, gloo, 1 thread per rank) of the
+  same small run (64 TinyStories paragraphs, max_length 128, batch 16, k = 32, the stories260K
+  tokenizer) with the real stories260K teacher and with a random 155M-parameter Llama (hidden
+  768, 21 layers, V = 32,000 rows sliced to the tokenizer's 512); needs ``--realdata``.
+  Goal: per rank at 2 ranks ≤ stories260K's + 0.6 × the teacher's parameter bytes.
 
-For 1 teacher and a 2-teacher ensemble (probability mixture, weights 0.5/0.5), on 1 rank and on
-2 ranks (``torchrun --standalone --nproc_per_node=2``, gloo, 1 thread each; the 1-rank run uses
-``OMP_NUM_THREADS`` threads, default 2). Teachers: random Llamas of about 20M parameters
-(``data.stdlib_corpus.llama_config``: hidden 512, 5 layers, FFN 1376, V = an 8192-token
-byte-level BPE trained on the standard-library corpus), built from a config into a temporary
-directory; and, with ``--real DIR`` (e.g. ../shared/realdata), the real stories260K teacher on
-TinyStories paragraphs (its "ensemble" is the teacher twice).
+Run (from the repository root, nothing else running; about 10-15 minutes on 2 CPU cores)::
 
-Run (from the repository root; about 3-5 minutes on 2 shared CPU cores)::
-
-    .venv/bin/python bench/precompute_bench.py [--real ../shared/realdata] [--samples 96] [--json out.json]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/precompute_bench.py [--realdata ../shared/realdata] [--only speed data teacher]
 
 Read the ratios, not the absolute numbers: the machine is shared and noisy.
 """
@@ -36,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,173 +44,213 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+MIB = 2**20
 
 
-def _rss_bytes() -> int:
-    """Current resident set size of this process (Linux ``/proc/self/statm``)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _peak_rss() -> int:
+    """Peak resident set size of this process so far, bytes (Linux ``ru_maxrss`` is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def build_assets(d: Path, samples: int) -> dict:
-    """The synthetic 20M-parameter teachers (seeds 0 and 1), their tokenizer and a corpus."""
+# ----------------------------------------------------------------------------- assets
+def _tokenizer(d: Path, texts, vocab: int, pad_to: int | None = None) -> str:
+    from data.stdlib_corpus import train_tokenizer
+
+    tok = train_tokenizer(texts, vocab, d)
+    if pad_to and len(tok) < pad_to:  # unused tokens: the output layer and softmax get the full width
+        tok.add_tokens([f"<unused_{i}>" for i in range(pad_to - len(tok))])
+        tok.save_pretrained(str(d))
+    return str(d)
+
+
+def _teacher(d: Path, tokenizer: str, vocab: int, hidden: int, layers: int, heads: int, ffn: int,
+             seed: int = 0) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data.stdlib_corpus import llama_config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(llama_config(vocab, hidden, layers, heads, heads, ffn, context=2048,
+                                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+# ----------------------------------------------------------------------------- child (one process / rank)
+def _batches_of(cfg) -> list:
+    """The length-sorted batches precompute builds (world-size independent), as lists of samples."""
+    from pipeline.data import SampleWindows
+    from pipeline.models import load_tokenizer
+    from pipeline.precompute import _batches
+
+    tok = load_tokenizer(cfg.tokenizer or cfg.teachers[0].path)
+    return [b for _, samples in SampleWindows(cfg.dataset, tok, cfg.window_rows) for b in _batches(samples, cfg.batch_size)]
+
+
+def bare_forward(cfg) -> dict:
+    """The plain loop: from_pretrained, no FSDP, ``model(input_ids).logits`` per batch."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import build_corpus, llama_config, train_tokenizer
-
-    dd = build_corpus(d / "corpus", max_chars=1500, heldout_fraction=0.05, limit_files=150)
-    tok = train_tokenizer(dd["train"]["text"][:], 8192, d / "tokenizer")
-    teachers = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(llama_config(len(tok), 512, 5, 8, 8, 1376,
-                                                              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
-        model.save_pretrained(d / f"teacher{seed}")
-        tok.save_pretrained(d / f"teacher{seed}")
-        teachers.append(str(d / f"teacher{seed}"))
-    return {"name": f"random Llama {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, V={len(tok)}",
-            "teachers": teachers, "dataset": {"path": str(d / "corpus"), "split": "train", "id_field": "id",
-                                              "max_length": 256, "num_samples": samples}}
-
-
-def real_assets(real: Path, samples: int) -> dict:
-    t = str(real / "teacher-stories260K")
-    return {"name": "stories260K (real), V=512", "teachers": [t, t],
-            "dataset": {"path": str(real / "tinystories" / "train_head.txt"), "sample_by": "paragraph",
-                        "max_length": 256, "num_samples": samples * 4}}
-
-
-# ----------------------------------------------------------------------------- child (one rank)
-def _bare_forward(teachers, batches, samples, info) -> tuple[int, float]:
-    """This rank's (real tokens, seconds) of plain forwards over its share of ``batches``."""
-    import torch
-
     from pipeline.loader import collate
 
-    mine = batches[info.rank::info.world_size]
-    n_calls = -(-len(batches) // info.world_size)
-    tokens, t0 = 0, time.perf_counter()
+    batches = _batches_of(cfg)
+    model = AutoModelForCausalLM.from_pretrained(cfg.teachers[0].path, dtype=torch.float32).eval()
     with torch.no_grad():
-        for b in range(n_calls):
-            group = mine[b] if b < len(mine) else None
-            ids = collate(group if group else [samples[0]], pad_only=group is None).input_ids.to(info.device)
-            for t in teachers:
-                t(input_ids=ids, use_cache=False).logits
-            tokens += sum(len(s.input_ids) for s in group or ())
-    return tokens, time.perf_counter() - t0
+        model(input_ids=collate(batches[0]).input_ids).logits  # warm-up, as precompute's first call
+        tokens, t0 = 0, time.perf_counter()
+        for b in batches:
+            model(input_ids=collate(b).input_ids, use_cache=False).logits
+            tokens += sum(len(s.input_ids) for s in b)
+    dt = time.perf_counter() - t0
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
 
 
-def child(spec: dict, work: Path) -> None:
-    """Run every measurement of ``spec`` on this rank; rank 0 appends JSON results to spec['out']."""
-    import gc
-
-    import torch
-
-    from pipeline.config import PrecomputeConfig
-    from pipeline.data import load_samples
-    from pipeline.distributed import gather_objects, init_distributed, shard_model, teardown
-    from pipeline.models import load_tokenizer
-    from pipeline.precompute import LAST_STATS, _batches, _load_teachers, precompute
+def run_precompute(cfg) -> dict:
+    """``precompute-teacher``'s own function; its teacher loop's tokens/s and every rank's peak RSS."""
+    from pipeline.distributed import init_distributed, teardown
+    from pipeline.precompute import LAST_STATS, precompute
 
     info = init_distributed("cpu")
-    results = []
     try:
-        for n_teachers in (1, 2):
-            teachers_cfg = [{"path": p, "weight": 1.0} for p in spec["teachers"][:n_teachers]]
-            cfg = PrecomputeConfig.model_validate({
-                "teachers": teachers_cfg, "dataset": spec["dataset"], "batch_size": spec["batch_size"], "device": "cpu",
-                "cache": {"dir": str(work / f"cache-w{info.world_size}-m{n_teachers}"), "k": 32, "overwrite": True}})
-            tokenizer = load_tokenizer(spec["teachers"][0])
-            gc.collect()
-            rss0 = _rss_bytes()
-            teachers, V, _ = _load_teachers(cfg, tokenizer, torch.float32)
-            rss_loaded = _rss_bytes()
-            full_bytes = sum(p.numel() * p.element_size() for t in teachers for p in t.parameters())
-            for t in teachers:
-                shard_model(t, sum_gradients=False)
-            gc.collect()
-            rss_sharded = _rss_bytes()
-            local_bytes = sum(p.to_local().numel() * p.element_size() for t in teachers for p in t.parameters())
-            samples, _, _ = load_samples(cfg.dataset, tokenizer)
-            batches = _batches(samples, cfg.batch_size)
-            _bare_forward(teachers, batches[: info.world_size], samples, info)  # warm-up
-            bare1 = gather_objects(_bare_forward(teachers, batches, samples, info))
-            precompute(cfg, info)
-            pre = dict(LAST_STATS)
-            bare2 = gather_objects(_bare_forward(teachers, batches, samples, info))
-            bare = [sum(t for t, _ in b) / max(s for _, s in b) for b in (bare1, bare2)]
-            mem = gather_objects({"rss_growth": rss_sharded - rss0, "rss_full_load": rss_loaded - rss0,
-                                  "local_param_bytes": local_bytes,
-                                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
-            results.append({"assets": spec["name"], "world_size": info.world_size, "teachers": n_teachers,
-                            "tokens": pre["tokens"], "precompute_tok_s": pre["tokens_per_s"],
-                            "bare_tok_s": sum(bare) / 2, "bare_runs": bare,
-                            "ratio": pre["tokens_per_s"] / (sum(bare) / 2),
-                            "full_param_bytes": full_bytes, "per_rank": mem})
-            del teachers
-        if info.is_main:
-            with open(spec["out"], "a") as f:
-                for r in results:
-                    f.write(json.dumps(r) + "\n")
+        precompute(cfg, info)
     finally:
         teardown()
+    return {"tokens": LAST_STATS["tokens"], "seconds": LAST_STATS["seconds"], "tok_s": LAST_STATS["tokens_per_s"],
+            "peak_rss": LAST_STATS["peak_rss"]}
 
 
-# ----------------------------------------------------------------------------- parent
-def _launch(spec_path: Path, nproc: int, threads: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
-           "TOKENIZERS_PARALLELISM": "false"}
-    me = [str(Path(__file__).resolve()), "--child", str(spec_path)]
+def child(spec: dict) -> None:
+    from pipeline.config import PrecomputeConfig
+
+    cfg = PrecomputeConfig.model_validate(spec["config"])
+    out = bare_forward(cfg) if spec["mode"] == "bare" else run_precompute(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(spec["out"]).write_text(json.dumps(out))
+
+
+def _run(spec: dict, tmp: Path, nproc: int = 1, threads: int | None = None) -> dict:
+    spec = {**spec, "out": str(tmp / f"out-{time.monotonic_ns()}.json")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    me = [str(Path(__file__).resolve()), "--child", json.dumps(spec)]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *me]
            if nproc > 1 else [sys.executable, *me])
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
-        sys.exit(f"child failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
+        sys.exit(f"child failed ({spec['mode']}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    return json.loads(Path(spec["out"]).read_text())
 
 
-def _table(rows: list[dict]) -> str:
-    mib = 1 << 20
-    out = ["| teacher(s) | ranks | teachers | precompute tok/s | bare forward tok/s | ratio | params/rank MiB "
-           "(of full) | RSS growth/rank MiB | peak RSS/rank MiB |", "|---|---:|---:|---:|---:|---:|---|---:|---:|"]
-    for r in rows:
-        local = max(m["local_param_bytes"] for m in r["per_rank"])
-        out.append(f"| {r['assets']} | {r['world_size']} | {r['teachers']} | {r['precompute_tok_s']:,.0f} | "
-                   f"{r['bare_tok_s']:,.0f} | **{r['ratio']:.3f}** | {local / mib:.1f} of {r['full_param_bytes'] / mib:.1f} "
-                   f"({local / r['full_param_bytes']:.2f}) | {max(m['rss_growth'] for m in r['per_rank']) / mib:.0f} | "
-                   f"{max(m['peak_rss'] for m in r['per_rank']) / mib:.0f} |")
-    return "\n".join(out)
+def _config(teacher: str, dataset: dict, cache: Path, k: int, batch_size: int, **over) -> dict:
+    return {"teachers": [{"path": teacher}], "dataset": dataset, "batch_size": batch_size, "device": "cpu",
+            "cache": {"dir": str(cache), "k": k, "overwrite": True}, **over}
+
+
+# ----------------------------------------------------------------------------- sections
+def section_speed(tmp: Path, corpus: str, texts, rounds: int, samples: int) -> list[str]:
+    lines = []
+    for V in (32000, 512):
+        tok = _tokenizer(tmp / f"tok{V}", texts, min(V, 8192), pad_to=V)
+        teacher = _teacher(tmp / f"teacher{V}", tok, V, 512, 6, 8, 1376)
+        dataset = {"path": corpus, "split": "train", "id_field": "id", "max_length": 512, "overflow": "window",
+                   "num_samples": samples}
+        cfg = _config(teacher, dataset, tmp / f"cache{V}", 64, 8)
+        runs = {"bare": [], "precompute": []}
+        for r in range(rounds):
+            for mode in (("bare", "precompute") if r % 2 == 0 else ("precompute", "bare")):
+                runs[mode].append(_run({"mode": mode, "config": cfg}, tmp))
+                print(f"[speed V={V}] round {r}: {mode} {runs[mode][-1]['tok_s']:,.0f} tok/s "
+                      f"({runs[mode][-1]['tokens']} tokens)", flush=True)
+        bare = statistics.median(x["tok_s"] for x in runs["bare"])
+        pre = statistics.median(x["tok_s"] for x in runs["precompute"])
+        per_round = ", ".join(f"{p['tok_s'] / b['tok_s']:.2f}" for p, b in zip(runs["precompute"], runs["bare"]))
+        lines.append(f"speed V={V}: precompute {pre:,.0f} tok/s, bare forward {bare:,.0f} tok/s, ratio **{pre / bare:.2f}** "
+                     f"(per round: {per_round})")
+        print(lines[-1], flush=True)
+    return lines
+
+
+def section_data(tmp: Path, corpus: str, texts) -> list[str]:
+    import datasets
+
+    tok = _tokenizer(tmp / "tok2048", texts, 2048)
+    teacher = _teacher(tmp / "tiny", tok, 2048, 32, 2, 4, 64)
+    ds = datasets.load_from_disk(corpus)["train"]
+    from transformers import AutoTokenizer
+
+    t = AutoTokenizer.from_pretrained(tok)
+    per_row = sum(len(x) for x in t(ds.select(range(500))["text"])["input_ids"]) / 500
+    out = {}
+    for target in (1_000_000, 4_000_000):
+        n = min(len(ds), int(target / per_row))
+        dataset = {"path": corpus, "split": "train", "id_field": "id", "max_length": 512, "num_samples": n}
+        out[target] = _run({"mode": "precompute", "config": _config(teacher, dataset, tmp / "cache-data", 8, 16)}, tmp)
+        print(f"[data] {n} rows, {out[target]['tokens']:,} tokens: peak RSS {out[target]['peak_rss'][0] / MIB:,.0f} MiB",
+              flush=True)
+    a, b = out[1_000_000], out[4_000_000]
+    growth = (b["peak_rss"][0] - a["peak_rss"][0]) / 1e6
+    return [f"data: peak RSS {a['peak_rss'][0] / MIB:,.0f} MiB at {a['tokens']:,} tokens, {b['peak_rss'][0] / MIB:,.0f} MiB "
+            f"at {b['tokens']:,} tokens: growth **{growth:,.0f} MB** (goal ≤ 100 MB)"]
+
+
+def section_teacher(tmp: Path, realdata: Path) -> list[str]:
+    small = str(realdata / "teacher-stories260K")
+    big = _teacher(tmp / "teacher155m", small, 32000, 768, 21, 12, 2048)
+    nbytes = (Path(big) / "model.safetensors").stat().st_size  # fp32 parameters (+ a header of a few KB)
+    dataset = {"path": str(realdata / "tinystories" / "train_head.txt"), "sample_by": "paragraph", "max_length": 128,
+               "num_samples": 64}
+    peaks = {}
+    for name, teacher in (("stories260K", small), ("155M", big)):
+        for nproc in (1, 2):
+            res = _run({"mode": "precompute", "config": _config(teacher, dataset, tmp / "cache-t", 32, 16)}, tmp,
+                       nproc=nproc, threads=1)
+            peaks[name, nproc] = max(res["peak_rss"])
+            print(f"[teacher] {name} at {nproc} rank(s): peak RSS per rank "
+                  f"{', '.join(f'{m / MIB:,.0f}' for m in res['peak_rss'])} MiB", flush=True)
+    lines = [f"teacher: 155M-parameter teacher, {nbytes / MIB:,.0f} MiB of fp32 parameters"]
+    for nproc in (1, 2):
+        bound = peaks["stories260K", nproc] + 0.6 * nbytes
+        lines.append(f"teacher at {nproc} rank(s): peak RSS per rank {peaks['155M', nproc] / MIB:,.0f} MiB; stories260K "
+                     f"{peaks['stories260K', nproc] / MIB:,.0f} MiB; stories260K + 0.6 x teacher = {bound / MIB:,.0f} MiB; "
+                     f"excess over stories260K = **{(peaks['155M', nproc] - peaks['stories260K', nproc]) / nbytes:.2f} x** "
+                     "the teacher's bytes (goal at 2 ranks ≤ 0.6)")
+    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--real", help="realdata directory with teacher-stories260K/ and tinystories/")
-    ap.add_argument("--samples", type=int, default=96, help="samples of the synthetic corpus (x4 for the real text)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--realdata", help="directory with teacher-stories260K/ and tinystories/ (section teacher)")
+    ap.add_argument("--only", nargs="+", choices=("speed", "data", "teacher"), default=("speed", "data", "teacher"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=48, help="rows of the corpus in the speed section")
     args = ap.parse_args()
     if args.child:
-        spec = json.loads(Path(args.child).read_text())
-        child(spec, Path(spec["work"]))
+        child(json.loads(args.child))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
+    from data.stdlib_corpus import build_corpus
+
+    lines = [f"precompute_bench: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, sections {list(args.only)}"]
     with tempfile.TemporaryDirectory(prefix="precompute-bench-") as tmp:
-        d = Path(tmp)
-        all_assets = [build_assets(d / "synthetic", args.samples)]
-        if args.real and (Path(args.real) / "teacher-stories260K").is_dir():
-            all_assets.append(real_assets(Path(args.real), args.samples))
-        out = d / "results.jsonl"
-        for i, a in enumerate(all_assets):
-            spec = {**a, "batch_size": args.batch_size, "out": str(out), "work": str(d / f"work{i}")}
-            p = d / f"spec{i}.json"
-            p.write_text(json.dumps(spec))
-            for nproc in (1, 2):
-                _launch(p, nproc, threads if nproc == 1 else 1)
-        rows = [json.loads(line) for line in out.read_text().splitlines()]
-    print(_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        tmp = Path(tmp)
+        dd = build_corpus(tmp / "corpus", max_chars=2500, heldout_fraction=0.05)
+        texts = dd["train"]["text"][:4000]
+        if "speed" in args.only:
+            lines += section_speed(tmp, str(tmp / "corpus"), texts, args.rounds, args.samples)
+        if "data" in args.only:
+            lines += section_data(tmp, str(tmp / "corpus"), texts)
+        if "teacher" in args.only:
+            if args.realdata and (Path(args.realdata) / "teacher-stories260K").is_dir():
+                lines += section_teacher(tmp, Path(args.realdata))
+            else:
+                lines.append("teacher: skipped (needs --realdata with teacher-stories260K/)")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,12 @@ class PrecomputeConfig(_Section):
     batches are length-sorted within a window. Host memory holds one window's samples, not the
     dataset; lower it for very long rows (``overflow: window`` over whole books). The batches,
     and so the cache's bits, do not depend on the world size."""
+    host_memory: Literal["auto", "release", "reuse"] = "auto"
+    """How glibc treats the host memory the teacher loop frees (CPU runs; on GPUs activations live
+    in device memory). ``release``: large blocks go back to the OS at once (lowest peak RSS; on
+    CPU the forward is slower, every large activation in fresh pages); ``reuse``: they stay in
+    the heap for the next call (fastest; the heap fragments, peak RSS can double with FSDP2's
+    per-block all-gathers). ``auto``: ``release`` on CPU with more than one rank, else ``reuse``."""
     temperature: float = Field(default=1.0, gt=0)
     """Cache temperature: logprobs are ``log_softmax(logits / temperature)``."""
     combine: Literal["probability", "logit_mean"] = "probability"

@@ -102,15 +102,30 @@ def _throughput(info: DistInfo, tokens: int, seconds: float) -> None:
            f"on {info.world_size} rank(s); peak RSS {max(m for _, _, m in per_rank) / 2**20:.0f} MiB (largest rank)")
 
 
-def _return_freed_memory() -> bool:
-    """Make glibc serve every allocation of 128 KiB or more by ``mmap``, so the teacher loop's
-    freed activations and FSDP2's freed all-gather buffers go back to the OS at once.
+RELEASE_THRESHOLD = 1 << 20
+"""Bytes from which glibc serves an allocation by ``mmap`` (returned to the OS when freed) with
+``host_memory: release``."""
 
-    Why: glibc's default threshold rises with each large block freed, after which such blocks
-    come from the heap and stay in the process (measured: one forward of a 157M-parameter
-    teacher at 2 ranks left 1.28-1.51 GB resident instead of 0.77 GB; the same run with
-    ``MALLOC_MMAP_THRESHOLD_=131072``). Same as that environment variable (glibc ``mallopt``,
-    ``M_MMAP_THRESHOLD`` = -3). Returns False where there is no glibc (nothing changed).
+
+def _release_host_memory(cfg: PrecomputeConfig, info: DistInfo) -> bool:
+    """Whether this run sets :data:`RELEASE_THRESHOLD` (``host_memory``; ``auto`` = on CPU
+    with more than one rank)."""
+    if cfg.host_memory == "auto":
+        return info.device.type == "cpu" and info.world_size > 1
+    return cfg.host_memory == "release"
+
+
+def _return_freed_memory() -> bool:
+    """Make glibc serve every allocation of :data:`RELEASE_THRESHOLD` bytes or more by ``mmap``,
+    so the teacher loop's freed activations and FSDP2's freed all-gather buffers go back to the
+    OS at once instead of fragmenting the heap.
+
+    Trade-off, measured on 2 CPU cores (bench/precompute_bench.py and the numbers in the
+    README): a 155M-parameter teacher at 2 ranks peaks at about 1.0 GiB per rank with it and
+    2.1 GiB without; but every large activation then comes in fresh pages, which made a
+    hidden-512 teacher's forward about 25 % slower. Same as ``MALLOC_MMAP_THRESHOLD_`` (glibc
+    ``mallopt``, ``M_MMAP_THRESHOLD`` = -3). Returns False where there is no glibc (nothing
+    changed).
     """
     import ctypes
     import ctypes.util
@@ -118,7 +133,7 @@ def _return_freed_memory() -> bool:
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.mallopt(-3, 128 * 1024))
+        return bool(libc.mallopt(-3, RELEASE_THRESHOLD))
     except (OSError, AttributeError):
         return False
 
@@ -189,7 +204,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     tok_dir = cfg.tokenizer or cfg.teachers[0].path
     tokenizer = load_tokenizer(tok_dir)
     dtype = torch.bfloat16 if info.device.type == "cuda" else torch.float32
-    if info.device.type == "cpu":  # host memory holds the teacher's activations: give them back
+    if _release_host_memory(cfg, info):  # shards + per-block all-gathers fragment the heap: give memory back
         _return_freed_memory()
     teachers, V, entries = _load_teachers(cfg, tokenizer, dtype, info.device)
     windows = SampleWindows(cfg.dataset, tokenizer, cfg.window_rows, info.rank, info.world_size, gather_objects)

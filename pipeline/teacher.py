@@ -190,6 +190,25 @@ def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: 
     return _combine(member_logprobs(), weights, combine)
 
 
+EXP_SAFE = 60.0
+"""Rows whose largest logit lies in [-EXP_SAFE, EXP_SAFE] are exponentiated without shifting by
+their maximum: ``exp(60) · 152,064 ≈ 1.7e31`` cannot overflow float32 (3.4e38), and terms more
+than ~27 nats below a maximum ≥ -60 that underflow hold less than ``V·e⁻²⁷`` of the mass."""
+
+
+def _log_normaliser(z: torch.Tensor, zmax: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(z, -1)`` of float32 logits (n, V) given their row maxima ``zmax`` (n,) (the
+    top-1 of :func:`torch.topk`), computed in two passes over ``z`` (exp in place, sum) instead of
+    four: rows with ``|max| ≤ EXP_SAFE`` skip the shift by the maximum (same result up to float
+    rounding), the others are shifted first. Overwrites ``z``. Returns (n,) float32."""
+    safe = zmax.abs() <= EXP_SAFE
+    if not bool(safe.all()):
+        shift = torch.where(safe, 0.0, zmax)[:, None]
+        z.sub_(shift)
+        return torch.log(z.exp_().sum(dim=-1)) + shift[:, 0]
+    return torch.log(z.exp_().sum(dim=-1))
+
+
 def fused_topk_targets(hiddens: list[torch.Tensor], heads: list[tuple], weights: list[float], rows: torch.Tensor,
                        next_ids: torch.Tensor, k: int, temperature: float = 1.0, combine: str = "probability",
                        chunk_bytes: int = TARGETS_CHUNK_BYTES) -> tuple[torch.Tensor, ...]:
@@ -224,17 +243,27 @@ def fused_topk_targets(hiddens: list[torch.Tensor], heads: list[tuple], weights:
     ids = torch.empty(N, k, dtype=torch.int32, device=dev)
     vals = torch.empty(N, k, dtype=torch.float32, device=dev)
     target = torch.empty(N, dtype=torch.float32, device=dev)
+    buf = None
     for a in range(0, N, step):
         r, nxt = rows[a: a + step], next_ids[a: a + step, None]
         if len(hiddens) == 1:
             (w, b), = heads
-            z = F.linear(hiddens[0][r], w, b).float()
+            h = hiddens[0][r]
+            if h.dtype == torch.float32:  # one chunk buffer for every chunk: no fresh pages per chunk
+                buf = torch.empty(min(step, N), V, device=dev) if buf is None else buf
+                z = torch.matmul(h, w.t(), out=buf[: len(r)])
+                if b is not None:
+                    z.add_(b)
+            else:  # bf16/fp16 teachers: the logits in the parameter dtype, the softmax in float32
+                z = F.linear(h, w, b).float()
             if temperature != 1.0:
                 z.div_(temperature)
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
             v, i = torch.topk(z, k, dim=-1, sorted=True)
-            vals[a: a + step] = v - lse
-            target[a: a + step] = (z.gather(-1, nxt) - lse).squeeze(-1)
+            t = z.gather(-1, nxt).squeeze(-1)
+            vals[a: a + step], target[a: a + step] = v, t
+            log_norm = _log_normaliser(z, v[:, 0])
+            vals[a: a + step] -= log_norm[:, None]
+            target[a: a + step] -= log_norm
         else:
             lp = position_logprobs(hiddens, heads, weights, r, temperature, combine)
             v, i = torch.topk(lp, k, dim=-1, sorted=True)

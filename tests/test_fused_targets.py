@@ -124,3 +124,16 @@ def test_a_bad_row_on_one_rank_stops_every_rank_naming_it(assets, tmp_path, monk
     got, _ = _run_ranks(cfg, tok, 2, 5, monkeypatch)
     for e in got:
         assert isinstance(e, ValueError) and "duplicate sample_id 'r1'" in str(e), e
+
+
+def test_log_normaliser_shifts_only_rows_that_need_it():
+    from pipeline.teacher import _log_normaliser
+
+    torch.manual_seed(0)
+    z = torch.randn(5, 1000) * 4
+    z[1] += 200.0  # would overflow exp without the shift
+    z[3] -= 300.0  # would underflow to log(0)
+    want = torch.logsumexp(z, -1)
+    got = _log_normaliser(z.clone(), z.amax(-1))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-6)
+    assert torch.isfinite(got).all()
