@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,11 +44,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MIB = 2**20
-
-
-def _peak_rss() -> int:
-    """Peak resident set size of this process so far, bytes (Linux ``ru_maxrss`` is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # ----------------------------------------------------------------------------- assets
@@ -146,9 +140,13 @@ def _run(spec: dict, tmp: Path, nproc: int = 1, threads: int | None = None) -> d
     return json.loads(Path(spec["out"]).read_text())
 
 
+HOST_MEMORY: str | None = None  # --host-memory: precompute's host_memory in every run (default: its own default)
+
+
 def _config(teacher: str, dataset: dict, cache: Path, k: int, batch_size: int, **over) -> dict:
+    extra = {"host_memory": HOST_MEMORY} if HOST_MEMORY else {}
     return {"teachers": [{"path": teacher}], "dataset": dataset, "batch_size": batch_size, "device": "cpu",
-            "cache": {"dir": str(cache), "k": k, "overwrite": True}, **over}
+            "cache": {"dir": str(cache), "k": k, "overwrite": True}, **extra, **over}
 
 
 # ----------------------------------------------------------------------------- sections
@@ -176,19 +174,25 @@ def section_speed(tmp: Path, corpus: str, texts, rounds: int, samples: int) -> l
 
 
 def section_data(tmp: Path, corpus: str, texts) -> list[str]:
+    """Peak RSS at ≈ 1 M and ≈ 4 M tokens: the corpus's train split repeated (IDs ``{id}@{copy}``)
+    until it holds 4 M tokens, its first rows for 1 M."""
     import datasets
 
     tok = _tokenizer(tmp / "tok2048", texts, 2048)
     teacher = _teacher(tmp / "tiny", tok, 2048, 32, 2, 4, 64)
-    ds = datasets.load_from_disk(corpus)["train"]
     from transformers import AutoTokenizer
 
+    base = datasets.load_from_disk(corpus)["train"]
     t = AutoTokenizer.from_pretrained(tok)
-    per_row = sum(len(x) for x in t(ds.select(range(500))["text"])["input_ids"]) / 500
+    per_row = sum(len(x) for x in t(base.select(range(500))["text"][:])["input_ids"]) / 500
+    copies = int(4_200_000 / (per_row * len(base))) + 1
+    ds = datasets.concatenate_datasets([base.map(lambda r, c=c: {"id": f"{r['id']}@{c}"}) for c in range(copies)])
+    corpus = str(tmp / "corpus-4m")
+    ds.save_to_disk(corpus)
     out = {}
     for target in (1_000_000, 4_000_000):
         n = min(len(ds), int(target / per_row))
-        dataset = {"path": corpus, "split": "train", "id_field": "id", "max_length": 512, "num_samples": n}
+        dataset = {"path": corpus, "id_field": "id", "max_length": 512, "overflow": "window", "num_samples": n}
         out[target] = _run({"mode": "precompute", "config": _config(teacher, dataset, tmp / "cache-data", 8, 16)}, tmp)
         print(f"[data] {n} rows, {out[target]['tokens']:,} tokens: peak RSS {out[target]['peak_rss'][0] / MIB:,.0f} MiB",
               flush=True)
@@ -229,7 +233,10 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=("speed", "data", "teacher"), default=("speed", "data", "teacher"))
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=48, help="rows of the corpus in the speed section")
+    ap.add_argument("--host-memory", choices=("auto", "release", "reuse"), help="precompute's host_memory")
     args = ap.parse_args()
+    global HOST_MEMORY
+    HOST_MEMORY = args.host_memory
     if args.child:
         child(json.loads(args.child))
         return

@@ -105,13 +105,18 @@ class CacheConfig(_Section):
     compression: Literal["zstd", "none"] = "zstd"
     compression_level: int = Field(default=3, ge=1, le=22)
     samples_per_shard: int = Field(default=2048, ge=1)
-    """Samples per closed shard (one file / zarr group per shard, per rank)."""
+    """Samples per closed shard (one file / zarr group per shard, per rank), at most."""
+    shard_mib: float = Field(default=16, gt=0)
+    """A shard is also closed once its records hold this many MiB in memory (token ids, mask,
+    top-k ids and float32 log-probs: about T × (8k + 6) bytes per sample), so the writer's
+    memory — about ``writer_queue_shards + 2`` shards — is bounded whatever the lengths and k
+    (2,048 samples of 512 tokens at k = 64 would be 0.5 GiB)."""
     row_group_size: int = Field(default=32, ge=1)
     """Samples per block (parquet row group, zarr block): the unit of random access."""
-    writer_queue_shards: int = Field(default=2, ge=0)
+    writer_queue_shards: int = Field(default=1, ge=0)
     """Full shards waiting for each rank's background writer thread (coding, zstd, sha256,
     write) while the teacher runs; the teacher waits when this many are pending. Each holds its
-    records in memory (about samples_per_shard × T × k × 8 bytes). 0: shards are written in the
+    records in memory (at most ``shard_mib``). 0: shards are written in the
     teacher loop, between forwards. The cache's bytes do not depend on it."""
     overwrite: bool = False
 
@@ -149,7 +154,7 @@ class PrecomputeConfig(_Section):
     """Tokenizer directory; defaults to the first teacher's directory."""
     batch_size: int = Field(default=8, ge=1)
     """Sequences per teacher forward call, per rank."""
-    window_rows: int = Field(default=4096, ge=1)
+    window_rows: int = Field(default=1024, ge=1)
     """Dataset rows read and tokenized at a time (each rank tokenizes its part of a window);
     batches are length-sorted within a window. Host memory holds one window's samples, not the
     dataset; lower it for very long rows (``overflow: window`` over whole books). The batches,

@@ -385,13 +385,14 @@ def _encode_rows(ds, tokenizer, cfg: DatasetConfig, fmt: str, chat_col: str | No
         texts = [cfg.text_join.join(v for v in (_str_value(cfg, start + i, ids[i], f, x) for f, x in zip(fields, vals)) if v)
                  for i, vals in enumerate(zip(*cols))]
         trunc = cfg.overflow == "truncate"
-        enc = tokenizer(texts, truncation=trunc, max_length=cfg.max_length if trunc else None, add_special_tokens=True)
+        enc = tokenizer(texts, truncation=trunc, max_length=cfg.max_length if trunc else None, add_special_tokens=True,
+                        return_attention_mask=False)
         return [(toks, np.ones(len(toks), dtype=bool)) for toks in enc["input_ids"]]
     if fmt == "prompt_response":
         prompts = [_str_value(cfg, start + i, ids[i], cfg.prompt_field, x) for i, x in enumerate(ds[cfg.prompt_field][:])]
         responses = [_str_value(cfg, start + i, ids[i], cfg.response_field, x) for i, x in enumerate(ds[cfg.response_field][:])]
-        p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        p_ids = tokenizer(prompts, add_special_tokens=True, return_attention_mask=False)["input_ids"]
+        r_ids = tokenizer(responses, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
         return [(p + r + eos, np.concatenate([np.zeros(len(p), bool), np.ones(len(r) + len(eos), bool)])) if r
                 else (p, np.zeros(len(p), bool)) for p, r in zip(p_ids, r_ids)]
@@ -509,6 +510,11 @@ def shard_indices(n: int, rank: int, world_size: int) -> list[int]:
     return list(range(rank, n, world_size))
 
 
+TOKENIZE_ROWS = 256
+"""Rows per tokenizer call in :class:`SampleWindows` (the tokenizer returns Python lists, about
+36 bytes per token; samples keep numpy arrays, 5 bytes per token)."""
+
+
 class SampleWindows:
     """The samples of a dataset, read and tokenized window by window, each rank tokenizing only
     its part of every window (stage 1's streaming input; DESIGN.md, Samples).
@@ -550,12 +556,16 @@ class SampleWindows:
 
     def _part(self, a: int, n: int):
         lo, hi = a + n * self.rank // self.world_size, a + n * (self.rank + 1) // self.world_size
-        if hi <= lo:
-            return [], 0
-        try:
-            return tokenize_part(self.ds.select(range(lo, hi)), self.tokenizer, self.cfg, lo, self.ds._fingerprint)
+        samples, skipped = [], 0
+        try:  # TOKENIZE_ROWS at a time: the tokenizer's Python lists exist for those rows only
+            for a in range(lo, hi, TOKENIZE_ROWS):
+                got, n = tokenize_part(self.ds.select(range(a, min(a + TOKENIZE_ROWS, hi))), self.tokenizer, self.cfg,
+                                       a, self.ds._fingerprint)
+                samples += got
+                skipped += n
         except (KeyError, ValueError) as e:
             return e
+        return samples, skipped
 
     def __iter__(self) -> Iterator[tuple[int, list[Sample]]]:
         """Yields ``(rows in the window, the window's samples in row order)``, window by window."""

@@ -83,13 +83,27 @@ LAST_STATS: dict = {}
 """Throughput of the last :func:`precompute` call in this process (read by bench/)."""
 
 
-def _throughput(info: DistInfo, tokens: int, seconds: float) -> None:
-    """Gather every rank's (tokens, seconds) of the teacher loop and its peak host memory
-    (``ru_maxrss``, bytes); rank 0 prints one line per rank and the global tokens/s (all ranks'
-    tokens / the slowest rank's seconds). Collective."""
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process's address space, bytes: ``VmHWM`` of
+    ``/proc/self/status`` on Linux. Not ``ru_maxrss``: Linux carries that over ``exec`` from the
+    forked parent, so a child started by a large process reports the parent's size. Falls back
+    to ``ru_maxrss`` elsewhere."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _throughput(info: DistInfo, tokens: int, seconds: float) -> None:
+    """Gather every rank's (tokens, seconds) of the teacher loop and its peak host memory
+    (:func:`peak_rss_bytes`); rank 0 prints one line per rank and the global tokens/s (all ranks'
+    tokens / the slowest rank's seconds). Collective."""
+    peak = peak_rss_bytes()
     per_rank = gather_objects((tokens, seconds, peak))
     total, wall = sum(t for t, _, _ in per_rank), max(s for _, s, _ in per_rank)
     LAST_STATS.update(tokens=total, seconds=wall, tokens_per_s=total / max(wall, 1e-9),
@@ -240,7 +254,8 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
            f"{len(state.done_ids)} already cached; batches of {cfg.batch_size} on {info.world_size} rank(s); "
            f"k={cfg.cache.k}, V={V}")
     writer = open_writer(cfg.cache.dir, manifest, info.rank, state.attempt, cfg.cache.samples_per_shard,
-                         cfg.cache.row_group_size, cfg.cache.compression_level, cfg.cache.writer_queue_shards)
+                         cfg.cache.row_group_size, cfg.cache.compression_level, cfg.cache.writer_queue_shards,
+                         int(cfg.cache.shard_mib * 2**20))
     try:
         my_tokens, t0 = _teacher_loop(cfg, info, teachers, entries, V, plan, writer, stats)
         writer.close()  # joins the writer thread; a shard's error is raised here at the latest

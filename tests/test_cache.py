@@ -397,3 +397,30 @@ def test_background_writer_bytes_equal_serial_writer(tmp_path, backend, monkeypa
                 x, y = getattr(a, name), getattr(b, name)
                 assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), f"{a.sample_id} {name}"
             assert a.teacher_nll_sum == b.teacher_nll_sum
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_close_at_their_byte_budget(tmp_path, backend):
+    """``shard_bytes`` closes a shard before ``samples_per_shard`` once its records' arrays hold
+    that many bytes: every shard but the last reaches the budget by its last record only, and
+    every record is read back."""
+    from pipeline.cache.store import record_nbytes
+
+    recs = synthetic_records(13, V, K, seed=11)
+    budget = 3 * record_nbytes(recs[0])
+    m = _manifest(backend)
+    state = prepare_cache(tmp_path, m)
+    w = open_writer(tmp_path, m, 0, state.attempt, 100, 2, shard_bytes=budget)
+    w.write(recs)
+    entries = w.close()
+    assert len(entries) > 1
+    start = 0
+    for e in entries:
+        sizes = [record_nbytes(r) for r in recs[start: start + e.num_samples]]
+        assert sum(sizes) >= budget or e is entries[-1]
+        assert sum(sizes[:-1]) < budget
+        start += e.num_samples
+    assert start == len(recs)
+    finalize_cache(tmp_path)
+    got = open_cache(tmp_path)
+    assert sorted(got.sample_ids) == sorted(r.sample_id for r in recs)

@@ -70,6 +70,7 @@ def _run_ranks(cfg, tok, world_size, window_rows, monkeypatch):
         return real(ds, tokenizer, cfg, start, fingerprint)
 
     monkeypatch.setattr(data, "tokenize_part", spy)
+    monkeypatch.setattr(data, "TOKENIZE_ROWS", 2)  # several tokenizer calls per rank and window
     out = [None] * world_size
 
     def rank_main(r):

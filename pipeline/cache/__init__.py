@@ -96,17 +96,18 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
 
 def open_writer(cache_dir: str | os.PathLike, manifest: Manifest, rank: int, attempt: int,
                 samples_per_shard: int, row_group_size: int, compression_level: int | None = 3,
-                queue_shards: int = 2) -> CacheWriter:
+                queue_shards: int = 2, shard_bytes: int | None = None) -> CacheWriter:
     """This rank's :class:`CacheWriter` for ``manifest.backend``; ``row_group_size`` samples
     per block (parquet row group / zarr block); shards are closed by a background thread fed
-    through a queue of at most ``queue_shards`` shards (0: in the calling thread).
+    through a queue of at most ``queue_shards`` shards (0: in the calling thread); a shard is
+    closed at ``samples_per_shard`` samples or ``shard_bytes`` bytes of records, whichever first.
 
     Raises:
         ValueError: unknown backend, ``queue_shards < 0``.
     """
     backend = backend_for(manifest.backend, manifest.compression, compression_level)
     return CacheWriter(backend, cache_dir, manifest, rank, attempt, samples_per_shard, row_group_size,
-                       queue_shards=queue_shards)
+                       queue_shards=queue_shards, shard_bytes=shard_bytes)
 
 
 def finalize_cache(cache_dir: str | os.PathLike, skipped_empty: int = 0) -> Manifest:

@@ -207,6 +207,11 @@ def encoding_of(m: Manifest) -> Encoding:
     return Encoding(m.index_dtype, m.value_dtype, m.index_coding, m.q8_step)
 
 
+def record_nbytes(r: CacheRecord) -> int:
+    """Bytes of a record's arrays in memory (input_ids, loss_mask, top-k ids and log-probs, tail)."""
+    return sum(a.nbytes for a in (r.input_ids, r.loss_mask, r.topk_ids, r.topk_logprobs, r.tail_logprob))
+
+
 class CacheWriter:
     """Per-rank writer: buffers records and closes shards atomically (temporary name →
     rename → completion marker ``<name>.done.json`` holding the :class:`ShardEntry`).
@@ -220,7 +225,8 @@ class CacheWriter:
     SHA-256, write, rename and marker, in shard order, with the same names and bytes as
     ``queue_shards=0``, which does all of it in the calling thread. A full queue blocks
     :meth:`write` (backpressure; memory: about ``queue_shards + 2`` shards of records — the
-    open one, the queued ones, the one being written). An error of the thread is raised by
+    open one, the queued ones, the one being written; ``shard_bytes`` bounds a shard's record
+    bytes, :func:`record_nbytes`, whatever the samples' lengths and k). An error of the thread is raised by
     the next :meth:`write` or by :meth:`close`, unchanged (a :class:`~pipeline.errors.StorageError`
     stays one); the shards after the failed one are dropped, not written. Records must not be
     modified after :meth:`write`. :meth:`close` (or :meth:`abort`) must be called: it waits
@@ -238,13 +244,16 @@ class CacheWriter:
     """
 
     def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest, rank: int,
-                 attempt: int, samples_per_shard: int, block_size: int, queue_shards: int = 2):
+                 attempt: int, samples_per_shard: int, block_size: int, queue_shards: int = 2,
+                 shard_bytes: int | None = None):
         if queue_shards < 0:
             raise ValueError(f"cache writer: queue_shards={queue_shards} must be >= 0")
         self.backend, self.dir, self.m = backend, Path(cache_dir), manifest
         self.enc = encoding_of(manifest)
         self.rank, self.attempt = rank, attempt
         self.samples_per_shard, self.block_size = samples_per_shard, block_size
+        self.shard_bytes = shard_bytes
+        self._buffer_bytes = 0
         self.queue_shards = queue_shards
         self.buffer: list[CacheRecord] = []
         self.closed: list[ShardEntry] = []
@@ -255,18 +264,22 @@ class CacheWriter:
         self._discard = False  # abort: the thread drops the queued shards
 
     def write(self, records: list[CacheRecord]) -> None:
-        """Buffer ``records`` and hand every full shard (``samples_per_shard`` records) to the
-        writer (blocks while ``queue_shards`` shards are pending).
+        """Buffer ``records`` and hand every full shard (``samples_per_shard`` records, or fewer
+        once their arrays hold ``shard_bytes``) to the writer (blocks while ``queue_shards``
+        shards are pending).
 
         Raises:
             ValueError, StorageError: an earlier shard failed in the writer thread (or, with
                 ``queue_shards=0``, this call's shard failed); nothing more is written.
         """
         self._raise_failure()
-        self.buffer.extend(records)
-        while len(self.buffer) >= self.samples_per_shard:
-            shard, self.buffer = self.buffer[: self.samples_per_shard], self.buffer[self.samples_per_shard:]
-            self._submit(shard)
+        for r in records:
+            self.buffer.append(r)
+            self._buffer_bytes += record_nbytes(r)
+            if len(self.buffer) >= self.samples_per_shard or (
+                    self.shard_bytes is not None and self._buffer_bytes >= self.shard_bytes):
+                shard, self.buffer, self._buffer_bytes = self.buffer, [], 0
+                self._submit(shard)
         self._raise_failure()
 
     def close(self) -> list[ShardEntry]:
@@ -279,7 +292,7 @@ class CacheWriter:
         """
         self._raise_failure()
         if self.buffer:
-            shard, self.buffer = self.buffer, []
+            shard, self.buffer, self._buffer_bytes = self.buffer, [], 0
             self._submit(shard)
         t = time.perf_counter()
         self._stop()
