@@ -200,9 +200,12 @@ class _Plan:
 def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     """Write the teacher cache for ``cfg``; returns the final manifest on rank 0 (None elsewhere).
 
-    Resumable: sample IDs in closed shards of a compatible cache are skipped. Batch ``b`` of the
-    length-sorted batch list goes to rank ``b % world_size``; ranks with fewer batches run
-    padding batches so every rank makes the same number of forward calls.
+    Resumable: sample IDs in closed shards of a compatible cache are skipped. The samples are
+    streamed window by window (:class:`~pipeline.data.SampleWindows`, ``window_rows`` rows, each
+    rank tokenizing its part); global batch ``b`` of the length-sorted batches (per window, the
+    same at every world size) goes to rank ``b % world_size`` (:class:`_Plan`); ranks with
+    fewer batches run padding calls so every rank makes the same number of forward calls.
+    Targets are extracted fused from the hidden states (:func:`_teacher_targets`).
 
     The teacher loop only builds records; each rank's background writer thread
     (:class:`~pipeline.cache.store.CacheWriter`, at most ``cache.writer_queue_shards`` shards
