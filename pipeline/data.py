@@ -473,9 +473,13 @@ def tokenize_rows(ds, tokenizer, cfg: DatasetConfig) -> tuple[list[Sample], int]
     samples, skipped = tokenize_part(ds, tokenizer, cfg)
     check_unique(cfg, samples, set())
     if not samples:
-        raise ValueError(f"dataset {cfg.path} (split {cfg.split}): no sample with a target token ({len(ds)} rows, "
-                         f"format {resolve_format(cfg, ds.column_names)[0]})")
+        raise _no_samples(cfg, ds)
     return samples, skipped
+
+
+def _no_samples(cfg: DatasetConfig, ds) -> ValueError:
+    return ValueError(f"dataset {cfg.path} (split {cfg.split}): no sample with a target token ({len(ds)} rows, "
+                      f"format {resolve_format(cfg, ds.column_names)[0]})")
 
 
 def _tokenization_fingerprint(ds, tokenizer, cfg: DatasetConfig) -> str:
@@ -582,5 +586,4 @@ class SampleWindows:
             self.num_samples += len(samples)
             yield n, samples
         if not self.num_samples:
-            raise ValueError(f"dataset {self.cfg.path} (split {self.cfg.split}): no sample with a target token "
-                             f"({self.num_rows} rows, format {resolve_format(self.cfg, self.ds.column_names)[0]})")
+            raise _no_samples(self.cfg, self.ds)

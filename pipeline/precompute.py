@@ -170,14 +170,14 @@ class _Plan:
     world_size: int
     cached: int = 0  # samples of the windows seen so far that were already in the cache
     _pending: deque = field(default_factory=deque)
-    _it: object = None
     _exhausted: bool = False
 
-    def next_call(self) -> tuple[list[tuple[float, list[Sample]]], bool]:
+    def __post_init__(self) -> None:
+        self._it = iter(self.windows)  # windows are read (collectively) only by next_call
+
+    def next_call(self) -> list[tuple[float, list[Sample]]]:
         """The next call's ``(row credit, batch)`` pairs, one per rank that has a batch (fewer
-        than W at the end), and False once every batch has run. Collective (reads windows)."""
-        if self._it is None:
-            self._it = iter(self.windows)
+        than W at the end; empty once every batch has run). Collective (reads windows)."""
         credit = 0.0
         while len(self._pending) < self.world_size and not self._exhausted:
             try:
@@ -193,8 +193,7 @@ class _Plan:
                 self._pending.append((credit / len(batches), b))
             if batches:
                 credit = 0.0
-        group = [self._pending.popleft() for _ in range(min(self.world_size, len(self._pending)))]
-        return group, bool(group)
+        return [self._pending.popleft() for _ in range(min(self.world_size, len(self._pending)))]
 
 
 def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
@@ -301,6 +300,7 @@ def _teacher_targets(cfg: PrecomputeConfig, teachers: list, weights: list[float]
         return []
     heads = [output_head(m, V) for m in teachers]
     n = [len(s.input_ids) - 1 for s in group]  # positions per sample (targets of tokens 1..T-1)
+    offsets = np.cumsum([0] + n)  # sample i's positions: offsets[i]:offsets[i+1] of the flat rows
     rows_np = np.concatenate([i * T + np.arange(p) for i, p in enumerate(n)])
     rows = torch.from_numpy(rows_np).to(batch.input_ids.device)
     next_ids = batch.input_ids.flatten()[rows + 1]
@@ -309,16 +309,14 @@ def _teacher_targets(cfg: PrecomputeConfig, teachers: list, weights: list[float]
         ids, vals, tail, target = (t.cpu().numpy() for t in out)
     else:  # per sample: batch-independent draws
         parts = []
-        for i, s in enumerate(group):
-            r = rows[sum(n[:i]): sum(n[:i + 1])]
-            lp = position_logprobs(hiddens, heads, weights, r, cfg.temperature, cfg.combine)  # (P, V)
+        for s, a, b in zip(group, offsets[:-1], offsets[1:]):
+            lp = position_logprobs(hiddens, heads, weights, rows[a:b], cfg.temperature, cfg.combine)  # (P, V)
             gen = torch.Generator(device=lp.device).manual_seed(sample_seed(tcfg.seed, s.sample_id))
             si, sv, st = sampled_targets(lp, cfg.cache.k, tcfg.type, num_draws=tcfg.num_draws, head_k=tcfg.head_k or 0,
                                          sample_temperature=tcfg.sample_temperature, generator=gen, stats=stats)
-            parts.append((si, sv, st, lp.gather(-1, next_ids[sum(n[:i]): sum(n[:i + 1]), None]).squeeze(-1)))
+            parts.append((si, sv, st, lp.gather(-1, next_ids[a:b, None]).squeeze(-1)))
             del lp
         ids, vals, tail, target = (torch.cat(x).cpu().numpy() for x in zip(*parts))
-    offsets = np.cumsum([0] + n)
     return [cache_record_from_targets(s, ids[a:b], vals[a:b], tail[a:b], target[a:b])
             for s, a, b in zip(group, offsets[:-1], offsets[1:])]
 
@@ -343,10 +341,7 @@ def _teacher_loop(cfg: PrecomputeConfig, info: DistInfo, teachers: list, entries
     t0 = time.perf_counter()
     my_tokens, last_log, credit, c = 0, t0, 0.0, 0
     with torch.no_grad():  # not inference_mode: FSDP2 unshard fails on inference tensors (torch 2.13)
-        while True:
-            calls, more = plan.next_call()
-            if not more:
-                break
+        while calls := plan.next_call():
             group = calls[info.rank][1] if info.rank < len(calls) else None
             batch = collate(group or [PAD_SAMPLE], pad_only=group is None).to(info.device)
             records = _teacher_targets(cfg, teachers, weights, V, batch, group or [], stats)
