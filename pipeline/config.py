@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.storage import is_remote
 
 
 class ConfigError(ValueError):
@@ -21,6 +23,15 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _local_only(value: str | None) -> str | None:
+    """Refuse a remote URL for a path that is read or written as a local file (a URL must never
+    become a local directory: ``Path("s3://b/x")`` is ``s3:/b/x``). Only the cache paths take URLs."""
+    if value is not None and is_remote(value):
+        raise ValueError(f"{value} is a URL; only cache.dir, data.train_cache and data.eval_cache take URLs "
+                         "so far: use a local path here")
+    return value
 
 
 # ----------------------------------------------------------------------------- data
@@ -32,6 +43,7 @@ class DatasetConfig(_Section):
     file (or directory of them), or a hub name (only when online)."""
     split: str = "train"
     """Split to read (a saved ``DatasetDict`` or a hub dataset)."""
+    _local_path = field_validator("path")(_local_only)
     format: Literal["auto", "text", "chat", "prompt_response"] = "auto"
     """How a row becomes tokens. ``text``: the ``text_field`` column(s), every token a target.
     ``chat``: a list of messages (``{role, content}``, or ShareGPT ``{from, value}``) rendered
@@ -81,6 +93,7 @@ class TeacherConfig(_Section):
 
     path: str
     """Local Hugging Face model directory (config.json + safetensors + tokenizer)."""
+    _local_path = field_validator("path")(_local_only)
     weight: float = Field(default=1.0, gt=0)
     """Mixture weight; weights are normalised to sum to 1."""
 
@@ -152,6 +165,7 @@ class PrecomputeConfig(_Section):
     cache: CacheConfig
     tokenizer: str | None = None
     """Tokenizer directory; defaults to the first teacher's directory."""
+    _local_path = field_validator("tokenizer")(_local_only)
     batch_size: int = Field(default=8, ge=1)
     """Sequences per teacher forward call, per rank."""
     window_rows: int = Field(default=1024, ge=1)
@@ -207,6 +221,7 @@ class StudentConfig(_Section):
 
     path: str
     """HF model directory, or a directory / ``config.json`` with only a config."""
+    _local_path = field_validator("path")(_local_only)
     init: Literal["random", "pretrained"] = "random"
     """``random``: build from the config with the run seed; ``pretrained``: load weights."""
 
@@ -268,6 +283,7 @@ class TrainDataConfig(_Section):
     eval_dataset: DatasetConfig | None = None
     tokenizer: str | None = None
     """Tokenizer directory; defaults to the cache's copy of the teacher tokenizer."""
+    _local_path = field_validator("tokenizer")(_local_only)
     eval_max_samples: int | None = Field(default=None, ge=1)
     num_workers: int = Field(default=1, ge=0)
     """Background threads that read and collate micro-batches ahead of the trainer (0: inline).
@@ -345,6 +361,8 @@ class TrainStudentConfig(_Section):
     """``train-student``: train a student from the teacher cache."""
 
     output_dir: str
+    """Run directory (local; checkpoints, exports, loss logs, metrics)."""
+    _local_path = field_validator("output_dir", "resume")(_local_only)
     student: StudentConfig
     data: TrainDataConfig
     loss: LossConfig = LossConfig()
@@ -401,15 +419,25 @@ class TrainStudentConfig(_Section):
     @model_validator(mode="after")
     def _tail_for_cache(self) -> "TrainStudentConfig":
         """Default ``loss.tail`` from the train cache's target type, and refuse bad pairs."""
-        manifest = Path(self.data.train_cache or "", "manifest.json")
-        if self.data.train_cache is None or self.loss.alpha == 1.0 or not manifest.is_file():
-            return self  # no teacher targets (or no cache yet: train-student reports the path)
+        if self.data.train_cache is None or self.loss.alpha == 1.0:
+            return self  # no teacher targets
         import json
         import warnings
 
         from pipeline.losses import check_tail_mode
 
-        m = json.loads(manifest.read_text())
+        if is_remote(self.data.train_cache):
+            from pipeline.storage import Remote
+
+            try:
+                m = json.loads(Remote(self.data.train_cache).read_bytes("manifest.json"))
+            except (OSError, ValueError):
+                return self  # no cache (yet) or no access: train-student reports the URL
+        else:
+            manifest = Path(self.data.train_cache, "manifest.json")
+            if not manifest.is_file():
+                return self  # no cache yet: train-student reports the path
+            m = json.loads(manifest.read_text())
         target_type = m.get("target_type", "topk")
         tail = self.loss.tail
         if "tail" not in self.loss.model_fields_set:

@@ -14,6 +14,7 @@ import pyarrow.dataset as pads
 import yaml
 
 from pipeline.loss_log import unreadable_part
+from pipeline.storage import local_path
 
 
 def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
@@ -22,11 +23,12 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
 
     Raises:
         FileNotFoundError: the run has no ``loss_logs`` directory.
+        ValueError: ``run_dir`` is a remote URL (run directories are local so far).
         ValueError: a part file is not readable parquet (truncated, overwritten): the file is
             named. Part files are never skipped silently (their rows would be missing from
             every report and from the next round's selection).
     """
-    d = Path(run_dir) / "loss_logs"
+    d = local_path(run_dir, "inspect-losses run_dir") / "loss_logs"
     if not d.is_dir():
         raise FileNotFoundError(f"no loss logs in {run_dir} (expected {d})")
     part = pads.partitioning(pa.schema([("round", pa.int32()), ("split", pa.string()), ("rank", pa.int32())]), flavor="hive")

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import open_cache
+from pipeline.storage import is_remote, local_copy
 from pipeline.checkpoint import (agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint,
                                  save_optimizer)
 from pipeline.config import ConfigError, TrainStudentConfig, dump_config
@@ -40,7 +41,9 @@ def _sources(cfg: TrainStudentConfig):
         m = train.manifest
         if ev is not None and (ev.manifest.vocab_size, ev.manifest.tokenizer_fingerprint) != (m.vocab_size, m.tokenizer_fingerprint):
             raise ValueError(f"data.eval_cache {d.eval_cache} has another vocabulary/tokenizer than data.train_cache {d.train_cache}")
-        return train, ev, d.tokenizer or str(Path(d.train_cache) / "tokenizer"), m.vocab_size
+        tok = d.tokenizer or (local_copy(f"{d.train_cache.rstrip('/')}/tokenizer") if is_remote(d.train_cache)
+                              else str(Path(d.train_cache) / "tokenizer"))
+        return train, ev, tok, m.vocab_size
     tokenizer = load_tokenizer(d.tokenizer)
     train = load_samples(d.train_dataset, tokenizer)[0]
     ev = load_samples(d.eval_dataset, tokenizer)[0] if d.eval_dataset else None

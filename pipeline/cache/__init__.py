@@ -27,7 +27,9 @@ from pipeline.cache.codec import Encoding
 from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_manifest, write_manifest
 from pipeline.cache.parquet import ParquetBackend
 from pipeline.cache.store import CacheReader, CacheRecord, CacheWriter, ShardBackend, closed_shards, remove_unclosed
+from pipeline.storage import RemotePath
 from pipeline.cache.zarr_backend import ZarrBackend
+from pipeline.storage import Remote, describe, is_remote
 
 __all__ = ["BACKENDS", "CacheReader", "CacheRecord", "CacheWriter", "Encoding", "Manifest", "PrepareState",
            "cache_bytes", "prepare_cache", "open_writer", "finalize_cache", "open_cache", "read_manifest",
@@ -62,8 +64,12 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
     Raises:
         ValueError: the directory holds a cache with a different header (the differences are
             named) and ``overwrite`` is false, or it is a non-empty directory that is not a cache,
-            or the path is an existing file (even with ``overwrite``: a file is never removed).
+            or the path is an existing file (even with ``overwrite``: a file is never removed);
+            on a remote store: the bucket does not exist, or the store refuses the request
+            (credentials), the URL named.
     """
+    if is_remote(cache_dir):
+        return _prepare_remote(str(cache_dir).rstrip("/"), manifest, overwrite)
     d = Path(cache_dir)
     if d.exists() and not d.is_dir():
         raise ValueError(f"cache.dir {d} is an existing file, not a directory; use another cache.dir "
@@ -91,6 +97,44 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
     manifest.complete = False
     manifest.shards = shards
     write_manifest(d, manifest)
+    return PrepareState(attempt=int(time.time() * 1000) % 10**10, done_ids=done)
+
+
+def _prepare_remote(url: str, manifest: Manifest, overwrite: bool) -> PrepareState:
+    """:func:`prepare_cache` for a prefix on a remote store (same rules, objects instead of files)."""
+    try:
+        r = Remote(url)
+        bucket = r.root.split("/", 1)[0]
+        if not r.fs.exists(bucket):
+            raise ValueError(f"cache.dir {url}: bucket {bucket!r} does not exist (or is not visible with these "
+                             "credentials); create it first (nothing was changed)")
+        if r.isfile(""):
+            raise ValueError(f"cache.dir {url} is an existing object, not a prefix; use another cache.dir "
+                             "(nothing was changed)")
+        names = r.names()
+        if names:
+            if MANIFEST not in names:
+                if not overwrite:
+                    raise ValueError(f"cache.dir {url} exists, is not empty and is not a teacher cache; "
+                                     "use another cache.dir (nothing was changed)")
+            else:
+                diff = read_manifest(url).header_diff(manifest)
+                if diff and not overwrite:
+                    raise ValueError(f"cache {url} was written with different settings ({'; '.join(diff)}); "
+                                     "use another cache.dir or cache.overwrite=true")
+            if overwrite:
+                r.remove("")
+        remove_unclosed(url)
+        backend = backend_for(manifest.backend, manifest.compression)
+        shards = closed_shards(url)
+        done: set[str] = set()
+        for s in shards:
+            done.update(backend.read_index(RemotePath(r, s.file)).sample_ids)
+        manifest.complete = False
+        manifest.shards = shards
+        write_manifest(url, manifest)
+    except OSError as e:  # refused credentials, unreachable endpoint...
+        raise ValueError(f"cache.dir {url}: the store refused or failed the request ({describe(e)})") from None
     return PrepareState(attempt=int(time.time() * 1000) % 10**10, done_ids=done)
 
 
@@ -143,7 +187,7 @@ def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, ver
             named); a checksum mismatch is raised by the first read of that shard
             (:class:`~pipeline.cache.store.CacheReader`).
     """
-    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+    if not is_remote(cache_dir) and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise ValueError(f"cache {cache_dir} is a file, not a teacher cache directory")
     m = read_manifest(cache_dir)
     if m.format_version != FORMAT_VERSION:
@@ -173,7 +217,10 @@ def validate_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False)
 
 
 def cache_bytes(cache_dir: str | os.PathLike) -> int:
-    """Bytes on disk of the closed shards of a cache (manifest and markers excluded)."""
+    """Bytes on disk (or in the store) of the closed shards of a cache (manifest and markers excluded)."""
+    if is_remote(cache_dir):
+        r = Remote(cache_dir)
+        return sum(sum(r.files(s.file).values()) for s in closed_shards(cache_dir))
     d = Path(cache_dir)
     total = 0
     for s in closed_shards(d):

@@ -1,6 +1,7 @@
 """The cache manifest: what a cache holds and whether it is complete (DESIGN.md, Cache store).
 
-``manifest.json`` is rewritten atomically (temporary file, then rename). ``complete`` is
+``manifest.json`` is rewritten atomically (temporary file, then rename; on an object store one
+PUT). ``complete`` is
 true only after every rank has closed all its shards.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import writing
+from pipeline.storage import Remote, is_remote
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -106,11 +108,20 @@ def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
         ValueError: the manifest is not valid JSON or misses / mistypes a field (edited by
             hand?); the file and the first problem are named.
     """
-    p = Path(cache_dir) / MANIFEST
-    if not p.is_file():
-        raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}")
+    if is_remote(cache_dir):
+        r = Remote(cache_dir)
+        p = r.url_of(MANIFEST)
+        try:
+            text = r.read_bytes(MANIFEST)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}") from None
+    else:
+        p = Path(cache_dir) / MANIFEST
+        if not p.is_file():
+            raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}")
+        text = p.read_text()
     try:
-        return Manifest.model_validate_json(p.read_text())
+        return Manifest.model_validate_json(text)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err.get("loc", ())) or "(top level)"
@@ -118,7 +129,17 @@ def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
 
 
 def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> None:
+    """Write ``manifest.json``: locally to a temporary name, then renamed; on a remote store as
+    one object (a PUT replaces it whole).
+
+    Raises:
+        StorageError: an I/O error (the previous manifest stays as it was).
+    """
     manifest.updated_at = time.time()
+    if is_remote(cache_dir):
+        with writing("the manifest", f"{cache_dir}/{MANIFEST}"):
+            Remote(cache_dir).write_bytes(MANIFEST, json.dumps(manifest.model_dump(), indent=1).encode())
+        return
     p = Path(cache_dir) / MANIFEST
     tmp = p.with_suffix(".json.tmp")
     with writing("the manifest", p, tmp):  # the previous manifest stays as it was

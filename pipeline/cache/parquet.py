@@ -25,6 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.store import ShardIndex
+from pipeline.storage import RemotePath
+
+
+def _source(path):
+    """What pyarrow opens: a local path, or a remote shard's file object (ranged reads)."""
+    return path.remote.open(path.name) if isinstance(path, RemotePath) else path
 
 _PER_TOKEN = ("input_ids", "loss_mask")
 _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
@@ -48,7 +54,7 @@ class ParquetBackend:
         if path not in files:
             if len(files) > 64:
                 files.clear()
-            files[path] = pq.ParquetFile(path)
+            files[path] = pq.ParquetFile(_source(path))
         return files[path]
 
     def write_shard(self, path: Path, arrays: dict, k: int, block_size: int) -> None:
@@ -79,7 +85,7 @@ class ParquetBackend:
                        compression_level=level, use_dictionary=dictionary, use_byte_stream_split=split)
 
     def read_index(self, path: Path) -> ShardIndex:
-        f = pq.ParquetFile(path)
+        f = pq.ParquetFile(_source(path))
         t = f.read(columns=["sample_id", "num_tokens", "teacher_nll_sum"])
         sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
         return ShardIndex(t.column("sample_id").to_pylist(), t.column("num_tokens").to_numpy().astype(np.int64),

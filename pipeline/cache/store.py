@@ -2,7 +2,8 @@
 
 A backend (parquet, zarr) only moves *coded shards* between memory and disk
 (:class:`ShardBackend`). Everything else lives here once for all backends: buffering,
-atomic shard closing (temporary name → rename → completion marker), coding
+atomic shard closing (temporary name → rename → completion marker; on a remote store, objects
+under their final names, then the marker, which is the commit point), coding
 (:mod:`pipeline.cache.codec`), validation, the sample-ID index, a byte-bounded LRU of
 decoded blocks for random access, and sequential streaming.
 """
@@ -26,6 +27,7 @@ import numpy as np
 from pipeline.cache.codec import Encoding, decode_targets, encode_targets
 from pipeline.cache.manifest import Manifest, ShardEntry
 from pipeline.errors import writing
+from pipeline.storage import Remote, RemotePath, is_remote, staging_dir
 
 MARKER_SUFFIX = ".done.json"
 TMP_SUFFIX = ".tmp"
@@ -147,10 +149,18 @@ def check_block(b: Block, vocab_size: int, k: int, allow_padding: bool, mass_tol
     return None
 
 
-def dir_sha256(path: Path) -> str:
+def dir_sha256(path: Path | RemotePath) -> str:
     """SHA-256 of a shard: the file's bytes, or for a directory (zarr group) every file's
-    relative path and bytes in sorted order."""
+    relative path and bytes in sorted order (path order of :class:`~pathlib.Path`). A remote
+    shard is read whole (one GET per object)."""
     h = hashlib.sha256()
+    if isinstance(path, RemotePath):
+        files = path.remote.files(path.name)
+        for rel in sorted(files, key=lambda r: r.split("/")):
+            if rel:
+                h.update(rel.encode() + b"\0")
+            h.update(path.remote.fs.cat_file(path.remote.path(f"{path.name}/{rel}" if rel else path.name)))
+        return h.hexdigest()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
         if path.is_dir():
@@ -249,6 +259,9 @@ class CacheWriter:
         if queue_shards < 0:
             raise ValueError(f"cache writer: queue_shards={queue_shards} must be >= 0")
         self.backend, self.dir, self.m = backend, Path(cache_dir), manifest
+        self.remote = Remote(cache_dir) if is_remote(cache_dir) else None
+        if self.remote is not None:
+            self.dir = cache_dir  # type: ignore[assignment] — named in messages only
         self.enc = encoding_of(manifest)
         self.rank, self.attempt = rank, attempt
         self.samples_per_shard, self.block_size = samples_per_shard, block_size
@@ -360,6 +373,9 @@ class CacheWriter:
                   "input_ids": blk.input_ids.astype(self.enc.index_dtype), "loss_mask": blk.loss_mask,
                   **encode_targets(blk.topk_ids, blk.topk_logprobs, blk.tail_logprob, self.enc)}
         name = f"part-r{self.rank:05d}-a{self.attempt}-{len(self.closed):05d}{self.backend.suffix}"
+        if self.remote is not None:
+            self._flush_remote(name, arrays, records, blk)
+            return
         final, tmp = self.dir / name, self.dir / (name + TMP_SUFFIX)
         marker = self.dir / (name + MARKER_SUFFIX)
         # a failed write removes the shard's files (space back) and leaves no marker: the rerun
@@ -374,6 +390,27 @@ class CacheWriter:
                                teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(final))
             marker.with_suffix(TMP_SUFFIX).write_text(entry.model_dump_json())
             os.replace(marker.with_suffix(TMP_SUFFIX), marker)
+        self._fault("after_marker")
+        self.closed.append(entry)
+
+    def _flush_remote(self, name: str, arrays: dict, records: list[CacheRecord], blk: Block) -> None:
+        """Close a shard on a remote store, where there is no rename: the shard is coded into a
+        local staging directory (hashed there), uploaded under its final name, and only then is
+        its marker written — the marker is the commit point. A shard killed during the upload has
+        objects but no marker: readers ignore it and the rerun deletes it
+        (:func:`remove_unclosed`)."""
+        url = f"{self.dir}/{name}"
+        with staging_dir() as tmpdir:
+            local = Path(tmpdir) / name
+            with writing(f"shard {name} of the cache", url):
+                self.backend.write_shard(local, arrays, self.m.k, self.block_size)
+                entry = ShardEntry(file=name, rank=self.rank, num_samples=len(records), num_tokens=int(blk.tok_off[-1]),
+                                   num_valid_positions=int(sum(r.n_valid for r in records)),
+                                   teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(local))
+                self._fault("before_rename")
+                self.remote.put_dir(local, name)
+                self._fault("before_marker")
+                self.remote.write_bytes(name + MARKER_SUFFIX, entry.model_dump_json().encode())
         self._fault("after_marker")
         self.closed.append(entry)
 
@@ -394,11 +431,23 @@ class CacheWriter:
 
 def closed_shards(cache_dir: str | os.PathLike) -> list[ShardEntry]:
     """Shards with a completion marker, in file-name order (unmarked shards are ignored)."""
+    if is_remote(cache_dir):
+        r = Remote(cache_dir)
+        return [ShardEntry.model_validate_json(r.read_bytes(n)) for n in r.names() if n.endswith(MARKER_SUFFIX)]
     return [ShardEntry.model_validate_json(p.read_text()) for p in sorted(Path(cache_dir).glob("*" + MARKER_SUFFIX))]
 
 
 def remove_unclosed(cache_dir: str | os.PathLike) -> list[str]:
     """Delete temporary files/directories and shards without a completion marker; returns their names."""
+    if is_remote(cache_dir):
+        r = Remote(cache_dir)
+        names = r.names()
+        marked = {n[:-len(MARKER_SUFFIX)] for n in names if n.endswith(MARKER_SUFFIX)}
+        gone = [n for n in names if (n.endswith(TMP_SUFFIX) or n.startswith("part-"))
+                and not n.endswith(MARKER_SUFFIX) and n not in marked]
+        for n in gone:
+            r.remove(n)
+        return gone
     d = Path(cache_dir)
     marked = {s.file for s in closed_shards(d)}
     gone = []
@@ -441,14 +490,21 @@ class CacheReader:
     def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest,
                  shards: list[ShardEntry], verify: bool = True, max_cached_bytes: int = 2 << 30):
         self.backend, self.dir, self.manifest, self.shards = backend, Path(cache_dir), manifest, shards
+        self.remote = Remote(cache_dir) if is_remote(cache_dir) else None
+        if self.remote is not None:
+            self.dir = cache_dir  # type: ignore[assignment] — named in messages only
         self.enc = encoding_of(manifest)
         self.verify, self.max_cached_bytes = verify, max_cached_bytes
+        # a remote shard's lazy checksum would download it whole: objects are written whole and
+        # checked by the store (PUT is atomic); validate() still hashes every byte
+        self.verify_checksums = verify and self.remote is None
         if not shards:
             raise ValueError(f"cache {self.dir}: no closed shard")
         self.index: list[ShardIndex] = []
+        present = set(self.remote.names()) if self.remote is not None else None
         for s in shards:
-            path = self.dir / s.file
-            if not path.exists():
+            path = self.shard_path(s.file)
+            if not (s.file in present if present is not None else path.exists()):
                 raise FileNotFoundError(f"cache {self.dir}: shard {s.file} listed but missing")
             try:
                 ix = backend.read_index(path)
@@ -486,9 +542,13 @@ class CacheReader:
     def _check_sha256(self, entry: ShardEntry) -> None:
         """Hash one shard now and raise ValueError ("checksum mismatch", cache and shard named)
         if it differs from ``entry.sha256``."""
-        if dir_sha256(self.dir / entry.file) != entry.sha256:
+        if dir_sha256(self.shard_path(entry.file)) != entry.sha256:
             raise ValueError(f"cache {self.dir}: shard {entry.file} checksum mismatch "
                              "(file changed, truncated or corrupt)")
+
+    def shard_path(self, name: str) -> Path | RemotePath:
+        """Where the backend reads shard ``name``: a local path or a remote shard."""
+        return RemotePath(self.remote, name) if self.remote is not None else self.dir / name
 
     def verify_shard(self, shard: int) -> None:
         """Check shard ``shard``'s SHA-256 against its marker, once per reader (later calls
@@ -551,10 +611,10 @@ class CacheReader:
             ValueError: checksum mismatch, unreadable block, invalid record (shard named).
         """
         ix, name = self.index[shard], self.shards[shard].file
-        if self.verify:
+        if self.verify_checksums:
             self.verify_shard(shard)
         try:
-            a = self.backend.read_block(self.dir / name, ix, block)
+            a = self.backend.read_block(self.shard_path(name), ix, block)
             ids, vals, tail = decode_targets(a, self.enc)
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"cache {self.dir}: shard {name} block {block} unreadable ({type(e).__name__}: {e})") from None

@@ -25,6 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache.store import ShardIndex
+from pipeline.storage import RemotePath
+
+
+def _store(path):
+    """What zarr opens: a local path, or a remote shard's ``FsspecStore`` (ranged chunk reads)."""
+    return path.remote.zarr_store(path.name) if isinstance(path, RemotePath) else str(path)
 
 _PER_TOKEN = ("input_ids", "loss_mask")
 _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
@@ -53,7 +59,7 @@ class ZarrBackend:
         if arrays is None:
             if len(self._arrays) > 64:
                 self._arrays.clear()
-            g = zarr.open_group(str(path), mode="r", zarr_format=3)
+            g = zarr.open_group(_store(path), mode="r", zarr_format=3)
             arrays = self._arrays[path] = {name: g[name] for name in _PER_TOKEN + _PER_POSITION if name in g}
         return arrays
 
@@ -97,7 +103,7 @@ class ZarrBackend:
     def read_index(self, path: Path) -> ShardIndex:
         import zarr
 
-        g = zarr.open_group(str(path), mode="r", zarr_format=3)
+        g = zarr.open_group(_store(path), mode="r", zarr_format=3)
         ids = [str(s) for s in g["sample_id"][:]]
         n_tok = np.asarray(g["num_tokens"][:]).astype(np.int64)
         bs = int(g.attrs["block_size"])

@@ -1,0 +1,205 @@
+"""One thin file-system layer for paths that may be fsspec URLs (``s3://``, ``gs://``, ``az://``,
+``file://``) or plain local paths.
+
+What accepts a URL today: ``cache.dir`` (precompute-teacher writes the cache there),
+``data.train_cache`` / ``data.eval_cache`` (train-student reads it) and ``inspect-cache``.
+Every other path (``output_dir``, ``dataset.path``, model and tokenizer paths) must be local:
+:func:`local_path` refuses a URL with an error naming the config key, so a URL never silently
+becomes a local directory (``Path("s3://b/x")`` is ``s3:/b/x``).
+
+Options of the remote file system (endpoint, region, anonymous access, credentials) come from
+fsspec's standard environment variables (``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3_ANON``...,
+see fsspec's configuration docs) and the credential chain of the backend (``AWS_ACCESS_KEY_ID``,
+``~/.aws``...); nothing of it is written into the cache or the run directory.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+def scheme(path: str | os.PathLike) -> str | None:
+    """The URL scheme of ``path`` (``"s3"``...), or None for a plain path."""
+    m = _SCHEME.match(str(path))
+    return m.group(1).lower() if m else None
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """True for a URL other than ``file://`` (read and written through fsspec)."""
+    return scheme(path) not in (None, "file", "local")
+
+
+def local_path(path: str | os.PathLike, key: str) -> Path:
+    """``path`` as a local :class:`~pathlib.Path` (``file://`` stripped).
+
+    Raises:
+        ValueError: ``path`` is a remote URL; ``key`` (the config key or argument) is named.
+    """
+    s = str(path)
+    if is_remote(s):
+        raise ValueError(f"{key}: {s} is a URL; only cache.dir, data.train_cache, data.eval_cache and "
+                         "inspect-cache take URLs so far (this path must be local)")
+    if scheme(s) in ("file", "local"):
+        s = s.split("://", 1)[1]
+    return Path(s)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/part/...``: with ``/`` for URLs, ``os.path.join`` for local paths."""
+    if is_remote(base):
+        return "/".join([str(base).rstrip("/"), *parts])
+    return str(Path(local_path(base, "path"), *parts))
+
+
+def filesystem(path: str | os.PathLike):
+    """``(fsspec file system, path inside it)`` for a URL (fsspec's ``url_to_fs``; options from
+    fsspec's environment configuration, read at every call so a test's server is seen).
+
+    Raises:
+        ValueError: no fsspec implementation for the scheme (e.g. ``s3fs`` not installed); the URL is named.
+    """
+    import fsspec
+    import fsspec.config
+
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    try:
+        return fsspec.core.url_to_fs(str(path))
+    except (ImportError, ValueError) as e:
+        raise ValueError(f"{path}: no file system for this URL ({' '.join(str(e).split())})") from None
+
+
+def describe(e: BaseException) -> str:
+    """A remote store's error in one line (missing bucket, refused credentials...)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+class Remote:
+    """A directory-like prefix on a remote store (a cache directory in a bucket).
+
+    Args:
+        url: ``s3://bucket/prefix`` (no trailing slash needed).
+    Raises:
+        ValueError: see :func:`filesystem`.
+    """
+
+    def __init__(self, url: str | os.PathLike):
+        self.url = str(url).rstrip("/")
+        self.fs, self.root = filesystem(self.url)
+        self.protocol = scheme(self.url)
+
+    def path(self, name: str = "") -> str:
+        """The store path (no scheme) of ``name`` under the prefix."""
+        return f"{self.root}/{name}" if name else self.root
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+    def exists(self, name: str = "") -> bool:
+        return self.fs.exists(self.path(name))
+
+    def isfile(self, name: str) -> bool:
+        return self.fs.isfile(self.path(name))
+
+    def names(self) -> list[str]:
+        """Names directly under the prefix (objects and sub-prefixes), sorted; [] if none."""
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """One object, written whole (an object store's PUT is atomic: no temporary name)."""
+        self.fs.pipe_file(self.path(name), data)
+
+    def put_dir(self, local: Path, name: str) -> None:
+        """Upload a local file or directory tree to ``name`` (objects under their final names)."""
+        if local.is_file():
+            self.fs.put_file(str(local), self.path(name))
+            return
+        for f in sorted(p for p in local.rglob("*") if p.is_file()):
+            self.fs.put_file(str(f), self.path(f"{name}/{f.relative_to(local).as_posix()}"))
+
+    def download_dir(self, name: str, local: Path) -> None:
+        """Copy every object under ``name`` into the local directory ``local``."""
+        base = self.path(name)
+        for p in self.fs.find(base):
+            rel = p[len(base):].lstrip("/")
+            dst = local / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(p, str(dst))
+
+    def files(self, name: str) -> dict[str, int]:
+        """``{relative path: size in bytes}`` of the objects under ``name`` (a single object:
+        ``{"": size}``)."""
+        base = self.path(name)
+        found = self.fs.find(base, detail=True)
+        return {p[len(base):].lstrip("/"): int(info.get("size") or 0) for p, info in found.items()}
+
+    def remove(self, name: str) -> None:
+        """Delete an object or every object under a prefix (missing: no error)."""
+        try:
+            self.fs.rm(self.path(name), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def open(self, name: str, mode: str = "rb"):
+        """A file object; reads are ranged requests with no read-ahead (``cache_type="none"``):
+        a reader fetches the row groups it asks for, not whole shards."""
+        if "r" in mode:
+            return self.fs.open(self.path(name), mode, cache_type="none")
+        return self.fs.open(self.path(name), mode)
+
+    def zarr_store(self, name: str, read_only: bool = True):
+        """A zarr v3 ``FsspecStore`` on ``name`` (zarr reads its chunks with ranged requests)."""
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(self.url_of(name), read_only=read_only)
+
+
+def staging_dir() -> tempfile.TemporaryDirectory:
+    """A local temporary directory for a shard (or tokenizer) on its way to a remote store."""
+    return tempfile.TemporaryDirectory(prefix="kd-upload-")
+
+
+class RemotePath:
+    """One shard (object or prefix) ``name`` under a :class:`Remote` prefix: what a cache backend
+    reads when the cache is on a remote store (a local shard is a :class:`~pathlib.Path`)."""
+
+    def __init__(self, remote: Remote, name: str):
+        self.remote, self.name = remote, name
+
+    def __str__(self) -> str:
+        return self.remote.url_of(self.name)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and str(other) == str(self)
+
+
+_COPIES: dict[str, tempfile.TemporaryDirectory] = {}
+
+
+def local_copy(url: str) -> str:
+    """A local directory holding the objects under ``url`` (downloaded once per process, removed
+    at exit): for small directories read whole by libraries that want local files (a tokenizer).
+
+    Raises:
+        FileNotFoundError: nothing under ``url`` (named).
+    """
+    if url not in _COPIES:
+        r = Remote(url)
+        if not r.files(""):
+            raise FileNotFoundError(f"{url}: no such directory on the store")
+        tmp = tempfile.TemporaryDirectory(prefix="kd-download-")
+        r.download_dir("", Path(tmp.name))
+        _COPIES[url] = tmp
+    return _COPIES[url].name
