@@ -534,6 +534,7 @@ class CacheReader:
         self._lru: OrderedDict[tuple[int, int], Block] = OrderedDict()
         self._lru_bytes = 0
         self._lock = threading.Lock()
+        self._loading: dict[tuple[int, int], threading.Event] = {}  # blocks being read now
         # lazy checksums: None = not checked yet, "" = matches, else the mismatch message
         self._sha_state: list[str | None] = [None] * len(shards)
         self._sha_locks = [threading.Lock() for _ in shards]  # one per shard: others are read meanwhile
@@ -631,19 +632,31 @@ class CacheReader:
         return blk
 
     def _block(self, shard: int, block: int) -> Block:
+        """One block through the LRU. Concurrent misses of the same block read it once: the
+        other threads wait for the first reader (one fetch per block from a remote store)."""
         key = (shard, block)
-        with self._lock:
-            if key in self._lru:
-                self._lru.move_to_end(key)
-                return self._lru[key]
-        blk = self.read_block(shard, block)
-        with self._lock:
-            if key not in self._lru:
+        while True:
+            with self._lock:
+                if key in self._lru:
+                    self._lru.move_to_end(key)
+                    return self._lru[key]
+                loading = self._loading.get(key)
+                if loading is None:
+                    loading = self._loading[key] = threading.Event()
+                    break
+            loading.wait()  # then look again (the reader failed, or the LRU already evicted it)
+        try:
+            blk = self.read_block(shard, block)
+            with self._lock:
                 self._lru[key] = blk
                 self._lru_bytes += blk.nbytes
                 while self._lru_bytes > self.max_cached_bytes and len(self._lru) > 1:
                     _, old = self._lru.popitem(last=False)
                     self._lru_bytes -= old.nbytes
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+            loading.set()
         return blk
 
     def __getitem__(self, i: int) -> CacheRecord:
