@@ -96,12 +96,15 @@ class Remote:
         return f"{self.root}/{name}" if name else self.root
 
     def url_of(self, name: str) -> str:
+        """The full URL of ``name`` under the prefix (for messages and zarr)."""
         return f"{self.url}/{name}"
 
     def exists(self, name: str = "") -> bool:
+        """Whether an object or a prefix ``name`` exists (one request)."""
         return self.fs.exists(self.path(name))
 
     def isfile(self, name: str) -> bool:
+        """Whether ``name`` is an object (not a prefix)."""
         return self.fs.isfile(self.path(name))
 
     def names(self) -> list[str]:
@@ -112,6 +115,7 @@ class Remote:
             return []
 
     def read_bytes(self, name: str) -> bytes:
+        """The whole object ``name``. Raises FileNotFoundError when there is none."""
         return self.fs.cat_file(self.path(name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
