@@ -27,9 +27,8 @@ from pipeline.cache.codec import Encoding
 from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_manifest, write_manifest
 from pipeline.cache.parquet import ParquetBackend
 from pipeline.cache.store import CacheReader, CacheRecord, CacheWriter, ShardBackend, closed_shards, remove_unclosed
-from pipeline.storage import RemotePath
 from pipeline.cache.zarr_backend import ZarrBackend
-from pipeline.storage import Remote, describe, is_remote
+from pipeline.storage import Remote, RemotePath, describe, is_remote
 
 __all__ = ["BACKENDS", "CacheReader", "CacheRecord", "CacheWriter", "Encoding", "Manifest", "PrepareState",
            "cache_bytes", "prepare_cache", "open_writer", "finalize_cache", "open_cache", "read_manifest",
@@ -68,73 +67,55 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
             on a remote store: the bucket does not exist, or the store refuses the request
             (credentials), the URL named.
     """
-    if is_remote(cache_dir):
-        return _prepare_remote(str(cache_dir).rstrip("/"), manifest, overwrite)
-    d = Path(cache_dir)
-    if d.exists() and not d.is_dir():
-        raise ValueError(f"cache.dir {d} is an existing file, not a directory; use another cache.dir "
-                         "(nothing was changed)")
-    if d.exists() and any(d.iterdir()):
-        if not (d / MANIFEST).is_file():
+    if not is_remote(cache_dir):
+        return _prepare(Path(cache_dir), None, manifest, overwrite)
+    url = str(cache_dir).rstrip("/")
+    try:
+        return _prepare(url, Remote(url), manifest, overwrite)
+    except OSError as e:  # refused credentials, unreachable endpoint...
+        raise ValueError(f"cache.dir {url}: the store refused or failed the request ({describe(e)})") from None
+
+
+def _prepare(d, remote: Remote | None, manifest: Manifest, overwrite: bool) -> PrepareState:
+    """:func:`prepare_cache` for a local directory ``d`` (``remote`` None) or a prefix on a
+    remote store (``d`` its URL): the same rules, over files or objects."""
+    if remote is not None:
+        bucket = remote.root.split("/", 1)[0]
+        if not remote.fs.exists(bucket):
+            raise ValueError(f"cache.dir {d}: bucket {bucket!r} does not exist (or is not visible with these "
+                             "credentials); create it first (nothing was changed)")
+        if remote.isfile(""):
+            raise ValueError(f"cache.dir {d} is an existing object, not a prefix; use another cache.dir "
+                             "(nothing was changed)")
+        names = remote.names()
+    else:
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"cache.dir {d} is an existing file, not a directory; use another cache.dir "
+                             "(nothing was changed)")
+        names = sorted(p.name for p in d.iterdir()) if d.exists() else []
+    if names:
+        if MANIFEST not in names:
             if not overwrite:
                 raise ValueError(f"cache.dir {d} exists, is not empty and is not a teacher cache; "
                                  "use another cache.dir (nothing was changed)")
         else:
-            old = read_manifest(d)
-            diff = old.header_diff(manifest)
+            diff = read_manifest(d).header_diff(manifest)
             if diff and not overwrite:
                 raise ValueError(f"cache {d} was written with different settings ({'; '.join(diff)}); "
                                  "use another cache.dir or cache.overwrite=true")
         if overwrite:
-            shutil.rmtree(d)
-    d.mkdir(parents=True, exist_ok=True)
+            remote.remove("") if remote is not None else shutil.rmtree(d)
+    if remote is None:
+        d.mkdir(parents=True, exist_ok=True)
     remove_unclosed(d)
     backend = backend_for(manifest.backend, manifest.compression)
     done: set[str] = set()
     shards = closed_shards(d)
     for s in shards:
-        done.update(backend.read_index(d / s.file).sample_ids)
+        done.update(backend.read_index(RemotePath(remote, s.file) if remote is not None else d / s.file).sample_ids)
     manifest.complete = False
     manifest.shards = shards
     write_manifest(d, manifest)
-    return PrepareState(attempt=int(time.time() * 1000) % 10**10, done_ids=done)
-
-
-def _prepare_remote(url: str, manifest: Manifest, overwrite: bool) -> PrepareState:
-    """:func:`prepare_cache` for a prefix on a remote store (same rules, objects instead of files)."""
-    try:
-        r = Remote(url)
-        bucket = r.root.split("/", 1)[0]
-        if not r.fs.exists(bucket):
-            raise ValueError(f"cache.dir {url}: bucket {bucket!r} does not exist (or is not visible with these "
-                             "credentials); create it first (nothing was changed)")
-        if r.isfile(""):
-            raise ValueError(f"cache.dir {url} is an existing object, not a prefix; use another cache.dir "
-                             "(nothing was changed)")
-        names = r.names()
-        if names:
-            if MANIFEST not in names:
-                if not overwrite:
-                    raise ValueError(f"cache.dir {url} exists, is not empty and is not a teacher cache; "
-                                     "use another cache.dir (nothing was changed)")
-            else:
-                diff = read_manifest(url).header_diff(manifest)
-                if diff and not overwrite:
-                    raise ValueError(f"cache {url} was written with different settings ({'; '.join(diff)}); "
-                                     "use another cache.dir or cache.overwrite=true")
-            if overwrite:
-                r.remove("")
-        remove_unclosed(url)
-        backend = backend_for(manifest.backend, manifest.compression)
-        shards = closed_shards(url)
-        done: set[str] = set()
-        for s in shards:
-            done.update(backend.read_index(RemotePath(r, s.file)).sample_ids)
-        manifest.complete = False
-        manifest.shards = shards
-        write_manifest(url, manifest)
-    except OSError as e:  # refused credentials, unreachable endpoint...
-        raise ValueError(f"cache.dir {url}: the store refused or failed the request ({describe(e)})") from None
     return PrepareState(attempt=int(time.time() * 1000) % 10**10, done_ids=done)
 
 
