@@ -1,6 +1,15 @@
 """Exporting the student as a Hugging Face model directory (safetensors + config + tokenizer),
 and verified sharded checkpoints ``checkpoints/step-NNNNNNNN/`` (DCP shards, ``trainer.pt``,
-per-rank RNG, and ``checksums.json``: the size and sha256 of every other file, written last)."""
+per-rank RNG, and ``checksums.json``: the size and sha256 of every other file, written last).
+
+The run directory may be a URL (``s3://bucket/run``): an object store has no rename, so there
+every object is written under its final name and completion is marked by the object written
+last. A checkpoint on a store is complete when its ``checksums.json`` exists (written by rank 0
+after every rank's shards and ``trainer.pt``; it records sizes, as hashing would download the
+checkpoint); ``resume: auto`` lists ``checkpoints/`` and skips a prefix without it. An export
+(``best/``, ``final/``) is staged locally and uploaded with ``config.json`` last. On a local
+disk, temporary names and renames as described on each function.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +23,7 @@ from torch import nn
 
 from pipeline.distributed import barrier, broadcast_object, full_state_dict
 from pipeline.errors import reading_checkpoint, writing
+from pipeline.storage import Remote, is_remote, staging_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -26,11 +36,31 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
+def upload_export(local: Path, url: str) -> None:
+    """Replace the export at ``url`` by the local HF directory ``local``: the old objects are
+    removed, the files uploaded, ``config.json`` last (an export without it is incomplete: HF
+    loaders refuse it)."""
+    remote = Remote(url)
+    remote.remove("")
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    for f in sorted(files, key=lambda p: p.name == "config.json"):
+        remote.put_dir(f, f.relative_to(local).as_posix())
+
+
 def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, rank: int) -> None:
     """Gather the full state dict (collective) and, on rank 0, write ``out_dir`` atomically
-    (written to ``<out_dir>.tmp``, then renamed over any previous export)."""
+    (written to ``<out_dir>.tmp``, then renamed over any previous export; on a store:
+    :func:`upload_export`)."""
     state = full_state_dict(model)
-    if rank == 0:
+    if rank == 0 and is_remote(out_dir):
+        with staging_dir() as stage:
+            tmp = Path(stage) / "export"
+            with writing("the model export", out_dir):
+                model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+                if tokenizer_dir is not None:
+                    copy_tokenizer(tokenizer_dir, tmp)
+                upload_export(tmp, out_dir)
+    elif rank == 0:
         out, tmp = Path(out_dir), Path(str(out_dir) + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with writing("the model export", out, tmp):  # the previous export stays until the new one is whole
@@ -51,10 +81,14 @@ CHECKSUMS = "checksums.json"
 "sha256": hex}}}`` over every other file in the directory, written last, before the rename."""
 
 
-def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path] | list[str]:
     """Complete checkpoints of a run, oldest first (a checkpoint is complete once renamed from
     its temporary name; temporary directories are ignored). Not verified: see
-    :func:`verify_checkpoint`."""
+    :func:`verify_checkpoint`. A run on a store: the URLs of every ``step-*`` prefix (one
+    listing; one without its checksums file fails verification)."""
+    if is_remote(run_dir):  # prefixes, complete or not: verify_checkpoint tells
+        root = f"{str(run_dir).rstrip('/')}/checkpoints"
+        return [f"{root}/{n}" for n in Remote(root).names() if n.startswith(CKPT_PREFIX)]
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
@@ -91,8 +125,11 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     listed) or None when it passes.
 
     Cost: reads every byte of the checkpoint (sizes first, so a truncated file is found without
-    hashing). This is the one place to make cheaper (e.g. sizes only, or sampled blocks).
+    hashing). This is the one place to make cheaper (e.g. sizes only, or sampled blocks). On a
+    store: one listing and the checksums object (sizes only, see the module docstring).
     """
+    if is_remote(path):
+        return _verify_remote(str(path))
     path = Path(path)
     try:
         listed = json.loads((path / CHECKSUMS).read_text())["files"]
@@ -115,7 +152,73 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     return None
 
 
-def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
+def _verify_remote(url: str) -> str | None:
+    remote = Remote(url)
+    try:
+        listed = json.loads(remote.read_bytes(CHECKSUMS))["files"]
+    except FileNotFoundError:
+        return f"no {CHECKSUMS} (incomplete: its upload was interrupted)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"unreadable {CHECKSUMS} ({type(e).__name__}: {e})"
+    stored = {k: v for k, v in remote.files("").items() if k != CHECKSUMS}
+    for name in sorted(set(listed) - set(stored)):
+        return f"{name} is missing"
+    for name in sorted(set(stored) - set(listed)):
+        return f"{name} is not in {CHECKSUMS}"
+    for name, want in sorted(listed.items()):
+        if stored[name] != want["size"]:
+            return f"{name} has {stored[name]} bytes, {want['size']} recorded (truncated or changed)"
+    return None
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _torch_load(path: str | Path):
+    """``torch.load`` of a local file or of one object on a store."""
+    import io
+
+    import torch
+
+    if is_remote(path):
+        base, name = str(path).rsplit("/", 1)
+        return torch.load(io.BytesIO(Remote(base).read_bytes(name)), weights_only=False)
+    return torch.load(path, weights_only=False)
+
+
+def _exists(path: str | Path) -> bool:
+    if is_remote(path):
+        base, name = str(path).rsplit("/", 1)
+        return Remote(base).isfile(name)
+    return Path(path).is_file()
+
+
+_FAULT_CALLS: dict[str, int] = {}
+
+
+def _fault(point: str, rank: int) -> None:
+    """Fault injection for the crash tests: ``KD_FAULT_KILL=[rankR:]POINT:N`` SIGKILLs this
+    process at ``POINT`` (``checkpoint_before_checksums``) of the N-th checkpoint it writes."""
+    import signal
+
+    spec = os.environ.get("KD_FAULT_KILL", "").split(":")
+    if spec[0].startswith("rank"):
+        if int(spec[0][4:]) != rank:
+            return
+        spec = spec[1:]
+    _FAULT_CALLS[point] = _FAULT_CALLS.get(point, 0) + 1
+    if spec == [point, str(_FAULT_CALLS[point])]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | str | None:
     """The checkpoint to resume from for ``resume: auto|never|PATH`` (verified).
 
     ``auto``: the newest checkpoint of ``run_dir`` that passes :func:`verify_checkpoint`; each
@@ -135,8 +238,8 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
                 return p
             print(f"[checkpoint] warning: skipping {p}: fails verification: {problem}", file=sys.stderr, flush=True)
         return None
-    p = Path(resume)
-    if not (p / "trainer.pt").is_file():
+    p = resume.rstrip("/") if is_remote(resume) else Path(resume)
+    if not _exists(f"{p}/trainer.pt" if is_remote(resume) else p / "trainer.pt"):
         raise FileNotFoundError(f"resume: {p} is not a complete checkpoint (no trainer.pt)")
     problem = verify_checkpoint(p)
     if problem is not None:
@@ -144,7 +247,7 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
     return p
 
 
-def agree_resume(run_dir: str | os.PathLike, resume: str, rank: int) -> Path | None:
+def agree_resume(run_dir: str | os.PathLike, resume: str, rank: int) -> Path | str | None:
     """:func:`resolve_resume` on rank 0 (hashing once, warnings once), the answer broadcast to
     every rank (collective); an error is raised on every rank."""
     found: object = None
@@ -176,10 +279,20 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     files (:func:`write_checksums`) and renames it. Then checkpoints beyond the newest ``keep``
     are deleted, never the one just written (the newest that passes verification: an older run
     may have left a corrupt checkpoint of a later step).
+
+    On a store (``run_dir`` a URL): rank 0 first removes whatever an interrupted attempt left
+    under the step's prefix; every rank writes its DCP shards (``FsspecWriter``) and RNG state
+    under their final names, then rank 0 ``trainer.pt`` and, last, ``checksums.json``: the
+    commit point. Returns the checkpoint's URL there.
+
+    Raises:
+        StorageError: an I/O error while writing (disk full, store refused...).
     """
     import torch
     import torch.distributed.checkpoint as dcp
 
+    if is_remote(run_dir):
+        return _save_remote(str(run_dir).rstrip("/"), step, model, optimizer, scheduler, trainer_state, rank, keep)
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / f"{CKPT_PREFIX}{step:08d}", root / f".tmp-{CKPT_PREFIX}{step:08d}"
     if rank == 0:
@@ -205,6 +318,34 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     return final
 
 
+def _save_remote(run_url: str, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
+                 rank: int, keep: int) -> str:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    url = f"{run_url}/checkpoints/{CKPT_PREFIX}{step:08d}"
+    remote = Remote(url)
+    if rank == 0:
+        with writing("checkpoint", url):
+            remote.remove("")  # an interrupted attempt's objects (no checksums: never resumed from)
+    barrier()
+    with writing("checkpoint", url):
+        dcp.save(_dcp_state(model, optimizer), **_dcp_target(url, "writer"))
+        remote.write_bytes(f"rng-rank{rank}.pt", _torch_bytes({"torch": torch.get_rng_state()}))
+    barrier()
+    if rank == 0:
+        with writing("checkpoint", url):
+            remote.write_bytes("trainer.pt", _torch_bytes({"scheduler": scheduler.state_dict(), "trainer": trainer_state}))
+            _fault("checkpoint_before_checksums", rank)
+            files = {k: {"size": v} for k, v in sorted(remote.files("").items())}
+            remote.write_bytes(CHECKSUMS, json.dumps({"format": 1, "step": step, "files": files}, indent=1).encode())
+            for old in complete_checkpoints(run_url)[:-keep]:
+                if old != url:
+                    Remote(old).remove("")
+    barrier()
+    return url
+
+
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
     """Restore model, optimizer, scheduler and this rank's RNG from ``path``; returns the trainer
     state dict saved with it (collective). Works across world sizes (DCP reshards)."""
@@ -212,18 +353,29 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    path = Path(path)
+    remote = is_remote(path)
+    path = str(path).rstrip("/") if remote else Path(path)
     state = _dcp_state(model, optimizer)
     with reading_checkpoint(path):
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, **_dcp_target(path, "reader"))
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optim"])
-    extra = torch.load(path / "trainer.pt", weights_only=False)
+    extra = _torch_load(f"{path}/trainer.pt" if remote else path / "trainer.pt")
     scheduler.load_state_dict(extra["scheduler"])
-    rng = path / f"rng-rank{rank}.pt"
-    if rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=False)["torch"])
+    rng = f"{path}/rng-rank{rank}.pt" if remote else path / f"rng-rank{rank}.pt"
+    if _exists(rng):
+        torch.set_rng_state(_torch_load(rng)["torch"])
     return extra["trainer"]
+
+
+def _dcp_target(path: str | Path, kind: str) -> dict:
+    """``dcp.save``/``dcp.load`` keyword for a local directory (``checkpoint_id``) or a URL (an
+    fsspec storage writer or reader: DCP would take a URL string for a local path)."""
+    if not is_remote(path):
+        return {"checkpoint_id": str(path)}
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    return {"storage_writer": FsspecWriter(str(path))} if kind == "writer" else {"storage_reader": FsspecReader(str(path))}
 
 
 def save_optimizer(path: str | os.PathLike, model: nn.Module, optimizer, rank: int) -> None:
@@ -232,9 +384,13 @@ def save_optimizer(path: str | os.PathLike, model: nn.Module, optimizer, rank: i
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     if rank == 0:
-        shutil.rmtree(path, ignore_errors=True)
+        if is_remote(path):
+            Remote(path).remove("")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
     barrier()
-    dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+    with writing("the optimizer state", path):
+        dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, **_dcp_target(path, "writer"))
     barrier()
 
 
@@ -248,12 +404,12 @@ def load_optimizer_moments(path: str | os.PathLike, model: nn.Module, optimizer)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    if not Path(path).is_dir():
+    if not (Remote(path).exists(".metadata") if is_remote(path) else Path(path).is_dir()):
         raise FileNotFoundError(f"carry_optimizer: no optimizer state of the previous round at {path}")
     hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
     with reading_checkpoint(path, "the previous round's optimizer state"):
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, **_dcp_target(path, "reader"))
         set_optimizer_state_dict(model, optimizer, state["optim"])
     for g, hp in zip(optimizer.param_groups, hparams):
         g.update(hp)

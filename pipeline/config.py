@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.storage import is_remote
+from pipeline.storage import URL_KEYS, configure, is_remote, local_path, redact, scheme
 
 
 class ConfigError(ValueError):
@@ -27,10 +27,31 @@ class _Section(BaseModel):
 
 def _local_only(value: str | None) -> str | None:
     """Refuse a remote URL for a path that is read or written as a local file (a URL must never
-    become a local directory: ``Path("s3://b/x")`` is ``s3:/b/x``). Only the cache paths take URLs."""
+    become a local directory: ``Path("s3://b/x")`` is ``s3:/b/x``). What takes URLs:
+    :data:`pipeline.storage.URL_KEYS`."""
     if value is not None and is_remote(value):
-        raise ValueError(f"{value} is a URL; only cache.dir, data.train_cache and data.eval_cache take URLs "
-                         "so far: use a local path here")
+        raise ValueError(f"{value} is a URL; this path must be local (URLs are taken by {URL_KEYS})")
+    return value
+
+
+def _file_url_to_path(value: str | None) -> str | None:
+    """``file:///data/x`` → ``/data/x`` (local files are read as paths everywhere)."""
+    if value is not None and scheme(value) in ("file", "local"):
+        return str(local_path(value, "path"))
+    return value
+
+
+StorageOptions = dict[str, dict[str, object]]
+"""``storage_options:`` ``{protocol: {fsspec option: value}}``, e.g. ``{s3: {endpoint_url:
+"http://10.0.0.5:9000", client_kwargs: {region_name: eu-west-1}}}``: options of the file system
+of every URL in the config (s3fs, gcsfs, adlfs options). Applied when the config is validated
+(:func:`pipeline.storage.configure`); credential-like values (``key``, ``secret``, ``token``...)
+are redacted in config.yaml and wandb (:func:`pipeline.storage.redact`): prefer the backend's
+environment variables or credential files for them."""
+
+
+def _apply_storage_options(value: StorageOptions) -> StorageOptions:
+    configure(value)
     return value
 
 
@@ -39,11 +60,12 @@ class DatasetConfig(_Section):
     """Where the raw rows come from and how they become token sequences."""
 
     path: str
-    """A directory written by ``datasets.save_to_disk``, a local json/jsonl/parquet/txt
-    file (or directory of them), or a hub name (only when online)."""
+    """A directory written by ``datasets.save_to_disk``, a json/jsonl/parquet/txt/csv file (or
+    a directory of them), local or on a store (``s3://bucket/data/``), or a hub name (only when
+    online)."""
     split: str = "train"
     """Split to read (a saved ``DatasetDict`` or a hub dataset)."""
-    _local_path = field_validator("path")(_local_only)
+    _file_path = field_validator("path")(_file_url_to_path)
     format: Literal["auto", "text", "chat", "prompt_response"] = "auto"
     """How a row becomes tokens. ``text``: the ``text_field`` column(s), every token a target.
     ``chat``: a list of messages (``{role, content}``, or ShareGPT ``{from, value}``) rendered
@@ -103,6 +125,7 @@ class CacheConfig(_Section):
 
     dir: str
     """Output directory (created; a complete cache there is refused unless overwrite)."""
+    _file_dir = field_validator("dir")(_file_url_to_path)
     backend: Literal["parquet", "zarr"] = "parquet"
     """Storage backend; readers detect it from the manifest."""
     k: int = Field(default=32, ge=1)
@@ -160,6 +183,9 @@ class TargetsConfig(_Section):
 class PrecomputeConfig(_Section):
     """``precompute-teacher``: run the frozen teacher(s) and write sparse top-k targets."""
 
+    storage_options: StorageOptions = Field(default_factory=dict)
+    """Options of the file systems of URLs in this config (see :data:`StorageOptions`)."""
+    _storage = field_validator("storage_options")(_apply_storage_options)
     teachers: list[TeacherConfig] = Field(min_length=1)
     dataset: DatasetConfig
     cache: CacheConfig
@@ -220,10 +246,18 @@ class StudentConfig(_Section):
     """The student model."""
 
     path: str
-    """HF model directory, or a directory / ``config.json`` with only a config."""
-    _local_path = field_validator("path")(_local_only)
+    """HF model directory, or a directory / ``config.json`` with only a config. A URL only with
+    ``init: pretrained`` (a previous round's ``final/`` on a store: downloaded once)."""
     init: Literal["random", "pretrained"] = "random"
     """``random``: build from the config with the run seed; ``pretrained``: load weights."""
+    _file_path = field_validator("path")(_file_url_to_path)
+
+    @model_validator(mode="after")
+    def _url_only_pretrained(self) -> "StudentConfig":
+        if is_remote(self.path) and self.init != "pretrained":
+            raise ValueError(f"student.path {self.path} is a URL: only a pretrained student (init: pretrained) "
+                             "is read from a store")
+        return self
 
 
 class LossConfig(_Section):
@@ -360,9 +394,13 @@ class WandbConfig(_Section):
 class TrainStudentConfig(_Section):
     """``train-student``: train a student from the teacher cache."""
 
+    storage_options: StorageOptions = Field(default_factory=dict)
+    """Options of the file systems of URLs in this config (see :data:`StorageOptions`)."""
+    _storage = field_validator("storage_options")(_apply_storage_options)
     output_dir: str
-    """Run directory (local; checkpoints, exports, loss logs, metrics)."""
-    _local_path = field_validator("output_dir", "resume")(_local_only)
+    """Run directory (checkpoints, exports, loss logs, metrics): a local path or a URL
+    (``s3://bucket/runs/x``; see pipeline/checkpoint.py for what marks completion there)."""
+    _file_paths = field_validator("output_dir", "resume")(_file_url_to_path)
     student: StudentConfig
     data: TrainDataConfig
     loss: LossConfig = LossConfig()
@@ -388,7 +426,8 @@ class TrainStudentConfig(_Section):
     save_total_limit: int = Field(default=2, ge=1)
     """Complete checkpoints kept; the oldest is deleted only after a newer one is complete."""
     resume: str = "auto"
-    """``auto`` (newest complete checkpoint in output_dir/checkpoints, if any), ``never``, or a path."""
+    """``auto`` (newest complete checkpoint in output_dir/checkpoints, if any), ``never``, or the
+    path or URL of a checkpoint."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     lr_find: LRFindConfig = LRFindConfig()
     select: SelectConfig | None = None
@@ -509,10 +548,27 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[st
         raise ConfigError(_format_error(e, source)) from None
 
 
+def config_dict(cfg: BaseModel) -> dict:
+    """The resolved config as plain data with credentials redacted (``storage_options``): what
+    goes into config.yaml and to wandb."""
+    tree = cfg.model_dump(mode="json")
+    if "storage_options" in tree:
+        tree["storage_options"] = redact(tree["storage_options"])
+    return tree
+
+
 def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (atomically: temporary file, then rename)."""
+    """Write the resolved config as YAML, credentials redacted (:func:`config_dict`): atomically
+    (temporary file, then rename), or one PUT when ``path`` is a URL."""
+    text = yaml.safe_dump(config_dict(cfg), sort_keys=False)
+    if is_remote(path):
+        from pipeline.storage import Remote
+
+        base, name = str(path).rsplit("/", 1)
+        Remote(base).write_bytes(name, text.encode())
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.write_text(text)
     os.replace(tmp, path)

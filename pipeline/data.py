@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.config import DatasetConfig
+from pipeline.storage import is_remote
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,9 @@ class Sample:
 def load_rows(cfg: DatasetConfig):
     """The rows of ``cfg.split`` as a ``datasets.Dataset`` (first ``num_samples`` if set).
 
-    ``cfg.path`` may be a ``save_to_disk`` directory (Dataset or DatasetDict), a local
-    json/jsonl/parquet/txt/csv file or a directory of such files, or a hub name.
+    ``cfg.path`` may be a ``save_to_disk`` directory (Dataset or DatasetDict), a
+    json/jsonl/parquet/txt/csv file or a directory of such files (local, or a URL on a store:
+    :func:`_load_remote`), or a hub name.
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
@@ -51,6 +53,11 @@ def load_rows(cfg: DatasetConfig):
     """
     import datasets
 
+    if is_remote(cfg.path):
+        ds = _load_remote(cfg)
+        if cfg.num_samples is not None:
+            ds = ds.select(range(min(cfg.num_samples, len(ds))))
+        return ds
     p = Path(cfg.path)
     if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()):
         ds = _read_saved(p)
@@ -61,7 +68,7 @@ def load_rows(cfg: DatasetConfig):
     elif p.exists():
         files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file())
         ext = files[0].suffix.lstrip(".") if files else ""
-        builder = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text", "csv": "csv"}.get(ext)
+        builder = _BUILDERS.get(ext)
         if builder is None:
             raise ValueError(f"dataset {p}: cannot tell the format of {files[:1]} (json, jsonl, parquet, txt, csv)")
         kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
@@ -73,6 +80,53 @@ def load_rows(cfg: DatasetConfig):
     if cfg.num_samples is not None:
         ds = ds.select(range(min(cfg.num_samples, len(ds))))
     return ds
+
+
+_BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text", "csv": "csv"}
+
+
+def _load_remote(cfg: DatasetConfig):
+    """Rows from a URL (``s3://bucket/data/train.jsonl``, a prefix of such files, or a
+    ``save_to_disk`` prefix), read by ``datasets`` through fsspec (options: the environment and
+    ``storage_options:``, fsspec's global configuration). ``datasets`` copies the files into its
+    local cache once; the rows are then memory-mapped as for a local file.
+
+    Raises:
+        FileNotFoundError: nothing at the URL (named).
+        ValueError: no store access, or files of an unknown format (named).
+        KeyError: the split is not in a saved DatasetDict.
+    """
+    import datasets
+
+    from pipeline.storage import Remote, describe
+
+    url = cfg.path.rstrip("/")
+    try:
+        remote = Remote(url)
+        found = remote.files("")
+    except FileNotFoundError:
+        found = {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"dataset {url}: cannot be listed ({describe(e)})") from None
+    if not found:
+        raise FileNotFoundError(f"dataset path not found: {url} (no object or prefix there)")
+    with _QuietDatasets():
+        if "dataset_info.json" in found or "dataset_dict.json" in found:
+            ds = datasets.load_from_disk(url)
+            if isinstance(ds, datasets.DatasetDict):
+                if cfg.split not in ds:
+                    raise KeyError(f"dataset {url} has no split {cfg.split!r} (has {sorted(ds)})")
+                ds = ds[cfg.split]
+            return ds
+        files = [url] if list(found) == [""] else [f"{url}/{k}" for k in sorted(found) if found[k] and "/" not in k]
+        builder = _BUILDERS.get(files[0].rsplit(".", 1)[-1] if files else "")
+        if builder is None:
+            raise ValueError(f"dataset {url}: cannot tell the format of {files[:1]} (json, jsonl, parquet, txt, csv)")
+        kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
+        try:
+            return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+        except _load_errors() as e:
+            raise ValueError(f"dataset {url}: cannot be read as {builder} ({_root_cause(e)})") from e
 
 
 # ----------------------------------------------------------------------------- unreadable inputs

@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import yaml
 
 from pipeline.loss_log import unreadable_part
-from pipeline.storage import local_path
+from pipeline.storage import Remote, is_remote, join, local_copy, local_path
 
 
 def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
@@ -22,15 +22,21 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
     """All loss-log rows of a run as one table with the hive columns ``round``, ``split``, ``rank``.
 
     Raises:
-        FileNotFoundError: the run has no ``loss_logs`` directory.
-        ValueError: ``run_dir`` is a remote URL (run directories are local so far).
+        FileNotFoundError: the run has no ``loss_logs`` directory (prefix, on a store).
         ValueError: a part file is not readable parquet (truncated, overwritten): the file is
             named. Part files are never skipped silently (their rows would be missing from
             every report and from the next round's selection).
     """
-    d = local_path(run_dir, "inspect-losses run_dir") / "loss_logs"
-    if not d.is_dir():
-        raise FileNotFoundError(f"no loss logs in {run_dir} (expected {d})")
+    fs = None
+    if is_remote(run_dir):
+        remote = Remote(join(run_dir, "loss_logs"))
+        if not remote.exists():
+            raise FileNotFoundError(f"no loss logs in {run_dir} (expected {remote.url})")
+        fs, d = remote.fs, remote.root
+    else:
+        d = local_path(run_dir, "inspect-losses run_dir") / "loss_logs"
+        if not d.is_dir():
+            raise FileNotFoundError(f"no loss logs in {run_dir} (expected {d})")
     part = pads.partitioning(pa.schema([("round", pa.int32()), ("split", pa.string()), ("rank", pa.int32())]), flavor="hive")
     flt = None
     for cond in ((pc.field("round") == round_) if round_ is not None else None,
@@ -39,8 +45,10 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
         if cond is not None:
             flt = cond if flt is None else flt & cond
     try:  # temporary ``.part-*.tmp`` files start with "." and are ignored by the dataset
-        return pads.dataset(str(d), format="parquet", partitioning=part).to_table(filter=flt)
+        return pads.dataset(str(d), format="parquet", partitioning=part, filesystem=fs).to_table(filter=flt)
     except (pa.ArrowInvalid, OSError) as e:
+        if fs is not None:
+            raise ValueError(f"loss logs in {join(run_dir, 'loss_logs')} unreadable: {' '.join(str(e).split())}") from None
         raise ValueError(_unreadable_part(d, e)) from None
 
 
@@ -138,6 +146,18 @@ def plot(table: pa.Table, path: str | os.PathLike, metric: str = "loss", compare
     plt.close(fig)
 
 
+def _read_text(path: str) -> str | None:
+    """A small local file or store object as text; None when there is none."""
+    if is_remote(path):
+        base, name = path.rsplit("/", 1)
+        try:
+            return Remote(base).read_bytes(name).decode()
+        except FileNotFoundError:
+            return None
+    p = Path(path)
+    return p.read_text() if p.is_file() else None
+
+
 class SampleText:
     """Decodes sample IDs to text through the caches and tokenizer recorded in a run's config."""
 
@@ -145,17 +165,18 @@ class SampleText:
         from pipeline.cache import open_cache
         from pipeline.models import load_tokenizer
 
-        cfg_file = Path(run_dir) / "config.yaml"
-        data = (yaml.safe_load(cfg_file.read_text()) or {}).get("data", {}) if cfg_file.is_file() else {}
+        data = (yaml.safe_load(_read_text(join(run_dir, "config.yaml")) or "") or {}).get("data", {})
         self.readers = []
         for key in ("train_cache", "eval_cache"):
             path = data.get(key)
-            if path and Path(path).is_dir():
+            if path and (Remote(path).isfile("manifest.json") if is_remote(path) else Path(path).is_dir()):
                 self.readers.append(open_cache(path, allow_incomplete=True, verify=False))
         # the run's exported student, else the tokenizer stored in the cache (multi-round runs
         # keep their students under round-R/)
-        candidates = [Path(run_dir) / "final"] + [Path(data[k]) / "tokenizer" for k in ("train_cache", "eval_cache") if data.get(k)]
-        tok_dir = next((c for c in candidates if (c / "tokenizer_config.json").is_file()), None)
+        candidates = [join(run_dir, "final")] + [join(data[k], "tokenizer") for k in ("train_cache", "eval_cache") if data.get(k)]
+        tok_dir = next((c for c in candidates if _read_text(join(c, "tokenizer_config.json")) is not None), None)
+        if tok_dir is not None and is_remote(tok_dir):
+            tok_dir = local_copy(tok_dir)
         self.tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
 
     def __call__(self, sample_id: str, max_chars: int = 80) -> str:

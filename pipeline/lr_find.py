@@ -10,15 +10,16 @@ from pathlib import Path
 from pipeline.config import LRFindConfig
 from pipeline.distributed import DistInfo, print0
 from pipeline.loader import StepPrefetcher, StepSampler
+from pipeline.storage import Remote, is_remote, join, staging_dir
 from pipeline.trainer import Trainer
 
 
-def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train_src, run_dir: Path,
+def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train_src, run_dir: str | Path,
                 info: DistInfo, pack_length: int | None = None) -> dict | None:
     """Run up to ``cfg.steps`` optimizer steps with ``lr_i = min_lr · (max_lr / min_lr)^(i / (steps-1))``
     (each parameter group keeps its ratio to the base LR), stop early once the smoothed loss
     exceeds 4× its minimum, and write ``lr_find.csv`` (+ ``lr_find.png`` when matplotlib is
-    installed) to ``run_dir``.
+    installed) to ``run_dir`` (on a store: written to a local staging directory, then uploaded).
 
     Returns (rank 0): ``{"suggested_lr": ..., "rows": [...]}`` where the suggestion is the LR of
     the minimum smoothed loss divided by 10 (a common rule of thumb). The model's weights are
@@ -44,6 +45,20 @@ def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train
             break
     if not info.is_main:
         return None
+    if is_remote(run_dir):
+        with staging_dir() as stage:
+            out = _write_outputs(rows, Path(stage))
+            Remote(run_dir).put_dir(Path(stage), "")
+    else:
+        out = _write_outputs(rows, Path(run_dir))
+    print0(f"[lr-find] {len(rows)} steps; minimum smoothed loss at lr {out * 10:.3g}; suggested lr {out:.3g}; "
+           f"table in {join(run_dir, 'lr_find.csv')}")
+    return {"suggested_lr": out, "rows": rows}
+
+
+def _write_outputs(rows: list[dict], run_dir: Path) -> float:
+    """Write ``lr_find.csv`` (and the plot) into the local directory ``run_dir``; returns the
+    suggested learning rate."""
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "lr_find.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -65,6 +80,4 @@ def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train
         plt.close(fig)
     except ImportError:
         pass
-    print0(f"[lr-find] {len(rows)} steps; minimum smoothed loss at lr {suggested * 10:.3g}; suggested lr {suggested:.3g}; "
-           f"table in {run_dir / 'lr_find.csv'}")
-    return {"suggested_lr": suggested, "rows": rows}
+    return suggested

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from pipeline.config import WandbConfig
 from pipeline.errors import writing
+from pipeline.storage import Remote, is_remote
+
+UPLOAD_EVERY_S = 30.0
+"""A run directory on a store: ``metrics.jsonl`` is re-uploaded whole at most this often
+(seconds), and at every checkpoint and at the end (:meth:`MetricsLogger.flush`)."""
 
 
 class MetricsLogger:
     """Rank-0 metrics sink; on other ranks every method is a no-op.
 
     Args:
-        run_dir: where ``metrics.jsonl`` (one JSON object per log call) and ``wandb/`` go.
-        config: the whole resolved config, sent to wandb as the run config.
+        run_dir: where ``metrics.jsonl`` (one JSON object per log call) and ``wandb/`` go. A URL:
+            ``metrics.jsonl`` is kept in memory (appended to what the store holds, for a resumed
+            run) and uploaded whole every :data:`UPLOAD_EVERY_S`; wandb's files stay local
+            (``./wandb``).
+        config: the whole resolved config (credentials redacted), sent to wandb as the run config.
     """
 
     def __init__(self, run_dir: str | os.PathLike, rank: int, cfg: WandbConfig, config: dict):
@@ -27,22 +36,44 @@ class MetricsLogger:
         self.run = None
         if not self.active:
             return
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.remote = Remote(run_dir) if is_remote(run_dir) else None
+        if self.remote is None:
+            self.path = Path(run_dir) / "metrics.jsonl"
+        else:
+            self.path = self.remote.url_of("metrics.jsonl")
+            self.lines = [self.remote.read_bytes("metrics.jsonl")] if self.remote.isfile("metrics.jsonl") else []
+            self.uploaded = time.monotonic()
         if cfg.mode != "disabled":
             import wandb
 
-            self.run = wandb.init(project=cfg.project, name=cfg.name, mode=cfg.mode, dir=str(run_dir),
+            self.run = wandb.init(project=cfg.project, name=cfg.name, mode=cfg.mode,
+                                  dir=None if self.remote is not None else str(run_dir),
                                   config=config, reinit="finish_previous")
 
     def log(self, metrics: dict, step: int) -> None:
         if not self.active:
             return
-        with writing("metrics", self.path), open(self.path, "a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        line = json.dumps({"step": step, **metrics}) + "\n"
+        if self.remote is not None:
+            self.lines.append(line.encode())
+            if time.monotonic() - self.uploaded >= UPLOAD_EVERY_S:
+                self.flush()
+        else:
+            with writing("metrics", self.path), open(self.path, "a") as fh:
+                fh.write(line)
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def flush(self) -> None:
+        """Upload ``metrics.jsonl`` now (a run directory on a store; a no-op on a local disk,
+        where every line is appended as it is logged)."""
+        if self.active and self.remote is not None:
+            with writing("metrics", self.path):
+                self.remote.write_bytes("metrics.jsonl", b"".join(self.lines))
+            self.uploaded = time.monotonic()
+
     def finish(self) -> None:
+        self.flush()
         if self.run is not None:
             self.run.finish()
             self.run = None

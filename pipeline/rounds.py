@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, SelectConfig, TrainStudentConfig
 from pipeline.errors import writing
+from pipeline.storage import Remote, is_remote, join
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -40,9 +41,9 @@ def round_configs(cfg: TrainStudentConfig) -> list[TrainStudentConfig]:
     out = []
     for r, over in enumerate(cfg.rounds):
         tree = _merge(base, over)
-        tree.update(round=r, output_dir=str(Path(cfg.output_dir) / f"round-{r}"))
+        tree.update(round=r, output_dir=join(cfg.output_dir, f"round-{r}"))
         if r > 0:
-            tree["student"] = {"path": str(Path(cfg.output_dir) / f"round-{r - 1}" / "final"), "init": "pretrained"}
+            tree["student"] = {"path": join(cfg.output_dir, f"round-{r - 1}", "final"), "init": "pretrained"}
         try:
             out.append(TrainStudentConfig.model_validate(tree))
         except Exception as e:  # pydantic ValidationError: report the round and the key
@@ -85,11 +86,20 @@ def sample_weights(table, sample_ids: list[str], metric: str) -> np.ndarray:
 
 
 def read_run_json(run_dir: str | os.PathLike) -> dict:
+    """The run's ``run.json`` (``{"rounds": [finished rounds], "current": r}``), or a fresh one."""
+    if is_remote(run_dir):
+        r = Remote(run_dir)
+        return json.loads(r.read_bytes("run.json")) if r.isfile("run.json") else {"rounds": [], "current": 0}
     p = Path(run_dir) / "run.json"
     return json.loads(p.read_text()) if p.is_file() else {"rounds": [], "current": 0}
 
 
 def write_run_json(run_dir: str | os.PathLike, state: dict) -> None:
+    """Replace ``run.json`` atomically (temporary file and rename; on a store one PUT)."""
+    if is_remote(run_dir):
+        with writing("the run state", join(run_dir, "run.json")):
+            Remote(run_dir).write_bytes("run.json", json.dumps(state, indent=1).encode())
+        return
     p = Path(run_dir) / "run.json"
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".json.tmp")

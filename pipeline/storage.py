@@ -1,16 +1,20 @@
 """One thin file-system layer for paths that may be fsspec URLs (``s3://``, ``gs://``, ``az://``,
 ``file://``) or plain local paths.
 
-What accepts a URL today: ``cache.dir`` (precompute-teacher writes the cache there),
-``data.train_cache`` / ``data.eval_cache`` (train-student reads it) and ``inspect-cache``.
-Every other path (``output_dir``, ``dataset.path``, model and tokenizer paths) must be local:
-:func:`local_path` refuses a URL with an error naming the config key, so a URL never silently
-becomes a local directory (``Path("s3://b/x")`` is ``s3:/b/x``).
+What accepts a URL: ``dataset.path``, ``cache.dir`` (precompute-teacher writes the cache
+there), ``data.train_cache`` / ``data.eval_cache``, ``output_dir`` and ``resume`` (the run
+directory: checkpoints, ``best/``, ``final/``, loss logs, metrics), a pretrained
+``student.path`` (a previous round's ``final/``), ``inspect-cache`` and ``inspect-losses``.
+Model, teacher and tokenizer paths and chat templates stay local: :func:`local_path` refuses a
+URL with an error naming the config key, so a URL never silently becomes a local directory
+(``Path("s3://b/x")`` is ``s3:/b/x``).
 
 Options of the remote file system (endpoint, region, anonymous access, credentials) come from
 fsspec's standard environment variables (``FSSPEC_S3_ENDPOINT_URL``, ``FSSPEC_S3_ANON``...,
-see fsspec's configuration docs) and the credential chain of the backend (``AWS_ACCESS_KEY_ID``,
-``~/.aws``...); nothing of it is written into the cache or the run directory.
+see fsspec's configuration docs), the credential chain of the backend (``AWS_ACCESS_KEY_ID``,
+``~/.aws``...) and the optional ``storage_options:`` config section (:func:`configure`, which
+wins over the environment); credentials are never written into the cache, the run directory,
+wandb or the logs (:func:`redact`).
 """
 from __future__ import annotations
 
@@ -33,6 +37,53 @@ def is_remote(path: str | os.PathLike) -> bool:
     return scheme(path) not in (None, "file", "local")
 
 
+URL_KEYS = ("dataset.path, cache.dir, data.train_cache, data.eval_cache, output_dir, resume, a pretrained "
+            "student.path, inspect-cache and inspect-losses")
+"""What takes a URL, for the error messages."""
+
+SECRET_KEYS = re.compile(r"key|secret|token|password|passwd|credential|sas|signature", re.IGNORECASE)
+"""Option names whose values are credentials (``key``, ``secret``, ``token``, ``account_key``,
+``sas_token``...): :func:`redact` hides them."""
+
+_OPTIONS: dict[str, dict] = {}
+
+
+def configure(options: dict[str, dict] | None) -> None:
+    """Apply a config's ``storage_options:`` section, ``{protocol: {fsspec option: value}}``
+    (e.g. ``{"s3": {"endpoint_url": "http://10.0.0.5:9000", "anon": False}}``), to every file
+    system opened afterwards in this process, ours and those opened by datasets, zarr and
+    torch.distributed.checkpoint (fsspec's global configuration, ``fsspec.config.conf``). The
+    options win over fsspec's environment variables.
+
+    Raises:
+        ValueError: a protocol whose options are not a mapping (named).
+    """
+    import fsspec.config
+
+    for proto, opts in (options or {}).items():
+        if not isinstance(opts, dict):
+            raise ValueError(f"storage_options.{proto}: expected a mapping of fsspec options, got {opts!r}")
+        _OPTIONS[proto] = dict(opts)
+    _apply(fsspec.config)
+
+
+def _apply(config) -> None:
+    config.set_conf_env(config.conf)
+    for proto, opts in _OPTIONS.items():
+        config.conf.setdefault(proto, {}).update(opts)
+
+
+def redact(options):
+    """A copy of ``options`` (nested dicts/lists) with the values of credential-like keys
+    (:data:`SECRET_KEYS`) replaced by ``"<redacted>"``: what config.yaml, run.json and wandb get."""
+    if isinstance(options, dict):
+        return {k: "<redacted>" if isinstance(k, str) and SECRET_KEYS.search(k) and v is not None else redact(v)
+                for k, v in options.items()}
+    if isinstance(options, list):
+        return [redact(v) for v in options]
+    return options
+
+
 def local_path(path: str | os.PathLike, key: str) -> Path:
     """``path`` as a local :class:`~pathlib.Path` (``file://`` stripped).
 
@@ -41,8 +92,7 @@ def local_path(path: str | os.PathLike, key: str) -> Path:
     """
     s = str(path)
     if is_remote(s):
-        raise ValueError(f"{key}: {s} is a URL; only cache.dir, data.train_cache, data.eval_cache and "
-                         "inspect-cache take URLs so far (this path must be local)")
+        raise ValueError(f"{key}: {s} is a URL; this path must be local (URLs are taken by {URL_KEYS})")
     if scheme(s) in ("file", "local"):
         s = s.split("://", 1)[1]
     return Path(s)
@@ -65,7 +115,7 @@ def filesystem(path: str | os.PathLike):
     import fsspec
     import fsspec.config
 
-    fsspec.config.set_conf_env(fsspec.config.conf)
+    _apply(fsspec.config)
     try:
         return fsspec.core.url_to_fs(str(path))
     except (ImportError, ValueError) as e:
@@ -75,6 +125,26 @@ def filesystem(path: str | os.PathLike):
 def describe(e: BaseException) -> str:
     """A remote store's error in one line (missing bucket, refused credentials...)."""
     return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def check_access(url: str, key: str) -> None:
+    """Fail early, in one line naming ``key`` and ``url``, when the store cannot serve a prefix:
+    the bucket does not exist, or the store refuses the request (credentials, endpoint). Two
+    requests (the bucket, one listing of the prefix); nothing is written.
+
+    Raises:
+        ValueError: the bucket is missing or a request failed; names ``key`` and ``url``.
+    """
+    url = str(url).rstrip("/")
+    try:
+        remote = Remote(url)
+        bucket = remote.root.split("/", 1)[0]
+        if not remote.fs.exists(bucket):
+            raise ValueError(f"{key} {url}: bucket {bucket!r} does not exist (or is not visible with these "
+                             "credentials); create it first (nothing was changed)")
+        remote.names()
+    except OSError as e:  # refused credentials, unreachable endpoint...
+        raise ValueError(f"{key} {url}: the store refused or failed the request ({describe(e)})") from None
 
 
 class Remote:
@@ -122,13 +192,16 @@ class Remote:
         """One object, written whole (an object store's PUT is atomic: no temporary name)."""
         self.fs.pipe_file(self.path(name), data)
 
-    def put_dir(self, local: Path, name: str) -> None:
-        """Upload a local file or directory tree to ``name`` (objects under their final names)."""
-        if local.is_file():
-            self.fs.put_file(str(local), self.path(name))
-            return
-        for f in sorted(p for p in local.rglob("*") if p.is_file()):
-            self.fs.put_file(str(f), self.path(f"{name}/{f.relative_to(local).as_posix()}"))
+    def put_dir(self, local: Path, name: str, after_object=None) -> None:
+        """Upload a local file or directory tree to ``name`` (objects under their final names,
+        one PUT each, in path order). ``after_object(i)`` is called after the i-th object
+        (1-based; the crash tests kill the process between two objects of a shard)."""
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        for i, f in enumerate(files, 1):
+            rel = "" if f == local else f.relative_to(local).as_posix()
+            self.fs.put_file(str(f), self.path(f"{name}/{rel}" if name and rel else name or rel))
+            if after_object is not None:
+                after_object(i)
 
     def download_dir(self, name: str, local: Path) -> None:
         """Copy every object under ``name`` into the local directory ``local``."""

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.storage import is_remote, local_copy
+from pipeline.storage import Remote, check_access, is_remote, join, local_copy
 from pipeline.checkpoint import (agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint,
                                  save_optimizer)
-from pipeline.config import ConfigError, TrainStudentConfig, dump_config
+from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
 from pipeline.data import load_samples
 from pipeline.distributed import DistInfo, barrier, broadcast_object, print0, shard_model
 from pipeline.errors import writing
@@ -64,19 +64,23 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
 
     Raises:
         ConfigError: ``select`` on the first round (there is no previous loss log).
+        ValueError: ``output_dir`` is a URL the store cannot serve (missing bucket, refused
+            credentials), named, before anything is written (checked on every rank).
     """
+    if is_remote(cfg.output_dir):
+        check_access(cfg.output_dir, "output_dir")
     if not cfg.rounds:
         if cfg.select is not None or cfg.weight_by is not None:
             raise ConfigError("config keys 'select'/'weight_by': need a previous round (use rounds:)")
         return train(cfg, info)
-    out = Path(cfg.output_dir)
+    out = cfg.output_dir
     rcfgs = round_configs(cfg)
     if rcfgs[0].select is not None or rcfgs[0].weight_by is not None:
         raise ConfigError("config key 'rounds[0].select'/'weight_by': the first round has no previous loss log")
     state = broadcast_object(read_run_json(out) if info.is_main else None)
     if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
+        _make_dir(out)
+        dump_config(cfg, join(out, "config.yaml"))
     summary = None
     for rc in rcfgs:
         if any(x["round"] == rc.round for x in state["rounds"]):
@@ -94,9 +98,9 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         if info.is_main:
             write_run_json(out, state)
         nxt = rcfgs[rc.round + 1] if rc.round + 1 < len(rcfgs) else None
-        summary = train(rc, info, loss_log_dir=out / "loss_logs", sample_ids=ids, sample_weights=weights,
-                        carry_from=out / f"round-{rc.round - 1}" / "optimizer" if rc.carry_optimizer and rc.round else None,
-                        save_optimizer_to=out / f"round-{rc.round}" / "optimizer" if nxt and nxt.carry_optimizer else None)
+        summary = train(rc, info, loss_log_dir=join(out, "loss_logs"), sample_ids=ids, sample_weights=weights,
+                        carry_from=join(out, f"round-{rc.round - 1}", "optimizer") if rc.carry_optimizer and rc.round else None,
+                        save_optimizer_to=join(out, f"round-{rc.round}", "optimizer") if nxt and nxt.carry_optimizer else None)
         barrier()  # every rank's loss-log files are closed before the next round selects from them
         outcome = broadcast_object(summary["outcome"] if info.is_main else None)
         if outcome == "preempted":
@@ -108,15 +112,22 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     return summary
 
 
-def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = None,
-          sample_ids: list[str] | None = None, sample_weights: np.ndarray | None = None, carry_from: Path | None = None,
-          save_optimizer_to: Path | None = None) -> dict | None:
+def _make_dir(path: str) -> None:
+    """Create a local run directory (a prefix on a store needs no creating)."""
+    if not is_remote(path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = None,
+          sample_ids: list[str] | None = None, sample_weights: np.ndarray | None = None, carry_from: str | None = None,
+          save_optimizer_to: str | None = None) -> dict | None:
     """Train the student; returns the summary dict on rank 0 (None elsewhere).
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``loss_logs/``,
     ``checkpoints/step-N`` (every ``save_steps`` and on SIGTERM/SIGINT), ``best/`` (HF
     directory, on every eval improvement), ``final/`` (HF directory) and ``summary.json``
-    (outcome, final eval loss/CE/KL per token, perplexity, wall time, tokens/s). Resumes from
+    (outcome, final eval loss/CE/KL per token, perplexity, wall time, tokens/s); ``output_dir``
+    may be a URL (pipeline/checkpoint.py: what marks completion on a store). Resumes from
     the newest complete checkpoint with ``resume: auto``: same data order, no duplicate
     loss-log rows, the same weights as an uninterrupted run.
 
@@ -125,7 +136,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
             too few samples for one global batch.
     """
     t_start = time.perf_counter()
-    run_dir = Path(cfg.output_dir)
+    run_dir = cfg.output_dir
     train_src, eval_src, tok_dir, data_vocab = _sources(cfg)
     V = n_params = ckpt = None
 
@@ -146,14 +157,15 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
         # PATH that fails verification leaves the run directory as it was; lr-find does not resume
         ckpt = None if cfg.lr_find.enabled else agree_resume(run_dir, cfg.resume, info.rank)
         if info.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(cfg, run_dir / "config.yaml")
+            _make_dir(run_dir)
+            dump_config(cfg, join(run_dir, "config.yaml"))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         shard_model(model, mixed_precision=info.device.type == "cuda")
 
     if cfg.student.init == "pretrained":  # never whole on a rank: its rows are read after sharding
-        model = load_student_sharded(cfg.student.path, torch.float32, info.device, prepare)
+        student = local_copy(cfg.student.path) if is_remote(cfg.student.path) else cfg.student.path
+        model = load_student_sharded(student, torch.float32, info.device, prepare)
     else:  # random weights drawn whole with torch.manual_seed(cfg.seed), as on every rank
         model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
         prepare(model)
@@ -186,8 +198,8 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
            f"{sampler.steps_per_epoch} steps/epoch of {sampler.global_batch} samples; {max_steps} steps; "
            f"alpha={cfg.loss.alpha} tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)"
            + (f"; packing into rows of {pack_len} tokens" if pack_len else ""))
-    logger = MetricsLogger(run_dir, info.rank, cfg.wandb, cfg.model_dump(mode="json"))
-    loss_log = LossLogWriter(loss_log_dir or run_dir / "loss_logs", info.rank)
+    logger = MetricsLogger(run_dir, info.rank, cfg.wandb, config_dict(cfg))
+    loss_log = LossLogWriter(loss_log_dir or join(run_dir, "loss_logs"), info.rank)
     n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
     st = {"step": 0, "epoch": 0, "position": 0, "best": math.inf, "bad_evals": 0, "tokens": 0, "round": cfg.round}
     if ckpt is not None:
@@ -218,11 +230,12 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
             progress.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} "
                        f"ppl {last_eval['eval/perplexity']:.2f}{' (best)' if improved else ''}")
         if improved:
-            export_hf(model, run_dir / "best", tok_dir, info.rank)
+            export_hf(model, join(run_dir, "best"), tok_dir, info.rank)
         return stop_now
 
     def checkpoint(step: int) -> None:
         loss_log.flush()  # rows up to this step are closed before the checkpoint that covers them
+        logger.flush()
         st.update(step=step, epoch=sampler.epoch, position=sampler.position,
                   samples_consumed=step * sampler.global_batch)
         save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(st), info.rank, cfg.save_total_limit)
@@ -273,7 +286,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
         bar.close()
         train_s = time.perf_counter() - t_train
         if outcome != "preempted":
-            export_hf(model, run_dir / "final", tok_dir, info.rank)
+            export_hf(model, join(run_dir, "final"), tok_dir, info.rank)
             if save_optimizer_to is not None:
                 save_optimizer(save_optimizer_to, model, optimizer, info.rank)
     finally:
@@ -287,9 +300,13 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: Path | None = N
                "best_eval_loss": st["best"], "steps": max_steps, "train_tokens": st["tokens"], "train_seconds": train_s,
                "tokens_per_second": st["tokens"] / max(train_s, 1e-9), "num_parameters": n_params,
                "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
-    with writing("the run summary", run_dir / "summary.json"):
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    print0(f"[train] {outcome} in {summary['wall_s']:.0f}s; student in {run_dir / ('checkpoints' if outcome == 'preempted' else 'final')}")
+    with writing("the run summary", join(run_dir, "summary.json")):
+        if is_remote(run_dir):
+            Remote(run_dir).write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+        else:
+            (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    print0(f"[train] {outcome} in {summary['wall_s']:.0f}s; student in "
+           f"{join(run_dir, 'checkpoints' if outcome == 'preempted' else 'final')}")
     return summary
 
 

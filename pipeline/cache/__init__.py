@@ -28,7 +28,7 @@ from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_man
 from pipeline.cache.parquet import ParquetBackend
 from pipeline.cache.store import CacheReader, CacheRecord, CacheWriter, ShardBackend, closed_shards, remove_unclosed
 from pipeline.cache.zarr_backend import ZarrBackend
-from pipeline.storage import Remote, RemotePath, describe, is_remote
+from pipeline.storage import Remote, RemotePath, check_access, describe, is_remote
 
 __all__ = ["BACKENDS", "CacheReader", "CacheRecord", "CacheWriter", "Encoding", "Manifest", "PrepareState",
            "cache_bytes", "prepare_cache", "open_writer", "finalize_cache", "open_cache", "read_manifest",
@@ -80,10 +80,7 @@ def _prepare(d, remote: Remote | None, manifest: Manifest, overwrite: bool) -> P
     """:func:`prepare_cache` for a local directory ``d`` (``remote`` None) or a prefix on a
     remote store (``d`` its URL): the same rules, over files or objects."""
     if remote is not None:
-        bucket = remote.root.split("/", 1)[0]
-        if not remote.fs.exists(bucket):
-            raise ValueError(f"cache.dir {d}: bucket {bucket!r} does not exist (or is not visible with these "
-                             "credentials); create it first (nothing was changed)")
+        check_access(d, "cache.dir")
         if remote.isfile(""):
             raise ValueError(f"cache.dir {d} is an existing object, not a prefix; use another cache.dir "
                              "(nothing was changed)")

@@ -408,7 +408,7 @@ class CacheWriter:
                                    num_valid_positions=int(sum(r.n_valid for r in records)),
                                    teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(local))
                 self._fault("before_rename")
-                self.remote.put_dir(local, name)
+                self.remote.put_dir(local, name, after_object=lambda i: i == 1 and self._fault("mid_upload"))
                 self._fault("before_marker")
                 self.remote.write_bytes(name + MARKER_SUFFIX, entry.model_dump_json().encode())
         self._fault("after_marker")
@@ -416,7 +416,8 @@ class CacheWriter:
 
     def _fault(self, point: str) -> None:
         """Fault injection for the crash tests: ``KD_FAULT_KILL=[rankR:]POINT:N`` SIGKILLs this
-        process at ``POINT`` (before_rename | before_marker | after_marker) of its shard N."""
+        process at ``POINT`` (before_rename | mid_upload (a store: after the shard's first object) |
+        before_marker | after_marker) of its shard N."""
         spec = os.environ.get("KD_FAULT_KILL")
         if not spec:
             return
