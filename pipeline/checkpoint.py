@@ -23,6 +23,7 @@ from torch import nn
 
 from pipeline.distributed import barrier, broadcast_object, full_state_dict
 from pipeline.errors import reading_checkpoint, writing
+from pipeline.lora import ADAPTER_DIR, is_lora, save_adapter, split_export
 from pipeline.storage import Remote, is_remote, staging_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -47,29 +48,77 @@ def upload_export(local: Path, url: str) -> None:
         remote.put_dir(f, f.relative_to(local).as_posix())
 
 
-def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, rank: int) -> None:
+SAVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+"""``save_precision`` → the torch dtype name of the exported floating-point tensors."""
+
+
+def cast_floating(state: dict, precision: str) -> dict:
+    """``state`` with its floating-point tensors cast to ``SAVE_DTYPES[precision]`` (integer and
+    bool buffers unchanged; tensors already in that dtype are not copied)."""
+    import torch
+
+    dtype = getattr(torch, SAVE_DTYPES[precision])
+    return {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+
+
+def _write_config_dtype(export: Path, precision: str) -> None:
+    """Make ``config.json`` name the dtype of the saved weights: ``save_pretrained`` writes the
+    in-memory model's (float32) as ``dtype`` (transformers 5; ``torch_dtype`` before, kept in
+    step where present), which ``from_pretrained(dtype="auto")`` would load them as."""
+    path = export / "config.json"
+    if precision == "fp32" or not path.is_file():  # fp32: what save_pretrained wrote is right
+        return
+    cfg = json.loads(path.read_text())
+    cfg["dtype"] = SAVE_DTYPES[precision]
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = SAVE_DTYPES[precision]
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, rank: int,
+              precision: str = "fp32") -> None:
     """Gather the full state dict (collective) and, on rank 0, write ``out_dir`` atomically
     (written to ``<out_dir>.tmp``, then renamed over any previous export; on a store:
-    :func:`upload_export`)."""
+    :func:`upload_export`). A LoRA student (pipeline/lora.py) is written merged (base +
+    adapters), with the peft adapter directory in ``<out_dir>/adapter/``. ``precision``
+    (``save_precision``: fp32 | bf16 | fp16) is the dtype of the written floating-point
+    tensors, cast from the gathered float32 state on rank 0; config.json says the same."""
     state = full_state_dict(model)
+    adapter = None
+    if rank == 0 and is_lora(model):
+        state, adapter = split_export(model, state)
+    if rank == 0 and precision != "fp32":
+        state, adapter = cast_floating(state, precision), (cast_floating(adapter, precision) if adapter else adapter)
     if rank == 0 and is_remote(out_dir):
         with staging_dir() as stage:
             tmp = Path(stage) / "export"
             with writing("the model export", out_dir):
                 model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+                _write_config_dtype(tmp, precision)
                 if tokenizer_dir is not None:
                     copy_tokenizer(tokenizer_dir, tmp)
+                _write_adapter(model, adapter, tmp, tokenizer_dir)
                 upload_export(tmp, out_dir)
     elif rank == 0:
         out, tmp = Path(out_dir), Path(str(out_dir) + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         with writing("the model export", out, tmp):  # the previous export stays until the new one is whole
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            _write_config_dtype(tmp, precision)
             if tokenizer_dir is not None:
                 copy_tokenizer(tokenizer_dir, tmp)
+            _write_adapter(model, adapter, tmp, tokenizer_dir)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     barrier()
+
+
+def _write_adapter(model: nn.Module, adapter: dict | None, export: Path, tokenizer_dir) -> None:
+    """A LoRA export's ``adapter/`` (peft format, with the tokenizer); nothing without adapters."""
+    if adapter is not None:
+        save_adapter(model, adapter, export / ADAPTER_DIR)
+        if tokenizer_dir is not None:
+            copy_tokenizer(tokenizer_dir, export / ADAPTER_DIR)
 
 
 # ----------------------------------------------------------------------------- sharded checkpoints
@@ -263,9 +312,14 @@ def agree_resume(run_dir: str | os.PathLike, resume: str, rank: int) -> Path | s
 
 
 def _dcp_state(model: nn.Module, optimizer) -> dict:
+    """Model and optimizer state for DCP. A model with frozen parameters (a LoRA student's base)
+    keeps only its trainable ones: the frozen base never changes and is re-read from
+    ``student.path`` when a run resumes."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    state = {k: v for k, v in get_model_state_dict(model).items() if k not in frozen}
+    return {"model": state, "optim": get_optimizer_state_dict(model, optimizer)}
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
@@ -351,14 +405,14 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
     state dict saved with it (collective). Works across world sizes (DCP reshards)."""
     import torch
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     remote = is_remote(path)
     path = str(path).rstrip("/") if remote else Path(path)
     state = _dcp_state(model, optimizer)
     with reading_checkpoint(path):
         dcp.load(state, **_dcp_target(path, "reader"))
-        set_model_state_dict(model, state["model"])
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))  # frozen: not saved
         set_optimizer_state_dict(model, optimizer, state["optim"])
     extra = _torch_load(f"{path}/trainer.pt" if remote else path / "trainer.pt")
     scheduler.load_state_dict(extra["scheduler"])

@@ -242,6 +242,38 @@ class PrecomputeConfig(_Section):
 
 
 # ----------------------------------------------------------------------------- stage 2
+LORA_LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""Default ``student.lora.target_modules``: the attention and MLP projections of Llama-like
+models (Llama, Mistral, Qwen2, Gemma, Phi-3 after its fused names are split...)."""
+
+
+class LoraConfig(_Section):
+    """LoRA adapters (Hu et al. 2021, arXiv:2106.09685) on a frozen pretrained student, made
+    with peft: each target linear layer computes ``W x + (alpha / r) * B A x`` with A (r, in)
+    and B (out, r) trained, W frozen."""
+
+    r: int = Field(default=8, ge=1)
+    """Rank of the update ``B A``."""
+    alpha: float = Field(default=16.0, gt=0)
+    """Scale numerator: the update is multiplied by ``alpha / r`` (``alpha / sqrt(r)`` with
+    ``rslora``)."""
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    """Dropout on the adapter's input (peft ``lora_dropout``)."""
+    target_modules: list[str] | Literal["all-linear"] = Field(default_factory=lambda: list(LORA_LLAMA_TARGETS))
+    """Linear layers that get adapters, matched as peft matches them (a module whose name is
+    the entry or ends with ``.entry``), or ``all-linear`` (every linear layer of the blocks).
+    The output layer is never a target (it runs inside the fused loss)."""
+    modules_to_save: list[str] = Field(default_factory=list)
+    """Modules trained in full beside the adapters (e.g. ``[embed_tokens]``), matched as peft
+    does (module names ending with the entry); exported in the adapter directory so peft's
+    ``PeftModel.from_pretrained`` restores them."""
+    rslora: bool = False
+    """Rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023, arXiv:2312.03732)."""
+    init: Literal["default", "gaussian"] = "default"
+    """Initialisation of A (B is zero, so training starts at the base model): ``default``
+    kaiming-uniform as ``nn.Linear`` (peft ``init_lora_weights=True``), ``gaussian`` N(0, 1/r)."""
+
+
 class StudentConfig(_Section):
     """The student model."""
 
@@ -251,13 +283,45 @@ class StudentConfig(_Section):
     init: Literal["random", "pretrained"] = "random"
     """``random``: build from the config with the run seed; ``pretrained``: load weights."""
     _file_path = field_validator("path")(_file_url_to_path)
+    lora: LoraConfig | None = None
+    """Train LoRA adapters on the frozen pretrained student (pipeline/lora.py); None: train
+    every parameter. Needs ``init: pretrained``; exclusive with ``peft_config``."""
+    peft_config: str | None = None
+    """A saved peft LoRA adapter config (a directory with ``adapter_config.json``, or that
+    file) instead of ``lora``: its r, alpha, dropout, target and ``modules_to_save`` are used
+    (adapter weights in the directory are not loaded). Needs ``init: pretrained``."""
+    _peft_local = field_validator("peft_config")(_local_only)
 
     @model_validator(mode="after")
     def _url_only_pretrained(self) -> "StudentConfig":
         if is_remote(self.path) and self.init != "pretrained":
             raise ValueError(f"student.path {self.path} is a URL: only a pretrained student (init: pretrained) "
                              "is read from a store")
+        if self.lora is not None and self.peft_config is not None:
+            raise ValueError("student.lora and student.peft_config: give exactly one of them")
+        if (self.lora is not None or self.peft_config is not None) and self.init != "pretrained":
+            key = "student.lora" if self.lora is not None else "student.peft_config"
+            raise ValueError(f"{key} needs student.init: pretrained (adapters on a base of random weights "
+                             "learn nothing the base could not)")
         return self
+
+
+class RouterLossConfig(_Section):
+    """Mixture-of-experts router losses by name (formulas and sources: pipeline/router_losses.py).
+    Any coefficient > 0 requests ``output_router_logits=True`` from the student; each term is
+    computed per MoE layer over the valid positions, summed over layers, and enters the loss per
+    valid token of the optimizer step (like the main loss), logged as ``train/router_{name}``."""
+
+    load_balance_coef: float = Field(default=0.0, ge=0)
+    """Switch Transformer load-balancing loss ``E · Σ_e f_e · P_e`` (top-k as in Mixtral); 0 = off."""
+    z_loss_coef: float = Field(default=0.0, ge=0)
+    """ST-MoE router z-loss ``mean logsumexp(router_logits)²``; 0 = off."""
+    auxiliary_coef: float = Field(default=0.0, ge=0)
+    """Deviation of the mean router probability from uniform, ``E · Σ_e (P_e − 1/E)²``; 0 = off."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.load_balance_coef > 0 or self.z_loss_coef > 0 or self.auxiliary_coef > 0
 
 
 class LossConfig(_Section):
@@ -275,6 +339,9 @@ class LossConfig(_Section):
     aux_loss_coef: float = Field(default=0.0, ge=0)
     """Weight of the student's own auxiliary loss (e.g. a MoE router load-balancing loss,
     ``outputs.aux_loss`` with ``output_router_logits=True``); 0 = not requested."""
+    router: RouterLossConfig = RouterLossConfig()
+    """Router losses of a MoE student by name, each with its own coefficient (all 0: off); unlike
+    ``aux_loss_coef`` they need no ``aux_loss`` from the model, only its ``router_logits``."""
     chunk_size: int = Field(default=0, ge=0)
     """Valid positions per log-softmax chunk, bounding the float32 (chunk, V) temporaries;
     0 = automatic (``pipeline.losses.AUTO_CHUNK_BYTES``: 128 MiB of float32 (chunk, V) temporaries)."""
@@ -391,6 +458,15 @@ class WandbConfig(_Section):
     name: str | None = None
 
 
+class CallbackConfig(_Section):
+    """One callback (pipeline/callbacks.py): ``{target: my_pkg.hooks:DumpSamples, every: 100}``;
+    the keys other than ``target`` are passed to it as keyword arguments."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    target: str
+    """``package.module:Name`` of a class (or factory) with some of the callback methods."""
+
+
 class TrainStudentConfig(_Section):
     """``train-student``: train a student from the teacher cache."""
 
@@ -429,6 +505,10 @@ class TrainStudentConfig(_Section):
     """``auto`` (newest complete checkpoint in output_dir/checkpoints, if any), ``never``, or the
     path or URL of a checkpoint."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
+    callbacks: list[CallbackConfig] = Field(default_factory=list)
+    """Callbacks by import path, called on every rank at each event (pipeline/callbacks.py), e.g.
+    ``[{target: my_pkg.hooks:DumpSamples, every: 100}]``; metrics logging and early stopping
+    are built-in callbacks that run first."""
     lr_find: LRFindConfig = LRFindConfig()
     select: SelectConfig | None = None
     """Train only on samples selected from the previous round's loss log (None: all samples)."""
@@ -444,6 +524,17 @@ class TrainStudentConfig(_Section):
     select: {metric: kl, top_fraction: 0.3}}``); round r starts from round r-1's final student
     with a fresh optimizer. Empty: a single round."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Compute precision of the student (FSDP2 ``MixedPrecisionPolicy``; the sharded parameters,
+    gradients, optimizer state and checkpoints stay float32). ``auto``: ``bf16`` on CUDA, ``no``
+    on CPU. ``no``: float32 everywhere. ``bf16`` / ``fp16``: parameters and activations in that
+    dtype, gradients reduced in float32, on any device (on CPUs without bf16/fp16 arithmetic it
+    is slow: for testing). ``fp16`` adds dynamic loss scaling (``torch.amp.GradScaler``): a step
+    whose gradients overflow is skipped, the scale halved, and the step counted as
+    ``train/overflow_steps`` (not against ``skip_nonfinite``)."""
+    save_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Dtype of the floating-point weights in the ``best/`` and ``final/`` exports (config.json's
+    ``dtype`` says the same); checkpoints always keep float32."""
     skip_nonfinite: int = Field(default=0, ge=0)
     """Optimizer steps with a NaN/inf loss or gradient norm that may be skipped (weights and
     AdamW state untouched, counted and logged as ``train/skipped_steps``) before the run stops;

@@ -110,7 +110,22 @@ def _transformer_blocks(model: nn.Module) -> list[nn.Module]:
     raise ValueError(f"cannot find the transformer blocks of {type(model).__name__} to shard")
 
 
-def shard_model(model: nn.Module, *, mixed_precision: bool = False, sum_gradients: bool = True) -> nn.Module:
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": None}
+
+
+def compute_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The FSDP2 parameter/compute dtype for a ``mixed_precision`` setting (None: float32).
+
+    ``auto`` is bf16 on CUDA and float32 elsewhere (bf16 is ~6x slower on CPUs without bf16
+    instructions, PLATFORM.md); ``no`` / ``bf16`` / ``fp16`` are taken as given on any device.
+    """
+    if mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return PRECISION_DTYPES[mixed_precision]
+
+
+def shard_model(model: nn.Module, *, mixed_precision: bool | torch.dtype | None = False,
+                sum_gradients: bool = True) -> nn.Module:
     """Apply FSDP2 ``fully_shard`` to every transformer block, then to the root.
 
     With ``sum_gradients`` FSDP's own gradient averaging over ranks is switched off on every
@@ -119,14 +134,17 @@ def shard_model(model: nn.Module, *, mixed_precision: bool = False, sum_gradient
     gradient of one big batch (torchtitan ``distributed/fsdp.py`` does the same).
 
     Args:
-        mixed_precision: bf16 parameters/compute with fp32 gradient reduction (GPUs only;
-            bf16 is ~6x slower on CPUs without bf16 instructions, PLATFORM.md).
+        mixed_precision: the dtype of the unsharded parameters and of the compute (bf16 or
+            fp16; ``True`` means bf16), with gradients reduced in float32 and the sharded
+            parameters kept float32 (they are what the optimizer and checkpoints see); False /
+            None: float32 throughout. See :func:`compute_dtype`.
     Returns:
         The same module, now an ``FSDPModule``.
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    dtype = torch.bfloat16 if mixed_precision is True else (mixed_precision or None)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for block in _transformer_blocks(model):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)

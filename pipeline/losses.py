@@ -52,7 +52,7 @@ The function returns sums and counts; the trainer divides once by the global val
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -128,12 +128,16 @@ class LossSums:
         ce_sum, kl_sum: (S,) float32 per-sample sums (nats), detached.
         top1_agree: (S,) int64 positions where the student's largest logit is at the teacher's
             top-1 id (0 without teacher targets).
+        named: extra terms reported by name, each a detached scalar float32 *sum over the
+            micro-batch's valid positions* (a per-position mean times ``n_valid``), e.g. the
+            router losses ``router_z_loss``; the trainer divides their step totals by N.
     """
 
     loss_sum: torch.Tensor
     ce_sum: torch.Tensor
     kl_sum: torch.Tensor
     top1_agree: torch.Tensor
+    named: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def auto_chunk_size(vocab_size: int, temperature: float, budget_bytes: int = AUTO_CHUNK_BYTES) -> int:
@@ -245,15 +249,25 @@ class _FusedLinearLoss(torch.autograd.Function):
                 g_bias[:vocab_size] += dz.sum(0).to(fdt)
         loss = alpha * ce.sum() + w_kl * kl.sum() if with_kl else ce.sum()
         if need_grad:
-            ctx.save_for_backward(g_hidden, g_weight.to(weight.dtype), g_bias.to(bias.dtype) if g_bias is not None else None)
+            # float16 weights: keep the sums over all positions in float32 until backward has
+            # multiplied them by g_loss (1/N, times the loss scale under fp16 training) — the raw
+            # sum can exceed float16's 65504 whatever the loss scale, which loss scaling cannot fix
+            wdt = torch.promote_types(weight.dtype, torch.float32) if weight.dtype == torch.float16 else weight.dtype
+            ctx.out_dtype = weight.dtype
+            ctx.save_for_backward(g_hidden, g_weight.to(wdt), g_bias.to(wdt) if g_bias is not None else None)
         ctx.mark_non_differentiable(ce, kl, agree)
         return loss.to(torch.float32) if fdt == torch.float32 else loss, ce, kl, agree
 
     @staticmethod
     def backward(ctx, g_loss, *_):
         g_hidden, g_weight, g_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # noqa: E731
-        return (scale(g_hidden), scale(g_weight), scale(g_bias), *([None] * 9))
+        def scale(g):  # float16: multiply in float32 (g_loss alone may exceed 65504 at a large loss scale)
+            if g is None:
+                return None
+            return g * g_loss.to(g.dtype) if g.dtype != torch.float16 else (g.float() * g_loss.float()).half()
+
+        cast = lambda g: None if g is None else g.to(ctx.out_dtype)  # noqa: E731
+        return (scale(g_hidden), cast(scale(g_weight)), cast(scale(g_bias)), *([None] * 9))
 
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: LossTargets, *,

@@ -274,6 +274,13 @@ def _set_role(model: nn.Module, frozen: bool) -> nn.Module:
     return model
 
 
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding the parameter or buffer ``name`` (a dotted state-dict name) and its
+    attribute name there."""
+    mod, _, attr = name.rpartition(".")
+    return model.get_submodule(mod), attr
+
+
 def _load_sharded(p: Path, what: str, dtype: torch.dtype, device: torch.device,
                   shard: Callable[[nn.Module], object], frozen: bool) -> nn.Module:
     """The model in directory ``p`` (the ``what``: student/teacher), never whole on this rank:
@@ -317,11 +324,14 @@ def _load_sharded(p: Path, what: str, dtype: torch.dtype, device: torch.device,
         model.generation_config = GenerationConfig.from_pretrained(str(p))
     _set_role(model, frozen)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
+    # each tensor by its (module, attribute): ``shard`` may wrap modules and so rename them
+    # (LoRA: q_proj.weight becomes q_proj.base_layer.weight), the module objects stay
+    owners = {name: _owner(model, name) for name in [*params, *buffers]}
     shard(model)
     model.to_empty(device=device)
-    for name, b in model.named_buffers():  # to_empty left them uninitialised
-        b.copy_(buffers[name])
-    params = dict(model.named_parameters())
+    for name, b in buffers.items():  # to_empty left them uninitialised
+        getattr(*owners[name]).copy_(b)
+    params = {name: getattr(*owners[name]) for name in params}
     for file, group in by_file.items():
         header, data_start = headers[file]
         with open(file, "rb") as fh:

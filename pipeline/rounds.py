@@ -43,7 +43,10 @@ def round_configs(cfg: TrainStudentConfig) -> list[TrainStudentConfig]:
         tree = _merge(base, over)
         tree.update(round=r, output_dir=join(cfg.output_dir, f"round-{r}"))
         if r > 0:
-            tree["student"] = {"path": join(cfg.output_dir, f"round-{r - 1}", "final"), "init": "pretrained"}
+            # a LoRA run keeps its adapter config: round r trains fresh adapters on round r-1's
+            # merged export (``final/`` is base + adapters, pipeline/lora.py)
+            tree["student"] = {**tree["student"], "path": join(cfg.output_dir, f"round-{r - 1}", "final"),
+                               "init": "pretrained"}
         try:
             out.append(TrainStudentConfig.model_validate(tree))
         except Exception as e:  # pydantic ValidationError: report the round and the key

@@ -17,13 +17,15 @@ from pipeline.checkpoint import (agree_resume, export_hf, load_checkpoint, load_
                                  save_optimizer)
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
 from pipeline.data import load_samples
-from pipeline.distributed import DistInfo, barrier, broadcast_object, print0, shard_model
+from pipeline.callbacks import CallbackList, EarlyStopping, MetricsCallback, TrainState, load_callbacks
+from pipeline.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, compute_dtype, print0, shard_model
 from pipeline.errors import writing
 from pipeline import progress
 from pipeline.loader import StepPrefetcher, StepSampler, eval_batches, prefetch
 from pipeline.loss_log import LossLogWriter
 from pipeline.inspect import load_loss_logs
 from pipeline.lr_find import run_lr_find
+from pipeline.lora import add_adapters, load_initial_adapters
 from pipeline.rounds import read_run_json, round_configs, select_sample_ids, write_run_json
 from pipeline.rounds import sample_weights as loss_weights
 from pipeline.metrics import MetricsLogger
@@ -62,17 +64,22 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     Rounds already marked finished in ``run.json`` are skipped, so a rerun of the same command
     resumes the current round from its newest checkpoint. A preempted round stops the run.
 
+    The configured callbacks (``callbacks:``, pipeline/callbacks.py) are built once here and
+    see every round: ``on_train_begin`` ... ``on_train_end``, ``on_round_end`` per round.
+
     Raises:
         ConfigError: ``select`` on the first round (there is no previous loss log).
+        ValueError: a ``callbacks`` entry that cannot be imported or built (named).
         ValueError: ``output_dir`` is a URL the store cannot serve (missing bucket, refused
             credentials), named, before anything is written (checked on every rank).
     """
     if is_remote(cfg.output_dir):
         check_access(cfg.output_dir, "output_dir")
+    callbacks = load_callbacks(cfg.callbacks)  # once: the same objects see every round
     if not cfg.rounds:
         if cfg.select is not None or cfg.weight_by is not None:
             raise ConfigError("config keys 'select'/'weight_by': need a previous round (use rounds:)")
-        return train(cfg, info)
+        return train(cfg, info, callbacks=callbacks)
     out = cfg.output_dir
     rcfgs = round_configs(cfg)
     if rcfgs[0].select is not None or rcfgs[0].weight_by is not None:
@@ -100,7 +107,8 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         nxt = rcfgs[rc.round + 1] if rc.round + 1 < len(rcfgs) else None
         summary = train(rc, info, loss_log_dir=join(out, "loss_logs"), sample_ids=ids, sample_weights=weights,
                         carry_from=join(out, f"round-{rc.round - 1}", "optimizer") if rc.carry_optimizer and rc.round else None,
-                        save_optimizer_to=join(out, f"round-{rc.round}", "optimizer") if nxt and nxt.carry_optimizer else None)
+                        save_optimizer_to=join(out, f"round-{rc.round}", "optimizer") if nxt and nxt.carry_optimizer else None,
+                        callbacks=callbacks)
         barrier()  # every rank's loss-log files are closed before the next round selects from them
         outcome = broadcast_object(summary["outcome"] if info.is_main else None)
         if outcome == "preempted":
@@ -120,7 +128,7 @@ def _make_dir(path: str) -> None:
 
 def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = None,
           sample_ids: list[str] | None = None, sample_weights: np.ndarray | None = None, carry_from: str | None = None,
-          save_optimizer_to: str | None = None) -> dict | None:
+          save_optimizer_to: str | None = None, callbacks: list | None = None) -> dict | None:
     """Train the student; returns the summary dict on rank 0 (None elsewhere).
 
     Writes to ``cfg.output_dir``: ``config.yaml``, ``metrics.jsonl``, ``loss_logs/``,
@@ -139,6 +147,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
     run_dir = cfg.output_dir
     train_src, eval_src, tok_dir, data_vocab = _sources(cfg)
     V = n_params = ckpt = None
+    lora_init: dict = {}  # LoRA: the seeded initial adapter values, full (pipeline/lora.py)
 
     def prepare(model: torch.nn.Module) -> None:
         """From the built student to the FSDP2-sharded one. A pretrained student comes here
@@ -153,6 +162,8 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
             print0(f"[train] student output layer has {V} rows, the data's vocabulary {data_vocab}: logits are "
                    f"sliced to the first {data_vocab}")
         n_params = count_parameters(model)
+        if cfg.student.lora is not None or cfg.student.peft_config is not None:  # adapters exist before fully_shard
+            lora_init.update(add_adapters(model, cfg.student, cfg.seed))
         # verified on rank 0 (the same answer on every rank) before anything is written: a resume
         # PATH that fails verification leaves the run directory as it was; lr-find does not resume
         ckpt = None if cfg.lr_find.enabled else agree_resume(run_dir, cfg.resume, info.rank)
@@ -161,7 +172,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
             dump_config(cfg, join(run_dir, "config.yaml"))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        shard_model(model, mixed_precision=info.device.type == "cuda")
+        shard_model(model, mixed_precision=compute_dtype(cfg.mixed_precision, info.device))
 
     if cfg.student.init == "pretrained":  # never whole on a rank: its rows are read after sharding
         student = local_copy(cfg.student.path) if is_remote(cfg.student.path) else cfg.student.path
@@ -169,6 +180,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
     else:  # random weights drawn whole with torch.manual_seed(cfg.seed), as on every rank
         model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
         prepare(model)
+    load_initial_adapters(model, lora_init)  # this rank's rows of them (none without LoRA)
     indices = np.arange(len(train_src))
     if sample_ids is not None:
         index = train_src.index_of if hasattr(train_src, "index_of") else {s.sample_id: i for i, s in enumerate(train_src)}.__getitem__
@@ -186,7 +198,8 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))
     trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device,
-                      vocab_size=data_vocab if V > data_vocab else None, packing=cfg.data.packing)
+                      vocab_size=data_vocab if V > data_vocab else None, packing=cfg.data.packing,
+                      loss_scaling=compute_dtype(cfg.mixed_precision, info.device) == torch.float16)
     pack_len = None
     if cfg.data.packing:
         pack_len = cfg.data.pack_length or (train_src.manifest.max_length if hasattr(train_src, "manifest")
@@ -202,9 +215,13 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
     loss_log = LossLogWriter(loss_log_dir or join(run_dir, "loss_logs"), info.rank)
     n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
     st = {"step": 0, "epoch": 0, "position": 0, "best": math.inf, "bad_evals": 0, "tokens": 0, "round": cfg.round}
+    builtin = [MetricsCallback(logger, cfg.log_steps), EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)]
+    cbs = CallbackList(builtin + list(callbacks if callbacks is not None else load_callbacks(cfg.callbacks)), len(builtin))
     if ckpt is not None:
         st = load_checkpoint(ckpt, model, optimizer, scheduler, info.rank)
         sampler.epoch, sampler.position = st["epoch"], st["position"]
+        cbs.load_state_dict(st.get("callbacks", {}))
+        trainer.load_state_dict(st)  # fp16: the loss scale and overflow count
         loss_log.truncate_after(cfg.round, st["step"])
         print0(f"[train] resumed from {ckpt} at step {st['step']} (epoch {st['epoch']}, sample {st['position']})")
     elif carry_from is not None:
@@ -212,33 +229,55 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
         print0(f"[train] optimizer state carried over from {carry_from}")
     last_eval: dict = {}
     stop = Preemption()
+    state = TrainState(round=cfg.round, step=st["step"], max_steps=max_steps, epoch=sampler.epoch,
+                       epoch_progress=sampler.epoch + sampler.position / len(indices), tokens=st["tokens"],
+                       best_eval_loss=st["best"], evals_without_improvement=st["bad_evals"], rank=info.rank,
+                       world_size=info.world_size, output_dir=str(run_dir), model=model, optimizer=optimizer)
 
-    def run_eval(step: int, epoch_f: float) -> bool:
-        """Evaluate, log, export best/; True when early stopping says stop."""
+    def sync_state(step: int) -> None:
+        state.step, state.epoch, state.tokens = step, sampler.epoch, st["tokens"]
+        state.epoch_progress = sampler.epoch + sampler.position / len(indices)
+        state.best_eval_loss, state.evals_without_improvement = st["best"], st["bad_evals"]
+
+    def run_eval(step: int) -> None:
+        """Evaluate, export best/ on improvement, call on_evaluate (early stopping is a callback)."""
         nonlocal last_eval
         ev = trainer.evaluate(prefetch(eval_batches(eval_src, n_eval, cfg.micro_batch_size, info.rank, info.world_size,
                                                        pack_length=pack_len)))
         loss_log.append(cfg.round, "eval", sampler.epoch, step, ev.rows)
-        es = cfg.early_stopping
-        st["best"], st["bad_evals"], improved, stop_now = early_stopping_update(st["best"], st["bad_evals"], ev.loss,
-                                                                               es.min_delta, es.patience)
+        st["best"], st["bad_evals"], improved, _ = early_stopping_update(st["best"], st["bad_evals"], ev.loss,
+                                                                        cfg.early_stopping.min_delta, None)
+        sync_state(step)
         last_eval = {"eval/loss": ev.loss, "eval/ce_loss": ev.ce, "eval/kl_loss": ev.kl, "eval/min_loss": st["best"],
-                     "eval/perplexity": math.exp(min(ev.ce, 50.0)), "eval/epoch": epoch_f, "eval/step": step,
-                     "round": cfg.round}
-        logger.log(last_eval, step)
+                     "eval/perplexity": math.exp(min(ev.ce, 50.0)), "eval/epoch": state.epoch_progress, "eval/step": step,
+                     "round": cfg.round, **ev.metrics("eval")}
         if info.is_main:
             progress.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} "
                        f"ppl {last_eval['eval/perplexity']:.2f}{' (best)' if improved else ''}")
         if improved:
-            export_hf(model, join(run_dir, "best"), tok_dir, info.rank)
-        return stop_now
+            export_hf(model, join(run_dir, "best"), tok_dir, info.rank, precision=cfg.save_precision)
+        cbs.call("on_evaluate", state, last_eval)
 
     def checkpoint(step: int) -> None:
         loss_log.flush()  # rows up to this step are closed before the checkpoint that covers them
-        logger.flush()
         st.update(step=step, epoch=sampler.epoch, position=sampler.position,
-                  samples_consumed=step * sampler.global_batch)
-        save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(st), info.rank, cfg.save_total_limit)
+                  samples_consumed=step * sampler.global_batch, callbacks=cbs.state_dict(), **trainer.state_dict())
+        path = save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(st), info.rank, cfg.save_total_limit)
+        cbs.call("on_save", state, str(path))
+
+    def agree_requests() -> None:
+        """A stop/save request of a user callback on any rank holds on every rank (one tiny
+        all-reduce per step, only when user callbacks are configured)."""
+        if not cbs.needs_agreement or info.world_size == 1:
+            return
+        stopping = state.stop_reason is not None
+        flags = torch.tensor([stopping, state.save_requested, stopping and state.save_on_stop], dtype=torch.int64,
+                             device=info.device)
+        all_reduce_sum(flags)
+        if int(flags[0]):
+            state.request_stop("stopped")  # a no-op where this rank made its own request
+            state.save_on_stop = bool(flags[2])
+        state.save_requested = bool(flags[1])
 
     bar = progress.Progress(max_steps, "train", "step", enabled=info.is_main, initial=st["step"])
     t_train, outcome = time.perf_counter(), "finished"
@@ -247,7 +286,9 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
         workers = workers if "num_workers" in cfg.data.model_fields_set else REMOTE_NUM_WORKERS
         depth = depth if "prefetch_steps" in cfg.data.model_fields_set else REMOTE_PREFETCH_STEPS
     loader = StepPrefetcher(sampler, train_src, workers, depth, pack_length=pack_len)
+    summary = None
     try:
+        cbs.call("on_train_begin", state)
         for step in range(st["step"] + 1, max_steps + 1):
             t0 = time.perf_counter()
             micro = loader.next_step()
@@ -263,51 +304,58 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
                                      f"(skip_nonfinite={cfg.skip_nonfinite} steps may be skipped)")
                 print(f"[train] warning: {what}; step skipped ({st['skipped_steps']} of skip_nonfinite="
                       f"{cfg.skip_nonfinite})", file=sys.stderr, flush=True)
+            if stats.overflow:  # fp16 loss scaling: expected now and then, not an error (nor skip_nonfinite)
+                print0(f"[train] fp16 gradient overflow at step {step} at loss scale {stats.loss_scale:g}: "
+                       f"step skipped, scale lowered ({stats.overflow_steps} overflow steps this round)")
             st["tokens"] += stats.n_tokens
-            epoch_f = sampler.epoch + sampler.position / len(indices)
             loss_log.append(cfg.round, "train", sampler.epoch, step, stats.rows)
             bar.update(1, loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")
-            if step % cfg.log_steps == 0 or step == 1:
-                logger.log({"train/loss": stats.loss, "train/ce_loss": stats.ce, "train/kl_loss": stats.kl,
-                            "train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": stats.grad_norm,
-                            "train/epoch": epoch_f, "train/step": step, "train/tokens_per_second": stats.n_tokens / dt,
-                            "train/skipped_steps": st.get("skipped_steps", 0),
-                            "round": cfg.round}, step)
-            early = False
+            sync_state(step)
+            cbs.call("on_step_end", state, {
+                "train/loss": stats.loss, "train/ce_loss": stats.ce, "train/kl_loss": stats.kl,
+                "train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": stats.grad_norm,
+                "train/epoch": state.epoch_progress, "train/step": step, "train/tokens_per_second": stats.n_tokens / dt,
+                "train/skipped_steps": st.get("skipped_steps", 0), "round": cfg.round, **stats.metrics("train")})
             if eval_src is not None and (step % cfg.eval_steps == 0 or step == max_steps):
-                early = run_eval(step, epoch_f)
+                run_eval(step)
+            agree_requests()
             preempted = stats.stop  # agreed over all ranks inside the step
-            if preempted or (cfg.save_steps and step % cfg.save_steps == 0):
+            stopping = state.stop_reason is not None
+            if (preempted or (cfg.save_steps and step % cfg.save_steps == 0) or state.save_requested
+                    or (stopping and state.save_on_stop)):
                 checkpoint(step)
-            if preempted or early:
-                outcome = "preempted" if preempted else "early_stopped"
+                state.save_requested = False
+            if preempted or stopping:
+                outcome = "preempted" if preempted else state.stop_reason
                 print0(f"[train] {outcome} after step {step}")
                 break
         bar.close()
         train_s = time.perf_counter() - t_train
         if outcome != "preempted":
-            export_hf(model, join(run_dir, "final"), tok_dir, info.rank)
+            export_hf(model, join(run_dir, "final"), tok_dir, info.rank, precision=cfg.save_precision)
             if save_optimizer_to is not None:
                 save_optimizer(save_optimizer_to, model, optimizer, info.rank)
+        summary = {"outcome": outcome,
+                   "final_eval": {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith("eval/")},
+                   "best_eval_loss": st["best"], "steps": max_steps, "train_tokens": st["tokens"],
+                   "train_seconds": train_s, "tokens_per_second": st["tokens"] / max(train_s, 1e-9),
+                   "num_parameters": n_params, "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
+        cbs.call("on_train_end", state, summary)
     finally:
         loader.close()
         stop.restore()
         loss_log.close()
         logger.finish()
-    if not info.is_main:
-        return None
-    summary = {"outcome": outcome, "final_eval": {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith("eval/")},
-               "best_eval_loss": st["best"], "steps": max_steps, "train_tokens": st["tokens"], "train_seconds": train_s,
-               "tokens_per_second": st["tokens"] / max(train_s, 1e-9), "num_parameters": n_params,
-               "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
-    with writing("the run summary", join(run_dir, "summary.json")):
-        if is_remote(run_dir):
-            Remote(run_dir).write_bytes("summary.json", json.dumps(summary, indent=1).encode())
-        else:
-            (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    print0(f"[train] {outcome} in {summary['wall_s']:.0f}s; student in "
-           f"{join(run_dir, 'checkpoints' if outcome == 'preempted' else 'final')}")
-    return summary
+    if info.is_main:
+        with writing("the run summary", join(run_dir, "summary.json")):
+            if is_remote(run_dir):
+                Remote(run_dir).write_bytes("summary.json", json.dumps(summary, indent=1).encode())
+            else:
+                (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        print0(f"[train] {outcome} in {summary['wall_s']:.0f}s; student in "
+               f"{join(run_dir, 'checkpoints' if outcome == 'preempted' else 'final')}")
+    cbs.call("on_round_end", state, summary)
+    return summary if info.is_main else None
 
 
 class Preemption:

@@ -22,6 +22,7 @@ from pipeline.loader import Batch
 from pipeline.losses import LossSums, fused_linear_loss
 from pipeline.models import defer_output_projection
 from pipeline.packing import enable_packed_attention
+from pipeline.router_losses import ROUTER_TERMS, router_losses, router_top_k
 
 
 @dataclass
@@ -46,6 +47,25 @@ class StepStats:
     nonfinite_sample_ids: list[str] = field(default_factory=list)
     """This rank's samples with a non-finite CE/KL sum in that step (all its samples when only
     the gradient norm was non-finite)."""
+    named: dict[str, float] = field(default_factory=dict)
+    """Extra loss terms per valid token over the step (all ranks), e.g. ``router_z_loss``."""
+    overflow: bool = False
+    """fp16 loss scaling: the scaled gradients overflowed (on any rank) while the loss was finite;
+    the optimizer step was skipped and the loss scale lowered. Not ``nonfinite``."""
+    loss_scale: float | None = None
+    """fp16 loss scaling: the scale this step's loss was multiplied by (None without scaling)."""
+    overflow_steps: int = 0
+    """fp16 loss scaling: overflow-skipped steps so far in this round (restored on resume)."""
+
+    def metrics(self, split: str) -> dict[str, float]:
+        """The optional metrics under their logged names: ``{split}/{name}`` for :attr:`named`
+        (e.g. ``train/router_load_balance``) and, with loss scaling, ``train/loss_scale`` and
+        ``train/overflow_steps``."""
+        out = {f"{split}/{k}": v for k, v in self.named.items()}
+        if self.loss_scale is not None:
+            out[f"{split}/loss_scale"] = self.loss_scale
+            out[f"{split}/overflow_steps"] = self.overflow_steps
+        return out
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -166,13 +186,16 @@ class Trainer:
             scores only the first V rows (padding rows get no probability mass).
         packing: batches may hold packed rows (``data.packing``): the student's attention is
             prepared by :func:`pipeline.packing.enable_packed_attention`.
+        loss_scaling: dynamic loss scaling for fp16 compute (``mixed_precision: fp16``): a
+            ``torch.amp.GradScaler`` for ``device``'s type, default settings (initial scale 2^16,
+            halved on overflow, doubled after 2000 clean steps). See :meth:`train_step`.
     Raises:
         TypeError: an FSDP-wrapped model whose output layer was not deferred before wrapping.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_cfg: LossConfig,
                  max_grad_norm: float | None, device: torch.device, vocab_size: int | None = None,
-                 packing: bool = False):
+                 packing: bool = False, loss_scaling: bool = False):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.head = defer_output_projection(model)
         # the root's output is a view of the hidden states (transformers slices them for the
@@ -181,18 +204,27 @@ class Trainer:
         self.packed_call = enable_packed_attention(model) if packing else None
         self.vocab_size = vocab_size
         self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
+        self.scaler = torch.amp.GradScaler(device.type) if loss_scaling else None
+        self.overflow_steps = 0
+        self.router_top_k = router_top_k(getattr(model, "config", None))
 
     def _loss(self, batch: Batch) -> LossSums:
         """Forward to the final hidden states + :func:`fused_linear_loss` of the valid positions;
         with ``aux_loss_coef > 0`` the model's auxiliary loss (a per-forward mean) is added as
         ``coef · aux · n_valid(micro-batch)``, so that after the division by the step's
-        valid-token count it enters as a token-weighted mean.
+        valid-token count it enters as a token-weighted mean. The router losses of
+        ``loss.router`` (pipeline/router_losses.py, means over this micro-batch's valid
+        positions) enter the same way, ``coef · term · n_valid``, and every router term is
+        reported in ``LossSums.named`` as ``router_{name}`` (``term · n_valid``, detached).
 
         Raises:
-            ValueError: ``aux_loss_coef > 0`` but the model returns no ``aux_loss``.
+            ValueError: ``aux_loss_coef > 0`` but the model returns no ``aux_loss``; a
+                ``loss.router`` coefficient > 0 but the model returns no ``router_logits`` (or,
+                for ``load_balance_coef``, its config names no experts-per-token).
         """
         c = self.loss_cfg
-        extra = {"output_router_logits": True} if c.aux_loss_coef > 0 else {}
+        rc = c.router
+        extra = {"output_router_logits": True} if c.aux_loss_coef > 0 or rc.enabled else {}
         if batch.position_ids is not None:  # packed rows: positions restart per sample
             if self.packed_call is None:
                 raise ValueError("a packed batch reached a Trainer built with packing=False")
@@ -213,7 +245,30 @@ class Trainer:
             if aux is None:
                 raise ValueError("loss.aux_loss_coef > 0 but the student returns no aux_loss (not a MoE model?)")
             sums.loss_sum = sums.loss_sum + c.aux_loss_coef * aux * batch.n_valid
+        if rc.enabled:
+            sums.loss_sum = sums.loss_sum + self._router_loss(out, batch, sums.named)
         return sums
+
+    def _router_loss(self, out, batch: Batch, named: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``Σ coef · term · n_valid`` of the ``loss.router`` terms of one forward's output (with
+        grad); fills ``named`` with every computed term as ``router_{name}: term · n_valid``."""
+        rc = self.loss_cfg.router
+        logits = getattr(out, "router_logits", None)
+        if not logits:
+            key = next(f"loss.router.{n}_coef" for n in ROUTER_TERMS if getattr(rc, f"{n}_coef") > 0)
+            raise ValueError(f"{key} > 0 but the student ({type(self.model).__name__}) returns no router_logits "
+                             "with output_router_logits=True (not a mixture-of-experts model?)")
+        if rc.load_balance_coef > 0 and self.router_top_k is None:
+            raise ValueError("loss.router.load_balance_coef > 0 but the student's config names no experts per "
+                             "token (num_experts_per_tok); set it in the config or use z_loss / auxiliary only")
+        terms = router_losses(tuple(logits), batch.rows, self.router_top_k, batch.input_ids.numel())
+        total = 0.0
+        for name, value in terms.items():
+            named[f"router_{name}"] = value.detach() * batch.n_valid
+            coef = getattr(rc, f"{name}_coef")
+            if coef > 0:
+                total = total + coef * value * batch.n_valid
+        return total
 
     def _rows(self, batches: list[Batch], per_sample: list[float], rows: dict[str, list]) -> None:
         """Append the loss-log rows of ``batches`` (host data + the transferred per-sample sums)."""
@@ -236,25 +291,33 @@ class Trainer:
                     rows.setdefault(name, []).append(v)
 
     def _finish(self, batches: list[Batch], sums: list[LossSums], n_global: torch.Tensor,
-                extra: torch.Tensor | None = None, flag: bool = False) -> tuple[list[float], float | None, dict, bool]:
-        """All-reduce the totals (and ``flag``, summed over ranks) and move totals, count,
-        ``extra`` and per-sample sums to the host in one transfer.
+                extra: list[torch.Tensor] = (), flag: bool = False
+                ) -> tuple[list[float], list[float], dict, bool, dict[str, float]]:
+        """All-reduce the totals (the named terms of ``LossSums.named`` too, and ``flag``, summed
+        over ranks) and move totals, count, the scalars ``extra`` (already global) and the
+        per-sample sums to the host in one transfer.
 
         Returns:
-            ([Σ loss_sum, Σ CE, Σ KL, N], extra or None, rows, flag on any rank).
+            ([Σ loss_sum, Σ CE, Σ KL, N], extra as floats, rows, flag on any rank,
+            {name: Σ over micro-batches and ranks} of the named terms).
         """
         f64 = torch.float64
-        tot = torch.zeros(4, dtype=f64, device=self.device)
+        names = sorted(sums[0].named) if sums else []  # the same terms on every rank (set by the config)
+        m = 4 + len(names)
+        tot = torch.zeros(m, dtype=f64, device=self.device)
         tot[3] = float(flag)
         for s in sums:
             tot[:3] += torch.stack([s.loss_sum.detach().to(f64), s.ce_sum.sum().to(f64), s.kl_sum.sum().to(f64)])
+            for j, name in enumerate(names):
+                tot[4 + j] += s.named[name].to(f64)
         all_reduce_sum(tot)
-        parts = [tot, n_global.to(f64).reshape(1), (extra if extra is not None else tot.new_zeros(1)).to(f64).reshape(1)]
+        parts = [tot, n_global.to(f64).reshape(1), *(e.to(f64).reshape(1) for e in extra)]
         parts += [torch.cat([s.ce_sum.to(f64), s.kl_sum.to(f64), s.top1_agree.to(f64)]) for s in sums]
         host = torch.cat(parts).tolist()  # the one host synchronisation
         rows: dict[str, list] = {}
-        self._rows(batches, host[6:], rows)
-        return host[:3] + [host[4]], (host[5] if extra is not None else None), rows, host[3] > 0
+        at = m + 1 + len(extra)
+        self._rows(batches, host[at:], rows)
+        return host[:3] + [host[m]], host[m + 1:at], rows, host[3] > 0, dict(zip(names, host[4:m]))
 
     def train_step(self, micro_batches: list[Batch], stop_requested: bool = False) -> StepStats:
         """One optimizer step over this rank's micro-batches (collective: all ranks call it).
@@ -264,38 +327,66 @@ class Trainer:
         same step without another synchronisation. A NaN/inf global loss or gradient norm skips
         the optimizer step (the weights and AdamW state stay those of the previous step) and is
         reported in ``StepStats.nonfinite``; the caller decides whether to stop.
+
+        With loss scaling (fp16), each micro-batch back-propagates ``scale · loss_sum / N``; the
+        gradients are unscaled (``GradScaler.unscale_``) before the gradient norm and clipping.
+        Its inf/NaN check runs on every rank's gradient shards and is max-reduced over the
+        FSDP2 mesh by DTensor's handler of ``_amp_foreach_non_finite_check_and_unscale_``, and
+        the decision to step is taken from the all-reduced loss and gradient norm: the same on
+        every rank. A finite loss with non-finite gradients is an **overflow**: the step is
+        skipped, the scale multiplied by 0.5 (``StepStats.overflow``, counted in
+        ``overflow_steps``), not a non-finite step. A non-finite loss does not depend on the
+        scale: it is a non-finite step and the scale is kept. Either way the LR schedule
+        advances: the LR follows the step index, as for every skipped step.
         """
         self.model.train()
         n_local = sum(b.n_valid for b in micro_batches)  # host-side counts: no device sync
         micro_batches = [b.to(self.device) for b in micro_batches]
         n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.int64, device=self.device))
         denom = n_global.clamp(min=1).to(torch.float32)  # stays on the device
-        sums_all = []
+        sums_all, scaler = [], self.scaler
         for i, batch in enumerate(micro_batches):
             set_gradient_sync(self.model, i == len(micro_batches) - 1)
             sums = self._loss(batch)
-            (sums.loss_sum / denom).backward()
+            loss = sums.loss_sum / denom
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             sums_all.append(sums)
+        extra = []
+        if scaler is not None:
+            extra.append(scaler.scale(torch.ones((), device=self.device)))  # the scale used, without a sync
+            scaler.unscale_(self.optimizer)  # true gradients before the norm and clipping
         # the global gradient norm, clipped when max_grad_norm is set (inf: measured only)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm or math.inf)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         # the one host sync, before the optimizer step: a non-finite step must not touch the weights
-        tot, grad_norm, rows, stop = self._finish(micro_batches, sums_all, n_global, norm, stop_requested)
-        finite = math.isfinite(tot[0]) and math.isfinite(grad_norm)  # the same on every rank (all-reduced)
+        tot, host_extra, rows, stop, named = self._finish(micro_batches, sums_all, n_global, [norm, *extra],
+                                                          stop_requested)
+        grad_norm, loss_scale = host_extra[0], (host_extra[1] if scaler is not None else None)
+        loss_finite = math.isfinite(tot[0])  # the same on every rank (all-reduced)
+        finite = loss_finite and math.isfinite(grad_norm)
+        overflow = scaler is not None and loss_finite and not finite
         if finite:
             self.optimizer.step()
+        if scaler is not None:
+            if loss_finite:  # back off on the (all-reduced) overflow, else count towards growth
+                scaler.update()
+            else:  # the loss overflowed in the forward pass: no scale fixes it, keep this one
+                scaler.update(new_scale=loss_scale)
+            self.overflow_steps += overflow
         if self.scheduler is not None:
             with warnings.catch_warnings():  # a skipped step still advances the schedule: LR follows the step index
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         bad = []
-        if not finite:
+        if not finite and not overflow:
             bad = [sid for sid, ce, kl in zip(rows.get("sample_id", []), rows.get("ce_sum", []), rows.get("kl_sum", []))
                    if not (math.isfinite(ce) and math.isfinite(kl))] or list(rows.get("sample_id", []))
         n = max(int(tot[3]), 1)
         return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), grad_norm=grad_norm, rows=rows, stop=stop,
-                         nonfinite=not finite, nonfinite_sample_ids=bad)
+                         nonfinite=not finite and not overflow, nonfinite_sample_ids=bad,
+                         named={k: v / n for k, v in named.items()}, overflow=overflow, loss_scale=loss_scale,
+                         overflow_steps=self.overflow_steps)
 
     @torch.no_grad()
     def evaluate(self, batches) -> StepStats:
@@ -308,6 +399,20 @@ class Trainer:
             kept.append(batch)  # the host copy: its rows are written after the one transfer
             sums_all.append(self._loss(batch.to(self.device)))
         n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.int64, device=self.device))
-        tot, _, rows, _ = self._finish(kept, sums_all, n_global)
+        tot, _, rows, _, named = self._finish(kept, sums_all, n_global)
         n = max(int(tot[3]), 1)
-        return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), rows=rows)
+        return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), rows=rows,
+                         named={k: v / n for k, v in named.items()})
+
+    def state_dict(self) -> dict:
+        """The trainer's own resumable state (saved in the checkpoint's trainer state): the
+        GradScaler's scale and growth tracker (None without loss scaling) and ``overflow_steps``."""
+        return {"grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "overflow_steps": self.overflow_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` (missing keys, e.g. a checkpoint of a run without loss
+        scaling, leave the fresh values)."""
+        if self.scaler is not None and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.overflow_steps = int(state.get("overflow_steps", 0))
