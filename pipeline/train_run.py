@@ -146,13 +146,13 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
     t_start = time.perf_counter()
     run_dir = cfg.output_dir
     train_src, eval_src, tok_dir, data_vocab = _sources(cfg)
-    V = n_params = ckpt = None
+    V = n_params = n_trainable = ckpt = None
     lora_init: dict = {}  # LoRA: the seeded initial adapter values, full (pipeline/lora.py)
 
     def prepare(model: torch.nn.Module) -> None:
         """From the built student to the FSDP2-sharded one. A pretrained student comes here
         with its parameters on the meta device, before any weight is read (shapes only)."""
-        nonlocal V, n_params, ckpt
+        nonlocal V, n_params, n_trainable, ckpt
         defer_output_projection(model)  # the output layer runs inside the fused loss (before fully_shard)
         V = vocab_size(model)
         if V < data_vocab:
@@ -164,6 +164,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
         n_params = count_parameters(model)
         if cfg.student.lora is not None or cfg.student.peft_config is not None:  # adapters exist before fully_shard
             lora_init.update(add_adapters(model, cfg.student, cfg.seed))
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before sharding: whole sizes
         # verified on rank 0 (the same answer on every rank) before anything is written: a resume
         # PATH that fails verification leaves the run directory as it was; lr-find does not resume
         ckpt = None if cfg.lr_find.enabled else agree_resume(run_dir, cfg.resume, info.rank)
@@ -339,7 +340,9 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
                    "final_eval": {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith("eval/")},
                    "best_eval_loss": st["best"], "steps": max_steps, "train_tokens": st["tokens"],
                    "train_seconds": train_s, "tokens_per_second": st["tokens"] / max(train_s, 1e-9),
-                   "num_parameters": n_params, "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
+                   "num_parameters": n_params, "trainable_parameters": n_trainable,
+                   "skipped_steps": st.get("skipped_steps", 0), "overflow_steps": trainer.overflow_steps,
+                   "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
         cbs.call("on_train_end", state, summary)
     finally:
         loader.close()

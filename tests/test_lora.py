@@ -154,6 +154,9 @@ def test_one_and_two_ranks_merged_export_equals_peft(assets, caches, base, tmp_p
     res = run_cli(["stages.train_student", "--config", str(one)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert "[lora] 14 layers adapted" in res.stdout
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    n_adapter = sum(v.numel() for v in _adapter(tmp_path / "one").values())
+    assert summary["trainable_parameters"] == n_adapter < summary["num_parameters"]
     res = run_cli(["stages.train_student", "--config", str(two)], nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _adapter(tmp_path / "one"), _adapter(tmp_path / "two")

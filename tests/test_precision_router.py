@@ -234,6 +234,8 @@ def test_fp16_run_counts_an_overflow_exports_fp16_and_resumes_exactly(assets, ca
     assert [m[s]["train/loss_scale"] for s in (1, 2, 3)] == [65536.0, 65536.0, 32768.0]
     assert [m[s]["train/overflow_steps"] for s in (1, 2, 3)] == [0, 1, 1]
     assert m[2]["train/skipped_steps"] == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["overflow_steps"] == 1 and summary["skipped_steps"] == 0
     log = _hook_log(tmp_path, 0)
     assert log[2]["params"] == log[1]["params"] and log[2]["opt"] == log[1]["opt"] != log[3]["opt"]
     ckpt = torch.load(run / "checkpoints" / "step-00000002" / "trainer.pt", weights_only=False)["trainer"]
