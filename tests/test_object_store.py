@@ -79,9 +79,15 @@ def test_cache_on_s3_equals_local(s3_cache, caches):
     assert not Path("s3:").exists()  # the URL never became a local directory
 
 
-def test_zarr_cache_on_s3_two_ranks(s3, assets, caches, tmp_path):
+def test_zarr_cache_on_s3_two_ranks(s3, s3_cache, assets, caches, tmp_path):
+    """2 ranks read the corpus from the store and write a zarr cache there; train-student with
+    every path on the store (train and eval cache, run directory) equals the same run from a
+    local copy of that cache bit for bit; inspect-losses reads the run from its URL."""
+    from pipeline.inspect import load_loss_logs
+
     url = f"{s3}/cache-zarr-2"
-    cfg = write_yaml(tmp_path / "p.yaml", precompute_config(assets, url, **{"cache.backend": "zarr"}))
+    cfg = write_yaml(tmp_path / "p.yaml", precompute_config(assets, url, **{"cache.backend": "zarr",
+                                                                            "dataset.path": f"{s3}/corpus"}))
     res = run_cli(["stages.precompute_teacher", "--config", str(cfg)], nproc=2)
     assert res.returncode == 0, res.stderr[-3000:]
     r = open_cache(url)
@@ -99,10 +105,15 @@ def test_zarr_cache_on_s3_two_ranks(s3, assets, caches, tmp_path):
     Remote(url).download_dir("", local_cache)
     for out, cache in ((f"{s3}/run-zarr", url), (str(tmp_path / "run-zarr"), str(local_cache))):
         cfg = train_config(assets, caches, out, max_steps=6, eval_steps=3, save_steps=2)
-        cfg["data"]["train_cache"] = cache
+        cfg["data"]["train_cache"] = cfg["data"]["eval_cache"] = cache
         res = run_cli(["stages.train_student", "--config", str(write_yaml(tmp_path / "t.yaml", cfg))])
         assert res.returncode == 0, res.stderr[-3000:]
     _assert_same_weights(_weights(str(tmp_path / "run-zarr")), _weights(f"{s3}/run-zarr"))
+    a, b = load_loss_logs(str(tmp_path / "run-zarr")), load_loss_logs(f"{s3}/run-zarr")
+    key = [(k, "ascending") for k in ("split", "step", "sample_id")]
+    assert a.num_rows == b.num_rows > 0 and a.sort_by(key)["loss_sum"].equals(b.sort_by(key)["loss_sum"])
+    res = run_cli(["stages.inspect_losses", f"{s3}/run-zarr"])
+    assert res.returncode == 0 and f"{a.num_rows} rows" in res.stdout, res.stderr[-2000:]
 
 
 def _weights(run_dir: str) -> dict:
