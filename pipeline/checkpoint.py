@@ -22,9 +22,9 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.distributed import barrier, broadcast_object, full_state_dict
-from pipeline.errors import reading_checkpoint, writing
+from pipeline.errors import fault_point, reading_checkpoint, writing
 from pipeline.lora import ADAPTER_DIR, is_lora, save_adapter, split_export
-from pipeline.storage import Remote, is_remote, staging_dir
+from pipeline.storage import Remote, file_exists, is_remote, read_file, staging_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "chat_template.jinja", "vocab.json", "merges.txt")
@@ -231,40 +231,22 @@ def _torch_bytes(obj) -> bytes:
 
 
 def _torch_load(path: str | Path):
-    """``torch.load`` of a local file or of one object on a store."""
+    """``torch.load`` of a local file or of one object on a store (small files: read whole)."""
     import io
 
     import torch
 
-    if is_remote(path):
-        base, name = str(path).rsplit("/", 1)
-        return torch.load(io.BytesIO(Remote(base).read_bytes(name)), weights_only=False)
-    return torch.load(path, weights_only=False)
-
-
-def _exists(path: str | Path) -> bool:
-    if is_remote(path):
-        base, name = str(path).rsplit("/", 1)
-        return Remote(base).isfile(name)
-    return Path(path).is_file()
+    return torch.load(io.BytesIO(read_file(path)), weights_only=False)
 
 
 _FAULT_CALLS: dict[str, int] = {}
 
 
 def _fault(point: str, rank: int) -> None:
-    """Fault injection for the crash tests: ``KD_FAULT_KILL=[rankR:]POINT:N`` SIGKILLs this
-    process at ``POINT`` (``checkpoint_before_checksums``) of the N-th checkpoint it writes."""
-    import signal
-
-    spec = os.environ.get("KD_FAULT_KILL", "").split(":")
-    if spec[0].startswith("rank"):
-        if int(spec[0][4:]) != rank:
-            return
-        spec = spec[1:]
+    """Crash-test kill point (:func:`pipeline.errors.fault_point`) at ``POINT``
+    (``checkpoint_before_checksums``) of the N-th checkpoint this process writes."""
     _FAULT_CALLS[point] = _FAULT_CALLS.get(point, 0) + 1
-    if spec == [point, str(_FAULT_CALLS[point])]:
-        os.kill(os.getpid(), signal.SIGKILL)
+    fault_point(point, _FAULT_CALLS[point], rank)
 
 
 def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | str | None:
@@ -288,7 +270,7 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | str | None
             print(f"[checkpoint] warning: skipping {p}: fails verification: {problem}", file=sys.stderr, flush=True)
         return None
     p = resume.rstrip("/") if is_remote(resume) else Path(resume)
-    if not _exists(f"{p}/trainer.pt" if is_remote(resume) else p / "trainer.pt"):
+    if not file_exists(f"{p}/trainer.pt" if is_remote(resume) else p / "trainer.pt"):
         raise FileNotFoundError(f"resume: {p} is not a complete checkpoint (no trainer.pt)")
     problem = verify_checkpoint(p)
     if problem is not None:
@@ -417,7 +399,7 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
     extra = _torch_load(f"{path}/trainer.pt" if remote else path / "trainer.pt")
     scheduler.load_state_dict(extra["scheduler"])
     rng = f"{path}/rng-rank{rank}.pt" if remote else path / f"rng-rank{rank}.pt"
-    if _exists(rng):
+    if file_exists(rng):
         torch.set_rng_state(_torch_load(rng)["torch"])
     return extra["trainer"]
 

@@ -14,7 +14,7 @@ from typing import Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.storage import URL_KEYS, configure, is_remote, local_path, redact, scheme
+from pipeline.storage import URL_KEYS, configure, is_remote, local_path, redact, scheme, write_file
 
 
 class ConfigError(ValueError):
@@ -651,15 +651,4 @@ def config_dict(cfg: BaseModel) -> dict:
 def dump_config(cfg: BaseModel, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, credentials redacted (:func:`config_dict`): atomically
     (temporary file, then rename), or one PUT when ``path`` is a URL."""
-    text = yaml.safe_dump(config_dict(cfg), sort_keys=False)
-    if is_remote(path):
-        from pipeline.storage import Remote
-
-        base, name = str(path).rsplit("/", 1)
-        Remote(base).write_bytes(name, text.encode())
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_file(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())

@@ -112,3 +112,21 @@ def writing(what: str, path: str | os.PathLike, *cleanup: str | os.PathLike) -> 
         for p in cleanup:
             _remove(Path(p))
         raise StorageError(what, path, e, _errno_of(e)) from e
+
+
+def fault_point(point: str, n: int, rank: int) -> None:
+    """Fault injection for the crash tests: ``KD_FAULT_KILL=[rankR:]POINT:N`` SIGKILLs this
+    process when it reaches ``POINT`` with count ``n == N`` (on rank R only when the ``rankR:``
+    prefix is given). A no-op when the variable is unset: the kill tests set it."""
+    import signal
+
+    spec = os.environ.get("KD_FAULT_KILL")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0].startswith("rank"):
+        if int(parts[0][4:]) != rank:
+            return
+        parts = parts[1:]
+    if parts == [point, str(n)]:
+        os.kill(os.getpid(), signal.SIGKILL)

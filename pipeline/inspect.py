@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import yaml
 
 from pipeline.loss_log import unreadable_part
-from pipeline.storage import Remote, is_remote, join, local_copy, local_path
+from pipeline.storage import Remote, is_remote, join, local_copy, local_path, read_file
 
 
 def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
@@ -148,14 +148,10 @@ def plot(table: pa.Table, path: str | os.PathLike, metric: str = "loss", compare
 
 def _read_text(path: str) -> str | None:
     """A small local file or store object as text; None when there is none."""
-    if is_remote(path):
-        base, name = path.rsplit("/", 1)
-        try:
-            return Remote(base).read_bytes(name).decode()
-        except FileNotFoundError:
-            return None
-    p = Path(path)
-    return p.read_text() if p.is_file() else None
+    try:
+        return read_file(path).decode()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
 
 
 class SampleText:

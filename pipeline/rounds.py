@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import ConfigError, SelectConfig, TrainStudentConfig
 from pipeline.errors import writing
-from pipeline.storage import Remote, is_remote, join
+from pipeline.storage import join, read_file, write_file
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -90,22 +89,15 @@ def sample_weights(table, sample_ids: list[str], metric: str) -> np.ndarray:
 
 def read_run_json(run_dir: str | os.PathLike) -> dict:
     """The run's ``run.json`` (``{"rounds": [finished rounds], "current": r}``), or a fresh one."""
-    if is_remote(run_dir):
-        r = Remote(run_dir)
-        return json.loads(r.read_bytes("run.json")) if r.isfile("run.json") else {"rounds": [], "current": 0}
-    p = Path(run_dir) / "run.json"
-    return json.loads(p.read_text()) if p.is_file() else {"rounds": [], "current": 0}
+    try:
+        return json.loads(read_file(join(run_dir, "run.json")))
+    except FileNotFoundError:
+        return {"rounds": [], "current": 0}
 
 
 def write_run_json(run_dir: str | os.PathLike, state: dict) -> None:
-    """Replace ``run.json`` atomically (temporary file and rename; on a store one PUT)."""
-    if is_remote(run_dir):
-        with writing("the run state", join(run_dir, "run.json")):
-            Remote(run_dir).write_bytes("run.json", json.dumps(state, indent=1).encode())
-        return
-    p = Path(run_dir) / "run.json"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".json.tmp")
-    with writing("the run state", p, tmp):  # the previous run.json stays as it was
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, p)
+    """Replace ``run.json`` atomically (temporary file and rename; on a store one PUT): the
+    previous run.json stays as it was on an error."""
+    path = join(run_dir, "run.json")
+    with writing("the run state", path):
+        write_file(path, json.dumps(state, indent=1).encode())

@@ -147,6 +147,56 @@ def check_access(url: str, key: str) -> None:
         raise ValueError(f"{key} {url}: the store refused or failed the request ({describe(e)})") from None
 
 
+def _split(url: str) -> tuple["Remote", str]:
+    base, name = str(url).rstrip("/").rsplit("/", 1)
+    return Remote(base), name
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of one small file (``config.yaml``, ``run.json``, ``trainer.pt``...): a local
+    path or one object on a store.
+
+    Raises:
+        FileNotFoundError: there is none.
+    """
+    if is_remote(path):
+        remote, name = _split(str(path))
+        return remote.read_bytes(name)
+    return Path(path).read_bytes()
+
+
+def file_exists(path: str | os.PathLike) -> bool:
+    """Whether one file (local) or object (store) exists at ``path``."""
+    if is_remote(path):
+        remote, name = _split(str(path))
+        return remote.isfile(name)
+    return Path(path).is_file()
+
+
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Replace one small file whole: locally a temporary file renamed over it (a reader sees the
+    old or the new file, never part of one; the temporary file is removed on an error), on a
+    store one PUT (atomic). The caller wraps it in :func:`pipeline.errors.writing` for the
+    one-line error.
+
+    Raises:
+        OSError: the write failed (nothing replaced).
+    """
+    if is_remote(path):
+        remote, name = _split(str(path))
+        remote.write_bytes(name, data)
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 class Remote:
     """A directory-like prefix on a remote store (a cache directory in a bucket).
 

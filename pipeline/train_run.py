@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import open_cache
-from pipeline.storage import Remote, check_access, is_remote, join, local_copy
+from pipeline.storage import check_access, is_remote, join, local_copy, write_file
 from pipeline.checkpoint import (agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint,
                                  save_optimizer)
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
@@ -351,10 +351,7 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
         logger.finish()
     if info.is_main:
         with writing("the run summary", join(run_dir, "summary.json")):
-            if is_remote(run_dir):
-                Remote(run_dir).write_bytes("summary.json", json.dumps(summary, indent=1).encode())
-            else:
-                (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+            write_file(join(run_dir, "summary.json"), json.dumps(summary, indent=1).encode())
         print0(f"[train] {outcome} in {summary['wall_s']:.0f}s; student in "
                f"{join(run_dir, 'checkpoints' if outcome == 'preempted' else 'final')}")
     cbs.call("on_round_end", state, summary)

@@ -14,7 +14,6 @@ import hashlib
 import os
 import queue
 import shutil
-import signal
 import threading
 import time
 from collections import OrderedDict
@@ -26,7 +25,7 @@ import numpy as np
 
 from pipeline.cache.codec import Encoding, decode_targets, encode_targets
 from pipeline.cache.manifest import Manifest, ShardEntry
-from pipeline.errors import writing
+from pipeline.errors import fault_point, writing
 from pipeline.storage import Remote, RemotePath, is_remote, staging_dir
 
 MARKER_SUFFIX = ".done.json"
@@ -415,19 +414,10 @@ class CacheWriter:
         self.closed.append(entry)
 
     def _fault(self, point: str) -> None:
-        """Fault injection for the crash tests: ``KD_FAULT_KILL=[rankR:]POINT:N`` SIGKILLs this
-        process at ``POINT`` (before_rename | mid_upload (a store: after the shard's first object) |
-        before_marker | after_marker) of its shard N."""
-        spec = os.environ.get("KD_FAULT_KILL")
-        if not spec:
-            return
-        parts = spec.split(":")
-        if parts[0].startswith("rank"):
-            if int(parts[0][4:]) != self.rank:
-                return
-            parts = parts[1:]
-        if parts == [point, str(len(self.closed))]:
-            os.kill(os.getpid(), signal.SIGKILL)
+        """Crash-test kill points (:func:`pipeline.errors.fault_point`): ``POINT`` is
+        before_rename | mid_upload (a store: after the shard's first object) | before_marker |
+        after_marker, ``N`` the index of the shard being closed."""
+        fault_point(point, len(self.closed), self.rank)
 
 
 def closed_shards(cache_dir: str | os.PathLike) -> list[ShardEntry]:
