@@ -30,7 +30,7 @@ Exact float32 top-128 targets are computed once per teacher; smaller k are their
 Loader vs consumption (``--loader``): the demo student (hidden 64, 2 layers, 4 heads, FFN 256,
 ``configs/demo``) trains on the real-teacher k=64 default-coding cache, micro-batch 16, α=0.5;
 consumption = its training tokens/s (median of steps); stream rate = tokens/s that
-:class:`pipeline.loader.StepPrefetcher` with ``num_workers=0`` (one thread, inline) delivers as
+:class:`pipeline.student.sampler.StepPrefetcher` with ``num_workers=0`` (one thread, inline) delivers as
 collated batches from a cold reader. Goal: stream / consumption ≥ 20. Also the fraction of a
 training step spent waiting for the prefetching loader (``num_workers=2``).
 
@@ -55,7 +55,8 @@ from pipeline.cache import cache_bytes, finalize_cache, open_cache, open_writer,
 from pipeline.cache.codec import Encoding, reconstruction_kl  # noqa: E402
 from pipeline.cache.manifest import Manifest, TeacherEntry  # noqa: E402
 from pipeline.cache.store import CacheRecord  # noqa: E402
-from pipeline.teacher import log1mexp, topk_targets  # noqa: E402
+from pipeline.numerics import log1mexp  # noqa: E402
+from pipeline.teacher.topk import topk_targets
 
 KMAX = 128
 CODINGS = [  # name, value_dtype, index_coding, compression, q8_step
@@ -180,8 +181,8 @@ def loader_vs_consumption(recs: list, V: int, root: Path, demo_cache: Path | Non
     from pipeline.config import LossConfig
     from pipeline.distributed import init_distributed, shard_model
     from pipeline.models import defer_output_projection
-    from pipeline.loader import StepPrefetcher, StepSampler
-    from pipeline.trainer import Trainer
+    from pipeline.student.sampler import StepPrefetcher, StepSampler
+    from pipeline.student.step import Trainer
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.set_num_threads(1)

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.inspect import compare_rounds, hardest, load_loss_logs, summary  # noqa: E402
-from pipeline.loss_log import SCHEMA  # noqa: E402
+from pipeline.losslog.reader import compare_rounds, hardest, load_loss_logs, summary  # noqa: E402
+from pipeline.losslog.writer import SCHEMA  # noqa: E402
 
 
 def write_log(root: Path, rows: int, samples: int, seed: int = 0) -> None:

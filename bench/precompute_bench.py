@@ -78,7 +78,7 @@ def _batches_of(cfg) -> list:
     """The length-sorted batches precompute builds (world-size independent), as lists of samples."""
     from pipeline.data import SampleWindows
     from pipeline.models import load_tokenizer
-    from pipeline.precompute import _batches
+    from pipeline.teacher.precompute import _batches
 
     tok = load_tokenizer(cfg.tokenizer or cfg.teachers[0].path)
     return [b for _, samples in SampleWindows(cfg.dataset, tok, cfg.window_rows) for b in _batches(samples, cfg.batch_size)]
@@ -89,7 +89,7 @@ def bare_forward(cfg) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.loader import collate
+    from pipeline.data.batch import collate
 
     batches = _batches_of(cfg)
     model = AutoModelForCausalLM.from_pretrained(cfg.teachers[0].path, dtype=torch.float32).eval()
@@ -106,7 +106,7 @@ def bare_forward(cfg) -> dict:
 def run_precompute(cfg) -> dict:
     """``precompute-teacher``'s own function; its teacher loop's tokens/s and every rank's peak RSS."""
     from pipeline.distributed import init_distributed, teardown
-    from pipeline.precompute import LAST_STATS, precompute
+    from pipeline.teacher.precompute import LAST_STATS, precompute
 
     info = init_distributed("cpu")
     try:

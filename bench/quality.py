@@ -44,7 +44,7 @@ def log(msg: str) -> None:
 # ----------------------------------------------------------------------------- caches
 def make_cache(args, name: str, k: int, target_type: str) -> Path:
     """The train cache of one target type and k, written by the precompute-teacher stage's code
-    (``pipeline.precompute.precompute`` with configs/tinystories/precompute.yaml); reused if complete."""
+    (``pipeline.teacher.precompute.precompute`` with configs/tinystories/precompute.yaml); reused if complete."""
     from pipeline.cache import read_manifest
 
     d = Path(args.out) / "caches" / name
@@ -58,7 +58,7 @@ def make_cache(args, name: str, k: int, target_type: str) -> Path:
     t0 = time.perf_counter()  # the stage's own config and function, in this process (no start-up per cache)
     from pipeline.config import PrecomputeConfig, load_config
     from pipeline.distributed import init_distributed
-    from pipeline.precompute import precompute
+    from pipeline.teacher.precompute import precompute
 
     precompute(load_config(PrecomputeConfig, ROOT / "configs/tinystories/precompute.yaml", over), init_distributed("cpu"))
     log(f"cache {name}: {time.perf_counter() - t0:.1f}s")
@@ -73,7 +73,7 @@ def evaluate(model, samples, batch_size: int = 32, bins: int = 15) -> dict:
     ECE = Σ_b (n_b / N) · |acc_b − conf_b| over ``bins`` equal-width bins of the top-1
     probability (Guo et al. 2017, eq. 3); accuracy = argmax equals the next token.
     """
-    from pipeline.loader import collate
+    from pipeline.data.batch import collate
     from pipeline.models import OutputProjection
 
     model.eval()
@@ -83,7 +83,7 @@ def evaluate(model, samples, batch_size: int = 32, bins: int = 15) -> dict:
         b = collate(samples[i: i + batch_size])
         out = model(input_ids=b.input_ids).logits
         head = model.get_output_embeddings()
-        if isinstance(head, OutputProjection):  # trained by pipeline.trainer: the forward returns hidden states
+        if isinstance(head, OutputProjection):  # trained by pipeline.student.step: the forward returns hidden states
             out = out @ head.weight.t()  # (B, T, V); the root's weight stays unsharded after the forward
         lp = F.log_softmax(out.float()[:, :-1], -1)
         y = b.input_ids[:, 1:]
@@ -119,9 +119,10 @@ def train_one(args, cell: dict, seed: int, src, order: list[int], eval_samples, 
     """Train one student for ``args.steps`` steps and evaluate it (single process, FSDP2 world size 1)."""
     from pipeline.config import LossConfig, OptimConfig
     from pipeline.distributed import shard_model
-    from pipeline.loader import StepSampler, collate
+    from pipeline.student.sampler import StepSampler
+    from pipeline.data.batch import collate
     from pipeline.models import build_student
-    from pipeline.trainer import Trainer, build_optimizer, lr_lambda
+    from pipeline.student.step import Trainer, build_optimizer, lr_lambda
 
     model = build_student(args.student_dir, "random", seed)
     shard_model(model)

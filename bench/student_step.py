@@ -6,7 +6,7 @@ and the same batches:
 * ``plain``: the loop a user would write without this project: ``model(input_ids).logits`` →
   ``F.cross_entropy`` over every position (the full ``(B, T, V)`` logits) → ``backward`` →
   ``AdamW.step`` → ``zero_grad``; no FSDP, no clipping, data already in memory. **The baseline.**
-* ``ce``: train-student with ``loss.alpha: 1`` — ``pipeline.trainer.Trainer.train_step`` on the
+* ``ce``: train-student with ``loss.alpha: 1`` — ``pipeline.student.step.Trainer.train_step`` on the
   FSDP2-wrapped student with the fused output loss, clipping at 1.0, AdamW, batches read from a
   parquet cache by the prefetching loader (``StepPrefetcher``, train-student's default threads).
 * ``kd``: the same with ``alpha: 0.5``, ``tail: bucket`` and the cache's k = 64 top-k targets.
@@ -116,8 +116,9 @@ def child(spec: dict) -> dict:
 
     from data.stdlib_corpus import llama_config
     from pipeline.cache import open_cache
-    from pipeline.loader import StepSampler, collate
+    from pipeline.student.sampler import StepSampler
 
+    from pipeline.data.batch import collate
     st = STUDENTS[spec["student"]]
     cfg = llama_config(st["vocab"], st["hidden"], st["layers"], st["heads"], st["kv_heads"], st["ffn"],
                        context=spec["context"])
@@ -152,9 +153,9 @@ def child(spec: dict) -> dict:
     else:
         from pipeline.config import LossConfig, OptimConfig
         from pipeline.distributed import init_distributed, shard_model
-        from pipeline.loader import StepPrefetcher
+        from pipeline.student.sampler import StepPrefetcher
         from pipeline.models import defer_output_projection
-        from pipeline.trainer import Trainer, build_optimizer, lr_lambda
+        from pipeline.student.step import Trainer, build_optimizer, lr_lambda
 
         info = init_distributed("cpu")
         defer_output_projection(model)

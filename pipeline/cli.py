@@ -15,7 +15,7 @@ import sys
 from typing import Callable
 
 from pipeline.config import ConfigError, load_config
-from pipeline.errors import StorageError
+from pipeline.storage.errors import StorageError
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, StorageError)
 

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from pipeline.inspect import SampleText, compare_rounds, hardest, load_loss_logs, per_sample, plot, summary
+    from pipeline.losslog.reader import SampleText, compare_rounds, hardest, load_loss_logs, per_sample, plot, summary
 
     try:
         table = load_loss_logs(args.run_dir, args.round, args.split, args.min_tokens)

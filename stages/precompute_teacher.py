@@ -13,7 +13,7 @@ from pipeline.config import PrecomputeConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.precompute import precompute
+    from pipeline.teacher.precompute import precompute
 
     return run_stage("precompute-teacher", PrecomputeConfig, precompute, argv, __doc__.splitlines()[0])
 

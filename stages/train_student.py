@@ -18,7 +18,7 @@ FLAGS = {"--lr-find": ("lr_find.enabled=true", "run an LR range test instead of 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.train_run import run
+    from pipeline.student.loop import run
 
     return run_stage("train-student", TrainStudentConfig, run, argv, __doc__.splitlines()[0], flags=FLAGS)
 

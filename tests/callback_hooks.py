@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.callbacks import Callback
+from pipeline.student.callbacks import Callback
 
 
 class Recorder(Callback):

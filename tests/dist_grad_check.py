@@ -18,9 +18,10 @@ from helpers import synthetic_records, tiny_student  # noqa: E402
 
 from pipeline.config import LossConfig  # noqa: E402
 from pipeline.distributed import barrier, full_state_dict, init_distributed, shard_model, teardown  # noqa: E402
-from pipeline.loader import StepSampler, collate  # noqa: E402
+from pipeline.student.sampler import StepSampler  # noqa: E402
+from pipeline.data.batch import collate
 from pipeline.models import defer_output_projection  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
+from pipeline.student.step import Trainer  # noqa: E402
 
 VOCAB, K, N = 64, 6, 16
 

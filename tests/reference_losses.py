@@ -1,6 +1,6 @@
 """Dense, obviously-correct references of the sparse losses (the pre-fusion implementation).
 
-Kept for the tests only: the training path is ``pipeline.losses.fused_linear_loss``, which must
+Kept for the tests only: the training path is ``pipeline.student.losses.fused_linear_loss``, which must
 equal these in values and gradients. Formulas: pipeline/losses.py's module docstring.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pipeline.teacher import log1mexp
+from pipeline.numerics import log1mexp
 
 
 def _weighted_log_ratio(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -110,8 +110,9 @@ def fused_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, valid: torc
     """The product's fused loss driven by given (B, T, V) logits: the valid rows are the hidden
     states and the output projection is the identity (V, V), so ``z = logits`` exactly.
     Same signature and result as :func:`distill_loss`; gradients flow to ``logits``."""
-    from pipeline.losses import LossTargets, fused_linear_loss
+    from pipeline.data.batch import LossTargets
 
+    from pipeline.student.losses import fused_linear_loss
     B, T, V = logits.shape
     b_idx, t_idx = valid.nonzero(as_tuple=True)
     teacher = {}

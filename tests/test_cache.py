@@ -18,7 +18,7 @@ from pipeline.cache import cache_bytes, finalize_cache, open_cache, open_writer,
 from pipeline.cache.codec import reconstruction_kl
 from pipeline.cache.store import closed_shards
 from pipeline.cache.manifest import Manifest, TeacherEntry
-from pipeline.errors import StorageError
+from pipeline.storage.errors import StorageError
 
 V, K = 50, 5
 BACKENDS = ["parquet", "zarr"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.checkpoint import complete_checkpoints, verify_checkpoint
+from pipeline.student.checkpoint import complete_checkpoints, verify_checkpoint
 from tests.conftest import run_cli, train_config, write_yaml
 
 HOOK = "tests.callback_hooks:Recorder"

@@ -37,7 +37,7 @@ def _precompute(cfg_dict: dict):
     """Stage 1 in this process (one-rank gloo group), returning the manifest."""
     from pipeline.config import PrecomputeConfig
     from pipeline.distributed import init_distributed, teardown
-    from pipeline.precompute import precompute
+    from pipeline.teacher.precompute import precompute
 
     cfg = PrecomputeConfig.model_validate(cfg_dict)
     info = init_distributed("cpu")
@@ -107,7 +107,7 @@ def test_ensemble_stores_topk_of_hand_computed_mixture(assets, pair, tmp_path, c
 
 
 def test_single_teacher_ensemble_equals_plain_path(assets, caches, tmp_path):
-    from pipeline.teacher import ensemble_logprobs
+    from pipeline.teacher.topk import ensemble_logprobs
     from pipeline.models import load_teacher
 
     teacher = load_teacher(assets["teacher"])

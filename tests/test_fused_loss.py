@@ -5,9 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.losses import LossTargets, auto_chunk_size, fused_linear_loss
-from pipeline.targets import sampled_targets
-from pipeline.teacher import log1mexp
+from pipeline.data.batch import LossTargets
+
+from pipeline.student.losses import auto_chunk_size, fused_linear_loss
+from pipeline.teacher.sampled import sampled_targets
+from pipeline.numerics import log1mexp
 from reference_losses import sparse_kl
 
 
@@ -121,8 +123,8 @@ def test_trainer_loss_on_a_model_equals_dense_logits_reference(tied):
 
     from data.stdlib_corpus import llama_config
     from pipeline.config import LossConfig
-    from pipeline.loader import collate
-    from pipeline.trainer import Trainer
+    from pipeline.data.batch import collate
+    from pipeline.student.step import Trainer
     from reference_losses import distill_loss
 
     V, k = 64, 6

@@ -15,7 +15,7 @@ from test_ensemble import _make_teacher
 from pipeline.config import DatasetConfig
 from pipeline.data import SampleWindows, load_samples, tokenize_part
 from pipeline.models import defer_output_projection, load_teacher, load_tokenizer
-from pipeline.teacher import ensemble_logprobs, fused_topk_targets, output_head, topk_targets
+from pipeline.teacher.topk import ensemble_logprobs, fused_topk_targets, output_head, topk_targets
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_a_bad_row_on_one_rank_stops_every_rank_naming_it(assets, tmp_path, monk
 
 
 def test_log_normaliser_shifts_only_rows_that_need_it():
-    from pipeline.teacher import _log_normaliser
+    from pipeline.teacher.topk import _log_normaliser
 
     torch.manual_seed(0)
     z = torch.randn(5, 1000) * 4

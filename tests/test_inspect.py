@@ -1,8 +1,8 @@
 """inspect-losses on a hand-written two-round loss log: summary, hardest, compare, plot."""
 import pytest
 
-from pipeline.inspect import compare_rounds, hardest, load_loss_logs, summary
-from pipeline.loss_log import LossLogWriter
+from pipeline.losslog.reader import compare_rounds, hardest, load_loss_logs, summary
+from pipeline.losslog.writer import LossLogWriter
 
 
 def _rows(ids, ntok, loss):

@@ -8,7 +8,7 @@ from helpers import synthetic_records
 
 from pipeline.cache import finalize_cache, open_cache, open_writer, prepare_cache
 from pipeline.cache.manifest import Manifest, TeacherEntry
-from pipeline.loader import StepPrefetcher, StepSampler, prefetch
+from pipeline.student.sampler import StepPrefetcher, StepSampler, prefetch
 from stages import inspect_cache
 
 V, K = 60, 6
@@ -107,7 +107,7 @@ def test_collate_packs_without_crossing_sample_boundaries():
     """Packed and padded collation of the same records: same valid positions, labels and
     teacher targets in the same order; position ids restart per sample; every label is the
     next token of its own sample; the rows hold at most pack_length tokens."""
-    from pipeline.loader import collate, pack_rows
+    from pipeline.data.batch import collate, pack_rows
 
     recs = synthetic_records(11, V, K, seed=4, min_len=3, max_len=20)
     padded, packed = collate(recs), collate(recs, pack_length=32)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_resume import _popen, _wait_for
 
 from pipeline.config import ConfigError, LoraConfig, OptimConfig, StudentConfig, TrainStudentConfig, load_config
-from pipeline.lora import add_adapters, load_initial_adapters
+from pipeline.student.lora import add_adapters, load_initial_adapters
 from pipeline.models import defer_output_projection
 
 LORA = {"r": 4, "alpha": 8}
@@ -68,8 +68,8 @@ def test_base_frozen_adapters_move_and_param_group_lrs():
     bit unchanged, A and B move; ``lora_`` and ``embed_tokens`` (modules_to_save) get their
     param-group LRs: AdamW's first step moves B (zero, no decay) by exactly lr per element."""
     from pipeline.config import LossConfig
-    from pipeline.loader import collate
-    from pipeline.trainer import Trainer, build_optimizer
+    from pipeline.data.batch import collate
+    from pipeline.student.step import Trainer, build_optimizer
 
     V = 64
     model = _lora_student(V, modules_to_save=["embed_tokens"])
@@ -109,7 +109,7 @@ def test_peft_config_and_modules_to_save_export_loads_in_peft(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from pipeline.lora import save_adapter, split_export
+    from pipeline.student.lora import save_adapter, split_export
 
     tiny_student(64, seed=1).save_pretrained(tmp_path / "base")
     PeftLoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"], use_rslora=True,
@@ -209,7 +209,7 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, caches, base, tmp_path
 
 
 def test_rounds_keep_the_adapter_config_on_the_merged_base(assets, caches, base, tmp_path):
-    from pipeline.rounds import round_configs
+    from pipeline.student.rounds import round_configs
 
     cfg = TrainStudentConfig.model_validate(_cfg(assets, caches, base, tmp_path / "r", rounds=[{}, {"max_steps": 3}]))
     r0, r1 = round_configs(cfg)

@@ -83,7 +83,7 @@ def test_zarr_cache_on_s3_two_ranks(s3, s3_cache, assets, caches, tmp_path):
     """2 ranks read the corpus from the store and write a zarr cache there; train-student with
     every path on the store (train and eval cache, run directory) equals the same run from a
     local copy of that cache bit for bit; inspect-losses reads the run from its URL."""
-    from pipeline.inspect import load_loss_logs
+    from pipeline.losslog.reader import load_loss_logs
 
     url = f"{s3}/cache-zarr-2"
     cfg = write_yaml(tmp_path / "p.yaml", precompute_config(assets, url, **{"cache.backend": "zarr",
@@ -149,8 +149,8 @@ def test_train_everything_on_s3_equals_local(s3, s3_cache, assets, caches, local
     inspect-losses reads the run from its URL; no credential in config.yaml."""
     import pyarrow.compute as pc
 
-    from pipeline.checkpoint import complete_checkpoints, verify_checkpoint
-    from pipeline.inspect import load_loss_logs
+    from pipeline.student.checkpoint import complete_checkpoints, verify_checkpoint
+    from pipeline.losslog.reader import load_loss_logs
     from pipeline.storage import Remote
 
     out = f"{s3}/run-1rank"
@@ -184,7 +184,7 @@ def test_kill_during_checkpoint_upload_two_ranks(s3, s3_cache, assets, caches, t
     shards and trainer.pt but before its checksums; the rerun skips that incomplete prefix,
     resumes from step 2 and ends with the weights and loss-log rows of an uninterrupted 2-rank
     run on a local directory."""
-    from pipeline.inspect import load_loss_logs
+    from pipeline.losslog.reader import load_loss_logs
 
     def cfg_for(out: str, name: str) -> str:
         cfg = train_config(assets, caches, out, max_steps=6, eval_steps=3, save_steps=2, micro_batch_size=1)

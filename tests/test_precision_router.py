@@ -10,9 +10,9 @@ from conftest import run_cli, train_config, write_yaml
 from helpers import synthetic_records, tiny_student
 
 from pipeline.config import LossConfig
-from pipeline.loader import collate
-from pipeline.router_losses import router_losses
-from pipeline.trainer import Trainer
+from pipeline.data.batch import collate
+from pipeline.student.router_losses import router_losses
+from pipeline.student.step import Trainer
 
 V, E, TOP_K = 64, 4, 2
 
@@ -119,7 +119,7 @@ def test_router_losses_enter_the_loss_per_valid_token_and_train_the_router():
         torch.testing.assert_close(a - b, c, rtol=1e-3, atol=1e-7)
     # the logged value of a step is the token-weighted mean over its micro-batches
     from pipeline.config import OptimConfig
-    from pipeline.trainer import build_optimizer
+    from pipeline.student.step import build_optimizer
 
     micro = [collate(synthetic_records(2, V, 4, seed=s)) for s in (1, 2)]
     with torch.no_grad():
@@ -137,7 +137,7 @@ def _fp16_trainer(seed: int = 0):
     from pipeline.config import OptimConfig
     from pipeline.distributed import shard_model
     from pipeline.models import defer_output_projection
-    from pipeline.trainer import build_optimizer, lr_lambda
+    from pipeline.student.step import build_optimizer, lr_lambda
 
     model = tiny_student(V, seed=seed)
     defer_output_projection(model)
@@ -306,8 +306,9 @@ def test_fp16_output_layer_gradient_is_summed_in_float32():
     """fp16 hidden states and output layer over 4096 positions: the output layer's gradient
     summed over positions exceeds float16's range before backward divides it by N; it must come
     out finite and equal to the float32 computation (a loss scale cannot fix that overflow)."""
-    from pipeline.losses import LossTargets, fused_linear_loss
+    from pipeline.data.batch import LossTargets
 
+    from pipeline.student.losses import fused_linear_loss
     torch.manual_seed(0)
     N, H, Vs = 4096, 4, 8
     h = (torch.randn(N, H) * 4 + 30).requires_grad_()

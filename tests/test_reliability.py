@@ -22,7 +22,7 @@ from conftest import ROOT, precompute_config, train_config as _train_cfg, write_
 from safetensors.torch import load_file
 
 from pipeline.cache import read_manifest
-from pipeline.checkpoint import complete_checkpoints, resolve_resume, save_checkpoint, verify_checkpoint
+from pipeline.student.checkpoint import complete_checkpoints, resolve_resume, save_checkpoint, verify_checkpoint
 
 
 def _one_line_error(main, argv, capfd, *names) -> str:
@@ -98,13 +98,13 @@ def test_train_bad_inputs(assets, caches, tmp_path, capfd):
 
 
 def test_internal_error_is_one_line_and_debug_reraises(assets, caches, tmp_path, capfd, monkeypatch):
-    import pipeline.train_run
+    import pipeline.student.loop
     from stages.train_student import main as train
 
     def boom(cfg, info):
         raise RuntimeError("something broke\nsecond line")
 
-    monkeypatch.setattr(pipeline.train_run, "run", boom)
+    monkeypatch.setattr(pipeline.student.loop, "run", boom)
     cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, tmp_path / "run"))
     assert train(["--config", str(cfg)]) == 1
     err = capfd.readouterr().err
@@ -278,7 +278,7 @@ def test_checkpoint_of_another_student_is_named(assets, caches, tmp_path, capfd,
     derives from BaseException and used to escape as a traceback); the checkpoint is untouched."""
     import json
 
-    from pipeline.checkpoint import verify_checkpoint
+    from pipeline.student.checkpoint import verify_checkpoint
     from stages.train_student import main as train
 
     monkeypatch.setenv("WANDB_MODE", "disabled")

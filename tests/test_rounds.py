@@ -10,9 +10,9 @@ from test_inspect import _rows
 from test_resume import _popen, _run_to_end, _wait_for
 
 from pipeline.config import SelectConfig
-from pipeline.inspect import load_loss_logs
-from pipeline.loss_log import LossLogWriter
-from pipeline.rounds import select_sample_ids
+from pipeline.losslog.reader import load_loss_logs
+from pipeline.losslog.writer import LossLogWriter
+from pipeline.student.rounds import select_sample_ids
 
 
 def test_selection_picks_exactly_the_intended_ids(tmp_path):
@@ -90,8 +90,8 @@ def test_carry_optimizer_keeps_adam_moments_across_rounds(assets, caches, tmp_pa
 def test_loss_weighted_sampling(tmp_path):
     import numpy as np
 
-    from pipeline.loader import StepSampler
-    from pipeline.rounds import sample_weights
+    from pipeline.student.sampler import StepSampler
+    from pipeline.student.rounds import sample_weights
 
     w = LossLogWriter(tmp_path / "loss_logs", rank=0)
     w.append(0, "train", 0, 1, {**_rows(["a", "b", "c"], [10, 10, 10], [10.0, 30.0, 0.0])})

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from pipeline.cache import open_cache, read_manifest
 from pipeline.cache.store import closed_shards
-from pipeline.checkpoint import complete_checkpoints, verify_checkpoint
+from pipeline.student.checkpoint import complete_checkpoints, verify_checkpoint
 
 
 def _enospc(*_a, **_k):

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, PrecomputeConfig, TrainStudentConfig, load_config
-from pipeline.losses import check_tail_mode
+from pipeline.student.losses import check_tail_mode
 from reference_losses import fused_from_logits as distill_loss
 from reference_losses import sparse_kl
-from pipeline.targets import sample_seed, sampled_targets
-from pipeline.teacher import topk_targets
+from pipeline.teacher.sampled import sample_seed, sampled_targets
+from pipeline.teacher.topk import topk_targets
 from conftest import precompute_config, write_yaml
 
 
@@ -172,7 +172,7 @@ def _read(cache_dir):
 def _precompute(config_path, capsys) -> None:
     """The precompute-teacher stage's function in this process (one-rank gloo group, torn down)."""
     from pipeline.distributed import init_distributed, teardown
-    from pipeline.precompute import precompute
+    from pipeline.teacher.precompute import precompute
 
     try:
         precompute(load_config(PrecomputeConfig, config_path), init_distributed("cpu"))

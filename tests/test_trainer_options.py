@@ -5,7 +5,7 @@ import pytest
 from helpers import tiny_student
 
 from pipeline.config import OptimConfig
-from pipeline.trainer import build_optimizer, lr_lambda
+from pipeline.student.step import build_optimizer, lr_lambda
 
 
 def _group_of(opt, param):
@@ -45,8 +45,8 @@ def test_moe_aux_loss_is_added_with_its_coefficient():
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     from pipeline.config import LossConfig
-    from pipeline.loader import collate
-    from pipeline.trainer import Trainer
+    from pipeline.data.batch import collate
+    from pipeline.student.step import Trainer
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(MixtralConfig(
@@ -70,8 +70,8 @@ def test_student_with_padded_output_layer_equals_unpadded():
     from helpers import synthetic_records
 
     from pipeline.config import LossConfig
-    from pipeline.loader import collate
-    from pipeline.trainer import Trainer
+    from pipeline.data.batch import collate
+    from pipeline.student.step import Trainer
 
     V = 64
     small, padded = tiny_student(V), tiny_student(V + 7)
@@ -94,7 +94,7 @@ def test_packing_probe_accepts_segment_attention_and_refuses_crossing_attention(
     import torch
 
     from pipeline.config import LossConfig
-    from pipeline.trainer import Trainer, check_packing
+    from pipeline.student.step import Trainer, check_packing
 
     model = tiny_student(64)
     trainer = Trainer(model, None, None, LossConfig(alpha=0.5), None, torch.device("cpu"), packing=True)
@@ -115,8 +115,8 @@ def test_nonfinite_step_is_skipped_names_its_samples_and_leaves_the_weights():
 
     from data.stdlib_corpus import llama_config
     from pipeline.config import LossConfig, OptimConfig
-    from pipeline.loader import collate
-    from pipeline.trainer import Trainer
+    from pipeline.data.batch import collate
+    from pipeline.student.step import Trainer
 
     V = 64
     cfg = llama_config(V, 16, 2, 2, 1, 32)

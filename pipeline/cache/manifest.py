@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import writing
+from pipeline.storage.errors import writing
 from pipeline.storage import Remote, is_remote
 
 FORMAT_VERSION = 2

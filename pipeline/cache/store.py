@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline.cache.codec import Encoding, decode_targets, encode_targets
 from pipeline.cache.manifest import Manifest, ShardEntry
-from pipeline.errors import fault_point, writing
+from pipeline.storage.errors import fault_point, writing
 from pipeline.storage import Remote, RemotePath, is_remote, staging_dir
 
 MARKER_SUFFIX = ".done.json"
@@ -236,7 +236,7 @@ class CacheWriter:
     :meth:`write` (backpressure; memory: about ``queue_shards + 2`` shards of records — the
     open one, the queued ones, the one being written; ``shard_bytes`` bounds a shard's record
     bytes, :func:`record_nbytes`, whatever the samples' lengths and k). An error of the thread is raised by
-    the next :meth:`write` or by :meth:`close`, unchanged (a :class:`~pipeline.errors.StorageError`
+    the next :meth:`write` or by :meth:`close`, unchanged (a :class:`~pipeline.storage.errors.StorageError`
     stays one); the shards after the failed one are dropped, not written. Records must not be
     modified after :meth:`write`. :meth:`close` (or :meth:`abort`) must be called: it waits
     for the thread.
@@ -414,7 +414,7 @@ class CacheWriter:
         self.closed.append(entry)
 
     def _fault(self, point: str) -> None:
-        """Crash-test kill points (:func:`pipeline.errors.fault_point`): ``POINT`` is
+        """Crash-test kill points (:func:`pipeline.storage.errors.fault_point`): ``POINT`` is
         before_rename | mid_upload (a store: after the shard's first object) | before_marker |
         after_marker, ``N`` the index of the shard being closed."""
         fault_point(point, len(self.closed), self.rank)

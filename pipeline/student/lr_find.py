@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pipeline.config import LRFindConfig
 from pipeline.distributed import DistInfo, print0
-from pipeline.loader import StepPrefetcher, StepSampler
+from pipeline.student.sampler import StepPrefetcher, StepSampler
 from pipeline.storage import Remote, is_remote, join, staging_dir
-from pipeline.trainer import Trainer
+from pipeline.student.step import Trainer
 
 
 def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train_src, run_dir: str | Path,

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import WandbConfig
-from pipeline.errors import writing
+from pipeline.storage.errors import writing
 from pipeline.storage import Remote, is_remote
 
 UPLOAD_EVERY_S = 30.0

@@ -335,7 +335,7 @@ class LossConfig(_Section):
     ``sampled`` (CE against the stored estimate, the unbiased estimator for sampled caches).
     Unset: ``bucket`` for ``topk`` caches, ``sampled`` for ``sampled`` / ``topk+sampled``
     caches (read from ``data.train_cache``'s manifest); incompatible pairs are refused
-    (:func:`pipeline.losses.check_tail_mode`)."""
+    (:func:`pipeline.student.losses.check_tail_mode`)."""
     aux_loss_coef: float = Field(default=0.0, ge=0)
     """Weight of the student's own auxiliary loss (e.g. a MoE router load-balancing loss,
     ``outputs.aux_loss`` with ``output_router_logits=True``); 0 = not requested."""
@@ -344,7 +344,7 @@ class LossConfig(_Section):
     ``aux_loss_coef`` they need no ``aux_loss`` from the model, only its ``router_logits``."""
     chunk_size: int = Field(default=0, ge=0)
     """Valid positions per log-softmax chunk, bounding the float32 (chunk, V) temporaries;
-    0 = automatic (``pipeline.losses.AUTO_CHUNK_BYTES``: 128 MiB of float32 (chunk, V) temporaries)."""
+    0 = automatic (``pipeline.student.losses.AUTO_CHUNK_BYTES``: 128 MiB of float32 (chunk, V) temporaries)."""
 
 
 class ParamGroupConfig(_Section):
@@ -554,7 +554,7 @@ class TrainStudentConfig(_Section):
         import json
         import warnings
 
-        from pipeline.losses import check_tail_mode
+        from pipeline.student.losses import check_tail_mode
 
         if is_remote(self.data.train_cache):
             from pipeline.storage import Remote

@@ -22,8 +22,8 @@ from pathlib import Path
 from torch import nn
 
 from pipeline.distributed import barrier, broadcast_object, full_state_dict
-from pipeline.errors import fault_point, reading_checkpoint, writing
-from pipeline.lora import ADAPTER_DIR, is_lora, save_adapter, split_export
+from pipeline.storage.errors import fault_point, reading_checkpoint, writing
+from pipeline.student.lora import ADAPTER_DIR, is_lora, save_adapter, split_export
 from pipeline.storage import Remote, file_exists, is_remote, read_file, staging_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -243,7 +243,7 @@ _FAULT_CALLS: dict[str, int] = {}
 
 
 def _fault(point: str, rank: int) -> None:
-    """Crash-test kill point (:func:`pipeline.errors.fault_point`) at ``POINT``
+    """Crash-test kill point (:func:`pipeline.storage.errors.fault_point`) at ``POINT``
     (``checkpoint_before_checksums``) of the N-th checkpoint this process writes."""
     _FAULT_CALLS[point] = _FAULT_CALLS.get(point, 0) + 1
     fault_point(point, _FAULT_CALLS[point], rank)

@@ -1,6 +1,6 @@
 """Attention confined to each packed sample (``data.packing``).
 
-A packed row holds several samples back to back (``pipeline.loader.collate``). Hugging Face's
+A packed row holds several samples back to back (``pipeline.student.sampler.collate``). Hugging Face's
 own handling of packed rows (position ids that restart per sample → a block-diagonal mask
 for SDPA/eager) computes the full ``L × L`` scores of every row and, with a mask, cannot use
 the causal kernels' skipping: on small models it is slower than not packing. So for the SDPA

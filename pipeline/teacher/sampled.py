@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.teacher import log1mexp
+from pipeline.numerics import log1mexp
 
 TARGET_TYPES = ("topk", "sampled", "topk+sampled")
 SAMPLED_TYPES = ("sampled", "topk+sampled")

@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from pipeline.config import ConfigError, SelectConfig, TrainStudentConfig
-from pipeline.errors import writing
+from pipeline.storage.errors import writing
 from pipeline.storage import join, read_file, write_file
 
 

@@ -18,11 +18,11 @@ from torch import nn
 
 from pipeline.config import LossConfig, OptimConfig
 from pipeline.distributed import all_reduce_sum, set_gradient_sync
-from pipeline.loader import Batch
-from pipeline.losses import LossSums, fused_linear_loss
+from pipeline.data.batch import Batch
+from pipeline.student.losses import LossSums, fused_linear_loss
 from pipeline.models import defer_output_projection
-from pipeline.packing import enable_packed_attention
-from pipeline.router_losses import ROUTER_TERMS, router_losses, router_top_k
+from pipeline.student.packed_attention import enable_packed_attention
+from pipeline.student.router_losses import ROUTER_TERMS, router_losses, router_top_k
 
 
 @dataclass
@@ -143,7 +143,7 @@ def check_packing(trainer: "Trainer", vocab_size: int, tol: float = 1e-4) -> Non
         ValueError: the losses differ (names ``data.packing`` and the model class).
     """
     from pipeline.data import Sample
-    from pipeline.loader import collate
+    from pipeline.data.batch import collate
 
     def probe(sid: str, n: int, seed: int) -> Sample:
         ids = np.random.default_rng(seed).integers(0, vocab_size, n).astype(np.int32)
@@ -170,7 +170,7 @@ class Trainer:
     The model's output layer is replaced by :class:`pipeline.models.OutputProjection`
     (:func:`~pipeline.models.defer_output_projection`, which must run before ``fully_shard``;
     the Trainer applies it to an unwrapped model itself): the forward pass returns the final
-    hidden states and :func:`pipeline.losses.fused_linear_loss` projects and scores the valid
+    hidden states and :func:`pipeline.student.losses.fused_linear_loss` projects and scores the valid
     positions chunk by chunk, so no ``(B, T, V)`` logits exist.
 
     Host synchronisation: one per optimizer step (the step's totals, gradient norm and
@@ -185,7 +185,7 @@ class Trainer:
         vocab_size: the data's vocabulary V; a student whose output layer is padded beyond it
             scores only the first V rows (padding rows get no probability mass).
         packing: batches may hold packed rows (``data.packing``): the student's attention is
-            prepared by :func:`pipeline.packing.enable_packed_attention`.
+            prepared by :func:`pipeline.student.packed_attention.enable_packed_attention`.
         loss_scaling: dynamic loss scaling for fp16 compute (``mixed_precision: fp16``): a
             ``torch.amp.GradScaler`` for ``device``'s type, default settings (initial scale 2^16,
             halved on overflow, doubled after 2000 clean steps). See :meth:`train_step`.

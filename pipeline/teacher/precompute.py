@@ -17,11 +17,11 @@ from pipeline.config import PrecomputeConfig
 from pipeline import progress
 from pipeline.data import Sample, SampleWindows
 from pipeline.distributed import DistInfo, barrier, broadcast_object, gather_objects, print0, shard_model
-from pipeline.loader import collate
+from pipeline.data.batch import collate
 from pipeline.models import (defer_output_projection, load_teacher_sharded, load_tokenizer, model_fingerprint,
                              tokenizer_fingerprint, vocab_size)
-from pipeline.targets import SampleStats, sample_seed, sampled_targets
-from pipeline.teacher import fused_topk_targets, output_head, position_logprobs
+from pipeline.teacher.sampled import SampleStats, sample_seed, sampled_targets
+from pipeline.teacher.topk import fused_topk_targets, output_head, position_logprobs
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -298,7 +298,7 @@ def _teacher_targets(cfg: PrecomputeConfig, teachers: list, weights: list[float]
                      group: list[Sample], stats: SampleStats) -> list:
     """Cache records of one batch: the teachers' forwards (hidden states), then the targets of
     the real positions only, computed chunk by chunk in the teachers' device memory
-    (:func:`~pipeline.teacher.fused_topk_targets`, or per sample for the sampled types), one
+    (:func:`~pipeline.teacher.topk.fused_topk_targets`, or per sample for the sampled types), one
     device→host copy per array."""
     tcfg, T = cfg.targets, batch.input_ids.shape[1]
     hiddens = [m(input_ids=batch.input_ids, use_cache=False).logits.flatten(0, 1) for m in teachers]  # (B·T, H)

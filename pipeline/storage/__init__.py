@@ -176,7 +176,7 @@ def file_exists(path: str | os.PathLike) -> bool:
 def write_file(path: str | os.PathLike, data: bytes) -> None:
     """Replace one small file whole: locally a temporary file renamed over it (a reader sees the
     old or the new file, never part of one; the temporary file is removed on an error), on a
-    store one PUT (atomic). The caller wraps it in :func:`pipeline.errors.writing` for the
+    store one PUT (atomic). The caller wraps it in :func:`pipeline.storage.errors.writing` for the
     one-line error.
 
     Raises:

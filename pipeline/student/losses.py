@@ -56,7 +56,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.teacher import log1mexp
+from pipeline.data.batch import LossTargets
+from pipeline.numerics import log1mexp
 
 
 AUTO_CHUNK_BYTES = 128 * 2**20
@@ -95,28 +96,6 @@ def check_tail_mode(tail: str, target_type: str, temperature: float, cache_tempe
         warns.append(f"loss.temperature={temperature} differs from the cache temperature {cache_temperature}: with "
                      f"loss.tail={tail} on a {target_type} cache the target is only exact at the cache temperature")
     return warns
-
-
-@dataclass
-class LossTargets:
-    """The targets of the valid positions of one micro-batch, flattened sample-major.
-
-    Attributes:
-        labels: (N,) int64 next-token ids ``y_t``.
-        sample_index: (N,) int64 index in ``[0, n_samples)`` of each position's sample.
-        n_samples: S, the number of samples (loss-log rows) of the micro-batch.
-        topk_ids: (N, k) int64 teacher support, or None (CE only).
-        topk_logprobs: (N, k) float32 teacher log-probabilities at the cache temperature (for
-            sampled caches, log estimated probabilities); ``-inf`` marks a padding slot.
-        tail_logprob: (N,) float32 teacher log tail mass (``-inf`` allowed).
-    """
-
-    labels: torch.Tensor
-    sample_index: torch.Tensor
-    n_samples: int
-    topk_ids: torch.Tensor | None = None
-    topk_logprobs: torch.Tensor | None = None
-    tail_logprob: torch.Tensor | None = None
 
 
 @dataclass

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import yaml
 
-from pipeline.loss_log import unreadable_part
+from pipeline.losslog.writer import unreadable_part
 from pipeline.storage import Remote, is_remote, join, local_copy, local_path, read_file
 
 

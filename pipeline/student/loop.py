@@ -13,25 +13,24 @@ import torch
 
 from pipeline.cache import open_cache
 from pipeline.storage import check_access, is_remote, join, local_copy, write_file
-from pipeline.checkpoint import (agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint,
-                                 save_optimizer)
+from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint, save_optimizer
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
 from pipeline.data import load_samples
-from pipeline.callbacks import CallbackList, EarlyStopping, MetricsCallback, TrainState, load_callbacks
+from pipeline.student.callbacks import CallbackList, EarlyStopping, MetricsCallback, TrainState, load_callbacks
 from pipeline.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, compute_dtype, print0, shard_model
-from pipeline.errors import writing
+from pipeline.storage.errors import writing
 from pipeline import progress
-from pipeline.loader import StepPrefetcher, StepSampler, eval_batches, prefetch
-from pipeline.loss_log import LossLogWriter
-from pipeline.inspect import load_loss_logs
-from pipeline.lr_find import run_lr_find
-from pipeline.lora import add_adapters, load_initial_adapters
-from pipeline.rounds import read_run_json, round_configs, select_sample_ids, write_run_json
-from pipeline.rounds import sample_weights as loss_weights
-from pipeline.metrics import MetricsLogger
+from pipeline.student.sampler import StepPrefetcher, StepSampler, eval_batches, prefetch
+from pipeline.losslog.writer import LossLogWriter
+from pipeline.losslog.reader import load_loss_logs
+from pipeline.student.lr_find import run_lr_find
+from pipeline.student.lora import add_adapters, load_initial_adapters
+from pipeline.student.rounds import read_run_json, round_configs, select_sample_ids, write_run_json
+from pipeline.student.rounds import sample_weights as loss_weights
+from pipeline.student.metrics import MetricsLogger
 from pipeline.models import (build_student, count_parameters, defer_output_projection, load_student_sharded,
                              load_tokenizer, vocab_size)
-from pipeline.trainer import Trainer, build_optimizer, check_packing, early_stopping_update, lr_lambda
+from pipeline.student.step import Trainer, build_optimizer, check_packing, early_stopping_update, lr_lambda
 
 
 REMOTE_NUM_WORKERS, REMOTE_PREFETCH_STEPS = 4, 16

@@ -161,7 +161,7 @@ class EarlyStopping(Callback):
 
 class MetricsCallback(Callback):
     """Built-in: ``train/*`` every ``log_steps`` steps (and step 1), every ``eval/*``, to
-    :class:`pipeline.metrics.MetricsLogger` (metrics.jsonl + wandb, rank 0); flushed at every
+    :class:`pipeline.student.metrics.MetricsLogger` (metrics.jsonl + wandb, rank 0); flushed at every
     checkpoint (the loop closes the logger at the end of the round, also on an error)."""
 
     def __init__(self, logger, log_steps: int):

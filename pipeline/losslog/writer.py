@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import writing
+from pipeline.storage.errors import writing
 from pipeline.storage import Remote, is_remote
 
 SCHEMA = pa.schema([
