@@ -15,7 +15,7 @@ import sys
 from typing import Callable
 
 from pipeline.config import ConfigError, load_config
-from pipeline.storage.errors import StorageError
+from pipeline.storage.errors import StorageError, one_line
 
 USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, StorageError)
 
@@ -44,11 +44,6 @@ def parse(prog: str, description: str, argv: list[str] | None,
     args = p.parse_intermixed_args(argv)
     args.overrides = list(args.overrides) + list(getattr(args, "flag_overrides", None) or [])
     return args
-
-
-def one_line(msg: object) -> str:
-    """``msg`` as a single line (the lines of a multi-line message joined by `` / ``)."""
-    return " / ".join(ln.strip() for ln in str(msg).splitlines() if ln.strip())
 
 
 def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, description: str,

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.cache import read_manifest
 
     m = read_manifest(RUNS / "cache-eval")
-    teacher_ppl = float(np.exp(m.teacher_nll_sum / m.num_valid_positions))
+    teacher_ppl = m.teacher_perplexity
     results: dict[str, list[float]] = {"ce": [], "kd": []}
     for name, alpha in (("ce", 1.0), ("kd", 0.5)):
         say(f"5/6 students {name.upper()} (alpha={alpha}), seeds {SEEDS} in parallel, one thread each")

@@ -25,7 +25,7 @@ from pipeline.cache import read_manifest
 out = Path(sys.argv[1])
 m = read_manifest(out / "ens-cache-eval")
 res = {"teacher2_ppl": json.loads((out / "teacher2" / "summary.json").read_text())["final_eval"]["perplexity"],
-       "ensemble_ppl": math.exp(m.teacher_nll_sum / m.num_valid_positions),
+       "ensemble_ppl": m.teacher_perplexity,
        "weights": [t.weight for t in m.teachers], "combine": m.combine,
        "student_from_ensemble_ppl": json.loads((out / "student-ens-s0" / "summary.json").read_text())["final_eval"]["perplexity"]}
 (out / "ensemble-summary.json").write_text(json.dumps(res, indent=1))

@@ -48,7 +48,7 @@ from pipeline.cache import read_manifest
 out = Path(sys.argv[1])
 m = read_manifest(out / "cache-eval")
 base = json.loads((out / "lora-base" / "summary.json").read_text())
-res = {"teacher_ppl": math.exp(m.teacher_nll_sum / m.num_valid_positions),
+res = {"teacher_ppl": m.teacher_perplexity,
        "base_ppl": base["final_eval"]["perplexity"], "runs": {}}
 for run in sorted((out / "lora-runs").glob("*-lr*-s*")):
     s = json.loads((run / "summary.json").read_text())

@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline.cache import read_manifest
 out = Path(sys.argv[1])
 m = read_manifest(out / "cache-eval")
-res = {"teacher_ppl": math.exp(m.teacher_nll_sum / m.num_valid_positions)}
+res = {"teacher_ppl": m.teacher_perplexity}
 for a, name in (("1.0", "ce"), ("0.5", "kd")):
     ppls = [json.loads((out / f"student-a{a}-s{s}" / "summary.json").read_text())["final_eval"]["perplexity"] for s in (0, 1)]
     res[f"{name}_student_ppl_per_seed"] = ppls

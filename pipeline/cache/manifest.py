@@ -6,6 +6,8 @@ true only after every rank has closed all its shards.
 """
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import time
@@ -90,6 +92,12 @@ class Manifest(BaseModel):
                           "q8_step", "vocab_size",
                           "temperature", "target_type", "num_draws", "head_k", "sample_temperature",
                           "sample_seed", "tokenizer_fingerprint", "teachers", "combine", "dataset_fingerprint", "max_length")
+
+    @property
+    def teacher_perplexity(self) -> float:
+        """The teacher's perplexity on the cache's valid positions, ``exp(teacher_nll_sum /
+        num_valid_positions)`` (1.0 for a cache without valid positions)."""
+        return math.exp(self.teacher_nll_sum / max(self.num_valid_positions, 1))
 
     def header(self) -> dict:
         return {k: getattr(self, k) for k in self.HEADER_KEYS}

@@ -67,15 +67,18 @@ def cache_summary(cache_dir: str | os.PathLike, max_samples: int | None = None) 
     def quantiles(x: np.ndarray) -> dict:
         return {f"q{int(q * 100):02d}": float(np.quantile(x, q)) for q in QUANTILES} | {"mean": float(x.mean())} if x.size else {}
 
+    n_valid = int(sum(s.num_valid_positions for s in r.shards))
+    # The closed shards' totals: an incomplete cache's manifest has no totals yet.
+    closed = m.model_copy(update={"teacher_nll_sum": float(r.teacher_nll_sum.sum()), "num_valid_positions": n_valid})
     summary = {
         "dir": str(cache_dir) if is_remote(cache_dir) else str(Path(cache_dir).resolve()), "backend": m.backend, "complete": m.complete, "format_version": m.format_version,
         "target_type": m.target_type, "k": m.k, "vocab_size": m.vocab_size, "temperature": m.temperature,
         "index_dtype": m.index_dtype, "index_coding": m.index_coding, "value_dtype": m.value_dtype,
         "compression": m.compression, "teachers": [t.model_dump() for t in m.teachers],
         "n_shards": len(r.shards), "n_samples": len(r), "n_tokens": n_tokens,
-        "n_valid_positions": int(sum(s.num_valid_positions for s in r.shards)),
+        "n_valid_positions": n_valid,
         "bytes": n_bytes, "bytes_per_token": n_bytes / max(n_tokens, 1),
-        "teacher_perplexity": float(np.exp(r.teacher_nll_sum.sum() / max(sum(s.num_valid_positions for s in r.shards), 1))),
+        "teacher_perplexity": closed.teacher_perplexity,
         "skipped_empty": m.skipped_empty, "positions_read": int(mass.size),
         "topk_mass": quantiles(mass), "teacher_entropy_nats": quantiles(ent),
     }

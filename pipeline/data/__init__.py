@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline.config import DatasetConfig
 from pipeline.storage import is_remote
+from pipeline.storage.errors import describe
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _load_remote(cfg: DatasetConfig):
     """
     import datasets
 
-    from pipeline.storage import Remote, describe
+    from pipeline.storage import Remote
 
     url = cfg.path.rstrip("/")
     try:
@@ -163,8 +164,7 @@ def _root_cause(e: BaseException) -> str:
     """``Type: first line`` of the innermost chained exception (what the builder actually hit)."""
     while (e.__cause__ or e.__context__) is not None:
         e = e.__cause__ or e.__context__
-    msg = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {msg[0] if msg else ''}".rstrip(": ")
+    return describe(e, first=True)
 
 
 def _utf8_problem(f: Path, data: bytes) -> str | None:

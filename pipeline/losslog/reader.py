@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import yaml
 
 from pipeline.losslog.writer import unreadable_part
-from pipeline.storage import Remote, is_remote, join, local_copy, local_path, read_file
+from pipeline.storage import Remote, one_line, is_remote, join, local_copy, local_path, read_file
 
 
 def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
@@ -48,7 +48,7 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
         return pads.dataset(str(d), format="parquet", partitioning=part, filesystem=fs).to_table(filter=flt)
     except (pa.ArrowInvalid, OSError) as e:
         if fs is not None:
-            raise ValueError(f"loss logs in {join(run_dir, 'loss_logs')} unreadable: {' '.join(str(e).split())}") from None
+            raise ValueError(f"loss logs in {join(run_dir, 'loss_logs')} unreadable: {one_line(e)}") from None
         raise ValueError(_unreadable_part(d, e)) from None
 
 
@@ -64,14 +64,24 @@ def _unreadable_part(log_dir: Path, err: Exception) -> str:
     return f"loss logs in {log_dir} unreadable: {' '.join(str(err).split())}"
 
 
-def per_sample(table: pa.Table) -> pa.Table:
-    """One row per (round, split, sample_id): visits, summed tokens and losses, and per-token
-    ``loss_per_token``, ``ce_per_token``, ``kl_per_token``."""
-    g = table.group_by(["round", "split", "sample_id"]).aggregate(
-        [("sample_id", "count"), ("n_tokens", "sum"), ("loss_sum", "sum"), ("ce_sum", "sum"), ("kl_sum", "sum")])
-    g = g.rename_columns(["round", "split", "sample_id", "visits", "n_tokens", "loss_sum", "ce_sum", "kl_sum"])
+def per_sample(table: pa.Table, metrics: tuple[str, ...] = ("loss", "ce", "kl"),
+               by: tuple[str, ...] = ("round", "split", "sample_id")) -> pa.Table:
+    """The one per-sample aggregation of the loss logs (reports, round selection and
+    loss-proportional sampling all use it).
+
+    Args:
+        table: loss-log rows (:data:`pipeline.losslog.writer.SCHEMA`).
+        metrics: the ``{name}_sum`` columns to aggregate.
+        by: the grouping keys; ``("sample_id",)`` for a table of one round and split.
+    Returns:
+        One row per group: the keys, ``visits``, ``n_tokens`` (summed), each ``{name}_sum``
+        (summed over visits) and ``{name}_per_token`` = Σ{name}_sum / max(Σn_tokens, 1), float64 nats.
+    """
+    g = table.group_by(list(by)).aggregate(
+        [("sample_id", "count"), ("n_tokens", "sum")] + [(f"{name}_sum", "sum") for name in metrics])
+    g = g.rename_columns(list(by) + ["visits", "n_tokens"] + [f"{name}_sum" for name in metrics])
     tok = pc.max_element_wise(pc.cast(g["n_tokens"], pa.float64()), 1.0)
-    for name in ("loss", "ce", "kl"):
+    for name in metrics:
         g = g.append_column(f"{name}_per_token", pc.divide(pc.cast(g[f"{name}_sum"], pa.float64()), tok))
     return g
 

@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pipeline.storage.errors import describe, one_line
+
 
 def _require_dir(path: str | os.PathLike, what: str) -> Path:
     """``path`` as a Path. Raises FileNotFoundError naming ``what`` when it does not exist."""
@@ -80,10 +82,22 @@ def _from_pretrained(p: Path, what: str, dtype: torch.dtype) -> nn.Module:
         bad = _bad_weight_file(p)
         if bad is not None:
             raise _unreadable_weights(what, *bad) from e
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = one_line(e, first=True)
         if isinstance(e, OSError) and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
             raise FileNotFoundError(f"{what} {p} has no weights (model.safetensors): {first}") from e
         raise ValueError(f"{what} {p} cannot be loaded ({type(e).__name__}: {first})") from e
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja", "vocab.json", "merges.txt")
+"""The files of a Hugging Face tokenizer directory: what exports copy next to the weights."""
+_TOKENIZER_DEFINITIONS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """True when the directory ``path`` holds a tokenizer definition (``tokenizer.json``,
+    ``tokenizer_config.json`` or ``tokenizer.model``), the files ``load_tokenizer`` reads."""
+    return any((Path(path) / f).is_file() for f in _TOKENIZER_DEFINITIONS)
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -107,7 +121,7 @@ def load_tokenizer(path: str | os.PathLike):
         # Python side raises OSError / ValueError / KeyError / TypeError. Anything else is a bug.
         if not (type(e) is Exception or isinstance(e, (OSError, ValueError, KeyError, TypeError))):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = one_line(e, first=True)
         raise FileNotFoundError(f"no loadable tokenizer in {p}: {type(e).__name__}: {first}") from e
 
 
@@ -189,7 +203,7 @@ def _safetensors_index(p: Path, what: str) -> dict[str, Path]:
         raise
     except Exception as e:  # SafetensorError (truncated header), JSONDecodeError, KeyError
         raise _unreadable_weights(what, index if index.is_file() else single,
-                                  f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+                                  describe(e)) from e
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -260,7 +274,7 @@ def _auto_config(p: Path, what: str):
     try:
         return AutoConfig.from_pretrained(str(p))
     except (OSError, ValueError, KeyError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = one_line(e, first=True)
         raise ValueError(f"{what} config {p} cannot be loaded ({type(e).__name__}: {first})") from e
 
 

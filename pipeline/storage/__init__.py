@@ -23,6 +23,8 @@ import re
 import tempfile
 from pathlib import Path
 
+from pipeline.storage.errors import describe, one_line  # noqa: F401  (describe: re-exported)
+
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
@@ -119,12 +121,7 @@ def filesystem(path: str | os.PathLike):
     try:
         return fsspec.core.url_to_fs(str(path))
     except (ImportError, ValueError) as e:
-        raise ValueError(f"{path}: no file system for this URL ({' '.join(str(e).split())})") from None
-
-
-def describe(e: BaseException) -> str:
-    """A remote store's error in one line (missing bucket, refused credentials...)."""
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+        raise ValueError(f"{path}: no file system for this URL ({one_line(e)})") from None
 
 
 def check_access(url: str, key: str) -> None:

@@ -42,6 +42,23 @@ def _rank_failures(e: BaseException) -> dict[int, BaseException]:
     return {rank: w[0] if isinstance(w, tuple) else w for rank, w in sorted(failures.items())}
 
 
+def one_line(msg: object, first: bool = False) -> str:
+    """``msg`` (an exception or any text) as one line: its non-blank lines, whitespace folded,
+    joined by `` / ``; with ``first``, only the first of them (for libraries whose messages go on
+    with pages of hints). An exception with an empty message gives its type name. The one helper
+    every error message of the project uses to quote another error."""
+    lines = [" ".join(ln.split()) for ln in str(msg).splitlines() if ln.strip()]
+    if not lines:
+        return type(msg).__name__ if isinstance(msg, BaseException) else ""
+    return lines[0] if first else " / ".join(lines)
+
+
+def describe(e: BaseException, first: bool = False) -> str:
+    """``Type: message`` of an exception in one line (:func:`one_line`); ``Type`` alone when
+    the message is empty."""
+    return f"{type(e).__name__}: {one_line(e, first)}" if str(e).strip() else type(e).__name__
+
+
 def _describe(e: BaseException) -> str:
     """The I/O error inside ``e`` (a CheckpointException holds one per rank), in one line."""
     failures = _rank_failures(e)
@@ -50,7 +67,7 @@ def _describe(e: BaseException) -> str:
         return f"rank {rank}: {_describe(inner)}"
     if isinstance(e, OSError) and e.strerror:
         return f"{e.strerror} (errno {e.errno})"
-    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+    return describe(e)
 
 
 def _errno_of(e: BaseException) -> int | None:

@@ -24,10 +24,9 @@ from torch import nn
 from pipeline.distributed import barrier, broadcast_object, full_state_dict
 from pipeline.storage.errors import fault_point, reading_checkpoint, writing
 from pipeline.student.lora import ADAPTER_DIR, is_lora, save_adapter, split_export
+from pipeline.models import TOKENIZER_FILES
 from pipeline.storage import Remote, file_exists, is_remote, read_file, staging_dir
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:

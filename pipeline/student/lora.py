@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from pipeline.config import StudentConfig
+from pipeline.storage.errors import one_line
 
 ADAPTER = "default"
 """peft's adapter name: state-dict keys ``...q_proj.lora_A.default.weight``."""
@@ -127,7 +128,7 @@ def add_adapters(model: nn.Module, student: StudentConfig, seed: int) -> dict[st
     try:
         inject_adapter_in_model(cfg, model, ADAPTER, low_cpu_mem_usage=True)
     except ValueError as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = one_line(e, first=True)
         raise ValueError(f"{key}.target_modules {cfg.target_modules}: {first}") from None
     layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     for n, m in layers.items():

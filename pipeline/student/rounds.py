@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from pipeline.config import ConfigError, SelectConfig, TrainStudentConfig
+from pipeline.losslog.reader import per_sample
 from pipeline.storage.errors import writing
 from pipeline.storage import join, read_file, write_file
 
@@ -62,9 +63,9 @@ def select_sample_ids(table, select: SelectConfig) -> list[str]:
     the ``ceil(fraction · N)`` highest (ties broken by sample ID), ``threshold`` those ≥ it,
     ``quantile [lo, hi]`` those between the two quantiles (inclusive). Sorted by sample ID.
     """
-    g = table.group_by("sample_id").aggregate([(f"{select.metric}_sum", "sum"), ("n_tokens", "sum")])
+    g = per_sample(table, (select.metric,), by=("sample_id",))
     ids = np.array(g["sample_id"].to_pylist(), dtype=object)
-    per_tok = g[f"{select.metric}_sum_sum"].to_numpy().astype(np.float64) / np.maximum(g["n_tokens_sum"].to_numpy(), 1)
+    per_tok = g[f"{select.metric}_per_token"].to_numpy()
     if select.top_fraction is not None:
         n = int(np.ceil(select.top_fraction * len(ids)))
         order = sorted(range(len(ids)), key=lambda i: (-per_tok[i], ids[i]))
@@ -80,8 +81,8 @@ def select_sample_ids(table, select: SelectConfig) -> list[str]:
 def sample_weights(table, sample_ids: list[str], metric: str) -> np.ndarray:
     """(len(sample_ids),) float64 per-token ``metric`` of each sample in a loss-log table, for
     loss-proportional sampling; samples absent from the log get the mean weight."""
-    g = table.group_by("sample_id").aggregate([(f"{metric}_sum", "sum"), ("n_tokens", "sum")])
-    per_tok = g[f"{metric}_sum_sum"].to_numpy().astype(np.float64) / np.maximum(g["n_tokens_sum"].to_numpy(), 1)
+    g = per_sample(table, (metric,), by=("sample_id",))
+    per_tok = g[f"{metric}_per_token"].to_numpy()
     lookup = dict(zip(g["sample_id"].to_pylist(), per_tok))
     mean = float(per_tok.mean()) if len(per_tok) else 1.0
     return np.maximum(np.array([lookup.get(s, mean) for s in sample_ids], dtype=np.float64), 1e-12)

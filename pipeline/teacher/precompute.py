@@ -18,13 +18,12 @@ from pipeline import progress
 from pipeline.data import Sample, SampleWindows
 from pipeline.distributed import DistInfo, barrier, broadcast_object, gather_objects, print0, shard_model
 from pipeline.data.batch import collate
-from pipeline.models import (defer_output_projection, load_teacher_sharded, load_tokenizer, model_fingerprint,
+from pipeline.models import (defer_output_projection, has_tokenizer, load_teacher_sharded, load_tokenizer, model_fingerprint,
                              tokenizer_fingerprint, vocab_size)
 from pipeline.teacher.sampled import SampleStats, sample_seed, sampled_targets
 from pipeline.teacher.topk import fused_topk_targets, output_head, position_logprobs
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _load_teachers(cfg: PrecomputeConfig, tokenizer, dtype: torch.dtype,
@@ -53,7 +52,7 @@ def _load_teachers(cfg: PrecomputeConfig, tokenizer, dtype: torch.dtype,
     for t in cfg.teachers:
         if not Path(t.path).is_dir():
             raise FileNotFoundError(f"teacher directory not found: {t.path}")
-        if any((Path(t.path) / f).is_file() for f in TOKENIZER_FILES):
+        if has_tokenizer(t.path):
             if Path(t.path).resolve() != Path(tok_dir).resolve():
                 other = tokenizer_fingerprint(load_tokenizer(t.path))
                 if other != fp:
@@ -285,7 +284,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
            f"{m.num_samples - plan.cached} computed; {windows.skipped} empty skipped), {m.num_tokens} tokens in "
            f"{len(m.shards)} shards; {done_tokens} tokens computed in "
            f"{dt:.1f}s ({done_tokens / max(dt, 1e-9):.0f} tok/s); teacher ppl "
-           f"{np.exp(m.teacher_nll_sum / max(m.num_valid_positions, 1)):.2f} on the valid positions")
+           f"{m.teacher_perplexity:.2f} on the valid positions")
     return m
 
 
