@@ -25,7 +25,7 @@ from pipeline.distributed import barrier, broadcast_object, full_state_dict
 from pipeline.storage.errors import fault_point, reading_checkpoint, writing
 from pipeline.student.lora import ADAPTER_DIR, is_lora, save_adapter, split_export
 from pipeline.models import TOKENIZER_FILES
-from pipeline.storage import Remote, file_exists, is_remote, read_file, staging_dir
+from pipeline.storage import Folder
 
 
 
@@ -34,17 +34,6 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     for name in TOKENIZER_FILES:
         if (Path(src) / name).is_file():
             shutil.copy2(Path(src) / name, Path(dst) / name)
-
-
-def upload_export(local: Path, url: str) -> None:
-    """Replace the export at ``url`` by the local HF directory ``local``: the old objects are
-    removed, the files uploaded, ``config.json`` last (an export without it is incomplete: HF
-    loaders refuse it)."""
-    remote = Remote(url)
-    remote.remove("")
-    files = sorted(p for p in local.rglob("*") if p.is_file())
-    for f in sorted(files, key=lambda p: p.name == "config.json"):
-        remote.put_dir(f, f.relative_to(local).as_posix())
 
 
 SAVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -77,8 +66,8 @@ def _write_config_dtype(export: Path, precision: str) -> None:
 def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None, rank: int,
               precision: str = "fp32") -> None:
     """Gather the full state dict (collective) and, on rank 0, write ``out_dir`` atomically
-    (written to ``<out_dir>.tmp``, then renamed over any previous export; on a store:
-    :func:`upload_export`). A LoRA student (pipeline/lora.py) is written merged (base +
+    (written to ``<out_dir>.tmp``, then renamed over any previous export; on a store: staged
+    locally and uploaded with ``config.json`` last, :meth:`Folder.staged`). A LoRA student (pipeline/lora.py) is written merged (base +
     adapters), with the peft adapter directory in ``<out_dir>/adapter/``. ``precision``
     (``save_precision``: fp32 | bf16 | fp16) is the dtype of the written floating-point
     tensors, cast from the gathered float32 state on rank 0; config.json says the same."""
@@ -88,27 +77,15 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, tokenizer_dir: str |
         state, adapter = split_export(model, state)
     if rank == 0 and precision != "fp32":
         state, adapter = cast_floating(state, precision), (cast_floating(adapter, precision) if adapter else adapter)
-    if rank == 0 and is_remote(out_dir):
-        with staging_dir() as stage:
-            tmp = Path(stage) / "export"
-            with writing("the model export", out_dir):
-                model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-                _write_config_dtype(tmp, precision)
-                if tokenizer_dir is not None:
-                    copy_tokenizer(tokenizer_dir, tmp)
-                _write_adapter(model, adapter, tmp, tokenizer_dir)
-                upload_export(tmp, out_dir)
-    elif rank == 0:
-        out, tmp = Path(out_dir), Path(str(out_dir) + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with writing("the model export", out, tmp):  # the previous export stays until the new one is whole
+    if rank == 0:
+        # locally <out_dir>.tmp renamed over out_dir; on a store uploaded with config.json last
+        # (an export without it is incomplete: HF loaders refuse it)
+        with Folder(out_dir).staged(what="the model export", marker="config.json") as tmp:
             model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
             _write_config_dtype(tmp, precision)
             if tokenizer_dir is not None:
                 copy_tokenizer(tokenizer_dir, tmp)
             _write_adapter(model, adapter, tmp, tokenizer_dir)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
     barrier()
 
 
@@ -134,13 +111,8 @@ def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path] | list[str]:
     its temporary name; temporary directories are ignored). Not verified: see
     :func:`verify_checkpoint`. A run on a store: the URLs of every ``step-*`` prefix (one
     listing; one without its checksums file fails verification)."""
-    if is_remote(run_dir):  # prefixes, complete or not: verify_checkpoint tells
-        root = f"{str(run_dir).rstrip('/')}/checkpoints"
-        return [f"{root}/{n}" for n in Remote(root).names() if n.startswith(CKPT_PREFIX)]
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
+    root = Folder(run_dir).sub("checkpoints")  # on a store: prefixes, complete or not (verify_checkpoint tells)
+    return [root.join(n) for n in root.list(dirs=True) if n.startswith(CKPT_PREFIX)]
 
 
 def _file_sha256(f: Path) -> str:
@@ -151,20 +123,24 @@ def _file_sha256(f: Path) -> str:
     return h.hexdigest()
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    """Every file of a checkpoint directory but the checksums file, relative, sorted."""
-    return sorted(f.relative_to(path) for f in path.rglob("*") if f.is_file() and f.name != CHECKSUMS)
+def _listed_files(folder: Folder) -> dict[str, int]:
+    """``{relative path: size}`` of every file of a checkpoint but the checksums file."""
+    return {k: v for k, v in sorted(folder.files().items()) if k.rsplit("/", 1)[-1] != CHECKSUMS}
 
 
-def write_checksums(path: str | os.PathLike, step: int) -> None:
-    """Record the size and sha256 of every file of the checkpoint directory ``path`` in
-    :data:`CHECKSUMS` (atomically: ``.tmp`` then rename). Call it when every file is written."""
-    path = Path(path)
-    files = {str(f): {"size": (path / f).stat().st_size, "sha256": _file_sha256(path / f)}
-             for f in _checkpoint_files(path)}
-    tmp = path / (CHECKSUMS + ".tmp")
-    tmp.write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=1))
-    os.replace(tmp, path / CHECKSUMS)
+def write_checksums(path: str | os.PathLike | Folder, step: int) -> None:
+    """Record the size (and, on a local disk, the sha256: hashing on a store would download the
+    checkpoint) of every file of the checkpoint directory ``path`` in :data:`CHECKSUMS`
+    (locally atomically, ``.tmp`` then rename; one PUT on a store). Call it when every file is
+    written: it is the checkpoint's commit point.
+
+    Raises:
+        OSError: a file cannot be read, or the checksums file cannot be written.
+    """
+    folder = path if isinstance(path, Folder) else Folder(path)
+    files = {name: {"size": size, **({"sha256": _file_sha256(folder.join(name))} if folder.dir is not None else {})}
+             for name, size in _listed_files(folder).items()}
+    folder.write_bytes(CHECKSUMS, json.dumps({"format": 1, "step": step, "files": files}, indent=1).encode())
 
 
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
@@ -176,39 +152,15 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
     hashing). This is the one place to make cheaper (e.g. sizes only, or sampled blocks). On a
     store: one listing and the checksums object (sizes only, see the module docstring).
     """
-    if is_remote(path):
-        return _verify_remote(str(path))
-    path = Path(path)
+    folder = Folder(path)
+    local = folder.dir is not None
     try:
-        listed = json.loads((path / CHECKSUMS).read_text())["files"]
+        listed = json.loads(folder.read_bytes(CHECKSUMS))["files"]
     except FileNotFoundError:
-        return f"no {CHECKSUMS} (incomplete, or written by an older version)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no {CHECKSUMS} ({'incomplete, or written by an older version' if local else 'incomplete: its upload was interrupted'})"
+    except ((OSError,) if local else ()) + (ValueError, KeyError, TypeError) as e:  # a store's OSError is raised
         return f"unreadable {CHECKSUMS} ({type(e).__name__}: {e})"
-    on_disk = {str(f) for f in _checkpoint_files(path)}
-    for name in sorted(set(listed) - on_disk):
-        return f"{name} is missing"
-    for name in sorted(on_disk - set(listed)):
-        return f"{name} is not in {CHECKSUMS}"
-    for name, want in sorted(listed.items()):
-        size = (path / name).stat().st_size
-        if size != want["size"]:
-            return f"{name} has {size} bytes, {want['size']} recorded (truncated or changed)"
-    for name, want in sorted(listed.items()):
-        if _file_sha256(path / name) != want["sha256"]:
-            return f"{name} sha256 mismatch (corrupt or changed)"
-    return None
-
-
-def _verify_remote(url: str) -> str | None:
-    remote = Remote(url)
-    try:
-        listed = json.loads(remote.read_bytes(CHECKSUMS))["files"]
-    except FileNotFoundError:
-        return f"no {CHECKSUMS} (incomplete: its upload was interrupted)"
-    except (ValueError, KeyError, TypeError) as e:
-        return f"unreadable {CHECKSUMS} ({type(e).__name__}: {e})"
-    stored = {k: v for k, v in remote.files("").items() if k != CHECKSUMS}
+    stored = _listed_files(folder)
     for name in sorted(set(listed) - set(stored)):
         return f"{name} is missing"
     for name in sorted(set(stored) - set(listed)):
@@ -216,6 +168,9 @@ def _verify_remote(url: str) -> str | None:
     for name, want in sorted(listed.items()):
         if stored[name] != want["size"]:
             return f"{name} has {stored[name]} bytes, {want['size']} recorded (truncated or changed)"
+    for name, want in sorted(listed.items()) if local else ():  # hashing on a store would download it
+        if _file_sha256(folder.join(name)) != want["sha256"]:
+            return f"{name} sha256 mismatch (corrupt or changed)"
     return None
 
 
@@ -229,13 +184,13 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def _torch_load(path: str | Path):
-    """``torch.load`` of a local file or of one object on a store (small files: read whole)."""
+def _torch_load(folder: Folder, name: str):
+    """``torch.load`` of the file ``name`` of ``folder`` (small files: read whole)."""
     import io
 
     import torch
 
-    return torch.load(io.BytesIO(read_file(path)), weights_only=False)
+    return torch.load(io.BytesIO(folder.read_bytes(name)), weights_only=False)
 
 
 _FAULT_CALLS: dict[str, int] = {}
@@ -268,8 +223,9 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | str | None
                 return p
             print(f"[checkpoint] warning: skipping {p}: fails verification: {problem}", file=sys.stderr, flush=True)
         return None
-    p = resume.rstrip("/") if is_remote(resume) else Path(resume)
-    if not file_exists(f"{p}/trainer.pt" if is_remote(resume) else p / "trainer.pt"):
+    folder = Folder(resume)
+    p = folder.path
+    if not folder.isfile("trainer.pt"):
         raise FileNotFoundError(f"resume: {p} is not a complete checkpoint (no trainer.pt)")
     problem = verify_checkpoint(p)
     if problem is not None:
@@ -326,59 +282,34 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: nn.Module, opt
     import torch
     import torch.distributed.checkpoint as dcp
 
-    if is_remote(run_dir):
-        return _save_remote(str(run_dir).rstrip("/"), step, model, optimizer, scheduler, trainer_state, rank, keep)
-    root = Path(run_dir) / "checkpoints"
-    final, tmp = root / f"{CKPT_PREFIX}{step:08d}", root / f".tmp-{CKPT_PREFIX}{step:08d}"
+    ckpts = Folder(run_dir).sub("checkpoints")
+    name = f"{CKPT_PREFIX}{step:08d}"
+    final, work = ckpts.join(name), ckpts.scratch(name, f".tmp-{name}")
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        ckpts.makedirs()
+        # locally the temporary directory; on a store what an interrupted attempt left under the
+        # step's prefix (no checksums: never resumed from)
+        with writing("checkpoint", final):
+            work.remove()
     barrier()
     # an I/O error (full disk...) removes the temporary directory; older checkpoints are untouched
-    with writing("checkpoint", final, tmp):
-        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp))
-        torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-rank{rank}.pt")
+    with writing("checkpoint", final, *work.cleanup()):
+        dcp.save(_dcp_state(model, optimizer), **work.dcp_target("writer"))
+        work.write_bytes(f"rng-rank{rank}.pt", _torch_bytes({"torch": torch.get_rng_state()}), atomic=False)
     barrier()
     if rank == 0:
-        with writing("checkpoint", final, tmp):
-            torch.save({"scheduler": scheduler.state_dict(), "trainer": trainer_state}, tmp / "trainer.pt.tmp")
-            os.replace(tmp / "trainer.pt.tmp", tmp / "trainer.pt")
-            write_checksums(tmp, step)  # last: a checkpoint without it fails verification
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            if old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        with writing("checkpoint", final, *work.cleanup()):
+            work.write_bytes("trainer.pt", _torch_bytes({"scheduler": scheduler.state_dict(), "trainer": trainer_state}))
+            if work.is_remote:  # the crash tests' kill point (a store: between trainer.pt and the commit object)
+                _fault("checkpoint_before_checksums", rank)
+            write_checksums(work, step)  # last: a checkpoint without it fails verification
+        ckpts.commit(name, work)
+        with writing("checkpoint", final):
+            for old in complete_checkpoints(run_dir)[:-keep]:
+                if old != final:
+                    Folder(old).remove()
     barrier()
     return final
-
-
-def _save_remote(run_url: str, step: int, model: nn.Module, optimizer, scheduler, trainer_state: dict,
-                 rank: int, keep: int) -> str:
-    import torch
-    import torch.distributed.checkpoint as dcp
-
-    url = f"{run_url}/checkpoints/{CKPT_PREFIX}{step:08d}"
-    remote = Remote(url)
-    if rank == 0:
-        with writing("checkpoint", url):
-            remote.remove("")  # an interrupted attempt's objects (no checksums: never resumed from)
-    barrier()
-    with writing("checkpoint", url):
-        dcp.save(_dcp_state(model, optimizer), **_dcp_target(url, "writer"))
-        remote.write_bytes(f"rng-rank{rank}.pt", _torch_bytes({"torch": torch.get_rng_state()}))
-    barrier()
-    if rank == 0:
-        with writing("checkpoint", url):
-            remote.write_bytes("trainer.pt", _torch_bytes({"scheduler": scheduler.state_dict(), "trainer": trainer_state}))
-            _fault("checkpoint_before_checksums", rank)
-            files = {k: {"size": v} for k, v in sorted(remote.files("").items())}
-            remote.write_bytes(CHECKSUMS, json.dumps({"format": 1, "step": step, "files": files}, indent=1).encode())
-            for old in complete_checkpoints(run_url)[:-keep]:
-                if old != url:
-                    Remote(old).remove("")
-    barrier()
-    return url
 
 
 def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
@@ -388,29 +319,17 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer, schedu
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
-    remote = is_remote(path)
-    path = str(path).rstrip("/") if remote else Path(path)
+    folder = Folder(path)
     state = _dcp_state(model, optimizer)
-    with reading_checkpoint(path):
-        dcp.load(state, **_dcp_target(path, "reader"))
+    with reading_checkpoint(folder.path):
+        dcp.load(state, **folder.dcp_target("reader"))
         set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))  # frozen: not saved
         set_optimizer_state_dict(model, optimizer, state["optim"])
-    extra = _torch_load(f"{path}/trainer.pt" if remote else path / "trainer.pt")
+    extra = _torch_load(folder, "trainer.pt")
     scheduler.load_state_dict(extra["scheduler"])
-    rng = f"{path}/rng-rank{rank}.pt" if remote else path / f"rng-rank{rank}.pt"
-    if file_exists(rng):
-        torch.set_rng_state(_torch_load(rng)["torch"])
+    if folder.isfile(f"rng-rank{rank}.pt"):
+        torch.set_rng_state(_torch_load(folder, f"rng-rank{rank}.pt")["torch"])
     return extra["trainer"]
-
-
-def _dcp_target(path: str | Path, kind: str) -> dict:
-    """``dcp.save``/``dcp.load`` keyword for a local directory (``checkpoint_id``) or a URL (an
-    fsspec storage writer or reader: DCP would take a URL string for a local path)."""
-    if not is_remote(path):
-        return {"checkpoint_id": str(path)}
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-
-    return {"storage_writer": FsspecWriter(str(path))} if kind == "writer" else {"storage_reader": FsspecReader(str(path))}
 
 
 def save_optimizer(path: str | os.PathLike, model: nn.Module, optimizer, rank: int) -> None:
@@ -418,14 +337,12 @@ def save_optimizer(path: str | os.PathLike, model: nn.Module, optimizer, rank: i
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
+    folder = Folder(path)
     if rank == 0:
-        if is_remote(path):
-            Remote(path).remove("")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
+        folder.remove()
     barrier()
     with writing("the optimizer state", path):
-        dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, **_dcp_target(path, "writer"))
+        dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, **folder.dcp_target("writer"))
     barrier()
 
 
@@ -439,12 +356,13 @@ def load_optimizer_moments(path: str | os.PathLike, model: nn.Module, optimizer)
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-    if not (Remote(path).exists(".metadata") if is_remote(path) else Path(path).is_dir()):
+    folder = Folder(path)
+    if not folder.isdir():
         raise FileNotFoundError(f"carry_optimizer: no optimizer state of the previous round at {path}")
     hparams = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     state = {"optim": get_optimizer_state_dict(model, optimizer)}
     with reading_checkpoint(path, "the previous round's optimizer state"):
-        dcp.load(state, **_dcp_target(path, "reader"))
+        dcp.load(state, **folder.dcp_target("reader"))
         set_optimizer_state_dict(model, optimizer, state["optim"])
     for g, hp in zip(optimizer.param_groups, hparams):
         g.update(hp)

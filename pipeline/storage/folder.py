@@ -1,0 +1,482 @@
+"""One object for a directory that is either local or a prefix on an object store
+(:class:`Folder`, modelled on datatrove's ``DataFolder``), with the store primitives under it
+(:class:`Remote`, :class:`RemotePath`) and the small-file layer (:func:`read_file`,
+:func:`write_file`, :func:`file_exists`). The local-vs-store decision is taken here, once:
+callers write one body against :class:`Folder`.
+
+Local semantics: a file is written under ``NAME.tmp`` and renamed over ``NAME``; a staged
+directory under ``DIR.tmp`` and renamed over ``DIR``. On a store (no rename): one PUT per object
+(atomic), a staged directory uploaded with its marker object last.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from pipeline.storage.errors import describe, writing
+from pipeline.storage.paths import filesystem, is_remote, local_path, scheme
+
+
+def check_access(url: str, key: str) -> None:
+    """Fail early, in one line naming ``key`` and ``url``, when the store cannot serve a prefix:
+    the bucket does not exist, or the store refuses the request (credentials, endpoint). Two
+    requests (the bucket, one listing of the prefix); nothing is written.
+
+    Raises:
+        ValueError: the bucket is missing or a request failed; names ``key`` and ``url``.
+    """
+    url = str(url).rstrip("/")
+    try:
+        remote = Remote(url)
+        bucket = remote.root.split("/", 1)[0]
+        if not remote.fs.exists(bucket):
+            raise ValueError(f"{key} {url}: bucket {bucket!r} does not exist (or is not visible with these "
+                             "credentials); create it first (nothing was changed)")
+        remote.names()
+    except OSError as e:  # refused credentials, unreachable endpoint...
+        raise ValueError(f"{key} {url}: the store refused or failed the request ({describe(e)})") from None
+
+
+def _split(url: str) -> tuple["Remote", str]:
+    base, name = str(url).rstrip("/").rsplit("/", 1)
+    return Remote(base), name
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of one small file (``config.yaml``, ``run.json``, ``trainer.pt``...): a local
+    path or one object on a store.
+
+    Raises:
+        FileNotFoundError: there is none.
+    """
+    if is_remote(path):
+        remote, name = _split(str(path))
+        return remote.read_bytes(name)
+    return Path(path).read_bytes()
+
+
+def file_exists(path: str | os.PathLike) -> bool:
+    """Whether one file (local) or object (store) exists at ``path``."""
+    if is_remote(path):
+        remote, name = _split(str(path))
+        return remote.isfile(name)
+    return Path(path).is_file()
+
+
+def write_file(path: str | os.PathLike, data: bytes) -> None:
+    """Replace one small file whole: locally a temporary file renamed over it (a reader sees the
+    old or the new file, never part of one; the temporary file is removed on an error), on a
+    store one PUT (atomic). The caller wraps it in :func:`pipeline.storage.errors.writing` for the
+    one-line error.
+
+    Raises:
+        OSError: the write failed (nothing replaced).
+    """
+    if is_remote(path):
+        remote, name = _split(str(path))
+        remote.write_bytes(name, data)
+        return
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class Remote:
+    """A directory-like prefix on a remote store (a cache directory in a bucket).
+
+    Args:
+        url: ``s3://bucket/prefix`` (no trailing slash needed).
+    Raises:
+        ValueError: see :func:`filesystem`.
+    """
+
+    def __init__(self, url: str | os.PathLike):
+        self.url = str(url).rstrip("/")
+        self.fs, self.root = filesystem(self.url)
+        self.protocol = scheme(self.url)
+
+    def path(self, name: str = "") -> str:
+        """The store path (no scheme) of ``name`` under the prefix."""
+        return f"{self.root}/{name}" if name else self.root
+
+    def url_of(self, name: str) -> str:
+        """The full URL of ``name`` under the prefix (for messages and zarr)."""
+        return f"{self.url}/{name}"
+
+    def exists(self, name: str = "") -> bool:
+        """Whether an object or a prefix ``name`` exists (one request)."""
+        return self.fs.exists(self.path(name))
+
+    def isfile(self, name: str) -> bool:
+        """Whether ``name`` is an object (not a prefix)."""
+        return self.fs.isfile(self.path(name))
+
+    def names(self) -> list[str]:
+        """Names directly under the prefix (objects and sub-prefixes), sorted; [] if none."""
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False, refresh=True))
+        except FileNotFoundError:
+            return []
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole object ``name``. Raises FileNotFoundError when there is none."""
+        return self.fs.cat_file(self.path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """One object, written whole (an object store's PUT is atomic: no temporary name)."""
+        self.fs.pipe_file(self.path(name), data)
+
+    def put_dir(self, local: Path, name: str, after_object=None) -> None:
+        """Upload a local file or directory tree to ``name`` (objects under their final names,
+        one PUT each, in path order). ``after_object(i)`` is called after the i-th object
+        (1-based; the crash tests kill the process between two objects of a shard)."""
+        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+        for i, f in enumerate(files, 1):
+            rel = "" if f == local else f.relative_to(local).as_posix()
+            self.fs.put_file(str(f), self.path(f"{name}/{rel}" if name and rel else name or rel))
+            if after_object is not None:
+                after_object(i)
+
+    def download_dir(self, name: str, local: Path) -> None:
+        """Copy every object under ``name`` into the local directory ``local``."""
+        base = self.path(name)
+        for p in self.fs.find(base):
+            rel = p[len(base):].lstrip("/")
+            dst = local / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(p, str(dst))
+
+    def files(self, name: str) -> dict[str, int]:
+        """``{relative path: size in bytes}`` of the objects under ``name`` (a single object:
+        ``{"": size}``)."""
+        base = self.path(name)
+        found = self.fs.find(base, detail=True)
+        return {p[len(base):].lstrip("/"): int(info.get("size") or 0) for p, info in found.items()}
+
+    def remove(self, name: str) -> None:
+        """Delete an object or every object under a prefix (missing: no error)."""
+        try:
+            self.fs.rm(self.path(name), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def open(self, name: str, mode: str = "rb"):
+        """A file object; reads are ranged requests with no read-ahead (``cache_type="none"``):
+        a reader fetches the row groups it asks for, not whole shards."""
+        if "r" in mode:
+            return self.fs.open(self.path(name), mode, cache_type="none")
+        return self.fs.open(self.path(name), mode)
+
+    def dcp_target(self, kind: str) -> dict:
+        """The ``dcp.save``/``dcp.load`` keyword for the folder: ``checkpoint_id`` locally, an
+        fsspec storage writer (``kind="writer"``) or reader (``"reader"``) on a store (DCP would
+        take a URL string for a local path)."""
+        if self.remote is None:
+            return {"checkpoint_id": str(self.dir)}
+        return {"storage_writer": self.writer()} if kind == "writer" else {"storage_reader": self.reader()}
+
+    def zarr_store(self, name: str, read_only: bool = True):
+        """A zarr v3 ``FsspecStore`` on ``name`` (zarr reads its chunks with ranged requests)."""
+        from zarr.storage import FsspecStore
+
+        return FsspecStore.from_url(self.url_of(name), read_only=read_only)
+
+
+def staging_dir() -> tempfile.TemporaryDirectory:
+    """A local temporary directory for a shard (or tokenizer) on its way to a remote store."""
+    return tempfile.TemporaryDirectory(prefix="kd-upload-")
+
+
+class RemotePath:
+    """One shard (object or prefix) ``name`` under a :class:`Remote` prefix: what a cache backend
+    reads when the cache is on a remote store (a local shard is a :class:`~pathlib.Path`)."""
+
+    def __init__(self, remote: Remote, name: str):
+        self.remote, self.name = remote, name
+
+    def __str__(self) -> str:
+        return self.remote.url_of(self.name)
+
+    def __hash__(self) -> int:
+        return hash(str(self))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RemotePath) and str(other) == str(self)
+
+
+_COPIES: dict[str, tempfile.TemporaryDirectory] = {}
+
+
+def local_copy(url: str) -> str:
+    """A local directory holding the objects under ``url`` (downloaded once per process, removed
+    at exit): for small directories read whole by libraries that want local files (a tokenizer).
+
+    Raises:
+        FileNotFoundError: nothing under ``url`` (named).
+    """
+    if url not in _COPIES:
+        r = Remote(url)
+        if not r.files(""):
+            raise FileNotFoundError(f"{url}: no such directory on the store")
+        tmp = tempfile.TemporaryDirectory(prefix="kd-download-")
+        r.download_dir("", Path(tmp.name))
+        _COPIES[url] = tmp
+    return _COPIES[url].name
+
+
+class Folder:
+    """A directory that is either local or a prefix on an object store: the one place where
+    the local-vs-store decision is taken.
+
+    Args:
+        path: a local path (``file://`` accepted) or a store URL (``s3://bucket/prefix``).
+    Attributes:
+        url: the folder as a string (a URL without trailing slash, or the local path).
+        remote: the :class:`Remote` prefix on a store, ``None`` for a local directory.
+        dir: the local :class:`~pathlib.Path`, ``None`` on a store.
+    Raises:
+        ValueError: no fsspec implementation for the URL's scheme (see :func:`filesystem`).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        if is_remote(path):
+            self.remote: Remote | None = Remote(path)
+            self.dir: Path | None = None
+            self.url = self.remote.url
+        else:
+            self.remote, self.dir = None, local_path(path, "path")
+            self.url = str(path) if isinstance(path, Path) or scheme(path) is None else str(self.dir)
+
+    # ------------------------------------------------------------------ names
+    @property
+    def is_remote(self) -> bool:
+        """True on a store."""
+        return self.remote is not None
+
+    @property
+    def path(self) -> Path | str:
+        """The folder itself: a local :class:`~pathlib.Path`, or the URL on a store."""
+        return self.dir if self.dir is not None else self.url
+
+    def join(self, name: str = "") -> Path | str:
+        """``name`` under the folder: a local :class:`~pathlib.Path`, or a URL on a store (the
+        folder itself for ``""``)."""
+        if self.dir is not None:
+            return self.dir / name if name else self.dir
+        return self.remote.url_of(name) if name else self.url
+
+    def sub(self, name: str) -> "Folder":
+        """The folder ``name`` under this one."""
+        return Folder(self.join(name))
+
+    def shard(self, name: str) -> Path | RemotePath:
+        """What a cache backend reads for the shard ``name``: a local path or a :class:`RemotePath`."""
+        return self.dir / name if self.dir is not None else RemotePath(self.remote, name)
+
+    def __str__(self) -> str:
+        return self.url
+
+    # ------------------------------------------------------------------ queries
+    def exists(self, name: str = "") -> bool:
+        """Whether ``name`` (a file, a directory / an object, a prefix) exists; the folder itself for ``""``."""
+        return self.remote.exists(name) if self.remote is not None else self.join(name).exists()
+
+    def isfile(self, name: str) -> bool:
+        """Whether ``name`` is a file (an object on a store, not a prefix)."""
+        return self.remote.isfile(name) if self.remote is not None else self.join(name).is_file()
+
+    def isdir(self, name: str = "") -> bool:
+        """Whether ``name`` is a directory (on a store: a prefix with objects under it)."""
+        if self.remote is not None:
+            return self.remote.exists(name) and not self.remote.isfile(name)
+        return self.join(name).is_dir()
+
+    def list(self, dirs: bool = False) -> list[str]:
+        """Names directly under the folder (files and directories), sorted; [] if it does not
+        exist. With ``dirs``, local directories only (on a store every name: telling a prefix
+        from an object would cost a request each)."""
+        if self.remote is not None:
+            return self.remote.names()
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name for p in self.dir.iterdir() if not dirs or p.is_dir())
+
+    def files(self, name: str = "") -> dict[str, int]:
+        """``{relative path: size in bytes}`` of every file under ``name`` (recursively)."""
+        if self.remote is not None:
+            return self.remote.files(name)
+        base = self.join(name)
+        if base.is_file():
+            return {"": base.stat().st_size}
+        return {f.relative_to(base).as_posix(): f.stat().st_size for f in sorted(base.rglob("*")) if f.is_file()}
+
+    # ------------------------------------------------------------------ removal
+    def remove(self, name: str = "") -> None:
+        """Delete the file or directory (object or prefix) ``name``; the whole folder for ``""``.
+        Missing: no error. Errors on a local directory's files are ignored (best effort)."""
+        if self.remote is not None:
+            self.remote.remove(name)
+            return
+        p = self.join(name)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+    rmtree = remove
+
+    # ------------------------------------------------------------------ small files
+    def read_bytes(self, name: str) -> bytes:
+        """The whole file ``name``.
+
+        Raises:
+            FileNotFoundError: there is none.
+        """
+        return self.remote.read_bytes(name) if self.remote is not None else self.join(name).read_bytes()
+
+    def write_bytes(self, name: str, data: bytes, atomic: bool = True) -> None:
+        """Replace the file ``name`` whole (:func:`write_file`: ``NAME.tmp`` renamed over it
+        locally, parent directories created; one PUT on a store). With ``atomic=False`` a local
+        file is written in place (for files inside a directory that is itself renamed last).
+
+        Raises:
+            OSError: the write failed (nothing replaced).
+        """
+        if atomic or self.remote is not None:
+            write_file(self.join(name), data)
+        else:
+            self.join(name).write_bytes(data)
+
+    def makedirs(self) -> None:
+        """Create the local directory and its parents (no-op on a store: prefixes need no creation).
+
+        Raises:
+            OSError: it cannot be created.
+        """
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ write in place, commit by rename
+    def scratch(self, name: str, tmp_name: str) -> "Folder":
+        """Where the directory ``name`` is written before :meth:`commit`: ``tmp_name`` locally
+        (renamed over ``name`` by :meth:`commit`), ``name`` itself on a store (no rename there:
+        the caller writes its marker object last)."""
+        return self.sub(tmp_name if self.remote is None else name)
+
+    def cleanup(self) -> tuple[Path, ...]:
+        """The local paths that :func:`~pipeline.storage.errors.writing` removes when writing
+        this folder fails: the directory itself locally, nothing on a store."""
+        return (self.dir,) if self.dir is not None else ()
+
+    def commit(self, name: str, scratch: "Folder") -> None:
+        """Make ``scratch`` (from :meth:`scratch`) the directory ``name``: locally the previous
+        ``name`` is removed and ``scratch`` renamed over it; no-op on a store.
+
+        Raises:
+            OSError: the rename failed.
+        """
+        if self.remote is None:
+            shutil.rmtree(self.join(name), ignore_errors=True)
+            os.replace(scratch.dir, self.join(name))
+
+    def open(self, name: str, mode: str = "rb"):
+        """A file object on ``name`` (on a store: ranged reads, see :meth:`Remote.open`)."""
+        return self.remote.open(name, mode) if self.remote is not None else open(self.join(name), mode)
+
+    # ------------------------------------------------------------------ directories
+    @contextlib.contextmanager
+    def staged(self, name: str = "", what: str = "directory", marker: str | None = None) -> Iterator[Path]:
+        """Write the directory ``name`` (the folder itself for ``""``) whole: yields a local
+        path (not created) to write it into; on success it replaces the previous one.
+
+        Locally: ``<dir>.tmp`` (removed first), renamed over ``<dir>`` after the previous one is
+        removed. On a store: a local staging directory, uploaded after the previous objects
+        under the prefix are removed, with ``marker`` (e.g. ``config.json``) uploaded last.
+
+        Args:
+            name: the directory under the folder.
+            what: what is written, for the error message.
+            marker: the file uploaded last on a store (the commit point), if any.
+        Raises:
+            StorageError: an I/O error while writing (locally the temporary directory is removed).
+        """
+        out = self.join(name)
+        if self.remote is None:
+            tmp = Path(str(out) + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            with writing(what, out, tmp):  # the previous directory stays until the new one is whole
+                yield tmp
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+            return
+        with staging_dir() as stage:
+            tmp = Path(stage) / (Path(name).name or "stage")
+            with writing(what, out):
+                yield tmp
+                remote = Remote(out)
+                remote.remove("")
+                files = sorted(p for p in tmp.rglob("*") if p.is_file())
+                for f in sorted(files, key=lambda p: p.name == marker):
+                    remote.put_dir(f, f.relative_to(tmp).as_posix())
+
+    def local(self) -> str:
+        """A local directory holding the folder's files: the directory itself, or a copy of
+        the objects downloaded once per process (:func:`local_copy`).
+
+        Raises:
+            FileNotFoundError: nothing under the store prefix (named).
+        """
+        return str(self.dir) if self.dir is not None else local_copy(self.url)
+
+    def writer(self):
+        """A torch.distributed.checkpoint storage writer for the folder: ``FileSystemWriter``
+        locally, ``FsspecWriter`` on a store."""
+        if self.remote is None:
+            from torch.distributed.checkpoint import FileSystemWriter
+
+            return FileSystemWriter(str(self.dir))
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        return FsspecWriter(self.url)
+
+    def reader(self):
+        """A torch.distributed.checkpoint storage reader for the folder: ``FileSystemReader``
+        locally, ``FsspecReader`` on a store."""
+        if self.remote is None:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            return FileSystemReader(str(self.dir))
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        return FsspecReader(self.url)
+
+    def dcp_target(self, kind: str) -> dict:
+        """The ``dcp.save``/``dcp.load`` keyword for the folder: ``checkpoint_id`` locally, an
+        fsspec storage writer (``kind="writer"``) or reader (``"reader"``) on a store (DCP would
+        take a URL string for a local path)."""
+        if self.remote is None:
+            return {"checkpoint_id": str(self.dir)}
+        return {"storage_writer": self.writer()} if kind == "writer" else {"storage_reader": self.reader()}
+
+    def zarr_store(self, name: str, read_only: bool = True):
+        """A zarr store on ``name``: the local path, or an ``FsspecStore`` on a store."""
+        return str(self.join(name)) if self.remote is None else self.remote.zarr_store(name, read_only)
+
+    def check_access(self, key: str) -> None:
+        """Fail early when a store cannot serve the prefix (:func:`check_access`); no-op locally.
+
+        Raises:
+            ValueError: the bucket is missing or a request failed; names ``key`` and the URL.
+        """
+        if self.remote is not None:
+            check_access(self.url, key)
