@@ -16,10 +16,8 @@ reader, coding and validation are shared (:mod:`pipeline.cache.store`,
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -28,7 +26,7 @@ from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_man
 from pipeline.cache.parquet import ParquetBackend
 from pipeline.cache.store import CacheReader, CacheRecord, CacheWriter, ShardBackend, closed_shards, remove_unclosed
 from pipeline.cache.zarr_backend import ZarrBackend
-from pipeline.storage import Remote, RemotePath, check_access, describe, is_remote
+from pipeline.storage import Folder, describe
 
 __all__ = ["BACKENDS", "CacheReader", "CacheRecord", "CacheWriter", "Encoding", "Manifest", "PrepareState",
            "cache_bytes", "prepare_cache", "open_writer", "finalize_cache", "open_cache", "read_manifest",
@@ -67,29 +65,25 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
             on a remote store: the bucket does not exist, or the store refuses the request
             (credentials), the URL named.
     """
-    if not is_remote(cache_dir):
-        return _prepare(Path(cache_dir), None, manifest, overwrite)
-    url = str(cache_dir).rstrip("/")
+    folder = Folder(cache_dir)
     try:
-        return _prepare(url, Remote(url), manifest, overwrite)
+        return _prepare(folder, manifest, overwrite)
     except OSError as e:  # refused credentials, unreachable endpoint...
-        raise ValueError(f"cache.dir {url}: the store refused or failed the request ({describe(e)})") from None
+        if not folder.is_remote:
+            raise
+        raise ValueError(f"cache.dir {folder.url}: the store refused or failed the request ({describe(e)})") from None
 
 
-def _prepare(d, remote: Remote | None, manifest: Manifest, overwrite: bool) -> PrepareState:
-    """:func:`prepare_cache` for a local directory ``d`` (``remote`` None) or a prefix on a
-    remote store (``d`` its URL): the same rules, over files or objects."""
-    if remote is not None:
-        check_access(d, "cache.dir")
-        if remote.isfile(""):
-            raise ValueError(f"cache.dir {d} is an existing object, not a prefix; use another cache.dir "
-                             "(nothing was changed)")
-        names = remote.names()
-    else:
-        if d.exists() and not d.is_dir():
-            raise ValueError(f"cache.dir {d} is an existing file, not a directory; use another cache.dir "
-                             "(nothing was changed)")
-        names = sorted(p.name for p in d.iterdir()) if d.exists() else []
+def _prepare(folder: Folder, manifest: Manifest, overwrite: bool) -> PrepareState:
+    """:func:`prepare_cache` for a local directory or a prefix on a remote store: the same
+    rules, over files or objects."""
+    d = folder.path
+    folder.check_access("cache.dir")
+    file, directory = folder.nouns
+    if folder.isfile("") if folder.is_remote else (d.exists() and not d.is_dir()):
+        raise ValueError(f"cache.dir {d} is an existing {file}, not a {directory}; use another cache.dir "
+                         "(nothing was changed)")
+    names = folder.list()
     if names:
         if MANIFEST not in names:
             if not overwrite:
@@ -101,15 +95,14 @@ def _prepare(d, remote: Remote | None, manifest: Manifest, overwrite: bool) -> P
                 raise ValueError(f"cache {d} was written with different settings ({'; '.join(diff)}); "
                                  "use another cache.dir or cache.overwrite=true")
         if overwrite:
-            remote.remove("") if remote is not None else shutil.rmtree(d)
-    if remote is None:
-        d.mkdir(parents=True, exist_ok=True)
+            folder.rmtree()
+    folder.makedirs()
     remove_unclosed(d)
     backend = backend_for(manifest.backend, manifest.compression)
     done: set[str] = set()
     shards = closed_shards(d)
     for s in shards:
-        done.update(backend.read_index(RemotePath(remote, s.file) if remote is not None else d / s.file).sample_ids)
+        done.update(backend.read_index(folder.shard(s.file)).sample_ids)
     manifest.complete = False
     manifest.shards = shards
     write_manifest(d, manifest)
@@ -165,7 +158,8 @@ def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, ver
             named); a checksum mismatch is raised by the first read of that shard
             (:class:`~pipeline.cache.store.CacheReader`).
     """
-    if not is_remote(cache_dir) and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+    local = Folder(cache_dir).dir  # None on a store
+    if local is not None and local.exists() and not local.is_dir():
         raise ValueError(f"cache {cache_dir} is a file, not a teacher cache directory")
     m = read_manifest(cache_dir)
     if m.format_version != FORMAT_VERSION:
@@ -196,15 +190,8 @@ def validate_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False)
 
 def cache_bytes(cache_dir: str | os.PathLike) -> int:
     """Bytes on disk (or in the store) of the closed shards of a cache (manifest and markers excluded)."""
-    if is_remote(cache_dir):
-        r = Remote(cache_dir)
-        return sum(sum(r.files(s.file).values()) for s in closed_shards(cache_dir))
-    d = Path(cache_dir)
-    total = 0
-    for s in closed_shards(d):
-        p = d / s.file
-        total += p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    return total
+    folder = Folder(cache_dir)
+    return sum(sum(folder.files(s.file).values()) for s in closed_shards(cache_dir))
 
 
 def cache_record_from_targets(sample, topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail: np.ndarray,

@@ -11,19 +11,20 @@ import math
 import json
 import os
 import time
-from pathlib import Path
 from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.storage.errors import writing
-from pipeline.storage import Remote, is_remote
+from pipeline.storage import Folder
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
 class TeacherEntry(BaseModel):
+    """One teacher of the cache: its path and its weight in the ensemble."""
+
     path: str
     weight: float
     fingerprint: str
@@ -100,6 +101,7 @@ class Manifest(BaseModel):
         return math.exp(self.teacher_nll_sum / max(self.num_valid_positions, 1))
 
     def header(self) -> dict:
+        """The fields that must match for a rerun to resume the cache (:attr:`HEADER_KEYS`)."""
         return {k: getattr(self, k) for k in self.HEADER_KEYS}
 
     def header_diff(self, other: "Manifest") -> list[str]:
@@ -116,18 +118,12 @@ def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
         ValueError: the manifest is not valid JSON or misses / mistypes a field (edited by
             hand?); the file and the first problem are named.
     """
-    if is_remote(cache_dir):
-        r = Remote(cache_dir)
-        p = r.url_of(MANIFEST)
-        try:
-            text = r.read_bytes(MANIFEST)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}") from None
-    else:
-        p = Path(cache_dir) / MANIFEST
-        if not p.is_file():
-            raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}")
-        text = p.read_text()
+    folder = Folder(cache_dir)
+    p = folder.join(MANIFEST)
+    try:
+        text = folder.read_bytes(MANIFEST)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}") from None
     try:
         return Manifest.model_validate_json(text)
     except ValidationError as e:
@@ -144,12 +140,7 @@ def write_manifest(cache_dir: str | os.PathLike, manifest: Manifest) -> None:
         StorageError: an I/O error (the previous manifest stays as it was).
     """
     manifest.updated_at = time.time()
-    if is_remote(cache_dir):
-        with writing("the manifest", f"{cache_dir}/{MANIFEST}"):
-            Remote(cache_dir).write_bytes(MANIFEST, json.dumps(manifest.model_dump(), indent=1).encode())
-        return
-    p = Path(cache_dir) / MANIFEST
-    tmp = p.with_suffix(".json.tmp")
-    with writing("the manifest", p, tmp):  # the previous manifest stays as it was
-        tmp.write_text(json.dumps(manifest.model_dump(), indent=1))
-        os.replace(tmp, p)
+    folder = Folder(cache_dir)
+    # locally manifest.json.tmp renamed over manifest.json; on a store one PUT
+    with writing("the manifest", folder.join(MANIFEST)):  # the previous manifest stays as it was
+        folder.write_bytes(MANIFEST, json.dumps(manifest.model_dump(), indent=1).encode())

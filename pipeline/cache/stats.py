@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import cache_bytes, open_cache
-from pipeline.storage import is_remote
+from pipeline.storage import Folder
 
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
 
@@ -71,7 +71,7 @@ def cache_summary(cache_dir: str | os.PathLike, max_samples: int | None = None) 
     # The closed shards' totals: an incomplete cache's manifest has no totals yet.
     closed = m.model_copy(update={"teacher_nll_sum": float(r.teacher_nll_sum.sum()), "num_valid_positions": n_valid})
     summary = {
-        "dir": str(cache_dir) if is_remote(cache_dir) else str(Path(cache_dir).resolve()), "backend": m.backend, "complete": m.complete, "format_version": m.format_version,
+        "dir": Folder(cache_dir).absolute(), "backend": m.backend, "complete": m.complete, "format_version": m.format_version,
         "target_type": m.target_type, "k": m.k, "vocab_size": m.vocab_size, "temperature": m.temperature,
         "index_dtype": m.index_dtype, "index_coding": m.index_coding, "value_dtype": m.value_dtype,
         "compression": m.compression, "teachers": [t.model_dump() for t in m.teachers],

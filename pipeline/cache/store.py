@@ -13,7 +13,6 @@ import functools
 import hashlib
 import os
 import queue
-import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -26,7 +25,7 @@ import numpy as np
 from pipeline.cache.codec import Encoding, decode_targets, encode_targets
 from pipeline.cache.manifest import Manifest, ShardEntry
 from pipeline.storage.errors import fault_point, writing
-from pipeline.storage import Remote, RemotePath, is_remote, staging_dir
+from pipeline.storage import Folder, RemotePath
 
 MARKER_SUFFIX = ".done.json"
 TMP_SUFFIX = ".tmp"
@@ -58,6 +57,7 @@ class CacheRecord:
 
     @property
     def n_valid(self) -> int:
+        """Valid target positions of the sample (``loss_mask[1:]`` set)."""
         return int(self.loss_mask[1:].sum())
 
 
@@ -83,9 +83,11 @@ class Block:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the block's arrays (tokens, mask, targets)."""
         return sum(a.nbytes for a in (self.input_ids, self.loss_mask, self.topk_ids, self.topk_logprobs, self.tail_logprob))
 
     def record(self, j: int) -> CacheRecord:
+        """The ``j``-th sample of the block (views, no copy)."""
         a, b = self.tok_off[j], self.tok_off[j + 1]
         p, q = self.pos_off[j], self.pos_off[j + 1]
         return CacheRecord(self.sample_ids[j], self.input_ids[a:b], self.loss_mask[a:b], self.topk_ids[p:q],
@@ -93,6 +95,7 @@ class Block:
 
     @staticmethod
     def from_records(records: list[CacheRecord]) -> "Block":
+        """Concatenate ``records`` into one block (offsets per sample)."""
         n_tok = np.array([len(r.input_ids) for r in records], dtype=np.int64)
         cat = np.concatenate
         return Block([r.sample_id for r in records], np.concatenate([[0], np.cumsum(n_tok)]),
@@ -205,7 +208,9 @@ class ShardBackend(Protocol):
         """Write a shard at ``path`` (a path not yet existing; the caller renames it)."""
         ...
 
-    def read_index(self, path: Path) -> ShardIndex: ...
+    def read_index(self, path: Path) -> ShardIndex:
+        """The shard's index (sample IDs, lengths, block starts) without its targets."""
+        ...
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
         """The ``arrays`` of the samples ``index.block_starts[block]:[block+1]``."""
@@ -213,6 +218,7 @@ class ShardBackend(Protocol):
 
 
 def encoding_of(m: Manifest) -> Encoding:
+    """The target encoding (index/value dtypes, index coding, q8 step) recorded in ``m``."""
     return Encoding(m.index_dtype, m.value_dtype, m.index_coding, m.q8_step)
 
 
@@ -257,10 +263,9 @@ class CacheWriter:
                  shard_bytes: int | None = None):
         if queue_shards < 0:
             raise ValueError(f"cache writer: queue_shards={queue_shards} must be >= 0")
-        self.backend, self.dir, self.m = backend, Path(cache_dir), manifest
-        self.remote = Remote(cache_dir) if is_remote(cache_dir) else None
-        if self.remote is not None:
-            self.dir = cache_dir  # type: ignore[assignment] — named in messages only
+        self.backend, self.m = backend, manifest
+        self.folder = Folder(cache_dir)
+        self.dir = self.folder.path  # named in messages
         self.enc = encoding_of(manifest)
         self.rank, self.attempt = rank, attempt
         self.samples_per_shard, self.block_size = samples_per_shard, block_size
@@ -372,44 +377,25 @@ class CacheWriter:
                   "input_ids": blk.input_ids.astype(self.enc.index_dtype), "loss_mask": blk.loss_mask,
                   **encode_targets(blk.topk_ids, blk.topk_logprobs, blk.tail_logprob, self.enc)}
         name = f"part-r{self.rank:05d}-a{self.attempt}-{len(self.closed):05d}{self.backend.suffix}"
-        if self.remote is not None:
-            self._flush_remote(name, arrays, records, blk)
-            return
-        final, tmp = self.dir / name, self.dir / (name + TMP_SUFFIX)
-        marker = self.dir / (name + MARKER_SUFFIX)
-        # a failed write removes the shard's files (space back) and leaves no marker: the rerun
-        # writes this shard again and keeps every shard closed before it
-        with writing(f"shard {name} of the cache", self.dir, tmp, final, marker.with_suffix(TMP_SUFFIX)):
-            self.backend.write_shard(tmp, arrays, self.m.k, self.block_size)
-            self._fault("before_rename")
-            os.replace(tmp, final)
-            self._fault("before_marker")
-            entry = ShardEntry(file=name, rank=self.rank, num_samples=len(records), num_tokens=int(blk.tok_off[-1]),
-                               num_valid_positions=int(sum(r.n_valid for r in records)),
-                               teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(final))
-            marker.with_suffix(TMP_SUFFIX).write_text(entry.model_dump_json())
-            os.replace(marker.with_suffix(TMP_SUFFIX), marker)
-        self._fault("after_marker")
-        self.closed.append(entry)
-
-    def _flush_remote(self, name: str, arrays: dict, records: list[CacheRecord], blk: Block) -> None:
-        """Close a shard on a remote store, where there is no rename: the shard is coded into a
-        local staging directory (hashed there), uploaded under its final name, and only then is
-        its marker written — the marker is the commit point. A shard killed during the upload has
-        objects but no marker: readers ignore it and the rerun deletes it
-        (:func:`remove_unclosed`)."""
-        url = f"{self.dir}/{name}"
-        with staging_dir() as tmpdir:
-            local = Path(tmpdir) / name
-            with writing(f"shard {name} of the cache", url):
-                self.backend.write_shard(local, arrays, self.m.k, self.block_size)
+        marker = name + MARKER_SUFFIX
+        marker_tmp = Path(marker).with_suffix(TMP_SUFFIX).name
+        # locally the shard is written under NAME.tmp and renamed; on a store (no rename) it is
+        # coded into a local staging directory and uploaded under its final name. Either way
+        # the marker is written last: the commit point. A failed write removes the shard's
+        # local files (space back) and leaves no marker: the rerun writes this shard again and
+        # keeps every shard closed before it; a shard killed during its upload has objects but
+        # no marker: readers ignore it and the rerun deletes it (:func:`remove_unclosed`)
+        with self.folder.staged_file(name, TMP_SUFFIX) as tmp:
+            with writing(f"shard {name} of the cache", self.dir,
+                         *self.folder.local_paths(name + TMP_SUFFIX, name, marker_tmp)):
+                self.backend.write_shard(tmp, arrays, self.m.k, self.block_size)
                 entry = ShardEntry(file=name, rank=self.rank, num_samples=len(records), num_tokens=int(blk.tok_off[-1]),
                                    num_valid_positions=int(sum(r.n_valid for r in records)),
-                                   teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(local))
+                                   teacher_nll_sum=float(blk.teacher_nll_sum.sum()), sha256=dir_sha256(tmp))
                 self._fault("before_rename")
-                self.remote.put_dir(local, name, after_object=lambda i: i == 1 and self._fault("mid_upload"))
+                self.folder.publish(tmp, name, after_object=lambda i: i == 1 and self._fault("mid_upload"))
                 self._fault("before_marker")
-                self.remote.write_bytes(name + MARKER_SUFFIX, entry.model_dump_json().encode())
+                self.folder.write_bytes(marker, entry.model_dump_json().encode(), tmp_name=marker_tmp)
         self._fault("after_marker")
         self.closed.append(entry)
 
@@ -422,31 +408,23 @@ class CacheWriter:
 
 def closed_shards(cache_dir: str | os.PathLike) -> list[ShardEntry]:
     """Shards with a completion marker, in file-name order (unmarked shards are ignored)."""
-    if is_remote(cache_dir):
-        r = Remote(cache_dir)
-        return [ShardEntry.model_validate_json(r.read_bytes(n)) for n in r.names() if n.endswith(MARKER_SUFFIX)]
-    return [ShardEntry.model_validate_json(p.read_text()) for p in sorted(Path(cache_dir).glob("*" + MARKER_SUFFIX))]
+    folder = Folder(cache_dir)
+    return [ShardEntry.model_validate_json(folder.read_bytes(n)) for n in folder.list()
+            if n.endswith(MARKER_SUFFIX) and not n.startswith(".")]
 
 
 def remove_unclosed(cache_dir: str | os.PathLike) -> list[str]:
     """Delete temporary files/directories and shards without a completion marker; returns their names."""
-    if is_remote(cache_dir):
-        r = Remote(cache_dir)
-        names = r.names()
-        marked = {n[:-len(MARKER_SUFFIX)] for n in names if n.endswith(MARKER_SUFFIX)}
-        gone = [n for n in names if (n.endswith(TMP_SUFFIX) or n.startswith("part-"))
-                and not n.endswith(MARKER_SUFFIX) and n not in marked]
-        for n in gone:
-            r.remove(n)
-        return gone
-    d = Path(cache_dir)
-    marked = {s.file for s in closed_shards(d)}
-    gone = []
-    for p in list(d.glob("*" + TMP_SUFFIX)) + [p for p in d.glob("part-*") if not p.name.endswith(MARKER_SUFFIX)]:
-        if p.name in marked or not p.exists():
+    folder = Folder(cache_dir)
+    marked = {s.file for s in closed_shards(cache_dir)}
+    names = [n for n in folder.list() if not n.startswith(".")]
+    gone: list[str] = []
+    for n in [n for n in names if n.endswith(TMP_SUFFIX)] + [n for n in names if n.startswith("part-")
+                                                             and not n.endswith(MARKER_SUFFIX)]:
+        if n in marked or n in gone:
             continue
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-        gone.append(p.name)
+        folder.rmtree(n) if folder.isdir(n) and not folder.is_remote else folder.remove(n)
+        gone.append(n)
     return gone
 
 
@@ -480,22 +458,21 @@ class CacheReader:
 
     def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest,
                  shards: list[ShardEntry], verify: bool = True, max_cached_bytes: int = 2 << 30):
-        self.backend, self.dir, self.manifest, self.shards = backend, Path(cache_dir), manifest, shards
-        self.remote = Remote(cache_dir) if is_remote(cache_dir) else None
-        if self.remote is not None:
-            self.dir = cache_dir  # type: ignore[assignment] — named in messages only
+        self.backend, self.manifest, self.shards = backend, manifest, shards
+        self.folder = Folder(cache_dir)
+        self.dir = self.folder.path  # named in messages
         self.enc = encoding_of(manifest)
         self.verify, self.max_cached_bytes = verify, max_cached_bytes
         # a remote shard's lazy checksum would download it whole: objects are written whole and
         # checked by the store (PUT is atomic); validate() still hashes every byte
-        self.verify_checksums = verify and self.remote is None
+        self.verify_checksums = verify and not self.folder.is_remote
         if not shards:
             raise ValueError(f"cache {self.dir}: no closed shard")
         self.index: list[ShardIndex] = []
-        present = set(self.remote.names()) if self.remote is not None else None
+        present = set(self.folder.list())  # one listing
         for s in shards:
             path = self.shard_path(s.file)
-            if not (s.file in present if present is not None else path.exists()):
+            if s.file not in present:
                 raise FileNotFoundError(f"cache {self.dir}: shard {s.file} listed but missing")
             try:
                 ix = backend.read_index(path)
@@ -540,7 +517,7 @@ class CacheReader:
 
     def shard_path(self, name: str) -> Path | RemotePath:
         """Where the backend reads shard ``name``: a local path or a remote shard."""
-        return RemotePath(self.remote, name) if self.remote is not None else self.dir / name
+        return self.folder.shard(name)
 
     def verify_shard(self, shard: int) -> None:
         """Check shard ``shard``'s SHA-256 against its marker, once per reader (later calls
@@ -580,6 +557,7 @@ class CacheReader:
         return self._lengths
 
     def shard_name(self, i: int) -> str:
+        """The file name of the shard holding sample ``i``."""
         return self.shards[self.shard_of[i]].file
 
     def block_ids(self) -> np.ndarray:
@@ -593,6 +571,7 @@ class CacheReader:
 
     # ------------------------------------------------------------------ blocks
     def num_blocks(self, shard: int) -> int:
+        """Number of blocks (row groups / zarr row runs) of shard ``shard``."""
         return len(self.index[shard].block_starts) - 1
 
     def read_block(self, shard: int, block: int) -> Block:

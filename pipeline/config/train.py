@@ -2,7 +2,6 @@
 checkpoints, rounds, callbacks, wandb)."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -326,18 +325,17 @@ class TrainStudentConfig(_Section):
 
         from pipeline.student.losses import check_tail_mode
 
-        if is_remote(self.data.train_cache):
-            from pipeline.storage import Remote
+        from pipeline.storage import Folder
 
-            try:
-                m = json.loads(Remote(self.data.train_cache).read_bytes("manifest.json"))
-            except (OSError, ValueError):
-                return self  # no cache (yet) or no access: train-student reports the URL
-        else:
-            manifest = Path(self.data.train_cache, "manifest.json")
-            if not manifest.is_file():
-                return self  # no cache yet: train-student reports the path
-            m = json.loads(manifest.read_text())
+        cache = Folder(self.data.train_cache)
+        try:
+            m = json.loads(cache.read_bytes("manifest.json"))
+        except (FileNotFoundError, IsADirectoryError):
+            return self  # no cache yet: train-student reports the path
+        except (OSError, ValueError):
+            if not cache.is_remote:
+                raise
+            return self  # no access to the store: train-student reports the URL
         target_type = m.get("target_type", "topk")
         tail = self.loss.tail
         if "tail" not in self.loss.model_fields_set:

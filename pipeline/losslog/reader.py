@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import yaml
 
 from pipeline.losslog.writer import unreadable_part
-from pipeline.storage import Remote, one_line, is_remote, join, local_copy, local_path, read_file
+from pipeline.storage import Folder, join, one_line, read_file
 
 
 def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
@@ -27,16 +27,10 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
             named. Part files are never skipped silently (their rows would be missing from
             every report and from the next round's selection).
     """
-    fs = None
-    if is_remote(run_dir):
-        remote = Remote(join(run_dir, "loss_logs"))
-        if not remote.exists():
-            raise FileNotFoundError(f"no loss logs in {run_dir} (expected {remote.url})")
-        fs, d = remote.fs, remote.root
-    else:
-        d = local_path(run_dir, "inspect-losses run_dir") / "loss_logs"
-        if not d.is_dir():
-            raise FileNotFoundError(f"no loss logs in {run_dir} (expected {d})")
+    logs = Folder(join(run_dir, "loss_logs"))
+    if not logs.isdir():  # on a store: the prefix exists
+        raise FileNotFoundError(f"no loss logs in {run_dir} (expected {logs.path})")
+    fs, root = logs.fs_path()
     part = pads.partitioning(pa.schema([("round", pa.int32()), ("split", pa.string()), ("rank", pa.int32())]), flavor="hive")
     flt = None
     for cond in ((pc.field("round") == round_) if round_ is not None else None,
@@ -45,11 +39,11 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
         if cond is not None:
             flt = cond if flt is None else flt & cond
     try:  # temporary ``.part-*.tmp`` files start with "." and are ignored by the dataset
-        return pads.dataset(str(d), format="parquet", partitioning=part, filesystem=fs).to_table(filter=flt)
+        return pads.dataset(root, format="parquet", partitioning=part, filesystem=fs).to_table(filter=flt)
     except (pa.ArrowInvalid, OSError) as e:
         if fs is not None:
             raise ValueError(f"loss logs in {join(run_dir, 'loss_logs')} unreadable: {one_line(e)}") from None
-        raise ValueError(_unreadable_part(d, e)) from None
+        raise ValueError(_unreadable_part(logs.dir, e)) from None
 
 
 def _unreadable_part(log_dir: Path, err: Exception) -> str:
@@ -175,14 +169,15 @@ class SampleText:
         self.readers = []
         for key in ("train_cache", "eval_cache"):
             path = data.get(key)
-            if path and (Remote(path).isfile("manifest.json") if is_remote(path) else Path(path).is_dir()):
+            folder = Folder(path) if path else None  # a store has no directories: the manifest tells
+            if folder is not None and (folder.isfile("manifest.json") if folder.is_remote else folder.isdir()):
                 self.readers.append(open_cache(path, allow_incomplete=True, verify=False))
         # the run's exported student, else the tokenizer stored in the cache (multi-round runs
         # keep their students under round-R/)
         candidates = [join(run_dir, "final")] + [join(data[k], "tokenizer") for k in ("train_cache", "eval_cache") if data.get(k)]
         tok_dir = next((c for c in candidates if _read_text(join(c, "tokenizer_config.json")) is not None), None)
-        if tok_dir is not None and is_remote(tok_dir):
-            tok_dir = local_copy(tok_dir)
+        if tok_dir is not None:
+            tok_dir = Folder(tok_dir).local()  # a store's: downloaded once
         self.tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
 
     def __call__(self, sample_id: str, max_chars: int = 80) -> str:

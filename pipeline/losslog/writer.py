@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.storage.errors import writing
-from pipeline.storage import Remote, is_remote
+from pipeline.storage import Folder
 
 SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()), ("n_tokens", pa.int32()),
@@ -50,8 +49,7 @@ class LossLogWriter:
     """
 
     def __init__(self, log_dir: str | os.PathLike, rank: int, flush_rows: int = 65536):
-        self.remote = Remote(log_dir) if is_remote(log_dir) else None
-        self.dir = Path(log_dir) if self.remote is None else None
+        self.folder = Folder(log_dir)
         self.rank, self.flush_rows = rank, flush_rows
         self.buffers: dict[tuple[int, str], dict[str, list]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loss-log")
@@ -78,57 +76,46 @@ class LossLogWriter:
             self.pending.append(self.pool.submit(self._write, round_, split, table))
 
     def _write(self, round_: int, split: str, table: pa.Table) -> None:
-        if self.remote is not None:
-            prefix = f"round={round_}/split={split}/rank={self.rank}"
-            n = len([x for x in Remote(self.remote.url_of(prefix)).names() if x.startswith("part-")])
-            name = f"{prefix}/part-{n:05d}.parquet"
-            with writing("loss-log part", self.remote.url_of(name)):
-                self.remote.write_bytes(name, _parquet_bytes(table))
-            return
-        d = self.dir / f"round={round_}" / f"split={split}" / f"rank={self.rank}"
-        d.mkdir(parents=True, exist_ok=True)
-        n = len(list(d.glob("part-*.parquet")))
-        final = d / f"part-{n:05d}.parquet"
-        tmp = d / f".part-{n:05d}.parquet.tmp"
-        with writing("loss-log part", final, tmp):
-            pq.write_table(table, tmp, compression="zstd")
-            os.replace(tmp, final)
+        """Write one part file ``part-NNNNN.parquet`` (locally ``.part-NNNNN.parquet.tmp`` renamed
+        over it; one PUT on a store).
+
+        Raises:
+            StorageError: an I/O error (the part is not written).
+        """
+        d = self.folder.sub(f"round={round_}/split={split}/rank={self.rank}")
+        d.makedirs()
+        n = len([x for x in d.list() if x.startswith("part-") and x.endswith(".parquet")])
+        name = f"part-{n:05d}.parquet"
+        with writing("loss-log part", d.join(name), *d.local_paths(f".{name}.tmp")):
+            d.write_bytes(name, _parquet_bytes(table), tmp_name=f".{name}.tmp")
 
     def truncate_after(self, round_: int, step: int) -> None:
         """Drop this rank's rows of ``round_`` logged after optimizer step ``step`` (used on
-        resume from the checkpoint of ``step``, so that no visit is logged twice)."""
+        resume from the checkpoint of ``step``, so that no visit is logged twice). Each part is
+        replaced whole (locally ``.NAME.tmp`` renamed over it; one PUT on a store).
+
+        Raises:
+            ValueError: a part is not readable parquet (named).
+            StorageError: an I/O error rewriting a part (it stays as it was).
+        """
         import pyarrow.compute as pc
 
-        if self.remote is not None:
-            return self._truncate_remote(round_, step)
-        for part in sorted((self.dir / f"round={round_}").glob(f"split=*/rank={self.rank}/part-*.parquet")):
+        rounds = self.folder.sub(f"round={round_}")
+        found = rounds.files() if rounds.exists() else {}
+        for rel in sorted(found):
+            parts = rel.split("/")
+            if not (len(parts) == 3 and parts[0].startswith("split=") and parts[1] == f"rank={self.rank}"
+                    and parts[2].startswith("part-") and parts[2].endswith(".parquet")):
+                continue
+            d, name = rounds.sub(f"{parts[0]}/{parts[1]}"), parts[2]
             try:
-                table = pq.read_table(part)
+                table = pq.read_table(d.readable(name))
             except (pa.ArrowInvalid, OSError) as e:
-                raise ValueError(unreadable_part(part, e) + ", and resume again") from None
+                raise ValueError(unreadable_part(d.join(name), e) + ", and resume again") from None
             if table.num_rows and pc.max(table["step"]).as_py() > step:
                 kept = table.filter(pc.less_equal(table["step"], step))
-                tmp = part.with_name("." + part.name + ".tmp")
-                with writing("loss-log part", part, tmp):  # the part stays whole until the rename
-                    pq.write_table(kept, tmp, compression="zstd")
-                    os.replace(tmp, part)
-
-    def _truncate_remote(self, round_: int, step: int) -> None:
-        import io
-
-        import pyarrow.compute as pc
-
-        base = self.remote.url_of(f"round={round_}")
-        found = Remote(base).files("") if self.remote.exists(f"round={round_}") else {}
-        for rel in sorted(f for f in found if f"/rank={self.rank}/part-" in f"/{f}" and f.endswith(".parquet")):
-            name = f"round={round_}/{rel}"
-            try:
-                table = pq.read_table(io.BytesIO(self.remote.read_bytes(name)))
-            except (pa.ArrowInvalid, OSError) as e:
-                raise ValueError(unreadable_part(self.remote.url_of(name), e) + ", and resume again") from None
-            if table.num_rows and pc.max(table["step"]).as_py() > step:
-                with writing("loss-log part", self.remote.url_of(name)):  # one PUT: whole old or whole new
-                    self.remote.write_bytes(name, _parquet_bytes(table.filter(pc.less_equal(table["step"], step))))
+                with writing("loss-log part", d.join(name), *d.local_paths(f".{name}.tmp")):  # whole old or whole new
+                    d.write_bytes(name, _parquet_bytes(kept), tmp_name=f".{name}.tmp")
 
     def flush(self) -> None:
         """Write every buffered row and wait until all part files are closed."""
@@ -139,6 +126,11 @@ class LossLogWriter:
         self.pending.clear()
 
     def close(self) -> None:
+        """:meth:`flush`, then stop the writer thread.
+
+        Raises:
+            StorageError: an I/O error writing a part file.
+        """
         self.flush()
         self.pool.shutdown(wait=True)
 

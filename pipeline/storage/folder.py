@@ -67,12 +67,16 @@ def file_exists(path: str | os.PathLike) -> bool:
     return Path(path).is_file()
 
 
-def write_file(path: str | os.PathLike, data: bytes) -> None:
+def write_file(path: str | os.PathLike, data: bytes, tmp_name: str | None = None) -> None:
     """Replace one small file whole: locally a temporary file renamed over it (a reader sees the
     old or the new file, never part of one; the temporary file is removed on an error), on a
     store one PUT (atomic). The caller wraps it in :func:`pipeline.storage.errors.writing` for the
     one-line error.
 
+    Args:
+        path: the file (a local path or a URL).
+        data: its whole content.
+        tmp_name: locally, the temporary file's name in the same directory (default ``NAME.tmp``).
     Raises:
         OSError: the write failed (nothing replaced).
     """
@@ -82,7 +86,7 @@ def write_file(path: str | os.PathLike, data: bytes) -> None:
         return
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = p.with_name(tmp_name or p.name + ".tmp")
     try:
         tmp.write_bytes(data)
         os.replace(tmp, p)
@@ -176,14 +180,6 @@ class Remote:
         if "r" in mode:
             return self.fs.open(self.path(name), mode, cache_type="none")
         return self.fs.open(self.path(name), mode)
-
-    def dcp_target(self, kind: str) -> dict:
-        """The ``dcp.save``/``dcp.load`` keyword for the folder: ``checkpoint_id`` locally, an
-        fsspec storage writer (``kind="writer"``) or reader (``"reader"``) on a store (DCP would
-        take a URL string for a local path)."""
-        if self.remote is None:
-            return {"checkpoint_id": str(self.dir)}
-        return {"storage_writer": self.writer()} if kind == "writer" else {"storage_reader": self.reader()}
 
     def zarr_store(self, name: str, read_only: bool = True):
         """A zarr v3 ``FsspecStore`` on ``name`` (zarr reads its chunks with ranged requests)."""
@@ -286,6 +282,10 @@ class Folder:
     def __str__(self) -> str:
         return self.url
 
+    def absolute(self) -> str:
+        """The folder for reports: the URL on a store, the resolved local path."""
+        return self.url if self.remote is not None else str(self.dir.resolve())
+
     # ------------------------------------------------------------------ queries
     def exists(self, name: str = "") -> bool:
         """Whether ``name`` (a file, a directory / an object, a prefix) exists; the folder itself for ``""``."""
@@ -296,10 +296,32 @@ class Folder:
         return self.remote.isfile(name) if self.remote is not None else self.join(name).is_file()
 
     def isdir(self, name: str = "") -> bool:
-        """Whether ``name`` is a directory (on a store: a prefix with objects under it)."""
-        if self.remote is not None:
-            return self.remote.exists(name) and not self.remote.isfile(name)
-        return self.join(name).is_dir()
+        """Whether ``name`` is a directory; on a store whether anything exists by that name (one
+        request: a prefix and an object are not told apart)."""
+        return self.remote.exists(name) if self.remote is not None else self.join(name).is_dir()
+
+    @property
+    def nouns(self) -> tuple[str, str]:
+        """``("file", "directory")`` locally, ``("object", "prefix")`` on a store: for messages."""
+        return ("object", "prefix") if self.remote is not None else ("file", "directory")
+
+    def fs_path(self) -> tuple[object, str]:
+        """``(fsspec file system, path inside it)`` on a store; ``(None, local path)`` locally:
+        what pyarrow's dataset API takes (``filesystem=``, path)."""
+        return (self.remote.fs, self.remote.root) if self.remote is not None else (None, str(self.dir))
+
+    def readable(self, name: str):
+        """What a reader library (pyarrow...) takes for the file ``name``: the local path, or on
+        a store its bytes (read whole) in a ``BytesIO``.
+
+        Raises:
+            FileNotFoundError: (store) there is none.
+        """
+        if self.remote is None:
+            return self.join(name)
+        import io
+
+        return io.BytesIO(self.remote.read_bytes(name))
 
     def list(self, dirs: bool = False) -> list[str]:
         """Names directly under the folder (files and directories), sorted; [] if it does not
@@ -333,7 +355,22 @@ class Folder:
         else:
             p.unlink(missing_ok=True)
 
-    rmtree = remove
+    def rmtree(self, name: str = "") -> None:
+        """Delete the directory (prefix) ``name``, the whole folder for ``""``; unlike
+        :meth:`remove`, a local error is raised.
+
+        Raises:
+            OSError: (local) it cannot be removed, or does not exist.
+        """
+        if self.remote is not None:
+            self.remote.remove(name)
+        else:
+            shutil.rmtree(self.join(name))
+
+    def local_paths(self, *names: str) -> tuple[Path, ...]:
+        """The local paths of ``names`` (for :func:`~pipeline.storage.errors.writing`'s cleanup);
+        ``()`` on a store, where nothing is written under a temporary name."""
+        return tuple(self.join(n) for n in names) if self.remote is None else ()
 
     # ------------------------------------------------------------------ small files
     def read_bytes(self, name: str) -> bytes:
@@ -344,18 +381,59 @@ class Folder:
         """
         return self.remote.read_bytes(name) if self.remote is not None else self.join(name).read_bytes()
 
-    def write_bytes(self, name: str, data: bytes, atomic: bool = True) -> None:
-        """Replace the file ``name`` whole (:func:`write_file`: ``NAME.tmp`` renamed over it
-        locally, parent directories created; one PUT on a store). With ``atomic=False`` a local
-        file is written in place (for files inside a directory that is itself renamed last).
+    def write_bytes(self, name: str, data: bytes, atomic: bool = True, tmp_name: str | None = None) -> None:
+        """Replace the file ``name`` whole (:func:`write_file`: ``NAME.tmp``, or ``tmp_name`` in
+        the same directory, renamed over it locally, parent directories created; one PUT on a
+        store). With ``atomic=False`` a local file is written in place (for files inside a
+        directory that is itself renamed last).
 
         Raises:
-            OSError: the write failed (nothing replaced).
+            OSError: the write failed (nothing replaced; the temporary file is removed).
         """
         if atomic or self.remote is not None:
-            write_file(self.join(name), data)
+            write_file(self.join(name), data, tmp_name)
         else:
             self.join(name).write_bytes(data)
+
+    @contextlib.contextmanager
+    def staged_file(self, name: str, tmp_suffix: str = ".tmp") -> Iterator[Path]:
+        """A local path to write the file or directory ``name`` into before :meth:`publish`:
+        ``NAME<tmp_suffix>`` next to it locally; on a store ``NAME`` in a local staging
+        directory, removed on exit."""
+        if self.remote is None:
+            yield self.join(name + tmp_suffix)
+            return
+        with staging_dir() as stage:
+            yield Path(stage) / name
+
+    def publish(self, staged: Path, name: str, after_object=None) -> None:
+        """Make ``staged`` (from :meth:`staged_file`) the file or directory ``name``: locally a
+        rename; on a store an upload under the final names (``after_object(i)`` after the i-th
+        object, for the crash tests; never called locally).
+
+        Raises:
+            OSError: the rename or an upload failed.
+        """
+        if self.remote is None:
+            os.replace(staged, self.join(name))
+        else:
+            self.remote.put_dir(staged, name, after_object=after_object)
+
+    @contextlib.contextmanager
+    def written_locally(self) -> Iterator[Path]:
+        """A local directory to write files into: the folder itself locally (created; files
+        appear as written), on a store a staging directory uploaded on exit (not on an error).
+
+        Raises:
+            OSError: an upload failed.
+        """
+        if self.remote is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            yield self.dir
+            return
+        with staging_dir() as stage:
+            yield Path(stage)
+            self.remote.put_dir(Path(stage), "")
 
     def makedirs(self) -> None:
         """Create the local directory and its parents (no-op on a store: prefixes need no creation).

@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import LRFindConfig
 from pipeline.distributed import DistInfo, print0
 from pipeline.student.sampler import StepPrefetcher, StepSampler
-from pipeline.storage import Remote, is_remote, join, staging_dir
+from pipeline.storage import Folder, join
 from pipeline.student.step import Trainer
 
 
@@ -45,12 +45,8 @@ def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train
             break
     if not info.is_main:
         return None
-    if is_remote(run_dir):
-        with staging_dir() as stage:
-            out = _write_outputs(rows, Path(stage))
-            Remote(run_dir).put_dir(Path(stage), "")
-    else:
-        out = _write_outputs(rows, Path(run_dir))
+    with Folder(run_dir).written_locally() as d:  # on a store: staged, then uploaded
+        out = _write_outputs(rows, d)
     print0(f"[lr-find] {len(rows)} steps; minimum smoothed loss at lr {out * 10:.3g}; suggested lr {out:.3g}; "
            f"table in {join(run_dir, 'lr_find.csv')}")
     return {"suggested_lr": out, "rows": rows}

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 
 from pipeline.config import WandbConfig
 from pipeline.storage.errors import writing
-from pipeline.storage import Remote, is_remote
+from pipeline.storage import Folder
 
 UPLOAD_EVERY_S = 30.0
 """A run directory on a store: ``metrics.jsonl`` is re-uploaded whole at most this often
@@ -36,25 +35,31 @@ class MetricsLogger:
         self.run = None
         if not self.active:
             return
-        self.remote = Remote(run_dir) if is_remote(run_dir) else None
-        if self.remote is None:
-            self.path = Path(run_dir) / "metrics.jsonl"
-        else:
-            self.path = self.remote.url_of("metrics.jsonl")
-            self.lines = [self.remote.read_bytes("metrics.jsonl")] if self.remote.isfile("metrics.jsonl") else []
+        self.folder = Folder(run_dir)
+        self.path = self.folder.join("metrics.jsonl")
+        self.buffered = self.folder.is_remote  # a store cannot append: kept in memory, uploaded whole
+        if self.buffered:
+            self.lines = [self.folder.read_bytes("metrics.jsonl")] if self.folder.isfile("metrics.jsonl") else []
             self.uploaded = time.monotonic()
         if cfg.mode != "disabled":
             import wandb
 
             self.run = wandb.init(project=cfg.project, name=cfg.name, mode=cfg.mode,
-                                  dir=None if self.remote is not None else str(run_dir),
+                                  dir=None if self.buffered else str(run_dir),
                                   config=config, reinit="finish_previous")
 
     def log(self, metrics: dict, step: int) -> None:
+        """Record ``metrics`` at optimizer step ``step`` (rank 0 only): a line appended to
+        ``metrics.jsonl`` locally (kept in memory on a store, uploaded every
+        :data:`UPLOAD_EVERY_S`), and sent to wandb when enabled.
+
+        Raises:
+            StorageError: an I/O error writing ``metrics.jsonl``.
+        """
         if not self.active:
             return
         line = json.dumps({"step": step, **metrics}) + "\n"
-        if self.remote is not None:
+        if self.buffered:
             self.lines.append(line.encode())
             if time.monotonic() - self.uploaded >= UPLOAD_EVERY_S:
                 self.flush()
@@ -67,12 +72,17 @@ class MetricsLogger:
     def flush(self) -> None:
         """Upload ``metrics.jsonl`` now (a run directory on a store; a no-op on a local disk,
         where every line is appended as it is logged)."""
-        if self.active and self.remote is not None:
+        if self.active and self.buffered:
             with writing("metrics", self.path):
-                self.remote.write_bytes("metrics.jsonl", b"".join(self.lines))
+                self.folder.write_bytes("metrics.jsonl", b"".join(self.lines))
             self.uploaded = time.monotonic()
 
     def finish(self) -> None:
+        """Upload the metrics (a store) and close the wandb run.
+
+        Raises:
+            StorageError: an I/O error writing ``metrics.jsonl``.
+        """
         self.flush()
         if self.run is not None:
             self.run.finish()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.storage import Remote, is_remote, staging_dir
+from pipeline.storage import Folder
 from pipeline.cache import (CacheWriter, Encoding, Manifest, cache_record_from_targets, finalize_cache, open_writer,
                             prepare_cache)
 from pipeline.cache.manifest import TeacherEntry
@@ -242,13 +242,9 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     if info.is_main:
         try:
             state = prepare_cache(cfg.cache.dir, manifest, cfg.cache.overwrite)
-            if is_remote(cfg.cache.dir):  # saved locally, then uploaded under cache.dir/tokenizer
-                with staging_dir() as tmp:
-                    tokenizer.save_pretrained(tmp)
-                    Remote(cfg.cache.dir).put_dir(Path(tmp), "tokenizer")
-            else:
-                Path(cfg.cache.dir, "tokenizer").mkdir(exist_ok=True)
-                tokenizer.save_pretrained(str(Path(cfg.cache.dir, "tokenizer")))
+            # locally into cache.dir/tokenizer; on a store saved locally, then uploaded there
+            with Folder(cfg.cache.dir).sub("tokenizer").written_locally() as tok_dir:
+                tokenizer.save_pretrained(str(tok_dir))
         except ValueError as e:
             state = e
         except OSError as e:  # not writable, disk full...: one line naming the directory
