@@ -168,7 +168,8 @@ def help_text(module: str) -> str:
             os.environ.pop("COLUMNS", None)
         else:
             os.environ["COLUMNS"] = old
-    return buf.getvalue().rstrip()
+    # Python 3.10 titles the options section "optional arguments:"; later versions "options:".
+    return buf.getvalue().rstrip().replace("\noptional arguments:\n", "\noptions:\n")
 
 
 def cli_md() -> str:
