@@ -22,7 +22,7 @@ class OutputProjection(nn.Module):
     """Stands in for a causal LM's output layer: holds its parameters under the same names
     (``weight`` (V, H), ``bias`` (V,) or None; a tied ``weight`` stays the input embedding's
     Parameter) and returns its input, so the model's "logits" are the final hidden states
-    (B, T, H) and the projection happens inside the fused loss (pipeline/losses.py).
+    (B, T, H) and the projection happens inside the fused loss (pipeline/student/losses.py).
 
     State-dict keys, FSDP2 parameter groups and Hugging Face export are unchanged.
     """

@@ -235,7 +235,7 @@ def load_student_sharded(path: str | os.PathLike, dtype: torch.dtype, device: to
         dtype: parameter dtype (float32; ``shard`` may add a bf16 mixed-precision policy);
             checkpoint tensors are cast.
         shard: called once with the model (parameters on the meta device, buffers real) before
-            any weight is read (pipeline/train_run.py defers the output layer, checks the
+            any weight is read (pipeline/student/loop.py defers the output layer, checks the
             vocabulary, enables gradient checkpointing and calls ``shard_model`` in it).
     Returns:
         The sharded student: train mode, every parameter trainable (DTensors of global shape),
