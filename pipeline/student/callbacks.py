@@ -140,22 +140,22 @@ class Callback:
     """The protocol, with no-op defaults (see the module docstring for when each is called)."""
 
     def on_train_begin(self, state: RunState) -> None:
-        pass
+        """After the student, data and any resume are ready."""
 
     def on_step_end(self, state: RunState, metrics: dict[str, float]) -> None:
-        pass
+        """After every optimizer step; ``metrics``: the step's ``train/*`` (global over ranks)."""
 
     def on_evaluate(self, state: RunState, metrics: dict[str, float]) -> None:
-        pass
+        """After every evaluation; ``metrics``: its ``eval/*``."""
 
     def on_save(self, state: RunState, path: str) -> None:
-        pass
+        """After a checkpoint is complete; ``path``: its directory or URL."""
 
     def on_train_end(self, state: RunState, summary: dict | None) -> None:
-        pass
+        """After final/ is exported; ``summary``: summary.json's dict."""
 
     def on_round_end(self, state: RunState, summary: dict | None) -> None:
-        pass
+        """After the round ended (multi-round runs: before the next round starts)."""
 
 
 EVENTS = ("on_train_begin", "on_step_end", "on_evaluate", "on_save", "on_train_end", "on_round_end")
@@ -176,6 +176,7 @@ class CallbackList:
         self.needs_agreement = len(self.callbacks) > n_builtin
 
     def call(self, event: str, *args) -> None:
+        """Call ``event`` with ``args`` on every callback that has it, in order (an error propagates)."""
         for cb in self.callbacks:
             fn = getattr(cb, event, None)
             if fn is not None:
@@ -231,13 +232,16 @@ class MetricsCallback(Callback):
         self.logger, self.log_steps = logger, log_steps
 
     def on_step_end(self, state: RunState, metrics: dict[str, float]) -> None:
+        """Log ``train/*`` at step 1 and every ``log_steps`` steps."""
         if state.step % self.log_steps == 0 or state.step == 1:
             self.logger.log(metrics, state.step)
 
     def on_evaluate(self, state: RunState, metrics: dict[str, float]) -> None:
+        """Log every evaluation's ``eval/*``."""
         self.logger.log(metrics, state.step)
 
     def on_save(self, state: RunState, path: str) -> None:
+        """Flush the log, so metrics.jsonl covers the checkpoint's steps."""
         self.logger.flush()
 
 

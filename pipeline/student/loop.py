@@ -505,5 +505,6 @@ class Preemption:
         self.flag = True
 
     def restore(self) -> None:
+        """Put back the signal handlers found at construction."""
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
