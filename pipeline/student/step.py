@@ -19,6 +19,7 @@ from torch import nn
 from pipeline.config import LossConfig, OptimConfig
 from pipeline.distributed import all_reduce_sum, set_gradient_sync
 from pipeline.data.batch import Batch
+from pipeline.student.callbacks import early_stopping_update  # noqa: F401  (its former home: tests import it here)
 from pipeline.student.losses import LossSums, fused_linear_loss
 from pipeline.models import defer_output_projection
 from pipeline.student.packed_attention import enable_packed_attention
@@ -113,21 +114,6 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
     return f
-
-
-def early_stopping_update(best: float, bad_evals: int, loss: float, min_delta: float,
-                          patience: int | None) -> tuple[float, int, bool, bool]:
-    """One evaluation's effect on early stopping.
-
-    An eval improves when ``loss < best - min_delta``; ``patience`` consecutive evals without
-    improvement stop training (None: never stop).
-
-    Returns:
-        (new best, new count of evals without improvement, improved, stop)
-    """
-    improved = loss < best - min_delta
-    best, bad_evals = (loss, 0) if improved else (best, bad_evals + 1)
-    return best, bad_evals, improved, patience is not None and bad_evals >= patience
 
 
 @torch.no_grad()
