@@ -59,3 +59,16 @@ def test_top_level_is_packages_and_at_most_six_shared_modules():
     packages = sorted(p.name for p in PIPELINE.iterdir() if (p / "__init__.py").is_file())
     assert len(modules) <= 6, modules
     assert {"teacher", "student", "cache", "losslog", "data", "models", "config", "storage"} <= set(packages)
+
+
+def test_no_library_function_over_100_lines():
+    """Long functions hide the phases of a loop; the two fused chunk loops may read best whole."""
+    allowed = {"forward", "fused_topk_targets"}  # _FusedLinearLoss.forward, the teacher's fused top-k
+    long = []
+    for f in PIPELINE.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 100 and node.name not in allowed:
+                    long.append((str(f.relative_to(PIPELINE.parent)), node.name, n))
+    assert not long, long

@@ -19,7 +19,6 @@ from torch import nn
 from pipeline.config import LossConfig, OptimConfig
 from pipeline.distributed import all_reduce_sum, set_gradient_sync
 from pipeline.data.batch import Batch
-from pipeline.student.callbacks import early_stopping_update  # noqa: F401  (its former home: tests import it here)
 from pipeline.student.losses import LossSums, fused_linear_loss
 from pipeline.models import defer_output_projection
 from pipeline.student.packed_attention import enable_packed_attention
