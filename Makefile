@@ -1,4 +1,4 @@
-# `make demo` and `make test` each create .venv and install the project first.
+# `make demo`, `make test` and `make docs` each create .venv and install the project first.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 # there is one, otherwise from PyTorch's CPU index (a plain resolve would pull a CUDA build).
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test install clean
+.PHONY: demo test docs install clean
 
 install: $(VENV)/.installed
 
@@ -34,5 +34,11 @@ demo: install
 test: install
 	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest tests -n $${PYTEST_WORKERS:-2} --dist worksteal
 
+# The documentation site (mkdocs, material theme) into site/; the reference pages under
+# docs/reference/ are generated from the code first (scripts/gen_reference.py).
+docs: install
+	@$(PY) scripts/gen_reference.py
+	@$(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf runs data/build
+	rm -rf runs data/build site

@@ -6,13 +6,14 @@ the reading side: loading the directory, the per-round summary, the hardest 20 s
 round-0-vs-1 comparison, against a baseline measured in the same run (a plain
 ``pyarrow.dataset`` scan of the same files).
 
-    .venv/bin/python bench/inspect_5m.py [--rows 5000000] [--dir /tmp/kd-inspect-bench]
+    .venv/bin/python bench/inspect_5m.py [--rows 5000000] [--dir DIR]   (default: kd-inspect-bench in the system temp dir)
 """
 from __future__ import annotations
 
 import argparse
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, default=5_000_000)
     p.add_argument("--samples", type=int, default=1_000_000)
-    p.add_argument("--dir", default="/tmp/kd-inspect-bench")
+    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "kd-inspect-bench"))
     a = p.parse_args()
     run = Path(a.dir)
     shutil.rmtree(run, ignore_errors=True)

@@ -14,7 +14,7 @@ Sections (``--only`` selects some; all by default):
   full width); windows of 512 tokens (``overflow: window``), batches of 8, k = 64, 1 rank,
   ``OMP_NUM_THREADS`` threads (default 2). Each mode runs in its own child process, in
   alternating order, ``--rounds`` times; the ratio of medians is printed.
-  Goals (issue 13): ≥ 0.9 at V = 32,000, ≥ 0.95 at V = 512.
+  Goals: ≥ 0.9 at V = 32,000, ≥ 0.95 at V = 512.
 * ``data``: peak RSS of ``precompute-teacher`` (1 rank, a tiny teacher: hidden 32, 2 layers,
   V = 2,048, k = 8) over ≈ 1 M and ≈ 4 M tokens of the corpus. Goal: growth ≤ 100 MB.
 * ``teacher``: per-rank peak RSS at 1 and 2 ranks (``torchrun``, gloo, 1 thread per rank) of the

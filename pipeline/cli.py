@@ -58,7 +58,7 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
         any other exception (one line with its type; ``KD_DEBUG=1`` re-raises instead).
     """
     args = parse(prog, description, argv, flags)
-    from pipeline.distributed import teardown
+    from pipeline.distributed import is_torchrun_worker, teardown
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
@@ -72,7 +72,7 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
         code = _call(prog, cfg_cls, fn, args, debug)
     finally:
         teardown()
-    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # a torchrun worker: see exit_worker
+    if is_torchrun_worker():  # see exit_worker
         exit_worker(code)
     return code
 

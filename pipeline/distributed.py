@@ -29,6 +29,11 @@ class DistInfo:
         return self.rank == 0
 
 
+def is_torchrun_worker() -> bool:
+    """True in a process started by torchrun (its agent sets ``TORCHELASTIC_RUN_ID``)."""
+    return os.environ.get("TORCHELASTIC_RUN_ID") is not None
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the default process group from the torchrun environment.
 

@@ -1,7 +1,7 @@
 """Dense, obviously-correct references of the sparse losses (the pre-fusion implementation).
 
 Kept for the tests only: the training path is ``pipeline.student.losses.fused_linear_loss``, which must
-equal these in values and gradients. Formulas: pipeline/losses.py's module docstring.
+equal these in values and gradients. Formulas: pipeline/student/losses.py's module docstring.
 """
 from __future__ import annotations
 

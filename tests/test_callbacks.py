@@ -1,4 +1,4 @@
-"""Callbacks (pipeline/callbacks.py): every event in order at 1 and 2 ranks, stop and save
+"""Callbacks (pipeline/student/callbacks.py): every event in order at 1 and 2 ranks, stop and save
 requests (a request on one rank holds on all), state restored on resume, config errors."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoRA students (pipeline/lora.py): frozen base, trained adapters under FSDP2 at 1 and 2 ranks,
+"""LoRA students (pipeline/student/lora.py): frozen base, trained adapters under FSDP2 at 1 and 2 ranks,
 adapter-only checkpoints and exact resume, the merged export against peft's own forward."""
 import json
 import os

@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT, run_cli, train_config as _train_cfg, write_yaml
 from safetensors.torch import load_file
 
-from pipeline.student.step import early_stopping_update
+from pipeline.student.callbacks import early_stopping_update
 
 
 def _popen(cfg_path, nproc):

@@ -1,4 +1,4 @@
-"""Sparse target types (pipeline/targets.py) and the loss modes that use them (pipeline/losses.py)."""
+"""Sparse target types (pipeline/teacher/sampled.py) and the loss modes that use them (pipeline/student/losses.py)."""
 import json
 import math
 import shutil

@@ -57,7 +57,7 @@ class CacheConfig(_Section):
 
 
 class TargetsConfig(_Section):
-    """Which sparse targets stage 1 stores per position (pipeline/targets.py).
+    """Which sparse targets stage 1 stores per position (pipeline/teacher/sampled.py).
 
     ``topk``: the exact top ``cache.k``. ``sampled``: the unique ids of ``num_draws`` draws
     from the teacher distribution, value ``log(count / num_draws)`` (an unbiased estimate of
@@ -107,7 +107,7 @@ class PrecomputeConfig(_Section):
     temperature: float = Field(default=1.0, gt=0)
     """Cache temperature: logprobs are ``log_softmax(logits / temperature)``."""
     combine: Literal["probability", "logit_mean"] = "probability"
-    """How an ensemble's teachers are combined per position (pipeline/teacher.py):
+    """How an ensemble's teachers are combined per position (pipeline/teacher/topk.py):
     ``probability``: ``log p = logsumexp_m(log w_m + logp_m)`` (a mixture);
     ``logit_mean``: ``log p = log_softmax(Σ_m w_m logp_m)`` (normalised geometric mean)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"

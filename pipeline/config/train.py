@@ -53,7 +53,7 @@ class StudentConfig(_Section):
     """``random``: build from the config with the run seed; ``pretrained``: load weights."""
     _file_path = field_validator("path")(_file_url_to_path)
     lora: LoraConfig | None = None
-    """Train LoRA adapters on the frozen pretrained student (pipeline/lora.py); None: train
+    """Train LoRA adapters on the frozen pretrained student (pipeline/student/lora.py); None: train
     every parameter. Needs ``init: pretrained``; exclusive with ``peft_config``."""
     peft_config: str | None = None
     """A saved peft LoRA adapter config (a directory with ``adapter_config.json``, or that
@@ -76,7 +76,7 @@ class StudentConfig(_Section):
 
 
 class RouterLossConfig(_Section):
-    """Mixture-of-experts router losses by name (formulas and sources: pipeline/router_losses.py).
+    """Mixture-of-experts router losses by name (formulas and sources: pipeline/student/router_losses.py).
     Any coefficient > 0 requests ``output_router_logits=True`` from the student; each term is
     computed per MoE layer over the valid positions, summed over layers, and enters the loss per
     valid token of the optimizer step (like the main loss), logged as ``train/router_{name}``."""
@@ -99,7 +99,7 @@ class LossConfig(_Section):
     alpha: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=1.0, gt=0)
     tail: Literal["renormalize", "bucket", "sampled"] = "bucket"
-    """How the teacher targets enter the KL (formulas in pipeline/losses.py): ``renormalize``
+    """How the teacher targets enter the KL (formulas in pipeline/student/losses.py): ``renormalize``
     (the stored support renormalised), ``bucket`` (the tail mass as one extra outcome) or
     ``sampled`` (CE against the stored estimate, the unbiased estimator for sampled caches).
     Unset: ``bucket`` for ``topk`` caches, ``sampled`` for ``sampled`` / ``topk+sampled``
@@ -166,7 +166,7 @@ class TrainDataConfig(_Section):
     shuffle: Literal["global", "block"] = "global"
     """``global``: a full permutation per epoch. ``block``: cache blocks in random order, samples
     shuffled within windows of ``shuffle_window`` blocks — for caches larger than
-    ``max_cached_bytes``, so each block is decoded once per epoch (pipeline/loader.py)."""
+    ``max_cached_bytes``, so each block is decoded once per epoch (pipeline/student/sampler.py)."""
     shuffle_window: int = Field(default=16, ge=1)
     packing: bool = False
     """Pack each micro-batch's samples into rows of ``pack_length`` tokens (first-fit
@@ -228,7 +228,7 @@ class WandbConfig(_Section):
 
 
 class CallbackConfig(_Section):
-    """One callback (pipeline/callbacks.py): ``{target: my_pkg.hooks:DumpSamples, every: 100}``;
+    """One callback (pipeline/student/callbacks.py): ``{target: my_pkg.hooks:DumpSamples, every: 100}``;
     the keys other than ``target`` are passed to it as keyword arguments."""
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -244,7 +244,7 @@ class TrainStudentConfig(_Section):
     _storage = field_validator("storage_options")(_apply_storage_options)
     output_dir: str
     """Run directory (checkpoints, exports, loss logs, metrics): a local path or a URL
-    (``s3://bucket/runs/x``; see pipeline/checkpoint.py for what marks completion there)."""
+    (``s3://bucket/runs/x``; see pipeline/student/checkpoint.py for what marks completion there)."""
     _file_paths = field_validator("output_dir", "resume")(_file_url_to_path)
     student: StudentConfig
     data: TrainDataConfig
@@ -275,7 +275,7 @@ class TrainStudentConfig(_Section):
     path or URL of a checkpoint."""
     early_stopping: EarlyStoppingConfig = EarlyStoppingConfig()
     callbacks: list[CallbackConfig] = Field(default_factory=list)
-    """Callbacks by import path, called on every rank at each event (pipeline/callbacks.py), e.g.
+    """Callbacks by import path, called on every rank at each event (pipeline/student/callbacks.py), e.g.
     ``[{target: my_pkg.hooks:DumpSamples, every: 100}]``; metrics logging and early stopping
     are built-in callbacks that run first."""
     lr_find: LRFindConfig = LRFindConfig()

@@ -37,9 +37,11 @@ from typing import Any
 
 
 @dataclass
-class TrainState:
-    """What callbacks see of the training run (read it; change it only through the request
-    methods). ``step`` is the optimizer step just finished (1-based; 0 before the first)."""
+class RunState:
+    """The one state of a training round: what callbacks see, and what checkpoints save
+    (:meth:`state_dict`) and a resume restores (:meth:`load_state_dict`). Callbacks read it and
+    change it only through the request methods. ``step`` is the optimizer step just finished
+    (1-based; 0 before the first)."""
 
     round: int
     step: int
@@ -63,6 +65,14 @@ class TrainState:
     stop_reason: str | None = None
     save_requested: bool = False
     save_on_stop: bool = True
+    position: int = 0
+    """Samples of the current epoch consumed (the sampler's position; a resume continues there)."""
+    skipped_steps: int = 0
+    """Optimizer steps skipped for a non-finite loss or gradient norm (``skip_nonfinite``)."""
+    extra: dict = field(default_factory=dict, repr=False)
+    """Checkpoint entries other owners keep (``samples_consumed``, ``callbacks``: the callbacks'
+    states, the Trainer's ``grad_scaler``/``overflow_steps``), and any entry of a resumed
+    checkpoint this class does not model: saved back verbatim, so resumes keep every key."""
 
     @property
     def is_main(self) -> bool:
@@ -79,27 +89,73 @@ class TrainState:
         """Write a checkpoint at the current step boundary."""
         self.save_requested = True
 
+    def state_dict(self) -> dict:
+        """The trainer state a checkpoint saves (``trainer.pt``'s ``"trainer"``): ``step``,
+        ``epoch``, ``position``, ``best``, ``bad_evals``, ``tokens``, ``round``, ``skipped_steps``
+        (only once a step was skipped: older checkpoints lack it) and the :attr:`extra` entries."""
+        d = {"step": self.step, "epoch": self.epoch, "position": self.position, "best": self.best_eval_loss,
+             "bad_evals": self.evals_without_improvement, "tokens": self.tokens, "round": self.round}
+        if self.skipped_steps:
+            d["skipped_steps"] = self.skipped_steps
+        d.update(self.extra)
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        """Restore what :meth:`state_dict` saved (a checkpoint's trainer state); ``epoch_progress``
+        is the caller's to recompute (it needs the epoch's sample count).
+
+        Raises:
+            KeyError: a core key (``step``, ``epoch``, ``position``, ``best``, ``bad_evals``,
+                ``tokens``) is missing: not a trainer state of this pipeline.
+        """
+        d = dict(d)
+        self.step, self.epoch, self.position = d.pop("step"), d.pop("epoch"), d.pop("position")
+        self.best_eval_loss, self.evals_without_improvement = d.pop("best"), d.pop("bad_evals")
+        self.tokens, self.skipped_steps = d.pop("tokens"), d.pop("skipped_steps", 0)
+        # "round" stays in extra: the checkpoint's own value is saved back unchanged (a resume
+        # PATH of another round's run keeps it), while callbacks keep seeing this round's number
+        self.extra = d
+
+
+TrainState = RunState
+"""The former name (user callbacks import it from here)."""
+
+
+def early_stopping_update(best: float, bad_evals: int, loss: float, min_delta: float,
+                          patience: int | None) -> tuple[float, int, bool, bool]:
+    """One evaluation's effect on early stopping (the rule :class:`EarlyStopping` applies).
+
+    An eval improves when ``loss < best - min_delta``; ``patience`` consecutive evals without
+    improvement stop training (None: never stop).
+
+    Returns:
+        (new best, new count of evals without improvement, improved, stop)
+    """
+    improved = loss < best - min_delta
+    best, bad_evals = (loss, 0) if improved else (best, bad_evals + 1)
+    return best, bad_evals, improved, patience is not None and bad_evals >= patience
+
 
 class Callback:
     """The protocol, with no-op defaults (see the module docstring for when each is called)."""
 
-    def on_train_begin(self, state: TrainState) -> None:
-        pass
+    def on_train_begin(self, state: RunState) -> None:
+        """After the student, data and any resume are ready."""
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
-        pass
+    def on_step_end(self, state: RunState, metrics: dict[str, float]) -> None:
+        """After every optimizer step; ``metrics``: the step's ``train/*`` (global over ranks)."""
 
-    def on_evaluate(self, state: TrainState, metrics: dict[str, float]) -> None:
-        pass
+    def on_evaluate(self, state: RunState, metrics: dict[str, float]) -> None:
+        """After every evaluation; ``metrics``: its ``eval/*``."""
 
-    def on_save(self, state: TrainState, path: str) -> None:
-        pass
+    def on_save(self, state: RunState, path: str) -> None:
+        """After a checkpoint is complete; ``path``: its directory or URL."""
 
-    def on_train_end(self, state: TrainState, summary: dict | None) -> None:
-        pass
+    def on_train_end(self, state: RunState, summary: dict | None) -> None:
+        """After final/ is exported; ``summary``: summary.json's dict."""
 
-    def on_round_end(self, state: TrainState, summary: dict | None) -> None:
-        pass
+    def on_round_end(self, state: RunState, summary: dict | None) -> None:
+        """After the round ended (multi-round runs: before the next round starts)."""
 
 
 EVENTS = ("on_train_begin", "on_step_end", "on_evaluate", "on_save", "on_train_end", "on_round_end")
@@ -120,6 +176,7 @@ class CallbackList:
         self.needs_agreement = len(self.callbacks) > n_builtin
 
     def call(self, event: str, *args) -> None:
+        """Call ``event`` with ``args`` on every callback that has it, in order (an error propagates)."""
         for cb in self.callbacks:
             fn = getattr(cb, event, None)
             if fn is not None:
@@ -146,15 +203,22 @@ class CallbackList:
 class EarlyStopping(Callback):
     """Built-in: stop the round when ``eval/loss`` has not improved by more than ``min_delta``
     for ``patience`` evaluations (``early_stopping:`` config; no checkpoint is written for
-    the stop, outcome ``early_stopped``). The counters live in :class:`TrainState` (saved in
-    every checkpoint as the trainer state)."""
+    the stop, outcome ``early_stopped``). It owns both rules: :meth:`update` (improvement, the
+    loop calls it with each eval loss: best/ is exported on improvement) and :meth:`on_evaluate`
+    (patience). The counters live in :class:`RunState` (saved in every checkpoint)."""
 
     def __init__(self, patience: int | None, min_delta: float):
         self.patience, self.min_delta = patience, min_delta
 
-    def on_evaluate(self, state: TrainState, metrics: dict[str, float]) -> None:
-        # best_eval_loss / improvement are tracked by the loop (best/ is exported on improvement);
-        # here only the patience rule
+    def update(self, state: RunState, loss: float) -> bool:
+        """Apply one evaluation's ``loss`` to ``state.best_eval_loss`` and
+        ``state.evals_without_improvement``; returns whether it improved."""
+        state.best_eval_loss, state.evals_without_improvement, improved, _ = early_stopping_update(
+            state.best_eval_loss, state.evals_without_improvement, loss, self.min_delta, None)
+        return improved
+
+    def on_evaluate(self, state: RunState, metrics: dict[str, float]) -> None:
+        """Request the stop once ``patience`` evaluations in a row did not improve."""
         if self.patience is not None and state.evals_without_improvement >= self.patience:
             state.request_stop("early_stopped", save=False)
 
@@ -167,14 +231,17 @@ class MetricsCallback(Callback):
     def __init__(self, logger, log_steps: int):
         self.logger, self.log_steps = logger, log_steps
 
-    def on_step_end(self, state: TrainState, metrics: dict[str, float]) -> None:
+    def on_step_end(self, state: RunState, metrics: dict[str, float]) -> None:
+        """Log ``train/*`` at step 1 and every ``log_steps`` steps."""
         if state.step % self.log_steps == 0 or state.step == 1:
             self.logger.log(metrics, state.step)
 
-    def on_evaluate(self, state: TrainState, metrics: dict[str, float]) -> None:
+    def on_evaluate(self, state: RunState, metrics: dict[str, float]) -> None:
+        """Log every evaluation's ``eval/*``."""
         self.logger.log(metrics, state.step)
 
-    def on_save(self, state: TrainState, path: str) -> None:
+    def on_save(self, state: RunState, path: str) -> None:
+        """Flush the log, so metrics.jsonl covers the checkpoint's steps."""
         self.logger.flush()
 
 

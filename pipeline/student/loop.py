@@ -16,7 +16,7 @@ from pipeline.storage import check_access, is_remote, join, local_copy, write_fi
 from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint, save_optimizer
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
 from pipeline.data import load_samples
-from pipeline.student.callbacks import CallbackList, EarlyStopping, MetricsCallback, TrainState, load_callbacks
+from pipeline.student.callbacks import CallbackList, EarlyStopping, MetricsCallback, RunState, load_callbacks
 from pipeline.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, compute_dtype, print0, shard_model
 from pipeline.storage.errors import writing
 from pipeline import progress
@@ -30,7 +30,7 @@ from pipeline.student.rounds import sample_weights as loss_weights
 from pipeline.student.metrics import MetricsLogger
 from pipeline.models import (build_student, count_parameters, defer_output_projection, load_student_sharded,
                              load_tokenizer, vocab_size)
-from pipeline.student.step import Trainer, build_optimizer, check_packing, early_stopping_update, lr_lambda
+from pipeline.student.step import Trainer, build_optimizer, check_packing, lr_lambda
 
 
 REMOTE_NUM_WORKERS, REMOTE_PREFETCH_STEPS = 4, 16
@@ -136,139 +136,318 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
     (outcome, final eval loss/CE/KL per token, perplexity, wall time, tokens/s); ``output_dir``
     may be a URL (pipeline/checkpoint.py: what marks completion on a store). Resumes from
     the newest complete checkpoint with ``resume: auto``: same data order, no duplicate
-    loss-log rows, the same weights as an uninterrupted run.
+    loss-log rows, the same weights as an uninterrupted run. The phases: :class:`RoundTrainer`.
 
     Raises:
         FileNotFoundError / ValueError: missing cache or student, vocabulary mismatch (sizes named),
             too few samples for one global batch.
     """
-    t_start = time.perf_counter()
-    run_dir = cfg.output_dir
-    train_src, eval_src, tok_dir, data_vocab = _sources(cfg)
-    V = n_params = n_trainable = ckpt = None
-    lora_init: dict = {}  # LoRA: the seeded initial adapter values, full (pipeline/lora.py)
+    return RoundTrainer(cfg, info, loss_log_dir, sample_ids, sample_weights, carry_from, save_optimizer_to,
+                        callbacks).run()
 
-    def prepare(model: torch.nn.Module) -> None:
+
+def train_metrics(stats, lr: float, state: RunState, dt: float) -> dict[str, float]:
+    """The ``train/*`` metrics of one optimizer step (``on_step_end``; metrics.jsonl)."""
+    return {"train/loss": stats.loss, "train/ce_loss": stats.ce, "train/kl_loss": stats.kl,
+            "train/learning_rate": lr, "train/grad_norm": stats.grad_norm,
+            "train/epoch": state.epoch_progress, "train/step": state.step, "train/tokens_per_second": stats.n_tokens / dt,
+            "train/skipped_steps": state.skipped_steps, "round": state.round, **stats.metrics("train")}
+
+
+def eval_metrics(ev, state: RunState, step: int) -> dict[str, float]:
+    """The ``eval/*`` metrics of one evaluation (``on_evaluate``; metrics.jsonl; summary's final_eval)."""
+    return {"eval/loss": ev.loss, "eval/ce_loss": ev.ce, "eval/kl_loss": ev.kl, "eval/min_loss": state.best_eval_loss,
+            "eval/perplexity": math.exp(min(ev.ce, 50.0)), "eval/epoch": state.epoch_progress, "eval/step": step,
+            "round": state.round, **ev.metrics("eval")}
+
+
+class RoundTrainer:
+    """One round of student training, phase by phase: :meth:`build`, :meth:`resume`, then
+    :meth:`step` (and :meth:`evaluate`, :meth:`save`) per optimizer step, :meth:`finish`;
+    :meth:`run` strings them together (what :func:`train` does). The round's state is one
+    :class:`RunState` (``self.state``): callbacks see it, checkpoints save its ``state_dict()``.
+
+    Args: as :func:`train`.
+    """
+
+    def __init__(self, cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = None,
+                 sample_ids: list[str] | None = None, sample_weights: np.ndarray | None = None,
+                 carry_from: str | None = None, save_optimizer_to: str | None = None, callbacks: list | None = None):
+        self.t_start = time.perf_counter()
+        self.cfg, self.info, self.run_dir = cfg, info, cfg.output_dir
+        self.loss_log_dir, self.sample_ids, self.sample_weights = loss_log_dir, sample_ids, sample_weights
+        self.carry_from, self.save_optimizer_to, self.user_callbacks = carry_from, save_optimizer_to, callbacks
+        self.V = self.n_params = self.n_trainable = self.ckpt = None
+        self.lora_init: dict = {}  # LoRA: the seeded initial adapter values, full (pipeline/lora.py)
+        self.last_eval: dict = {}
+
+    def run(self) -> dict | None:
+        """Train the round (see :func:`train`); returns the summary on rank 0, None elsewhere
+        (lr-find: its result)."""
+        cfg = self.cfg
+        self.build()
+        if cfg.lr_find.enabled:
+            return run_lr_find(cfg.lr_find, self.trainer, self.sampler, self.train_src, self.run_dir, self.info,
+                               pack_length=self.pack_len)
+        self.resume()
+        self.preemption = Preemption()
+        self.bar = progress.Progress(self.max_steps, "train", "step", enabled=self.info.is_main, initial=self.state.step)
+        t_train, outcome = time.perf_counter(), "finished"
+        self.loader = self._loader()
+        summary = None
+        try:
+            self.callbacks.call("on_train_begin", self.state)
+            for step in range(self.state.step + 1, self.max_steps + 1):
+                stats = self.step(step)
+                if self.eval_src is not None and (step % cfg.eval_steps == 0 or step == self.max_steps):
+                    self.evaluate(step)
+                self._agree_requests()
+                ended = self._save_or_stop(step, preempted=stats.stop)  # stop agreed over all ranks in the step
+                if ended is not None:
+                    outcome = ended
+                    break
+            self.bar.close()
+            summary = self.finish(outcome, time.perf_counter() - t_train)
+        finally:
+            self.loader.close()
+            self.preemption.restore()
+            self.loss_log.close()
+            self.logger.finish()
+        self._write_summary(summary)
+        self.callbacks.call("on_round_end", self.state, summary)
+        return summary if self.info.is_main else None
+
+    # -- build -----------------------------------------------------------------------------
+
+    def build(self) -> None:
+        """Open the data sources, build the sharded student (pretrained: read after sharding),
+        the sampler, optimizer, scheduler and :class:`Trainer`; unless lr-find is on, the
+        metrics and loss-log writers, the callbacks and the fresh :class:`RunState`.
+
+        Raises:
+            FileNotFoundError / ValueError: missing cache or student, vocabulary mismatch (sizes
+                named), too few samples for one global batch.
+            ConfigError: ``data.shuffle=block`` without a cache.
+        """
+        cfg, info = self.cfg, self.info
+        self.train_src, self.eval_src, self.tok_dir, self.data_vocab = _sources(cfg)
+        if cfg.student.init == "pretrained":  # never whole on a rank: its rows are read after sharding
+            student = local_copy(cfg.student.path) if is_remote(cfg.student.path) else cfg.student.path
+            self.model = load_student_sharded(student, torch.float32, info.device, self._prepare)
+        else:  # random weights drawn whole with torch.manual_seed(cfg.seed), as on every rank
+            self.model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
+            self._prepare(self.model)
+        load_initial_adapters(self.model, self.lora_init)  # this rank's rows of them (none without LoRA)
+        self._build_sampler()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.optim, self.max_steps))
+        self.trainer = Trainer(self.model, self.optimizer, self.scheduler, cfg.loss, cfg.optim.max_grad_norm,
+                               info.device, vocab_size=self.data_vocab if self.V > self.data_vocab else None,
+                               packing=cfg.data.packing,
+                               loss_scaling=compute_dtype(cfg.mixed_precision, info.device) == torch.float16)
+        self.pack_len = None
+        if cfg.data.packing:
+            self.pack_len = cfg.data.pack_length or (self.train_src.manifest.max_length
+                                                     if hasattr(self.train_src, "manifest")
+                                                     else cfg.data.train_dataset.max_length)
+            check_packing(self.trainer, self.data_vocab)
+        if cfg.lr_find.enabled:  # lr-find writes no metrics, loss logs or checkpoints
+            return
+        print0(f"[train] round {cfg.round}: student {self.n_params / 1e6:.2f}M params, V={self.V}; "
+               f"{len(self.indices)} train samples, {self.sampler.steps_per_epoch} steps/epoch of "
+               f"{self.sampler.global_batch} samples; {self.max_steps} steps; alpha={cfg.loss.alpha} "
+               f"tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)"
+               + (f"; packing into rows of {self.pack_len} tokens" if self.pack_len else ""))
+        self._build_loggers()
+
+    def _prepare(self, model: torch.nn.Module) -> None:
         """From the built student to the FSDP2-sharded one. A pretrained student comes here
-        with its parameters on the meta device, before any weight is read (shapes only)."""
-        nonlocal V, n_params, n_trainable, ckpt
+        with its parameters on the meta device, before any weight is read (shapes only).
+
+        Raises:
+            ValueError: the student's vocabulary is smaller than the data's.
+        """
+        cfg, info = self.cfg, self.info
         defer_output_projection(model)  # the output layer runs inside the fused loss (before fully_shard)
-        V = vocab_size(model)
-        if V < data_vocab:
-            raise ValueError(f"student vocabulary size {V} is smaller than the data's {data_vocab} "
+        self.V = vocab_size(model)
+        if self.V < self.data_vocab:
+            raise ValueError(f"student vocabulary size {self.V} is smaller than the data's {self.data_vocab} "
                              f"({cfg.data.train_cache or cfg.data.tokenizer})")
-        if V > data_vocab:
-            print0(f"[train] student output layer has {V} rows, the data's vocabulary {data_vocab}: logits are "
-                   f"sliced to the first {data_vocab}")
-        n_params = count_parameters(model)
+        if self.V > self.data_vocab:
+            print0(f"[train] student output layer has {self.V} rows, the data's vocabulary {self.data_vocab}: "
+                   f"logits are sliced to the first {self.data_vocab}")
+        self.n_params = count_parameters(model)
         if cfg.student.lora is not None or cfg.student.peft_config is not None:  # adapters exist before fully_shard
-            lora_init.update(add_adapters(model, cfg.student, cfg.seed))
-        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before sharding: whole sizes
+            self.lora_init.update(add_adapters(model, cfg.student, cfg.seed))
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before sharding: whole sizes
         # verified on rank 0 (the same answer on every rank) before anything is written: a resume
         # PATH that fails verification leaves the run directory as it was; lr-find does not resume
-        ckpt = None if cfg.lr_find.enabled else agree_resume(run_dir, cfg.resume, info.rank)
+        self.ckpt = None if cfg.lr_find.enabled else agree_resume(self.run_dir, cfg.resume, info.rank)
         if info.is_main:
-            _make_dir(run_dir)
-            dump_config(cfg, join(run_dir, "config.yaml"))
+            _make_dir(self.run_dir)
+            dump_config(cfg, join(self.run_dir, "config.yaml"))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         shard_model(model, mixed_precision=compute_dtype(cfg.mixed_precision, info.device))
 
-    if cfg.student.init == "pretrained":  # never whole on a rank: its rows are read after sharding
-        student = local_copy(cfg.student.path) if is_remote(cfg.student.path) else cfg.student.path
-        model = load_student_sharded(student, torch.float32, info.device, prepare)
-    else:  # random weights drawn whole with torch.manual_seed(cfg.seed), as on every rank
-        model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
-        prepare(model)
-    load_initial_adapters(model, lora_init)  # this rank's rows of them (none without LoRA)
-    indices = np.arange(len(train_src))
-    if sample_ids is not None:
-        index = train_src.index_of if hasattr(train_src, "index_of") else {s.sample_id: i for i, s in enumerate(train_src)}.__getitem__
-        order = sorted(range(len(sample_ids)), key=lambda i: index(sample_ids[i]))
-        indices = np.array([index(sample_ids[i]) for i in order], dtype=np.int64)
-        sample_weights = None if sample_weights is None else np.asarray(sample_weights)[order]
-    groups = None
-    if cfg.data.shuffle == "block":
-        if not hasattr(train_src, "block_ids"):
-            raise ConfigError("data.shuffle=block needs data.train_cache (a dataset has no blocks)")
-        groups = train_src.block_ids()[indices]
-    sampler = StepSampler(indices, cfg.micro_batch_size, cfg.grad_accum_steps, info.rank, info.world_size, cfg.seed,
-                          weights=sample_weights, groups=groups, window=cfg.data.shuffle_window)
-    max_steps = cfg.epochs * sampler.steps_per_epoch if cfg.epochs else cfg.max_steps
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, max_steps))
-    trainer = Trainer(model, optimizer, scheduler, cfg.loss, cfg.optim.max_grad_norm, info.device,
-                      vocab_size=data_vocab if V > data_vocab else None, packing=cfg.data.packing,
-                      loss_scaling=compute_dtype(cfg.mixed_precision, info.device) == torch.float16)
-    pack_len = None
-    if cfg.data.packing:
-        pack_len = cfg.data.pack_length or (train_src.manifest.max_length if hasattr(train_src, "manifest")
-                                            else cfg.data.train_dataset.max_length)
-        check_packing(trainer, data_vocab)
-    if cfg.lr_find.enabled:
-        return run_lr_find(cfg.lr_find, trainer, sampler, train_src, run_dir, info, pack_length=pack_len)
-    print0(f"[train] round {cfg.round}: student {n_params / 1e6:.2f}M params, V={V}; {len(indices)} train samples, "
-           f"{sampler.steps_per_epoch} steps/epoch of {sampler.global_batch} samples; {max_steps} steps; "
-           f"alpha={cfg.loss.alpha} tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)"
-           + (f"; packing into rows of {pack_len} tokens" if pack_len else ""))
-    logger = MetricsLogger(run_dir, info.rank, cfg.wandb, config_dict(cfg))
-    loss_log = LossLogWriter(loss_log_dir or join(run_dir, "loss_logs"), info.rank)
-    n_eval = min(len(eval_src), cfg.data.eval_max_samples or len(eval_src)) if eval_src is not None else 0
-    st = {"step": 0, "epoch": 0, "position": 0, "best": math.inf, "bad_evals": 0, "tokens": 0, "round": cfg.round}
-    builtin = [MetricsCallback(logger, cfg.log_steps), EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)]
-    cbs = CallbackList(builtin + list(callbacks if callbacks is not None else load_callbacks(cfg.callbacks)), len(builtin))
-    if ckpt is not None:
-        st = load_checkpoint(ckpt, model, optimizer, scheduler, info.rank)
-        sampler.epoch, sampler.position = st["epoch"], st["position"]
-        cbs.load_state_dict(st.get("callbacks", {}))
-        trainer.load_state_dict(st)  # fp16: the loss scale and overflow count
-        loss_log.truncate_after(cfg.round, st["step"])
-        print0(f"[train] resumed from {ckpt} at step {st['step']} (epoch {st['epoch']}, sample {st['position']})")
-    elif carry_from is not None:
-        load_optimizer_moments(carry_from, model, optimizer)
-        print0(f"[train] optimizer state carried over from {carry_from}")
-    last_eval: dict = {}
-    stop = Preemption()
-    state = TrainState(round=cfg.round, step=st["step"], max_steps=max_steps, epoch=sampler.epoch,
-                       epoch_progress=sampler.epoch + sampler.position / len(indices), tokens=st["tokens"],
-                       best_eval_loss=st["best"], evals_without_improvement=st["bad_evals"], rank=info.rank,
-                       world_size=info.world_size, output_dir=str(run_dir), model=model, optimizer=optimizer)
+    def _build_sampler(self) -> None:
+        """The round's sample indices (``sample_ids``: in cache order, their weights along) and
+        the :class:`StepSampler`; ``max_steps`` from ``epochs`` or ``max_steps``.
 
-    def sync_state(step: int) -> None:
-        state.step, state.epoch, state.tokens = step, sampler.epoch, st["tokens"]
-        state.epoch_progress = sampler.epoch + sampler.position / len(indices)
-        state.best_eval_loss, state.evals_without_improvement = st["best"], st["bad_evals"]
+        Raises:
+            ConfigError: ``data.shuffle=block`` with a dataset (no blocks).
+        """
+        cfg, info, src, weights = self.cfg, self.info, self.train_src, self.sample_weights
+        indices = np.arange(len(src))
+        if self.sample_ids is not None:
+            ids = self.sample_ids
+            index = src.index_of if hasattr(src, "index_of") else {s.sample_id: i for i, s in enumerate(src)}.__getitem__
+            order = sorted(range(len(ids)), key=lambda i: index(ids[i]))
+            indices = np.array([index(ids[i]) for i in order], dtype=np.int64)
+            weights = None if weights is None else np.asarray(weights)[order]
+        groups = None
+        if cfg.data.shuffle == "block":
+            if not hasattr(src, "block_ids"):
+                raise ConfigError("data.shuffle=block needs data.train_cache (a dataset has no blocks)")
+            groups = src.block_ids()[indices]
+        self.indices = indices
+        self.sampler = StepSampler(indices, cfg.micro_batch_size, cfg.grad_accum_steps, info.rank, info.world_size,
+                                   cfg.seed, weights=weights, groups=groups, window=cfg.data.shuffle_window)
+        self.max_steps = cfg.epochs * self.sampler.steps_per_epoch if cfg.epochs else cfg.max_steps
 
-    def run_eval(step: int) -> None:
-        """Evaluate, export best/ on improvement, call on_evaluate (early stopping is a callback)."""
-        nonlocal last_eval
-        ev = trainer.evaluate(prefetch(eval_batches(eval_src, n_eval, cfg.micro_batch_size, info.rank, info.world_size,
-                                                       pack_length=pack_len)))
-        loss_log.append(cfg.round, "eval", sampler.epoch, step, ev.rows)
-        st["best"], st["bad_evals"], improved, _ = early_stopping_update(st["best"], st["bad_evals"], ev.loss,
-                                                                        cfg.early_stopping.min_delta, None)
-        sync_state(step)
-        last_eval = {"eval/loss": ev.loss, "eval/ce_loss": ev.ce, "eval/kl_loss": ev.kl, "eval/min_loss": st["best"],
-                     "eval/perplexity": math.exp(min(ev.ce, 50.0)), "eval/epoch": state.epoch_progress, "eval/step": step,
-                     "round": cfg.round, **ev.metrics("eval")}
+    def _build_loggers(self) -> None:
+        """Metrics logger, loss-log writer, the callbacks (built-ins first) and the fresh state."""
+        cfg, info = self.cfg, self.info
+        self.logger = MetricsLogger(self.run_dir, info.rank, cfg.wandb, config_dict(cfg))
+        self.loss_log = LossLogWriter(self.loss_log_dir or join(self.run_dir, "loss_logs"), info.rank)
+        self.n_eval = (min(len(self.eval_src), cfg.data.eval_max_samples or len(self.eval_src))
+                       if self.eval_src is not None else 0)
+        self.early_stopping = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
+        builtin = [MetricsCallback(self.logger, cfg.log_steps), self.early_stopping]
+        user = self.user_callbacks if self.user_callbacks is not None else load_callbacks(cfg.callbacks)
+        self.callbacks = CallbackList(builtin + list(user), len(builtin))
+        self.state = RunState(round=cfg.round, step=0, max_steps=self.max_steps, epoch=0, epoch_progress=0.0,
+                              tokens=0, best_eval_loss=math.inf, evals_without_improvement=0, rank=info.rank,
+                              world_size=info.world_size, output_dir=str(self.run_dir), model=self.model,
+                              optimizer=self.optimizer)
+        self._sync_position()
+
+    def _loader(self) -> StepPrefetcher:
+        """The step prefetcher; a cache on a remote store gets more workers, further ahead,
+        unless ``data.num_workers`` / ``prefetch_steps`` are set (hides the store's latency)."""
+        d = self.cfg.data
+        workers, depth = d.num_workers, d.prefetch_steps
+        if d.train_cache is not None and is_remote(d.train_cache):
+            workers = workers if "num_workers" in d.model_fields_set else REMOTE_NUM_WORKERS
+            depth = depth if "prefetch_steps" in d.model_fields_set else REMOTE_PREFETCH_STEPS
+        return StepPrefetcher(self.sampler, self.train_src, workers, depth, pack_length=self.pack_len)
+
+    def _sync_position(self) -> None:
+        """Copy the sampler's data position (what it has handed out is what was consumed) into the state."""
+        s = self.sampler
+        self.state.epoch, self.state.position = s.epoch, s.position
+        self.state.epoch_progress = s.epoch + s.position / len(self.indices)
+
+    # -- phases ----------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Restore the newest checkpoint (``resume:``): weights, optimizer, scheduler, RNG, the
+        run state, data position, callbacks' and trainer's state, and cut the loss logs after
+        its step; else carry the previous round's optimizer moments (``carry_optimizer``)."""
+        cfg, ckpt = self.cfg, self.ckpt
+        if ckpt is not None:
+            saved = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.info.rank)
+            self.state.load_state_dict(saved)
+            self.sampler.epoch, self.sampler.position = self.state.epoch, self.state.position
+            self._sync_position()
+            self.callbacks.load_state_dict(saved.get("callbacks", {}))
+            self.trainer.load_state_dict(saved)  # fp16: the loss scale and overflow count
+            self.loss_log.truncate_after(cfg.round, self.state.step)
+            print0(f"[train] resumed from {ckpt} at step {saved['step']} (epoch {saved['epoch']}, "
+                   f"sample {saved['position']})")
+        elif self.carry_from is not None:
+            load_optimizer_moments(self.carry_from, self.model, self.optimizer)
+            print0(f"[train] optimizer state carried over from {self.carry_from}")
+
+    def step(self, step: int):
+        """Run optimizer step ``step`` (collective), log its loss-log rows, update the state and
+        call ``on_step_end``; returns the step's stats (``.stop``: a preemption agreed over ranks).
+
+        Raises:
+            ValueError: more than ``skip_nonfinite`` steps had a non-finite loss or gradient norm.
+        """
+        cfg, state = self.cfg, self.state
+        t0 = time.perf_counter()
+        micro = self.loader.next_step()
+        stats = self.trainer.train_step(micro, stop_requested=self.preemption.flag)
+        dt = time.perf_counter() - t0
+        if stats.nonfinite:  # the optimizer step was skipped: the weights are the previous step's
+            state.skipped_steps += 1
+            ids = ", ".join(stats.nonfinite_sample_ids[:8]) + (" ..." if len(stats.nonfinite_sample_ids) > 8 else "")
+            what = (f"non-finite loss or gradient norm at step {step} (round {cfg.round}; loss {stats.loss}, "
+                    f"grad norm {stats.grad_norm}); samples on rank {self.info.rank}: {ids or 'none'}")
+            if state.skipped_steps > cfg.skip_nonfinite:
+                raise ValueError(f"{what}; stopped with no checkpoint after it "
+                                 f"(skip_nonfinite={cfg.skip_nonfinite} steps may be skipped)")
+            print(f"[train] warning: {what}; step skipped ({state.skipped_steps} of skip_nonfinite="
+                  f"{cfg.skip_nonfinite})", file=sys.stderr, flush=True)
+        if stats.overflow:  # fp16 loss scaling: expected now and then, not an error (nor skip_nonfinite)
+            print0(f"[train] fp16 gradient overflow at step {step} at loss scale {stats.loss_scale:g}: "
+                   f"step skipped, scale lowered ({stats.overflow_steps} overflow steps this round)")
+        state.tokens += stats.n_tokens
+        self.loss_log.append(cfg.round, "train", self.sampler.epoch, step, stats.rows)
+        self.bar.update(1, loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")
+        state.step = step
+        self._sync_position()
+        self.callbacks.call("on_step_end", state, train_metrics(stats, self.scheduler.get_last_lr()[0], state, dt))
+        return stats
+
+    def evaluate(self, step: int) -> None:
+        """Evaluate (collective), log the eval rows, apply the improvement rule, export best/ on
+        an improvement, call ``on_evaluate`` (early stopping's patience is a callback)."""
+        cfg, info = self.cfg, self.info
+        ev = self.trainer.evaluate(prefetch(eval_batches(self.eval_src, self.n_eval, cfg.micro_batch_size, info.rank,
+                                                         info.world_size, pack_length=self.pack_len)))
+        self.loss_log.append(cfg.round, "eval", self.sampler.epoch, step, ev.rows)
+        improved = self.early_stopping.update(self.state, ev.loss)
+        self.last_eval = eval_metrics(ev, self.state, step)
         if info.is_main:
             progress.write(f"[eval] step {step}: loss {ev.loss:.4f} ce {ev.ce:.4f} kl {ev.kl:.4f} "
-                       f"ppl {last_eval['eval/perplexity']:.2f}{' (best)' if improved else ''}")
+                           f"ppl {self.last_eval['eval/perplexity']:.2f}{' (best)' if improved else ''}")
         if improved:
-            export_hf(model, join(run_dir, "best"), tok_dir, info.rank, precision=cfg.save_precision)
-        cbs.call("on_evaluate", state, last_eval)
+            export_hf(self.model, join(self.run_dir, "best"), self.tok_dir, info.rank, precision=cfg.save_precision)
+        self.callbacks.call("on_evaluate", self.state, self.last_eval)
 
-    def checkpoint(step: int) -> None:
-        loss_log.flush()  # rows up to this step are closed before the checkpoint that covers them
-        st.update(step=step, epoch=sampler.epoch, position=sampler.position,
-                  samples_consumed=step * sampler.global_batch, callbacks=cbs.state_dict(), **trainer.state_dict())
-        path = save_checkpoint(run_dir, step, model, optimizer, scheduler, dict(st), info.rank, cfg.save_total_limit)
-        cbs.call("on_save", state, str(path))
+    def save(self, step: int) -> None:
+        """Write checkpoint ``step`` (collective): model, optimizer, scheduler and
+        ``self.state.state_dict()``; then ``on_save``."""
+        self.loss_log.flush()  # rows up to this step are closed before the checkpoint that covers them
+        self.state.extra.update(samples_consumed=step * self.sampler.global_batch,
+                                callbacks=self.callbacks.state_dict(), **self.trainer.state_dict())
+        path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler,
+                               self.state.state_dict(), self.info.rank, self.cfg.save_total_limit)
+        self.callbacks.call("on_save", self.state, str(path))
 
-    def agree_requests() -> None:
+    def _save_or_stop(self, step: int, preempted: bool) -> str | None:
+        """After step ``step``: checkpoint if due or asked for; returns the outcome if the round
+        ends here (preempted, or a callback's stop reason), else None."""
+        state = self.state
+        stopping = state.stop_reason is not None
+        if (preempted or (self.cfg.save_steps and step % self.cfg.save_steps == 0) or state.save_requested
+                or (stopping and state.save_on_stop)):
+            self.save(step)
+            state.save_requested = False
+        if not (preempted or stopping):
+            return None
+        outcome = "preempted" if preempted else state.stop_reason
+        print0(f"[train] {outcome} after step {step}")
+        return outcome
+
+    def _agree_requests(self) -> None:
         """A stop/save request of a user callback on any rank holds on every rank (one tiny
         all-reduce per step, only when user callbacks are configured)."""
-        if not cbs.needs_agreement or info.world_size == 1:
+        state, info = self.state, self.info
+        if not self.callbacks.needs_agreement or info.world_size == 1:
             return
         stopping = state.stop_reason is not None
         flags = torch.tensor([stopping, state.save_requested, stopping and state.save_on_stop], dtype=torch.int64,
@@ -279,82 +458,33 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
             state.save_on_stop = bool(flags[2])
         state.save_requested = bool(flags[1])
 
-    bar = progress.Progress(max_steps, "train", "step", enabled=info.is_main, initial=st["step"])
-    t_train, outcome = time.perf_counter(), "finished"
-    workers, depth = cfg.data.num_workers, cfg.data.prefetch_steps
-    if cfg.data.train_cache is not None and is_remote(cfg.data.train_cache):  # hide the store's latency
-        workers = workers if "num_workers" in cfg.data.model_fields_set else REMOTE_NUM_WORKERS
-        depth = depth if "prefetch_steps" in cfg.data.model_fields_set else REMOTE_PREFETCH_STEPS
-    loader = StepPrefetcher(sampler, train_src, workers, depth, pack_length=pack_len)
-    summary = None
-    try:
-        cbs.call("on_train_begin", state)
-        for step in range(st["step"] + 1, max_steps + 1):
-            t0 = time.perf_counter()
-            micro = loader.next_step()
-            stats = trainer.train_step(micro, stop_requested=stop.flag)
-            dt = time.perf_counter() - t0
-            if stats.nonfinite:  # the optimizer step was skipped: the weights are the previous step's
-                st["skipped_steps"] = st.get("skipped_steps", 0) + 1
-                ids = ", ".join(stats.nonfinite_sample_ids[:8]) + (" ..." if len(stats.nonfinite_sample_ids) > 8 else "")
-                what = (f"non-finite loss or gradient norm at step {step} (round {cfg.round}; loss {stats.loss}, "
-                        f"grad norm {stats.grad_norm}); samples on rank {info.rank}: {ids or 'none'}")
-                if st["skipped_steps"] > cfg.skip_nonfinite:
-                    raise ValueError(f"{what}; stopped with no checkpoint after it "
-                                     f"(skip_nonfinite={cfg.skip_nonfinite} steps may be skipped)")
-                print(f"[train] warning: {what}; step skipped ({st['skipped_steps']} of skip_nonfinite="
-                      f"{cfg.skip_nonfinite})", file=sys.stderr, flush=True)
-            if stats.overflow:  # fp16 loss scaling: expected now and then, not an error (nor skip_nonfinite)
-                print0(f"[train] fp16 gradient overflow at step {step} at loss scale {stats.loss_scale:g}: "
-                       f"step skipped, scale lowered ({stats.overflow_steps} overflow steps this round)")
-            st["tokens"] += stats.n_tokens
-            loss_log.append(cfg.round, "train", sampler.epoch, step, stats.rows)
-            bar.update(1, loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")
-            sync_state(step)
-            cbs.call("on_step_end", state, {
-                "train/loss": stats.loss, "train/ce_loss": stats.ce, "train/kl_loss": stats.kl,
-                "train/learning_rate": scheduler.get_last_lr()[0], "train/grad_norm": stats.grad_norm,
-                "train/epoch": state.epoch_progress, "train/step": step, "train/tokens_per_second": stats.n_tokens / dt,
-                "train/skipped_steps": st.get("skipped_steps", 0), "round": cfg.round, **stats.metrics("train")})
-            if eval_src is not None and (step % cfg.eval_steps == 0 or step == max_steps):
-                run_eval(step)
-            agree_requests()
-            preempted = stats.stop  # agreed over all ranks inside the step
-            stopping = state.stop_reason is not None
-            if (preempted or (cfg.save_steps and step % cfg.save_steps == 0) or state.save_requested
-                    or (stopping and state.save_on_stop)):
-                checkpoint(step)
-                state.save_requested = False
-            if preempted or stopping:
-                outcome = "preempted" if preempted else state.stop_reason
-                print0(f"[train] {outcome} after step {step}")
-                break
-        bar.close()
-        train_s = time.perf_counter() - t_train
+    def finish(self, outcome: str, train_s: float) -> dict:
+        """Export final/ (and the optimizer for the next round's ``carry_optimizer``) unless
+        preempted, build the summary, call ``on_train_end``; returns the summary."""
+        cfg, info, state = self.cfg, self.info, self.state
         if outcome != "preempted":
-            export_hf(model, join(run_dir, "final"), tok_dir, info.rank, precision=cfg.save_precision)
-            if save_optimizer_to is not None:
-                save_optimizer(save_optimizer_to, model, optimizer, info.rank)
+            export_hf(self.model, join(self.run_dir, "final"), self.tok_dir, info.rank, precision=cfg.save_precision)
+            if self.save_optimizer_to is not None:
+                save_optimizer(self.save_optimizer_to, self.model, self.optimizer, info.rank)
         summary = {"outcome": outcome,
-                   "final_eval": {k.split("/", 1)[1]: v for k, v in last_eval.items() if k.startswith("eval/")},
-                   "best_eval_loss": st["best"], "steps": max_steps, "train_tokens": st["tokens"],
-                   "train_seconds": train_s, "tokens_per_second": st["tokens"] / max(train_s, 1e-9),
-                   "num_parameters": n_params, "trainable_parameters": n_trainable,
-                   "skipped_steps": st.get("skipped_steps", 0), "overflow_steps": trainer.overflow_steps,
-                   "world_size": info.world_size, "wall_s": time.perf_counter() - t_start}
-        cbs.call("on_train_end", state, summary)
-    finally:
-        loader.close()
-        stop.restore()
-        loss_log.close()
-        logger.finish()
-    if info.is_main:
-        with writing("the run summary", join(run_dir, "summary.json")):
-            write_file(join(run_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+                   "final_eval": {k.split("/", 1)[1]: v for k, v in self.last_eval.items() if k.startswith("eval/")},
+                   "best_eval_loss": state.best_eval_loss, "steps": self.max_steps, "train_tokens": state.tokens,
+                   "train_seconds": train_s, "tokens_per_second": state.tokens / max(train_s, 1e-9),
+                   "num_parameters": self.n_params, "trainable_parameters": self.n_trainable,
+                   "skipped_steps": state.skipped_steps, "overflow_steps": self.trainer.overflow_steps,
+                   "world_size": info.world_size, "wall_s": time.perf_counter() - self.t_start}
+        self.callbacks.call("on_train_end", state, summary)
+        return summary
+
+    def _write_summary(self, summary: dict) -> None:
+        """summary.json and the closing line (rank 0), after the loggers are closed."""
+        if not self.info.is_main:
+            return
+        with writing("the run summary", join(self.run_dir, "summary.json")):
+            write_file(join(self.run_dir, "summary.json"), json.dumps(summary, indent=1).encode())
+        outcome = summary["outcome"]
         print0(f"[train] {outcome} in {summary['wall_s']:.0f}s; student in "
-               f"{join(run_dir, 'checkpoints' if outcome == 'preempted' else 'final')}")
-    cbs.call("on_round_end", state, summary)
-    return summary if info.is_main else None
+               f"{join(self.run_dir, 'checkpoints' if outcome == 'preempted' else 'final')}")
 
 
 class Preemption:
@@ -375,5 +505,6 @@ class Preemption:
         self.flag = True
 
     def restore(self) -> None:
+        """Put back the signal handlers found at construction."""
         for sig, handler in self.old.items():
             signal.signal(sig, handler)

@@ -10,7 +10,7 @@ stage two see the model they know. The run's life of an adapter:
    same on every rank and at every world size), move them back to the base's device.
 2. :func:`load_initial_adapters` (after the base's rows are read): copy each rank's rows of
    those initial values into its shards.
-3. Checkpoints hold the trainable parameters only (pipeline/checkpoint.py ``_dcp_state``):
+3. Checkpoints hold the trainable parameters only (pipeline/student/checkpoint.py ``_dcp_state``):
    the frozen base is re-read from ``student.path`` on resume.
 4. :func:`split_export` + :func:`save_adapter` (``best/``, ``final/``): the directory itself is a
    full Hugging Face model with the adapters merged (``W + scaling · B A``), so every consumer

@@ -20,7 +20,7 @@ Network", 2015, §2). Tail modes:
   the cache temperature it is exact KL between the (k+1)-outcome coarsenings of p and q; at
   other ``τ`` the bucket is re-tempered as if it were one token (an approximation).
 * ``sampled``: for ``sampled`` / ``topk+sampled`` caches, whose values are an estimate ``p̂``
-  of the whole teacher distribution (pipeline/targets.py): ``KL_t = Σ_{i∈S_t} p̂(i) (log p̂(i)
+  of the whole teacher distribution (pipeline/teacher/sampled.py): ``KL_t = Σ_{i∈S_t} p̂(i) (log p̂(i)
   - log q_t(i))`` with no renormalisation and no tail bucket. Its gradient
   ``-Σ_i p̂(i) ∇log q_t(i)`` is linear in ``p̂`` and ``E[p̂] = p``, so it is an unbiased
   estimate of ``∇ KL(p || q)`` (Anshumann et al., "Sparse Logit Sampling", ACL 2025, §3) at

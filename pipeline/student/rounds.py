@@ -44,7 +44,7 @@ def round_configs(cfg: TrainStudentConfig) -> list[TrainStudentConfig]:
         tree.update(round=r, output_dir=join(cfg.output_dir, f"round-{r}"))
         if r > 0:
             # a LoRA run keeps its adapter config: round r trains fresh adapters on round r-1's
-            # merged export (``final/`` is base + adapters, pipeline/lora.py)
+            # merged export (``final/`` is base + adapters, pipeline/student/lora.py)
             tree["student"] = {**tree["student"], "path": join(cfg.output_dir, f"round-{r - 1}", "final"),
                                "init": "pretrained"}
         try:

@@ -115,21 +115,6 @@ def lr_lambda(cfg: OptimConfig, max_steps: int):
     return f
 
 
-def early_stopping_update(best: float, bad_evals: int, loss: float, min_delta: float,
-                          patience: int | None) -> tuple[float, int, bool, bool]:
-    """One evaluation's effect on early stopping.
-
-    An eval improves when ``loss < best - min_delta``; ``patience`` consecutive evals without
-    improvement stop training (None: never stop).
-
-    Returns:
-        (new best, new count of evals without improvement, improved, stop)
-    """
-    improved = loss < best - min_delta
-    best, bad_evals = (loss, 0) if improved else (best, bad_evals + 1)
-    return best, bad_evals, improved, patience is not None and bad_evals >= patience
-
-
 @torch.no_grad()
 def check_packing(trainer: "Trainer", vocab_size: int, tol: float = 1e-4) -> None:
     """Refuse ``data.packing`` for a student whose attention crosses packed samples.

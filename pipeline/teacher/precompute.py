@@ -34,7 +34,7 @@ def _load_teachers(cfg: PrecomputeConfig, tokenizer, dtype: torch.dtype,
 
     The cache vocabulary is ``V = len(tokenizer)``, the tokens that can occur: a teacher whose
     output layer is padded beyond it (e.g. to a multiple of 64) has its logits sliced to the
-    first V before the softmax (pipeline/teacher.py), so padding rows get no probability.
+    first V before the softmax (pipeline/teacher/topk.py), so padding rows get no probability.
 
     Returns:
         (teachers in eval mode with frozen parameters in ``dtype``, V, manifest entries with

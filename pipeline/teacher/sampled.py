@@ -12,7 +12,7 @@ outside the stored ids (informational; computed in float32 with :func:`log1mexp`
   with replacement from the teacher distribution ``p`` (at the cache temperature); the unique
   ids are stored with value ``log(c_i / N)`` (``c_i`` = count). ``p̂_i = c_i / N`` is an
   unbiased estimate of ``p_i`` for every token (``E[c_i] = N p_i``), so the CE against ``p̂``
-  has an unbiased gradient for ``∇ KL(p || q)`` (pipeline/losses.py, ``tail: sampled``).
+  has an unbiased gradient for ``∇ KL(p || q)`` (pipeline/student/losses.py, ``tail: sampled``).
   With ``sample_temperature = s ≠ 1`` the draws come from the flattened proposal
   ``π ∝ p^(1/s)`` and the values are self-normalised importance weights
   ``p̂_i = c_i w_i / Σ_j c_j w_j``, ``w = p / π`` (Owen, "Monte Carlo theory, methods and

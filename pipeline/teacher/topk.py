@@ -209,7 +209,7 @@ def fused_topk_targets(hiddens: list[torch.Tensor], heads: list[tuple], weights:
     teachers' final hidden states chunk by chunk: per chunk of rows the output layer, the
     tempered log-softmax (or, for one teacher, its log-normaliser), the top-k and the tail, so
     no (B, T, V) tensor exists and padding positions cost nothing (the same idea as the
-    student's fused loss, pipeline/losses.py; Liger-Kernel's fused linear cross-entropy).
+    student's fused loss, pipeline/student/losses.py; Liger-Kernel's fused linear cross-entropy).
 
     One teacher: the top-k of the logits are the top-k of the log-probabilities (the softmax is
     monotone), so ``values = z_topk/τ − logsumexp(z/τ)`` and the (rows, V) log-softmax is never

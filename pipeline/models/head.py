@@ -1,0 +1,69 @@
+"""The output head: vocabulary size, parameter counts, and the deferred output projection the
+fused losses (stage 1 top-k, stage 2 KD loss) apply chunk by chunk."""
+from __future__ import annotations
+
+
+import torch
+from torch import nn
+
+
+
+def vocab_size(model: nn.Module) -> int:
+    """Size V of the model's output logits (may exceed the tokenizer's vocabulary when padded)."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class OutputProjection(nn.Module):
+    """Stands in for a causal LM's output layer: holds its parameters under the same names
+    (``weight`` (V, H), ``bias`` (V,) or None; a tied ``weight`` stays the input embedding's
+    Parameter) and returns its input, so the model's "logits" are the final hidden states
+    (B, T, H) and the projection happens inside the fused loss (pipeline/student/losses.py).
+
+    State-dict keys, FSDP2 parameter groups and Hugging Face export are unchanged.
+    """
+
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = getattr(linear, "bias", None)
+        self.out_features, self.in_features = self.weight.shape
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def defer_output_projection(model: nn.Module) -> OutputProjection:
+    """Replace the model's output layer by an :class:`OutputProjection` (idempotent).
+
+    Call it before ``fully_shard`` (FSDP2 records the modules that own each parameter).
+    Linear rescaling of the logits by the model (Granite's ``logits_scaling``, Cohere's
+    ``logit_scale``) acts on the hidden states instead and gives the same logits.
+
+    Returns:
+        The :class:`OutputProjection` now at ``model.get_output_embeddings()``.
+    Raises:
+        TypeError: the model is already FSDP-wrapped with its original output layer, or has
+            no output layer.
+        ValueError: the model soft-caps its logits (``final_logit_softcapping``, e.g. Gemma 2),
+            a non-linear map the fused loss does not apply.
+    """
+    head = model.get_output_embeddings()
+    if isinstance(head, OutputProjection):
+        return head
+    if head is None or not hasattr(head, "weight"):
+        raise TypeError(f"{type(model).__name__} has no output layer with a weight")
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__} soft-caps its logits (final_logit_softcapping="
+                         f"{model.config.final_logit_softcapping}); the fused output loss does not support it")
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        raise TypeError("defer_output_projection must be called before fully_shard (pipeline.distributed.shard_model)")
+    proj = OutputProjection(head)
+    model.set_output_embeddings(proj)
+    return proj
