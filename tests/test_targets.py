@@ -1,5 +1,4 @@
 """Sparse target types (pipeline/teacher/sampled.py) and the loss modes that use them (pipeline/student/losses.py)."""
-import json
 import math
 import shutil
 
@@ -9,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ConfigError, PrecomputeConfig, TrainStudentConfig, load_config
-from pipeline.student.losses import check_tail_mode
+from pipeline.student.losses import resolve_tail, check_tail_mode
 from reference_losses import fused_from_logits as distill_loss
 from reference_losses import sparse_kl
 from pipeline.teacher.sampled import sample_seed, sampled_targets
@@ -148,17 +147,23 @@ def test_config_targets_validation_and_tail_defaults(tmp_path):
         load_config(PrecomputeConfig, p, ["targets.num_draws=8"])
     with pytest.raises(ConfigError, match=r"targets\.type"):
         load_config(PrecomputeConfig, p, ["targets.type=dense"])
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    t = write_yaml(tmp_path / "t.yaml", {"output_dir": "r", "student": {"path": "s"}, "data": {"train_cache": str(cache)}})
+    # loss.tail: defaulted from, and checked against, the cache's target type when the stage
+    # starts (resolve_tail; the config loads without reading the cache)
+    t = write_yaml(tmp_path / "t.yaml", {"output_dir": "r", "student": {"path": "s"},
+                                         "data": {"train_cache": str(tmp_path / "no-cache-here")}})
     for target_type, default in (("topk", "bucket"), ("sampled", "sampled"), ("topk+sampled", "sampled")):
-        (cache / "manifest.json").write_text(json.dumps({"target_type": target_type, "temperature": 1.0}))
-        assert load_config(TrainStudentConfig, t).loss.tail == default
+        resolved = resolve_tail(load_config(TrainStudentConfig, t), target_type, 1.0)
+        assert resolved.loss.tail == default and "tail" in resolved.loss.model_fields_set
+    kept = load_config(TrainStudentConfig, t, ["loss.tail=renormalize"])
+    assert resolve_tail(kept, "topk", 1.0) is kept
+    ce_only = load_config(TrainStudentConfig, t, ["loss.alpha=1"])
+    assert resolve_tail(ce_only, "sampled", 1.0) is ce_only
     with pytest.raises(ConfigError, match="loss.tail=bucket on a topk\\+sampled cache"):
-        load_config(TrainStudentConfig, t, ["loss.tail=bucket"])
-    (cache / "manifest.json").write_text(json.dumps({"target_type": "topk", "temperature": 1.0}))
+        resolve_tail(load_config(TrainStudentConfig, t, ["loss.tail=bucket"]), "topk+sampled", 1.0)
     with pytest.raises(ConfigError, match="loss.tail=sampled needs"):
-        load_config(TrainStudentConfig, t, ["loss.tail=sampled"])
+        resolve_tail(load_config(TrainStudentConfig, t, ["loss.tail=sampled"]), "topk", 1.0)
+    with pytest.warns(UserWarning, match="differs from the cache temperature"):
+        resolve_tail(load_config(TrainStudentConfig, t, ["loss.temperature=2"]), "sampled", 1.0)
     assert check_tail_mode("renormalize", "sampled", 2.0, 1.0)  # allowed, with a warning
 
 

@@ -122,7 +122,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
     p = folder.join(MANIFEST)
     try:
         text = folder.read_bytes(MANIFEST)
-    except (FileNotFoundError, IsADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}") from None
     try:
         return Manifest.model_validate_json(text)

@@ -103,8 +103,8 @@ class LossConfig(_Section):
     (the stored support renormalised), ``bucket`` (the tail mass as one extra outcome) or
     ``sampled`` (CE against the stored estimate, the unbiased estimator for sampled caches).
     Unset: ``bucket`` for ``topk`` caches, ``sampled`` for ``sampled`` / ``topk+sampled``
-    caches (read from ``data.train_cache``'s manifest); incompatible pairs are refused
-    (:func:`pipeline.student.losses.check_tail_mode`)."""
+    caches (read from ``data.train_cache``'s manifest when train-student starts); incompatible
+    pairs are refused then (:func:`pipeline.student.losses.resolve_tail`)."""
     aux_loss_coef: float = Field(default=0.0, ge=0)
     """Weight of the student's own auxiliary loss (e.g. a MoE router load-balancing loss,
     ``outputs.aux_loss`` with ``output_router_logits=True``); 0 = not requested."""
@@ -313,38 +313,6 @@ class TrainStudentConfig(_Section):
     def _ce_only_without_teacher(self) -> "TrainStudentConfig":
         if self.data.train_dataset is not None and self.loss.alpha != 1.0:
             raise ValueError("loss.alpha must be 1 when training from data.train_dataset (no teacher)")
-        return self
-
-    @model_validator(mode="after")
-    def _tail_for_cache(self) -> "TrainStudentConfig":
-        """Default ``loss.tail`` from the train cache's target type, and refuse bad pairs."""
-        if self.data.train_cache is None or self.loss.alpha == 1.0:
-            return self  # no teacher targets
-        import json
-        import warnings
-
-        from pipeline.student.losses import check_tail_mode
-
-        from pipeline.storage import Folder
-
-        cache = Folder(self.data.train_cache)
-        try:
-            m = json.loads(cache.read_bytes("manifest.json"))
-        except (FileNotFoundError, IsADirectoryError):
-            return self  # no cache yet: train-student reports the path
-        except (OSError, ValueError):
-            if not cache.is_remote:
-                raise
-            return self  # no access to the store: train-student reports the URL
-        target_type = m.get("target_type", "topk")
-        tail = self.loss.tail
-        if "tail" not in self.loss.model_fields_set:
-            tail = "bucket" if target_type == "topk" else "sampled"
-        for w in check_tail_mode(tail, target_type, self.loss.temperature, float(m.get("temperature", 1.0))):
-            warnings.warn(w, stacklevel=2)
-        if tail != self.loss.tail or "tail" not in self.loss.model_fields_set:
-            object.__setattr__(self, "loss", self.loss.model_copy(update={"tail": tail}))
-            self.loss.model_fields_set.add("tail")
         return self
 
 

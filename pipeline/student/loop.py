@@ -6,13 +6,13 @@ import math
 import signal
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.cache import open_cache
-from pipeline.storage import check_access, is_remote, join, local_copy, write_file
+from pipeline.cache import open_cache, read_manifest
+from pipeline.student.losses import resolve_tail
+from pipeline.storage import Folder, join, write_file
 from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint, save_optimizer
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
 from pipeline.data import load_samples
@@ -48,8 +48,7 @@ def _sources(cfg: TrainStudentConfig):
         m = train.manifest
         if ev is not None and (ev.manifest.vocab_size, ev.manifest.tokenizer_fingerprint) != (m.vocab_size, m.tokenizer_fingerprint):
             raise ValueError(f"data.eval_cache {d.eval_cache} has another vocabulary/tokenizer than data.train_cache {d.train_cache}")
-        tok = d.tokenizer or (local_copy(f"{d.train_cache.rstrip('/')}/tokenizer") if is_remote(d.train_cache)
-                              else str(Path(d.train_cache) / "tokenizer"))
+        tok = d.tokenizer or Folder(d.train_cache).sub("tokenizer").local()
         return train, ev, tok, m.vocab_size
     tokenizer = load_tokenizer(d.tokenizer)
     train = load_samples(d.train_dataset, tokenizer)[0]
@@ -67,13 +66,17 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     see every round: ``on_train_begin`` ... ``on_train_end``, ``on_round_end`` per round.
 
     Raises:
-        ConfigError: ``select`` on the first round (there is no previous loss log).
+        ConfigError: ``select`` on the first round (there is no previous loss log); a
+            ``loss.tail`` the train cache's target type refuses (:func:`resolve_tail`).
+        FileNotFoundError: ``data.train_cache`` is not a teacher cache (no manifest).
         ValueError: a ``callbacks`` entry that cannot be imported or built (named).
         ValueError: ``output_dir`` is a URL the store cannot serve (missing bucket, refused
             credentials), named, before anything is written (checked on every rank).
     """
-    if is_remote(cfg.output_dir):
-        check_access(cfg.output_dir, "output_dir")
+    Folder(cfg.output_dir).check_access("output_dir")
+    if cfg.data.train_cache is not None and cfg.loss.alpha != 1.0:  # config.yaml shows the resolved loss.tail
+        m = read_manifest(cfg.data.train_cache)
+        cfg = resolve_tail(cfg, m.target_type, m.temperature)
     callbacks = load_callbacks(cfg.callbacks)  # once: the same objects see every round
     if not cfg.rounds:
         if cfg.select is not None or cfg.weight_by is not None:
@@ -85,7 +88,7 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         raise ConfigError("config key 'rounds[0].select'/'weight_by': the first round has no previous loss log")
     state = broadcast_object(read_run_json(out) if info.is_main else None)
     if info.is_main:
-        _make_dir(out)
+        Folder(out).makedirs()
         dump_config(cfg, join(out, "config.yaml"))
     summary = None
     for rc in rcfgs:
@@ -117,12 +120,6 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         if info.is_main:
             write_run_json(out, state)
     return summary
-
-
-def _make_dir(path: str) -> None:
-    """Create a local run directory (a prefix on a store needs no creating)."""
-    if not is_remote(path):
-        Path(path).mkdir(parents=True, exist_ok=True)
 
 
 def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = None,
@@ -227,12 +224,16 @@ class RoundTrainer:
         Raises:
             FileNotFoundError / ValueError: missing cache or student, vocabulary mismatch (sizes
                 named), too few samples for one global batch.
-            ConfigError: ``data.shuffle=block`` without a cache.
+            ConfigError: ``data.shuffle=block`` without a cache; a ``loss.tail`` the train
+                cache's target type refuses.
         """
         cfg, info = self.cfg, self.info
         self.train_src, self.eval_src, self.tok_dir, self.data_vocab = _sources(cfg)
+        if cfg.data.train_cache is not None:  # loss.tail defaults from, and is checked against, the cache
+            m = self.train_src.manifest
+            self.cfg = cfg = resolve_tail(cfg, m.target_type, m.temperature)
         if cfg.student.init == "pretrained":  # never whole on a rank: its rows are read after sharding
-            student = local_copy(cfg.student.path) if is_remote(cfg.student.path) else cfg.student.path
+            student = Folder(cfg.student.path).local()
             self.model = load_student_sharded(student, torch.float32, info.device, self._prepare)
         else:  # random weights drawn whole with torch.manual_seed(cfg.seed), as on every rank
             self.model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
@@ -284,7 +285,7 @@ class RoundTrainer:
         # PATH that fails verification leaves the run directory as it was; lr-find does not resume
         self.ckpt = None if cfg.lr_find.enabled else agree_resume(self.run_dir, cfg.resume, info.rank)
         if info.is_main:
-            _make_dir(self.run_dir)
+            Folder(self.run_dir).makedirs()
             dump_config(cfg, join(self.run_dir, "config.yaml"))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -337,7 +338,7 @@ class RoundTrainer:
         unless ``data.num_workers`` / ``prefetch_steps`` are set (hides the store's latency)."""
         d = self.cfg.data
         workers, depth = d.num_workers, d.prefetch_steps
-        if d.train_cache is not None and is_remote(d.train_cache):
+        if d.train_cache is not None and Folder(d.train_cache).is_remote:
             workers = workers if "num_workers" in d.model_fields_set else REMOTE_NUM_WORKERS
             depth = depth if "prefetch_steps" in d.model_fields_set else REMOTE_PREFETCH_STEPS
         return StepPrefetcher(self.sampler, self.train_src, workers, depth, pack_length=self.pack_len)

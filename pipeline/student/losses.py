@@ -98,6 +98,43 @@ def check_tail_mode(tail: str, target_type: str, temperature: float, cache_tempe
     return warns
 
 
+def resolve_tail(cfg, target_type: str, cache_temperature: float):
+    """The train config with ``loss.tail`` fixed for the train cache: unset, it defaults to
+    ``bucket`` for a ``topk`` cache and ``sampled`` for a ``sampled`` / ``topk+sampled`` one;
+    the pair is then checked (:func:`check_tail_mode`) and its warnings issued. No I/O: the
+    caller passes what the cache's manifest says. A CE-only config (``loss.alpha`` 1) is
+    returned as it is.
+
+    Args:
+        cfg: the :class:`~pipeline.config.TrainStudentConfig`.
+        target_type: the cache manifest's ``target_type`` (``topk``, ``sampled``, ``topk+sampled``).
+        cache_temperature: the manifest's ``temperature``.
+    Returns:
+        ``cfg`` itself when nothing changes, else a copy with the resolved ``loss.tail``
+        (marked as set, so the written ``config.yaml`` shows it).
+    Raises:
+        ConfigError: a refused pair, naming ``loss.tail`` and the cache's ``target_type``.
+    """
+    import warnings
+
+    from pipeline.config import ConfigError
+
+    if cfg.loss.alpha == 1.0:
+        return cfg  # no teacher targets
+    tail = cfg.loss.tail if "tail" in cfg.loss.model_fields_set else ("bucket" if target_type == "topk" else "sampled")
+    try:
+        warns = check_tail_mode(tail, target_type, cfg.loss.temperature, cache_temperature)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    for w in warns:
+        warnings.warn(w, stacklevel=2)
+    if "tail" in cfg.loss.model_fields_set:
+        return cfg
+    loss = cfg.loss.model_copy(update={"tail": tail})
+    loss.model_fields_set.add("tail")
+    return cfg.model_copy(update={"loss": loss})
+
+
 @dataclass
 class LossSums:
     """Per-micro-batch loss terms.
