@@ -8,29 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache import cache_bytes, open_cache
+from pipeline.numerics import position_stats
 from pipeline.storage import Folder
 
 QUANTILES = (0.0, 0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
-
-
-def position_stats(topk_logprobs: np.ndarray, tail_logprob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position captured mass and entropy of stored targets.
-
-    Args:
-        topk_logprobs: (P, k) float32 (``-inf`` padding allowed). tail_logprob: (P,) float32.
-    Returns:
-        mass (P,) float64 ``Σ_k exp(v)``; entropy (P,) float64 in nats of the distribution
-        (stored slots + the tail as one outcome): a lower bound on the full teacher entropy,
-        exact when the tail is empty (grouping outcomes never raises entropy; Cover & Thomas,
-        *Elements of Information Theory*, 2nd ed., §2.8).
-    """
-    lp = topk_logprobs.astype(np.float64)
-    p = np.exp(lp)
-    ent = -np.where(p > 0, p * np.where(p > 0, lp, 0.0), 0.0).sum(1)
-    lt = tail_logprob.astype(np.float64)
-    pt = np.exp(lt)
-    ent -= np.where(pt > 0, pt * np.where(pt > 0, lt, 0.0), 0.0)
-    return p.sum(1), ent
 
 
 def cache_summary(cache_dir: str | os.PathLike, max_samples: int | None = None) -> tuple[dict, dict]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.numerics import position_stats
+
 
 @dataclass
 class LossTargets:
@@ -55,7 +57,8 @@ class Batch:
         topk_ids: (N, k) int64, topk_logprobs: (N, k) float32, tail_logprob: (N,) float32 teacher
             targets of the valid positions, or None (CE-only data).
         topk_mass_sum, teacher_entropy_sum: (S,) float64 per-sample sums over valid positions of
-            the stored top-k mass and the entropy restricted to the stored ids (host), or None.
+            the teacher mass on the stored ids and the teacher entropy in nats, both as
+            :func:`pipeline.numerics.position_stats` defines them (host), or None.
         segments: packed rows only: per row, the ``(start, end)`` token ranges of its samples and
             trailing padding, covering ``[0, L)`` (host; for ``pipeline.student.packed_attention``).
     """
@@ -167,10 +170,8 @@ def collate(records: list, pad_only: bool = False, pack_length: int | None = Non
     tk_ids = np.concatenate([r.topk_ids[t] for r, t in zip(records, t_sel)]).astype(np.int64)
     tk_lp = np.concatenate([r.topk_logprobs[t] for r, t in zip(records, t_sel)]).astype(np.float32, copy=False)
     tail = np.concatenate([r.tail_logprob[t] for r, t in zip(records, t_sel)]).astype(np.float32, copy=False)
-    pad = np.isneginf(tk_lp)
-    plogp = np.where(pad, 0.0, np.exp(tk_lp) * np.where(pad, 0.0, tk_lp))  # -inf = padding slot (sampled caches)
-    mass = np.bincount(sample_index, -np.expm1(tail.astype(np.float64)), minlength=S)
-    entropy = np.bincount(sample_index, -plogp.sum(-1, dtype=np.float64), minlength=S)
+    mass, entropy = position_stats(tk_lp, tail)
+    mass, entropy = np.bincount(sample_index, mass, minlength=S), np.bincount(sample_index, entropy, minlength=S)
     return dataclasses.replace(batch, topk_ids=torch.from_numpy(tk_ids), topk_logprobs=torch.from_numpy(tk_lp),
                                tail_logprob=torch.from_numpy(tail), topk_mass_sum=torch.from_numpy(mass),
                                teacher_entropy_sum=torch.from_numpy(entropy))

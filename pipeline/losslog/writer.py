@@ -7,8 +7,10 @@ directory as one table with ``round``, ``split`` and ``rank`` columns)::
 
 Columns in the files: ``sample_id, epoch, step, n_tokens, ce_sum, kl_sum, loss_sum,
 top1_agree`` (positions where the student's argmax is the teacher's top-1), ``topk_mass_sum``
-(teacher probability captured by the top-k) and ``teacher_entropy_sum`` (teacher entropy over
-the top-k support): sums over the sample's valid positions, in nats where they are losses. The
+(the teacher's probability mass on the cached ids) and ``teacher_entropy_sum`` (the teacher's
+entropy over the cached ids plus one tail outcome), both as
+:func:`pipeline.numerics.position_stats` defines them for ``inspect-cache`` too: sums over the
+sample's valid positions, in nats where they are losses. The
 partition keys are not repeated inside the files, so readers do not see them twice.
 
 A run directory on a store (``s3://...``): each part is one PUT of the whole file under its
