@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from pipeline.storage import Folder
-from pipeline.cache import (CacheWriter, Encoding, Manifest, cache_record_from_targets, finalize_cache, open_writer,
-                            prepare_cache)
+from pipeline.cache import (CacheWriter, Encoding, Manifest, PrepareState, cache_record_from_targets, finalize_cache,
+                            open_writer, prepare_cache)
 from pipeline.cache.manifest import TeacherEntry
 from pipeline.config import PrecomputeConfig
 from pipeline import progress
 from pipeline.data import Sample, SampleWindows
-from pipeline.distributed import DistInfo, barrier, broadcast_object, gather_objects, print0, shard_model
+from pipeline.distributed import DistInfo, barrier, gather_objects, on_rank0, print0, shard_model
 from pipeline.data.batch import collate
 from pipeline.models import (defer_output_projection, has_tokenizer, load_teacher_sharded, load_tokenizer, model_fingerprint,
                              tokenizer_fingerprint, vocab_size)
@@ -238,20 +238,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     stats = SampleStats()
     if cfg.cache.k > V:
         raise ValueError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {V}")
-    state: object = None
-    if info.is_main:
-        try:
-            state = prepare_cache(cfg.cache.dir, manifest, cfg.cache.overwrite)
-            # locally into cache.dir/tokenizer; on a store saved locally, then uploaded there
-            with Folder(cfg.cache.dir).sub("tokenizer").written_locally() as tok_dir:
-                tokenizer.save_pretrained(str(tok_dir))
-        except ValueError as e:
-            state = e
-        except OSError as e:  # not writable, disk full...: one line naming the directory
-            state = ValueError(f"cache.dir {cfg.cache.dir}: cannot be written ({e})")
-    state = broadcast_object(state)
-    if isinstance(state, Exception):
-        raise state
+    state = on_rank0(_prepare_cache_dir, cfg, manifest, tokenizer)  # rank 0 prepares; its answer or error on every rank
     plan = _Plan(windows, state.done_ids, cfg.batch_size, info.world_size)
     print0(f"[precompute] {windows.num_rows} rows in windows of {cfg.window_rows} rows; samples: "
            f"{len(state.done_ids)} already cached; batches of {cfg.batch_size} on {info.world_size} rank(s); "
@@ -282,6 +269,28 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
            f"{dt:.1f}s ({done_tokens / max(dt, 1e-9):.0f} tok/s); teacher ppl "
            f"{m.teacher_perplexity:.2f} on the valid positions")
     return m
+
+
+def _prepare_cache_dir(cfg: PrecomputeConfig, manifest: Manifest, tokenizer) -> PrepareState:
+    """Create or resume ``cache.dir`` (:func:`~pipeline.cache.prepare_cache`) and save the
+    tokenizer into its ``tokenizer/`` (on a store: saved locally, then uploaded). Rank 0 only
+    (:func:`precompute` runs it through :func:`~pipeline.distributed.on_rank0`).
+
+    Returns:
+        The :func:`~pipeline.cache.prepare_cache` state (closed shards' sample IDs, attempt).
+    Raises:
+        ValueError: an incompatible cache (:func:`~pipeline.cache.prepare_cache`), or an
+            ``OSError`` (not writable, disk full...) as one line naming ``cache.dir``.
+    """
+    try:
+        state = prepare_cache(cfg.cache.dir, manifest, cfg.cache.overwrite)
+        with Folder(cfg.cache.dir).sub("tokenizer").written_locally() as tok_dir:
+            tokenizer.save_pretrained(str(tok_dir))
+    except ValueError:
+        raise  # first, as before: an error that is both a ValueError and an OSError passes unchanged
+    except OSError as e:
+        raise ValueError(f"cache.dir {cfg.cache.dir}: cannot be written ({e})") from e
+    return state
 
 
 PAD_SAMPLE = Sample("<padding call>", np.zeros(2, dtype=np.int32), np.zeros(2, dtype=bool))
