@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         "value_error": _outcome(_raise, ValueError("cache.dir /x: cannot be written (disk full)")),
         "file_not_found": _outcome(_raise, FileNotFoundError("resume: /ckpt is not a complete checkpoint")),
         # four constructor arguments: a plain pickle round trip cannot rebuild it
-        "storage_error": _outcome(_raise, StorageError("the manifest", "/cache/manifest.json", OSError(28, "No space"), 28)),
+        "storage_error": _outcome(_raise, StorageError("the manifest", "/cache/manifest.json",
+                                                       OSError(28, "No space"), 28)),
         "local_error": _outcome(_raise, LocalError("defined inside a function")),
         "unpicklable_result": _outcome(lambda: (lambda: None)),
         "after_errors": _outcome(counted, 1),  # the ranks are still in step
@@ -92,7 +93,8 @@ def test_on_rank0_two_ranks(tmp_path):
     assert "could not write the manifest /cache/manifest.json" in r1["storage_error"]["message"]
     # a class the other ranks cannot import: its name and message in a RuntimeError
     assert (r0["local_error"]["error"], r0["local_error"]["message"]) == ("LocalError", "defined inside a function")
-    assert (r1["local_error"]["error"], r1["local_error"]["message"]) == ("RuntimeError", "LocalError: defined inside a function")
+    assert (r1["local_error"]["error"], r1["local_error"]["message"]) == ("RuntimeError",
+                                                                          "LocalError: defined inside a function")
     # a result that cannot be sent: the same TypeError on both ranks
     assert r0["unpicklable_result"] == r1["unpicklable_result"]
     assert r0["unpicklable_result"]["error"] == "TypeError"

@@ -42,7 +42,7 @@ def _precompute(cfg_dict: dict):
     cfg = PrecomputeConfig.model_validate(cfg_dict)
     info = init_distributed("cpu")
     try:
-        return precompute(cfg, info)
+        return precompute(cfg, info).manifest
     finally:
         teardown()
 

@@ -79,8 +79,45 @@ def _shard_teacher(model) -> None:
 
 PROGRESS_EVERY_S = 30.0
 """Seconds between the per-rank progress lines of the teacher loop."""
-LAST_STATS: dict = {}
-"""Throughput of the last :func:`precompute` call in this process (read by bench/)."""
+
+
+@dataclass(frozen=True)
+class PrecomputeStats:
+    """Throughput and host memory of one :func:`precompute` run's teacher loop, gathered from
+    every rank (the same on every rank).
+
+    Attributes:
+        tokens: tokens of the samples the teacher ran on (already cached ones excluded),
+            summed over ranks.
+        seconds: wall-clock seconds of the slowest rank's teacher loop (from the loop's start
+            until its writer thread has written the last shard).
+        per_rank: ``(tokens, seconds)`` of each rank, in rank order.
+        peak_rss: peak resident set size of each rank's process, bytes
+            (:func:`peak_rss_bytes`), in rank order.
+    """
+
+    tokens: int
+    seconds: float
+    per_rank: list[tuple[int, float]]
+    peak_rss: list[int]
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The global rate: all ranks' tokens / the slowest rank's seconds (tokens/s)."""
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class PrecomputeResult:
+    """What :func:`precompute` returns, on every rank.
+
+    Attributes:
+        manifest: the final manifest of the complete cache on rank 0; None on the other ranks.
+        stats: the teacher loop's throughput and memory (:class:`PrecomputeStats`).
+    """
+
+    manifest: Manifest | None
+    stats: PrecomputeStats
 
 
 def peak_rss_bytes() -> int:
@@ -99,21 +136,22 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _throughput(info: DistInfo, tokens: int, seconds: float) -> None:
+def _throughput(info: DistInfo, tokens: int, seconds: float) -> PrecomputeStats:
     """Gather every rank's (tokens, seconds) of the teacher loop and its peak host memory
     (:func:`peak_rss_bytes`); rank 0 prints one line per rank and the global tokens/s (all ranks'
-    tokens / the slowest rank's seconds). Collective."""
+    tokens / the slowest rank's seconds). Collective; returns the gathered stats on every rank."""
     peak = peak_rss_bytes()
     per_rank = gather_objects((tokens, seconds, peak))
     total, wall = sum(t for t, _, _ in per_rank), max(s for _, s, _ in per_rank)
-    LAST_STATS.update(tokens=total, seconds=wall, tokens_per_s=total / max(wall, 1e-9),
-                      per_rank=[(t, s) for t, s, _ in per_rank], peak_rss=[m for _, _, m in per_rank])
+    out = PrecomputeStats(tokens=total, seconds=wall, per_rank=[(t, s) for t, s, _ in per_rank],
+                          peak_rss=[m for _, _, m in per_rank])
     if info.world_size > 1:
         for r, (t, sec, mem) in enumerate(per_rank):
             print0(f"[precompute] rank {r}: {t} tokens in {sec:.1f}s ({t / max(sec, 1e-9):.0f} tok/s), "
                    f"peak RSS {mem / 2**20:.0f} MiB")
     print0(f"[precompute] teacher loop: {total} tokens in {wall:.1f}s, global {total / max(wall, 1e-9):.0f} tok/s "
            f"on {info.world_size} rank(s); peak RSS {max(m for _, _, m in per_rank) / 2**20:.0f} MiB (largest rank)")
+    return out
 
 
 RELEASE_THRESHOLD = 1 << 20
@@ -196,8 +234,9 @@ class _Plan:
         return [self._pending.popleft() for _ in range(min(self.world_size, len(self._pending)))]
 
 
-def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
-    """Write the teacher cache for ``cfg``; returns the final manifest on rank 0 (None elsewhere).
+def precompute(cfg: PrecomputeConfig, info: DistInfo) -> PrecomputeResult:
+    """Write the teacher cache for ``cfg``; returns, on every rank, the final manifest (rank 0;
+    None elsewhere) and the teacher loop's throughput (:class:`PrecomputeResult`).
 
     Resumable: sample IDs in closed shards of a compatible cache are skipped. The samples are
     streamed window by window (:class:`~pipeline.data.SampleWindows`, ``window_rows`` rows, each
@@ -238,7 +277,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     stats = SampleStats()
     if cfg.cache.k > V:
         raise ValueError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {V}")
-    state = on_rank0(_prepare_cache_dir, cfg, manifest, tokenizer)  # rank 0 prepares; its answer or error on every rank
+    state = on_rank0(_prepare_cache_dir, cfg, manifest, tokenizer)  # rank 0; its answer or its error on every rank
     plan = _Plan(windows, state.done_ids, cfg.batch_size, info.world_size)
     print0(f"[precompute] {windows.num_rows} rows in windows of {cfg.window_rows} rows; samples: "
            f"{len(state.done_ids)} already cached; batches of {cfg.batch_size} on {info.world_size} rank(s); "
@@ -252,23 +291,23 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     except BaseException:
         writer.abort()  # the shard being written finishes (or fails) before the error goes up
         raise
-    _throughput(info, my_tokens, time.perf_counter() - t0)
+    throughput = _throughput(info, my_tokens, time.perf_counter() - t0)
     print0(f"[precompute] cache writer (rank 0): {len(writer.closed)} shards, teacher loop waited "
            f"{writer.wait_seconds:.1f}s on the writer thread")
     if tcfg.type != "topk":
         print0(f"[precompute] {tcfg.type} targets (rank 0): {stats.summary()}")
     barrier()
     if not info.is_main:
-        return None
+        return PrecomputeResult(None, throughput)
     m = finalize_cache(cfg.cache.dir, windows.skipped)
     dt = time.perf_counter() - t0
-    done_tokens = LAST_STATS["tokens"]
+    done_tokens = throughput.tokens
     print0(f"[precompute] cache complete: {m.num_samples} samples ({plan.cached} already cached, "
            f"{m.num_samples - plan.cached} computed; {windows.skipped} empty skipped), {m.num_tokens} tokens in "
            f"{len(m.shards)} shards; {done_tokens} tokens computed in "
            f"{dt:.1f}s ({done_tokens / max(dt, 1e-9):.0f} tok/s); teacher ppl "
            f"{m.teacher_perplexity:.2f} on the valid positions")
-    return m
+    return PrecomputeResult(m, throughput)
 
 
 def _prepare_cache_dir(cfg: PrecomputeConfig, manifest: Manifest, tokenizer) -> PrepareState:
