@@ -18,13 +18,18 @@ class DatasetConfig(_Section):
     split: str = "train"
     """Split to read (a saved ``DatasetDict`` or a hub dataset)."""
     _file_path = field_validator("path")(_file_url_to_path)
-    format: Literal["auto", "text", "chat", "prompt_response"] = "auto"
+    format: Literal["auto", "text", "chat", "prompt_response", "generated"] = "auto"
     """How a row becomes tokens. ``text``: the ``text_field`` column(s), every token a target.
     ``chat``: a list of messages (``{role, content}``, or ShareGPT ``{from, value}``) rendered
     with the tokenizer's chat template; only assistant tokens are targets. ``prompt_response``:
     ``prompt_field`` then ``response_field`` (+ EOS); only response tokens (and EOS) are targets.
-    ``auto``: chat when a ``messages`` or ``conversations`` column exists, prompt_response when
-    both prompt and response columns exist, text otherwise."""
+    ``generated``: a directory written by ``generate-completions`` (``generation.json`` and
+    parquet shards): the stored ``prompt_ids + completion_ids`` are used as they are (no
+    tokenization), only completion tokens are targets, the sample IDs are the rows' ``id``
+    (``{prompt id}/{j}``), and the tokenizer must be the one that generated them (fingerprint).
+    ``auto``: generated when ``path`` holds a ``generation.json``, chat when a ``messages`` or
+    ``conversations`` column exists, prompt_response when both prompt and response columns
+    exist, text otherwise."""
     text_field: str | list[str] = "text"
     """Column holding the plain text of a sample, or a list of columns joined with ``text_join``."""
     text_join: str = "\n\n"

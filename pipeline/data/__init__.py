@@ -14,6 +14,8 @@ Layout (this module only re-exports):
   (:func:`tokenize_part`, :func:`tokenize_rows`, :func:`load_samples`) and stage 1's windowed
   input (:class:`SampleWindows`). ``tokenize_part`` and ``TOKENIZE_ROWS`` are looked up there
   by :class:`SampleWindows`: patch them in :mod:`pipeline.data.samples`.
+- :mod:`pipeline.data.generated`: the contract of generated datasets (``generate-completions``
+  output: ``generation.json`` + parquet shards of token IDs), read as is by :func:`load_rows`.
 - :mod:`pipeline.data.batch`: collation into padded or packed micro-batches (both stages).
 """
 from __future__ import annotations

@@ -21,9 +21,10 @@ ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt"
 def resolve_format(cfg: DatasetConfig, columns: list[str]) -> tuple[str, str | None]:
     """``(format, chat column)`` for ``cfg.format`` on a dataset with these columns.
 
-    ``auto``: ``chat`` when a ``messages`` (else ``conversations``) column exists (or
-    ``messages_field`` is set), ``prompt_response`` when ``prompt_field`` and ``response_field``
-    both exist, ``text`` otherwise.
+    ``auto``: ``generated`` when ``prompt_ids`` and ``completion_ids`` columns exist (a
+    generated dataset, :mod:`pipeline.data.generated`), ``chat`` when a ``messages`` (else
+    ``conversations``) column exists (or ``messages_field`` is set), ``prompt_response`` when
+    ``prompt_field`` and ``response_field`` both exist, ``text`` otherwise.
 
     Raises:
         KeyError: a configured column is missing (the columns are listed).
@@ -31,14 +32,17 @@ def resolve_format(cfg: DatasetConfig, columns: list[str]) -> tuple[str, str | N
     fmt = cfg.format
     chat_col = cfg.messages_field or next((c for c in ("messages", "conversations") if c in columns), None)
     if fmt == "auto":
-        if cfg.messages_field or chat_col is not None:
+        if "prompt_ids" in columns and "completion_ids" in columns:  # a generated dataset
+            fmt = "generated"
+        elif cfg.messages_field or chat_col is not None:
             fmt = "chat"
         elif cfg.prompt_field in columns and cfg.response_field in columns:
             fmt = "prompt_response"
         else:
             fmt = "text"
     needed = {"text": list(_text_fields(cfg)), "chat": [chat_col or "messages"],
-              "prompt_response": [cfg.prompt_field, cfg.response_field]}[fmt] + ([cfg.id_field] if cfg.id_field else [])
+              "prompt_response": [cfg.prompt_field, cfg.response_field],
+              "generated": ["id", "prompt_ids", "completion_ids"]}[fmt] + ([cfg.id_field] if cfg.id_field else [])
     for field in needed:
         if field not in columns:
             raise KeyError(f"dataset {cfg.path}: no column {field!r} for format {fmt} (columns: {columns})")
@@ -174,7 +178,11 @@ def _encode_rows(ds, tokenizer, cfg: DatasetConfig, fmt: str, chat_col: str | No
                  start: int = 0) -> list:
     """Per row ``(input_ids, loss_mask)`` before the length limit (text rows are truncated here
     by the tokenizer itself when ``overflow: truncate``, which keeps any EOS it appends).
-    ``ds`` holds rows ``start, start+1, ...`` of the dataset (errors name those row numbers)."""
+    ``ds`` holds rows ``start, start+1, ...`` of the dataset (errors name those row numbers).
+    Generated rows are their stored ``prompt_ids + completion_ids``, targets on the completion."""
+    if fmt == "generated":
+        return [(list(p) + list(c), np.concatenate([np.zeros(len(p), bool), np.ones(len(c), bool)]))
+                for p, c in zip(ds["prompt_ids"][:], ds["completion_ids"][:])]
     if fmt == "text":
         fields = _text_fields(cfg)
         cols = [ds[f][:] for f in fields]  # lists (datasets >= 4 returns lazy Columns)

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from pipeline.config import DatasetConfig
+from pipeline.data.generated import check_generated_tokenizer
 from pipeline.data.formats import _chat_template, _encode_rows, fit_length, resolve_format
 from pipeline.data.sources import load_rows
 
@@ -44,7 +45,8 @@ def tokenize_part(ds, tokenizer, cfg: DatasetConfig, start: int = 0,
     or a contiguous slice of it) into :class:`Sample` records, applying ``max_length`` /
     ``overflow``; no check across rows (see :func:`tokenize_rows`).
 
-    Sample IDs come from ``cfg.id_field`` or are ``{fingerprint[:16]}-{row index}`` (``fingerprint``
+    Sample IDs come from ``cfg.id_field`` (a generated dataset: its ``id`` column) or are
+    ``{fingerprint[:16]}-{row index}`` (``fingerprint``
     = the whole dataset's ``_fingerprint``, default ``ds._fingerprint``); with ``overflow: window``
     every sample's ID is ``{id}#{n}`` (window n = 0, 1, ...). Samples with no valid position (fewer
     than 2 tokens, or no target token: an empty text, a chat without assistant content) are
@@ -57,10 +59,11 @@ def tokenize_part(ds, tokenizer, cfg: DatasetConfig, start: int = 0,
         ValueError: a bad row (its file, global row index and sample ID are named), or a null ID.
     """
     fmt, chat_col = resolve_format(cfg, ds.column_names)
-    if cfg.id_field is not None:
-        ids = [None if x is None else str(x) for x in ds[cfg.id_field][:]]
+    id_field = cfg.id_field or ("id" if fmt == "generated" else None)  # generated rows: {prompt id}/{j}
+    if id_field is not None:
+        ids = [None if x is None else str(x) for x in ds[id_field][:]]
         if None in ids:
-            raise ValueError(f"dataset {cfg.path} row {start + ids.index(None)}: id_field {cfg.id_field!r} is null")
+            raise ValueError(f"dataset {cfg.path} row {start + ids.index(None)}: id_field {id_field!r} is null")
     else:
         fp = (fingerprint or ds._fingerprint)[:16]
         ids = [f"{fp}-{start + i}" for i in range(len(ds))]
@@ -125,7 +128,7 @@ def _tokenization_fingerprint(ds, tokenizer, cfg: DatasetConfig) -> str:
 
 
 def load_samples(cfg: DatasetConfig, tokenizer) -> tuple[list[Sample], str, int]:
-    """:func:`load_rows` then :func:`tokenize_rows`.
+    """:func:`load_rows` then :func:`tokenize_rows` (a generated dataset's tokenizer checked first).
 
     Returns:
         (samples, dataset fingerprint (rows + non-default tokenization options), number of
@@ -134,6 +137,7 @@ def load_samples(cfg: DatasetConfig, tokenizer) -> tuple[list[Sample], str, int]
     ds = load_rows(cfg)
     if len(ds) == 0:
         raise ValueError(f"dataset {cfg.path} (split {cfg.split}) is empty")
+    check_generated_tokenizer(cfg, tokenizer)
     samples, skipped = tokenize_rows(ds, tokenizer, cfg)
     return samples, _tokenization_fingerprint(ds, tokenizer, cfg), skipped
 
@@ -168,6 +172,9 @@ class SampleWindows:
             tokenization options, :func:`load_samples`).
         skipped: empty samples skipped so far (all ranks' parts).
         num_samples: samples yielded so far.
+    Raises (constructing):
+        ValueError: a generated dataset written with another tokenizer (both fingerprints named,
+            :func:`~pipeline.data.generated.check_generated_tokenizer`).
     Raises (while iterating, on every rank alike):
         KeyError, ValueError: as :func:`tokenize_part` (the rank that read the bad row names it;
             the others raise the same error), a duplicate sample ID (named), no usable sample in
@@ -181,6 +188,7 @@ class SampleWindows:
         self.ds = load_rows(cfg)
         if len(self.ds) == 0:
             raise ValueError(f"dataset {cfg.path} (split {cfg.split}) is empty")
+        check_generated_tokenizer(cfg, tokenizer)  # stored token IDs: the same tokenizer or nothing
         self.num_rows = len(self.ds)
         self.fingerprint = _tokenization_fingerprint(self.ds, tokenizer, cfg)
         resolve_format(cfg, self.ds.column_names)  # a missing column fails before any teacher forward

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from pipeline.config import DatasetConfig
-from pipeline.storage import is_remote
+from pipeline.storage import Folder, is_remote
 from pipeline.storage.errors import describe
 
 
@@ -18,7 +18,9 @@ def load_rows(cfg: DatasetConfig):
 
     ``cfg.path`` may be a ``save_to_disk`` directory (Dataset or DatasetDict), a
     json/jsonl/parquet/txt/csv file or a directory of such files (local, or a URL on a store:
-    :func:`_load_remote`), or a hub name.
+    :func:`_load_remote`), a hub name, or a generated dataset (a directory holding
+    ``generation.json``: its shards' rows in the manifest's order, :func:`_load_generated`; the
+    split is ignored).
 
     Raises:
         FileNotFoundError: a local-looking path that does not exist.
@@ -29,6 +31,12 @@ def load_rows(cfg: DatasetConfig):
     """
     import datasets
 
+    from pipeline.data.generated import read_generation_manifest
+
+    generated = read_generation_manifest(cfg.path)
+    if generated is not None or cfg.format == "generated":
+        ds = _load_generated(cfg, generated)
+        return ds.select(range(min(cfg.num_samples, len(ds)))) if cfg.num_samples is not None else ds
     if is_remote(cfg.path):
         ds = _load_remote(cfg)
         if cfg.num_samples is not None:
@@ -56,6 +64,30 @@ def load_rows(cfg: DatasetConfig):
     if cfg.num_samples is not None:
         ds = ds.select(range(min(cfg.num_samples, len(ds))))
     return ds
+
+
+def _load_generated(cfg: DatasetConfig, manifest: dict | None):
+    """The rows of a complete generated dataset (:mod:`pipeline.data.generated`): its parquet
+    shards, in the manifest's order.
+
+    Raises:
+        FileNotFoundError: ``format: generated`` without a manifest.
+        ValueError: an incomplete dataset, no rows, or a shard that cannot be read (named).
+    """
+    import datasets
+
+    from pipeline.data.generated import generated_files
+
+    files = generated_files(cfg, manifest)
+    if not files:
+        raise ValueError(f"dataset {cfg.path}: the generated dataset has no rows")
+    if Folder(cfg.path).is_remote:
+        with _QuietDatasets():
+            try:
+                return datasets.load_dataset("parquet", data_files=files, split="train")
+            except _load_errors() as e:
+                raise ValueError(f"dataset {cfg.path}: cannot be read as parquet ({_root_cause(e)})") from e
+    return _read_files(Path(cfg.path), "parquet", [Path(f) for f in files], {})
 
 
 _BUILDERS = {"jsonl": "json", "json": "json", "parquet": "parquet", "txt": "text", "csv": "csv"}
