@@ -185,15 +185,3 @@ def _prepare(cfg: GenerateConfig, tokenizer, V: int, ds, fmt: str):
                         _tokenization_fingerprint(ds, tokenizer, cfg.dataset), fmt)
     return prepare_output(cfg.output_dir, header, cfg.overwrite)
 
-
-def prompts_of(cfg: GenerateConfig, tokenizer) -> tuple[list[Prompt], int]:
-    """Every prompt of ``cfg.dataset`` in row order and the number of skipped rows (for checks
-    and tools; the stage itself builds them batch by batch).
-
-    Raises:
-        as :func:`~pipeline.generation.prompts.make_prompts` and :func:`~pipeline.data.load_rows`.
-    """
-    ds = load_rows(cfg.dataset)
-    return make_prompts(ds, tokenizer, cfg.dataset, cfg.prompt_tokens, 0, ds._fingerprint)
-
-
