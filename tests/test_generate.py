@@ -212,6 +212,8 @@ def test_bad_inputs_are_one_line_errors(assets, reference, tmp_path):
 
     res = run_generate(gen_config(assets, tmp_path / "o", model=str(tmp_path / "nope")), tmp_path)
     one_line_error(res, "generate-completions", "model directory not found", str(tmp_path / "nope"))
+    res = run_generate(gen_config(assets, tmp_path / "o", sampling={"max_new_tokens": 500}), tmp_path)
+    one_line_error(res, "generate-completions", "sampling.max_new_tokens (500)", "max_position_embeddings")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     res = run_generate(gen_config(assets, tmp_path / "busy"), tmp_path)
@@ -231,3 +233,53 @@ def test_bad_inputs_are_one_line_errors(assets, reference, tmp_path):
     (tmp_path / "ref" / "generation.json").write_text(json.dumps({**m, "complete": False}))
     res = run_cli(["stages.precompute_teacher", "--config", str(write_yaml(tmp_path / "pre.yaml", cfg))])
     one_line_error(res, "precompute-teacher", "not complete")
+
+
+@pytest.fixture
+def s3_bucket():
+    """``s3://kd-gen`` on a loopback moto server (endpoint and fake credentials in the environment)."""
+    pytest.importorskip("moto")
+    pytest.importorskip("s3fs")
+    import os
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]).create_bucket(Bucket="kd-gen")
+        yield "s3://kd-gen"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def test_generated_dataset_on_an_object_store(assets, reference, s3_bucket, tmp_path):
+    """output_dir on a store: the same rows; stage 1 reads them from the store URL."""
+    from conftest import precompute_config
+
+    from pipeline.cache import open_cache
+    from pipeline.storage import Remote
+
+    url = f"{s3_bucket}/gen"
+    res = run_generate(gen_config(assets, url), tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    Remote(url).download_dir("", tmp_path / "copy")
+    assert manifest(tmp_path / "copy")["complete"] and rows(tmp_path / "copy") == rows(reference)
+    cfg = precompute_config(assets, tmp_path / "cache", **{"dataset": {"path": url, "max_length": 48}})
+    res = run_cli(["stages.precompute_teacher", "--config", str(write_yaml(tmp_path / "pre.yaml", cfg))])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(r.sample_id for r in open_cache(tmp_path / "cache")) == [r["id"] for r in rows(reference)]

@@ -58,7 +58,9 @@ def load_generator_model(cfg: GenerateConfig, device: torch.device):
 
     Raises:
         FileNotFoundError: the model or tokenizer directory, config or weights are missing (named).
-        ValueError: unreadable config or weights (named), or fewer output logits than tokens.
+        ValueError: unreadable config or weights (named), fewer output logits than tokens, or
+            ``dataset.max_length + sampling.max_new_tokens`` beyond the model's
+            ``max_position_embeddings``.
     """
     require_dir(cfg.model, "model directory")
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -67,6 +69,11 @@ def load_generator_model(cfg: GenerateConfig, device: torch.device):
     if vocab_size(model) < V:
         raise ValueError(f"model {cfg.model} has {vocab_size(model)} output logits but the tokenizer "
                          f"({cfg.tokenizer or cfg.model}) has {V} tokens")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and cfg.dataset.max_length + cfg.sampling.max_new_tokens > limit:
+        raise ValueError(f"dataset.max_length ({cfg.dataset.max_length}, the longest prompt) + sampling.max_new_tokens "
+                         f"({cfg.sampling.max_new_tokens}) exceeds the {limit} positions of model {cfg.model} "
+                         "(max_position_embeddings); lower one of them")
     return model, tokenizer, V
 
 
