@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.config import GenerateConfig, load_config
     from pipeline.data import load_rows
     from pipeline.data.generated import FORMAT, FORMAT_VERSION, MANIFEST, arrow_schema
-    from pipeline.generation import make_prompts
+    from pipeline.generation import completion_seed, make_prompts
     from pipeline.models import load_tokenizer, model_fingerprint, tokenizer_fingerprint
     from pipeline.storage import Folder
 
@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     ds = load_rows(cfg.dataset)
     prompts, skipped = make_prompts(ds, tokenizer, cfg.dataset, cfg.prompt_tokens, 0, ds._fingerprint)
     stops = sorted(set(s.stop_token_ids) | ({tokenizer.eos_token_id} - {None}))
-    params = SamplingParams(n=s.num_completions, max_tokens=s.max_new_tokens, temperature=s.temperature,
-                            top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1, seed=s.seed,
-                            stop_token_ids=stops, skip_special_tokens=False)
+    # one seed per prompt (vLLM seeds a request's generator; its n completions draw from it in turn),
+    # so prompts do not share one random stream
+    params = [SamplingParams(n=s.num_completions, max_tokens=s.max_new_tokens, temperature=s.temperature,
+                             top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
+                             seed=completion_seed(s.seed, p.prompt_id, 0), stop_token_ids=stops,
+                             skip_special_tokens=False) for p in prompts]
     llm = LLM(model=cfg.model, tokenizer=cfg.tokenizer or cfg.model)
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p.ids.tolist()) for p in prompts], params)
     rows = []
