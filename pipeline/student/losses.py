@@ -114,7 +114,8 @@ def resolve_tail(cfg, target_type: str, cache_temperature: float):
         ``cfg`` itself when nothing changes, else a copy with the resolved ``loss.tail``
         (marked as set, so the written ``config.yaml`` shows it).
     Raises:
-        ConfigError: a refused pair, naming ``loss.tail`` and the cache's ``target_type``.
+        ConfigError: a refused pair, naming ``loss.tail`` and the cache's ``target_type``; a
+            ``loss.divergence`` other than ``forward_kl`` on a sampled cache.
     """
     import warnings
 
@@ -123,6 +124,10 @@ def resolve_tail(cfg, target_type: str, cache_temperature: float):
     if cfg.loss.alpha == 1.0:
         return cfg  # no teacher targets
     tail = cfg.loss.tail if "tail" in cfg.loss.model_fields_set else ("bucket" if target_type == "topk" else "sampled")
+    if target_type != "topk" and cfg.loss.divergence != "forward_kl":
+        raise ConfigError(f"loss.divergence={cfg.loss.divergence} on a {target_type} cache: sampled targets keep "
+                          "forward_kl only (their estimator is unbiased for the forward-KL gradient alone); "
+                          "use a topk cache")
     try:
         warns = check_tail_mode(tail, target_type, cfg.loss.temperature, cache_temperature)
     except ValueError as e:
