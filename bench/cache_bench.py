@@ -15,7 +15,7 @@ Teachers:
 
 Exact float32 top-128 targets are computed once per teacher; smaller k are their prefixes
 (tail recomputed). Every (teacher, k, coding, backend) cache is written with the real
-:class:`pipeline.cache.store.CacheWriter` and read back with :func:`pipeline.cache.open_cache`.
+:class:`pipeline.cache.writer.CacheWriter` and read back with :func:`pipeline.cache.open_cache`.
 
 * bytes/token: bytes of the closed shards on disk / tokens.
 * recon KL: mean over valid positions of KL(exact top-k ‖ stored top-k), both renormalised
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.cache import cache_bytes, finalize_cache, open_cache, open_writer, prepare_cache  # noqa: E402
 from pipeline.cache.codec import Encoding, reconstruction_kl  # noqa: E402
 from pipeline.cache.manifest import Manifest, TeacherEntry  # noqa: E402
-from pipeline.cache.store import CacheRecord  # noqa: E402
+from pipeline.cache.records import CacheRecord  # noqa: E402
 from pipeline.numerics import log1mexp  # noqa: E402
 from pipeline.teacher.topk import topk_targets
 

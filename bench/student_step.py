@@ -84,7 +84,7 @@ def write_cache(root: Path, token_lists: list[list[int]], V: int, seed: int = 0)
     from pipeline.cache import finalize_cache, open_writer, prepare_cache
     from pipeline.cache.codec import Encoding
     from pipeline.cache.manifest import Manifest, TeacherEntry
-    from pipeline.cache.store import CacheRecord
+    from pipeline.cache.records import CacheRecord
 
     rng = np.random.default_rng(seed)
     k = min(K, V)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.cache.store import CacheRecord
+from pipeline.cache.records import CacheRecord
 
 
 def synthetic_records(n: int, vocab: int, k: int, seed: int = 0, min_len: int = 5, max_len: int = 24,

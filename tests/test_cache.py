@@ -16,7 +16,7 @@ from helpers import synthetic_records
 
 from pipeline.cache import cache_bytes, finalize_cache, open_cache, open_writer, prepare_cache, read_manifest, validate_cache
 from pipeline.cache.codec import reconstruction_kl
-from pipeline.cache.store import closed_shards
+from pipeline.cache.shards import closed_shards
 from pipeline.cache.manifest import Manifest, TeacherEntry
 from pipeline.storage.errors import StorageError
 
@@ -166,9 +166,9 @@ def test_reader_finds_bad_records_written_by_others(tmp_path, backend):
     m = _manifest(backend)
     _write(tmp_path, recs, m)
     finalize_cache(tmp_path)
-    from pipeline.cache import store
-    saved = store.check_block
-    store.check_block = lambda *a, **k: None
+    from pipeline.cache import writer as cache_writer  # the writer's check_block, not the reader's
+    saved = cache_writer.check_block
+    cache_writer.check_block = lambda *a, **k: None
     try:
         shutil.rmtree(tmp_path)
         bad = synthetic_records(6, V, K, seed=3)
@@ -176,7 +176,7 @@ def test_reader_finds_bad_records_written_by_others(tmp_path, backend):
         _write(tmp_path, bad, m)
         finalize_cache(tmp_path)
     finally:
-        store.check_block = saved
+        cache_writer.check_block = saved
     r = open_cache(tmp_path)
     with pytest.raises(ValueError, match=r"shard part-r00000-a\d+-00001\.\w+ sample_id 's4': .*not sorted"):
         r[r.index_of("s4")]
@@ -275,13 +275,13 @@ def test_open_reads_no_shard_bytes_and_checks_each_shard_once_on_first_read(tmp_
     index readable is reported on the first read of that shard, naming cache and shard."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.cache import store
+    from pipeline.cache import reader as cache_reader
 
     _write(tmp_path, synthetic_records(12, V, K, seed=9), _manifest(backend))  # 3 shards of 2 blocks
     finalize_cache(tmp_path)
     calls: list[str] = []
-    real = store.dir_sha256
-    monkeypatch.setattr(store, "dir_sha256", lambda path: calls.append(path.name) or real(path))
+    real = cache_reader.dir_sha256
+    monkeypatch.setattr(cache_reader, "dir_sha256", lambda path: calls.append(path.name) or real(path))
     shards = [s.file for s in closed_shards(tmp_path)]
     r = open_cache(tmp_path)
     assert calls == [] and len(r) == 12
@@ -404,7 +404,7 @@ def test_shards_close_at_their_byte_budget(tmp_path, backend):
     """``shard_bytes`` closes a shard before ``samples_per_shard`` once its records' arrays hold
     that many bytes: every shard but the last reaches the budget by its last record only, and
     every record is read back."""
-    from pipeline.cache.store import record_nbytes
+    from pipeline.cache.records import record_nbytes
 
     recs = synthetic_records(13, V, K, seed=11)
     budget = 3 * record_nbytes(recs[0])

@@ -58,7 +58,7 @@ def _jsonl(path, rows):
 def _run_ranks(cfg, tok, world_size, window_rows, monkeypatch):
     """Iterate one SampleWindows per simulated rank in threads (a barrier-based all-gather);
     returns per rank (windows or the exception raised, rows each rank tokenized)."""
-    import pipeline.data as data
+    import pipeline.data.samples as data_samples  # SampleWindows looks both names up in its own module
 
     barrier, box = threading.Barrier(world_size), [None] * world_size
     tokenized = {r: [] for r in range(world_size)}
@@ -69,8 +69,8 @@ def _run_ranks(cfg, tok, world_size, window_rows, monkeypatch):
         tokenized[local.rank].extend(range(start, start + len(ds)))
         return real(ds, tokenizer, cfg, start, fingerprint)
 
-    monkeypatch.setattr(data, "tokenize_part", spy)
-    monkeypatch.setattr(data, "TOKENIZE_ROWS", 2)  # several tokenizer calls per rank and window
+    monkeypatch.setattr(data_samples, "tokenize_part", spy)
+    monkeypatch.setattr(data_samples, "TOKENIZE_ROWS", 2)  # several tokenizer calls per rank and window
     out = [None] * world_size
 
     def rank_main(r):

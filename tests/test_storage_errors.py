@@ -16,7 +16,7 @@ from conftest import precompute_config, run_cli, train_config, write_yaml
 from safetensors.torch import load_file
 
 from pipeline.cache import open_cache, read_manifest
-from pipeline.cache.store import closed_shards
+from pipeline.cache.shards import closed_shards
 from pipeline.student.checkpoint import complete_checkpoints, verify_checkpoint
 
 

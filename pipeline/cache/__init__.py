@@ -9,194 +9,39 @@ Life cycle (stage 1)::
     finalize_cache(dir)                                  # rank 0, after a barrier
 
 ``manifest.json`` says ``complete: true`` only after ``finalize_cache``. Two backends
-(``parquet``, ``zarr``) implement :class:`~pipeline.cache.store.ShardBackend`; writer,
-reader, coding and validation are shared (:mod:`pipeline.cache.store`,
-:mod:`pipeline.cache.codec`).
+(``parquet``, ``zarr``) implement :class:`~pipeline.cache.shards.ShardBackend`: a backend only
+moves *coded shards* between memory and disk. Everything else exists once for all backends:
+buffering, atomic shard closing, coding, validation, the sample-ID index, a byte-bounded LRU of
+decoded blocks for random access, and sequential streaming.
+
+Layout (this module only re-exports):
+
+- :mod:`pipeline.cache.lifecycle`: :func:`prepare_cache`, :func:`open_writer`,
+  :func:`finalize_cache`, :func:`open_cache`, :func:`validate_cache`, :func:`cache_bytes`.
+- :mod:`pipeline.cache.records`: :class:`CacheRecord`, :class:`Block` and the validation of
+  their targets (:func:`check_block`).
+- :mod:`pipeline.cache.shards`: the backend interface, the shard checksum, completion markers.
+- :mod:`pipeline.cache.writer`: :class:`CacheWriter`. :mod:`pipeline.cache.reader`:
+  :class:`CacheReader`.
+- :mod:`pipeline.cache.manifest`, :mod:`pipeline.cache.codec`, :mod:`pipeline.cache.parquet`,
+  :mod:`pipeline.cache.zarr_backend`, :mod:`pipeline.cache.stats` (inspect-cache).
 """
 from __future__ import annotations
 
-import os
-import time
-from dataclasses import dataclass, field
-
-import numpy as np
-
 from pipeline.cache.codec import Encoding
+from pipeline.cache.lifecycle import (BACKENDS, PrepareState, backend_for, cache_bytes, finalize_cache, open_cache,
+                                      open_writer, prepare_cache, validate_cache)
 from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_manifest, write_manifest
 from pipeline.cache.parquet import ParquetBackend
-from pipeline.cache.store import CacheReader, CacheRecord, CacheWriter, ShardBackend, closed_shards, remove_unclosed
+from pipeline.cache.reader import CacheReader
+from pipeline.cache.records import Block, CacheRecord, cache_record_from_targets, check_block, record_nbytes
+from pipeline.cache.shards import (MARKER_SUFFIX, TMP_SUFFIX, ShardBackend, ShardIndex, closed_shards, dir_sha256,
+                                   encoding_of, remove_unclosed)
+from pipeline.cache.writer import CacheWriter
 from pipeline.cache.zarr_backend import ZarrBackend
-from pipeline.storage import Folder, describe
 
-__all__ = ["BACKENDS", "CacheReader", "CacheRecord", "CacheWriter", "Encoding", "Manifest", "PrepareState",
-           "cache_bytes", "prepare_cache", "open_writer", "finalize_cache", "open_cache", "read_manifest",
-           "validate_cache"]
-
-BACKENDS = ("parquet", "zarr")
-
-
-def backend_for(name: str, compression: str = "zstd", compression_level: int | None = 3) -> ShardBackend:
-    """The :class:`ShardBackend` called ``name``. Raises ValueError for an unknown backend."""
-    if name == "parquet":
-        return ParquetBackend(compression, compression_level)
-    if name == "zarr":
-        return ZarrBackend(compression, compression_level)
-    raise ValueError(f"cache.backend {name!r} is not one of {BACKENDS}")
-
-
-@dataclass
-class PrepareState:
-    """What a (re)run must do: the attempt number for new shard names and the IDs already done."""
-
-    attempt: int
-    done_ids: set[str] = field(default_factory=set)
-
-
-def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: bool = False) -> PrepareState:
-    """Create or resume a cache directory and mark it incomplete (rank 0 only).
-
-    A rerun with the same header (teachers, tokenizer, dataset, k, dtypes...) keeps every
-    closed shard and reports their sample IDs as done; temporary and unmarked shards are removed.
-
-    Raises:
-        ValueError: the directory holds a cache with a different header (the differences are
-            named) and ``overwrite`` is false, or it is a non-empty directory that is not a cache,
-            or the path is an existing file (even with ``overwrite``: a file is never removed);
-            on a remote store: the bucket does not exist, or the store refuses the request
-            (credentials), the URL named.
-    """
-    folder = Folder(cache_dir)
-    try:
-        return _prepare(folder, manifest, overwrite)
-    except OSError as e:  # refused credentials, unreachable endpoint...
-        if not folder.is_remote:
-            raise
-        raise ValueError(f"cache.dir {folder.url}: the store refused or failed the request ({describe(e)})") from None
-
-
-def _prepare(folder: Folder, manifest: Manifest, overwrite: bool) -> PrepareState:
-    """:func:`prepare_cache` for a local directory or a prefix on a remote store: the same
-    rules, over files or objects."""
-    d = folder.path
-    folder.check_access("cache.dir")
-    file, directory = folder.nouns
-    if folder.isfile("") if folder.is_remote else (d.exists() and not d.is_dir()):
-        raise ValueError(f"cache.dir {d} is an existing {file}, not a {directory}; use another cache.dir "
-                         "(nothing was changed)")
-    names = folder.list()
-    if names:
-        if MANIFEST not in names:
-            if not overwrite:
-                raise ValueError(f"cache.dir {d} exists, is not empty and is not a teacher cache; "
-                                 "use another cache.dir (nothing was changed)")
-        else:
-            diff = read_manifest(d).header_diff(manifest)
-            if diff and not overwrite:
-                raise ValueError(f"cache {d} was written with different settings ({'; '.join(diff)}); "
-                                 "use another cache.dir or cache.overwrite=true")
-        if overwrite:
-            folder.rmtree()
-    folder.makedirs()
-    remove_unclosed(d)
-    backend = backend_for(manifest.backend, manifest.compression)
-    done: set[str] = set()
-    shards = closed_shards(d)
-    for s in shards:
-        done.update(backend.read_index(folder.shard(s.file)).sample_ids)
-    manifest.complete = False
-    manifest.shards = shards
-    write_manifest(d, manifest)
-    return PrepareState(attempt=int(time.time() * 1000) % 10**10, done_ids=done)
-
-
-def open_writer(cache_dir: str | os.PathLike, manifest: Manifest, rank: int, attempt: int,
-                samples_per_shard: int, row_group_size: int, compression_level: int | None = 3,
-                queue_shards: int = 2, shard_bytes: int | None = None) -> CacheWriter:
-    """This rank's :class:`CacheWriter` for ``manifest.backend``; ``row_group_size`` samples
-    per block (parquet row group / zarr block); shards are closed by a background thread fed
-    through a queue of at most ``queue_shards`` shards (0: in the calling thread); a shard is
-    closed at ``samples_per_shard`` samples or ``shard_bytes`` bytes of records, whichever first.
-
-    Raises:
-        ValueError: unknown backend, ``queue_shards < 0``.
-    """
-    backend = backend_for(manifest.backend, manifest.compression, compression_level)
-    return CacheWriter(backend, cache_dir, manifest, rank, attempt, samples_per_shard, row_group_size,
-                       queue_shards=queue_shards, shard_bytes=shard_bytes)
-
-
-def finalize_cache(cache_dir: str | os.PathLike, skipped_empty: int = 0) -> Manifest:
-    """Sum the closed shards into the manifest and mark it complete (rank 0, after all ranks closed)."""
-    m = read_manifest(cache_dir)
-    m.shards = closed_shards(cache_dir)
-    m.num_samples = sum(s.num_samples for s in m.shards)
-    m.num_tokens = sum(s.num_tokens for s in m.shards)
-    m.num_valid_positions = sum(s.num_valid_positions for s in m.shards)
-    m.teacher_nll_sum = sum(s.teacher_nll_sum for s in m.shards)
-    m.skipped_empty = skipped_empty
-    m.complete = True
-    write_manifest(cache_dir, m)
-    return m
-
-
-def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, verify: bool = True,
-               max_cached_bytes: int = 2 << 30) -> CacheReader:
-    """Open a cache for reading; the backend comes from the manifest.
-
-    Args:
-        allow_incomplete: read the closed shards of a cache still being written.
-        verify: check row counts now (from the shard indexes), each shard's checksum on the
-            first read of one of its blocks, and every record as its block is decoded
-            (:func:`pipeline.cache.store.check_block`). Opening reads no shard's bytes beyond
-            its index.
-        max_cached_bytes: bound of the reader's LRU of decoded blocks.
-    Raises:
-        FileNotFoundError: no such cache / no manifest / a listed shard is missing.
-        ValueError: the path is a file, incomplete cache (without ``allow_incomplete``), an invalid manifest, a
-            format version this code does not read, a row-count mismatch, an unreadable shard
-            index, a shard on disk without a listing, duplicate sample IDs (shard and sample ID
-            named); a checksum mismatch is raised by the first read of that shard
-            (:class:`~pipeline.cache.store.CacheReader`).
-    """
-    local = Folder(cache_dir).dir  # None on a store
-    if local is not None and local.exists() and not local.is_dir():
-        raise ValueError(f"cache {cache_dir} is a file, not a teacher cache directory")
-    m = read_manifest(cache_dir)
-    if m.format_version != FORMAT_VERSION:
-        raise ValueError(f"cache {cache_dir} has format_version {m.format_version}; this version reads "
-                         f"{FORMAT_VERSION}: rerun precompute-teacher into a new cache.dir")
-    if not m.complete and not allow_incomplete:
-        raise ValueError(f"cache {cache_dir} is incomplete (precompute-teacher has not finished); "
-                         "rerun it to resume, or read what is closed with allow_incomplete")
-    shards = m.shards if m.complete else closed_shards(cache_dir)
-    if m.complete and verify:
-        on_disk = {s.file for s in closed_shards(cache_dir)}
-        listed = {s.file for s in m.shards}
-        if on_disk != listed:
-            extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)
-            raise ValueError(f"cache {cache_dir}: manifest and closed shards disagree "
-                             f"(not listed: {extra[:3]}, marker missing: {missing[:3]})")
-    return CacheReader(backend_for(m.backend, m.compression), cache_dir, m, shards, verify=verify,
-                       max_cached_bytes=max_cached_bytes)
-
-
-def validate_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False) -> CacheReader:
-    """Open, check every shard's checksum and decode-and-check every record (raises ValueError
-    naming the shard, and the sample ID, of the first problem); returns the reader."""
-    r = open_cache(cache_dir, allow_incomplete=allow_incomplete, verify=True)
-    r.validate()
-    return r
-
-
-def cache_bytes(cache_dir: str | os.PathLike) -> int:
-    """Bytes on disk (or in the store) of the closed shards of a cache (manifest and markers excluded)."""
-    folder = Folder(cache_dir)
-    return sum(sum(folder.files(s.file).values()) for s in closed_shards(cache_dir))
-
-
-def cache_record_from_targets(sample, topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail: np.ndarray,
-                              target_logprob: np.ndarray) -> CacheRecord:
-    """Build a :class:`CacheRecord` from one sample's unpadded (T-1, ...) teacher outputs."""
-    valid = sample.loss_mask[1:]
-    return CacheRecord(sample.sample_id, sample.input_ids, sample.loss_mask, topk_ids, topk_logprobs, tail,
-                       float(-target_logprob[valid].astype(np.float64).sum()))
+__all__ = ["BACKENDS", "Block", "CacheReader", "CacheRecord", "CacheWriter", "Encoding", "FORMAT_VERSION", "MANIFEST",
+           "MARKER_SUFFIX", "Manifest", "ParquetBackend", "PrepareState", "ShardBackend", "ShardIndex", "TMP_SUFFIX",
+           "ZarrBackend", "backend_for", "cache_bytes", "cache_record_from_targets", "check_block", "closed_shards",
+           "dir_sha256", "encoding_of", "finalize_cache", "open_cache", "open_writer", "prepare_cache",
+           "read_manifest", "record_nbytes", "remove_unclosed", "validate_cache", "write_manifest"]

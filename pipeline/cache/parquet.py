@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cache.store import ShardIndex
+from pipeline.cache.shards import ShardIndex
 from pipeline.storage import RemotePath
 
 
@@ -37,7 +37,7 @@ _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
 
 
 class ParquetBackend:
-    """:class:`pipeline.cache.store.ShardBackend` over parquet files.
+    """:class:`pipeline.cache.shards.ShardBackend` over parquet files.
 
     Args:
         compression: parquet codec name (``zstd``, ``none``...). compression_level: codec level.

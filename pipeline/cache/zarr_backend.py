@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cache.store import ShardIndex
+from pipeline.cache.shards import ShardIndex
 from pipeline.storage import RemotePath
 
 
@@ -37,7 +37,7 @@ _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
 
 
 class ZarrBackend:
-    """:class:`pipeline.cache.store.ShardBackend` over zarr v3 groups.
+    """:class:`pipeline.cache.shards.ShardBackend` over zarr v3 groups.
 
     Args:
         compression: ``zstd`` or ``none``. compression_level: zstd level.

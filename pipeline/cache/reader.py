@@ -1,0 +1,250 @@
+"""The cache reader over closed shards: the sample-ID index built from the shards' indexes,
+random access through a byte-bounded LRU of decoded blocks, sequential streaming, and lazy
+per-shard checksums.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from pipeline.cache.codec import decode_targets
+from pipeline.cache.manifest import Manifest, ShardEntry
+from pipeline.cache.records import Block, CacheRecord, check_block
+from pipeline.cache.shards import ShardBackend, ShardIndex, dir_sha256, encoding_of
+from pipeline.storage import Folder, RemotePath
+
+
+class CacheReader:
+    """Random access by index or sample ID, and sequential streaming, over closed shards.
+
+    Opening reads only the shard list (manifest / markers, passed in) and each shard's index
+    (sample IDs, lengths, block starts): its I/O does not grow with the cache's bytes, so every
+    rank of every start and resume opens at the cost of the indexes. Targets are decoded one
+    block (a parquet row group / a run of zarr rows) at a time and kept in an LRU bounded by
+    ``max_cached_bytes`` of decoded arrays, so random access costs one block decode per
+    miss and a cache that fits is decoded once.
+
+    With ``verify`` (the default) a shard's SHA-256 (:func:`dir_sha256`, over all its bytes) is
+    checked against its marker lazily: the first time any block of that shard is read, once
+    per shard per reader (concurrent first reads of one shard hash it once; a mismatch is
+    remembered and raised on every later read of the shard). A shard whose index cannot be
+    read at open is hashed then, so a truncated or overwritten file is reported as a checksum
+    mismatch rather than as unreadable. Each decoded block is also validated
+    (:func:`check_block`). :meth:`validate` checks every shard's checksum and every block.
+    Thread-safe.
+
+    Raises:
+        FileNotFoundError: (open) a listed shard is missing.
+        ValueError: (open) a shard's index is unreadable, its row count differs from its
+            marker, duplicate sample IDs, sample count differs from a complete manifest;
+            (first read of a shard, ``verify``) its checksum differs from its marker
+            ("checksum mismatch", cache dir and shard file named); (read) a block is
+            unreadable or holds an invalid record (shard and sample ID named).
+    """
+
+    def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest,
+                 shards: list[ShardEntry], verify: bool = True, max_cached_bytes: int = 2 << 30):
+        self.backend, self.manifest, self.shards = backend, manifest, shards
+        self.folder = Folder(cache_dir)
+        self.dir = self.folder.path  # named in messages
+        self.enc = encoding_of(manifest)
+        self.verify, self.max_cached_bytes = verify, max_cached_bytes
+        # a remote shard's lazy checksum would download it whole: objects are written whole and
+        # checked by the store (PUT is atomic); validate() still hashes every byte
+        self.verify_checksums = verify and not self.folder.is_remote
+        if not shards:
+            raise ValueError(f"cache {self.dir}: no closed shard")
+        self.index: list[ShardIndex] = []
+        present = set(self.folder.list())  # one listing
+        for s in shards:
+            path = self.shard_path(s.file)
+            if s.file not in present:
+                raise FileNotFoundError(f"cache {self.dir}: shard {s.file} listed but missing")
+            try:
+                ix = backend.read_index(path)
+            except Exception as e:  # noqa: BLE001 — any decoder error means an unreadable shard
+                if verify:  # a changed file is named as such (the hash is paid only on this failure)
+                    self._check_sha256(s)
+                raise ValueError(f"cache {self.dir}: shard {s.file} unreadable ({type(e).__name__}: {e})") from None
+            if len(ix.sample_ids) != s.num_samples or int(ix.num_tokens.sum()) != s.num_tokens:
+                raise ValueError(f"cache {self.dir}: shard {s.file} holds {len(ix.sample_ids)} samples / "
+                                 f"{int(ix.num_tokens.sum())} tokens, its marker says {s.num_samples} / {s.num_tokens}")
+            self.index.append(ix)
+        self.sample_ids: list[str] = [sid for ix in self.index for sid in ix.sample_ids]
+        self._lengths = np.concatenate([ix.num_tokens for ix in self.index]).astype(np.int64)
+        self.teacher_nll_sum = np.concatenate([ix.teacher_nll_sum for ix in self.index])
+        self.shard_of = np.repeat(np.arange(len(shards)), [len(ix.sample_ids) for ix in self.index])
+        self.row_in_shard = np.concatenate([np.arange(len(ix.sample_ids)) for ix in self.index])
+        self._sample_index = {sid: i for i, sid in enumerate(self.sample_ids)}
+        if len(self._sample_index) != len(self.sample_ids):
+            seen: dict[str, int] = {}
+            for i, sid in enumerate(self.sample_ids):
+                if sid in seen:
+                    raise ValueError(f"cache {self.dir}: duplicate sample_id {sid!r} in shards "
+                                     f"{self.shard_name(seen[sid])} and {self.shard_name(i)}")
+                seen[sid] = i
+        if manifest.complete and len(self.sample_ids) != manifest.num_samples:
+            raise ValueError(f"cache {self.dir}: manifest says {manifest.num_samples} samples, shards hold {len(self.sample_ids)}")
+        self._lru: OrderedDict[tuple[int, int], Block] = OrderedDict()
+        self._lru_bytes = 0
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[int, int], threading.Event] = {}  # blocks being read now
+        # lazy checksums: None = not checked yet, "" = matches, else the mismatch message
+        self._sha_state: list[str | None] = [None] * len(shards)
+        self._sha_locks = [threading.Lock() for _ in shards]  # one per shard: others are read meanwhile
+
+    # ------------------------------------------------------------------ checksums
+    def _check_sha256(self, entry: ShardEntry) -> None:
+        """Hash one shard now and raise ValueError ("checksum mismatch", cache and shard named)
+        if it differs from ``entry.sha256``."""
+        if dir_sha256(self.shard_path(entry.file)) != entry.sha256:
+            raise ValueError(f"cache {self.dir}: shard {entry.file} checksum mismatch "
+                             "(file changed, truncated or corrupt)")
+
+    def shard_path(self, name: str) -> Path | RemotePath:
+        """Where the backend reads shard ``name``: a local path or a remote shard."""
+        return self.folder.shard(name)
+
+    def verify_shard(self, shard: int) -> None:
+        """Check shard ``shard``'s SHA-256 against its marker, once per reader (later calls
+        return at once, or raise the same error again). Thread-safe: concurrent callers of one
+        shard wait for a single hash.
+
+        Raises:
+            ValueError: checksum mismatch (cache dir and shard file named).
+        """
+        state = self._sha_state[shard]
+        if state is None:
+            with self._sha_locks[shard]:
+                state = self._sha_state[shard]
+                if state is None:
+                    try:
+                        self._check_sha256(self.shards[shard])
+                        state = ""
+                    except ValueError as e:
+                        state = str(e)
+                    self._sha_state[shard] = state
+        if state:
+            raise ValueError(state)
+
+    # ------------------------------------------------------------------ index
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def index_of(self, sample_id: str) -> int:
+        """Position of ``sample_id``. Raises KeyError naming the cache and ID."""
+        try:
+            return self._sample_index[sample_id]
+        except KeyError:
+            raise KeyError(f"cache {self.dir}: no sample_id {sample_id!r}") from None
+
+    def lengths(self) -> np.ndarray:
+        """(N,) int64 token count of every sample."""
+        return self._lengths
+
+    def shard_name(self, i: int) -> str:
+        """The file name of the shard holding sample ``i``."""
+        return self.shards[self.shard_of[i]].file
+
+    def block_ids(self) -> np.ndarray:
+        """(N,) int64 global block number of every sample (the unit the LRU caches)."""
+        out, base = [], 0
+        for s, ix in enumerate(self.index):
+            n = len(ix.sample_ids)
+            out.append(base + np.searchsorted(ix.block_starts, np.arange(n), side="right") - 1)
+            base += self.num_blocks(s)
+        return np.concatenate(out).astype(np.int64)
+
+    # ------------------------------------------------------------------ blocks
+    def num_blocks(self, shard: int) -> int:
+        """Number of blocks (row groups / zarr row runs) of shard ``shard``."""
+        return len(self.index[shard].block_starts) - 1
+
+    def read_block(self, shard: int, block: int) -> Block:
+        """Decode (and validate) one block, bypassing the LRU. With ``verify`` the shard's
+        checksum is checked first, on the first read of the shard (:meth:`verify_shard`).
+
+        Raises:
+            ValueError: checksum mismatch, unreadable block, invalid record (shard named).
+        """
+        ix, name = self.index[shard], self.shards[shard].file
+        if self.verify_checksums:
+            self.verify_shard(shard)
+        try:
+            a = self.backend.read_block(self.shard_path(name), ix, block)
+            ids, vals, tail = decode_targets(a, self.enc)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"cache {self.dir}: shard {name} block {block} unreadable ({type(e).__name__}: {e})") from None
+        lo, hi = ix.block_starts[block], ix.block_starts[block + 1]
+        n_tok = ix.num_tokens[lo:hi].astype(np.int64)
+        blk = Block(ix.sample_ids[lo:hi], np.concatenate([[0], np.cumsum(n_tok)]),
+                    np.concatenate([[0], np.cumsum(n_tok - 1)]), a["input_ids"].astype(np.int32), a["loss_mask"].astype(bool),
+                    ids, vals, tail, ix.teacher_nll_sum[lo:hi])
+        if self.verify:
+            bad = check_block(blk, self.manifest.vocab_size, self.manifest.k, self.manifest.target_type != "topk",
+                              mass_tol=self.enc.mass_tolerance)
+            if bad is not None:
+                raise ValueError(f"cache {self.dir}: shard {name} sample_id {blk.sample_ids[bad[0]]!r}: {bad[1]}")
+        return blk
+
+    def _block(self, shard: int, block: int) -> Block:
+        """One block through the LRU. Concurrent misses of the same block read it once: the
+        other threads wait for the first reader (one fetch per block from a remote store)."""
+        key = (shard, block)
+        while True:
+            with self._lock:
+                if key in self._lru:
+                    self._lru.move_to_end(key)
+                    return self._lru[key]
+                loading = self._loading.get(key)
+                if loading is None:
+                    loading = self._loading[key] = threading.Event()
+                    break
+            loading.wait()  # then look again (the reader failed, or the LRU already evicted it)
+        try:
+            blk = self.read_block(shard, block)
+            with self._lock:
+                self._lru[key] = blk
+                self._lru_bytes += blk.nbytes
+                while self._lru_bytes > self.max_cached_bytes and len(self._lru) > 1:
+                    _, old = self._lru.popitem(last=False)
+                    self._lru_bytes -= old.nbytes
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+            loading.set()
+        return blk
+
+    def __getitem__(self, i: int) -> CacheRecord:
+        s, row = int(self.shard_of[i]), int(self.row_in_shard[i])
+        starts = self.index[s].block_starts
+        b = int(np.searchsorted(starts, row, side="right") - 1)
+        return self._block(s, b).record(row - int(starts[b]))
+
+    def iter_blocks(self) -> Iterator[Block]:
+        """Every block in storage order (sequential streaming; no LRU)."""
+        for s in range(len(self.shards)):
+            for b in range(self.num_blocks(s)):
+                yield self.read_block(s, b)
+
+    def __iter__(self) -> Iterator[CacheRecord]:
+        for blk in self.iter_blocks():
+            for j in range(len(blk.sample_ids)):
+                yield blk.record(j)
+
+    def validate(self) -> None:
+        """Check every shard's checksum and decode and check every block, whatever ``verify``
+        (raises ValueError naming the shard, and the sample ID for an invalid record)."""
+        verify, self.verify = self.verify, True
+        try:
+            for s in range(len(self.shards)):
+                self.verify_shard(s)
+            for _ in self.iter_blocks():
+                pass
+        finally:
+            self.verify = verify
