@@ -230,7 +230,9 @@ class SelectConfig(_Section):
     """Which samples a round trains on, from the previous round's train loss log
     (per-sample ``{metric}`` per token over all its visits). Set exactly one criterion."""
 
-    metric: Literal["loss", "ce", "kl"] = "kl"
+    metric: Literal["loss", "ce", "kl", "distill"] = "kl"
+    """The per-token column: ``kl`` (forward KL), ``distill`` (the configured
+    ``loss.divergence``), ``ce`` or ``loss``."""
     top_fraction: float | None = Field(default=None, gt=0, le=1)
     """The hardest fraction of the samples (highest metric per token)."""
     threshold: float | None = None
@@ -305,7 +307,7 @@ class TrainStudentConfig(_Section):
     lr_find: LRFindConfig = LRFindConfig()
     select: SelectConfig | None = None
     """Train only on samples selected from the previous round's loss log (None: all samples)."""
-    weight_by: Literal["loss", "ce", "kl"] | None = None
+    weight_by: Literal["loss", "ce", "kl", "distill"] | None = None
     """Round r > 0: draw each epoch's samples with replacement, with probability proportional
     to their ``{weight_by}`` per token in round r-1's train log (after ``select``); None: uniform
     permutation."""
