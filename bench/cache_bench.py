@@ -56,7 +56,7 @@ from pipeline.cache.codec import Encoding, reconstruction_kl  # noqa: E402
 from pipeline.cache.manifest import Manifest, TeacherEntry  # noqa: E402
 from pipeline.cache.records import CacheRecord  # noqa: E402
 from pipeline.numerics import log1mexp  # noqa: E402
-from pipeline.teacher.topk import topk_targets
+from tests.reference_targets import topk_targets  # noqa: E402 — the dense reference (tests only)
 
 KMAX = 128
 CODINGS = [  # name, value_dtype, index_coding, compression, q8_step

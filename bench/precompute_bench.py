@@ -106,15 +106,14 @@ def bare_forward(cfg) -> dict:
 def run_precompute(cfg) -> dict:
     """``precompute-teacher``'s own function; its teacher loop's tokens/s and every rank's peak RSS."""
     from pipeline.distributed import init_distributed, teardown
-    from pipeline.teacher.precompute import LAST_STATS, precompute
+    from pipeline.teacher.precompute import precompute
 
     info = init_distributed("cpu")
     try:
-        precompute(cfg, info)
+        stats = precompute(cfg, info).stats
     finally:
         teardown()
-    return {"tokens": LAST_STATS["tokens"], "seconds": LAST_STATS["seconds"], "tok_s": LAST_STATS["tokens_per_s"],
-            "peak_rss": LAST_STATS["peak_rss"]}
+    return {"tokens": stats.tokens, "seconds": stats.seconds, "tok_s": stats.tokens_per_s, "peak_rss": stats.peak_rss}
 
 
 def child(spec: dict) -> None:

@@ -8,12 +8,15 @@ and precompute code has one path: FSDP2 with world size 1 is a thin wrapper.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+T = TypeVar("T")
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -103,6 +106,94 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_rank0(fn: Callable[..., T], *args, **kwargs) -> T:
+    """``fn(*args, **kwargs)`` run on rank 0 only; its result, or the exception it raised,
+    reaches every rank.
+
+    For work that must happen once (reading or preparing a directory, hashing a checkpoint,
+    printing its warnings once) whose answer every rank needs. Collective: every rank of the
+    default process group must call it, at the same point of its sequence of collectives
+    (the arguments are used on rank 0 only). Without a process group, or with one rank, it is
+    exactly ``fn(*args, **kwargs)``.
+
+    Semantics: rank 0 returns ``fn``'s own result object; every other rank returns an
+    unpickled copy of it (one ``broadcast_object_list`` of its pickled bytes), so the result
+    must pickle on rank 0 and unpickle on every rank. When ``fn`` raises an ``Exception``,
+    rank 0 re-raises that exception object (its traceback kept) and every other rank raises
+    one of the same type with the same message (``args``) and attributes; traceback, cause
+    and context stay on rank 0. So all ranks go on together, or all raise: none is left
+    waiting in a collective the others never reach.
+
+    Raises:
+        Exception: what ``fn`` raised on rank 0, on every rank. An exception that cannot
+            travel (a class that cannot be imported by name, such as one defined inside a
+            function, or attributes that do not pickle) is raised on the other ranks as
+            ``RuntimeError("TypeName: message")``.
+        TypeError: with more than one rank, ``fn``'s result cannot be pickled (its type
+            named), raised on every rank.
+        BaseException: ``KeyboardInterrupt``, ``SystemExit`` and other non-``Exception``
+            errors of ``fn`` are not caught: they leave rank 0 at once, as from any collective.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn(*args, **kwargs)
+    error: Exception | None = None
+    if dist.get_rank() == 0:
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 — every rank raises it below
+            error = e
+        if error is None:
+            try:
+                blob = pickle.dumps(("value", result), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as e:  # noqa: BLE001 — unpicklable result: every rank raises
+                error = TypeError(f"on_rank0: the result of {getattr(fn, '__qualname__', fn)!r} "
+                                  f"({type(result).__name__}) cannot be sent to the other ranks: {e}")
+        if error is not None:
+            blob = pickle.dumps(("error", _portable_exception(error)), protocol=pickle.HIGHEST_PROTOCOL)
+    else:
+        blob = None
+    blob = broadcast_object(blob)
+    if dist.get_rank() == 0:
+        if error is not None:
+            raise error
+        return result
+    kind, payload = pickle.loads(blob)
+    if kind == "value":
+        return payload
+    raise _rebuild_exception(payload)
+
+
+def _portable_exception(e: Exception) -> tuple:
+    """How :func:`on_rank0` sends an exception to the other ranks (a picklable tuple):
+    ``("pickle", e)`` when ``e`` survives a pickle round trip with its type and ``args``;
+    else ``("fields", type, args, attributes)``, rebuilt without calling its ``__init__``
+    (e.g. ``StorageError``, whose constructor takes four arguments), with its attributes or,
+    if they do not pickle, without them; else ``("text", "TypeName: message")``. Each form is
+    tried here, on rank 0, so the other ranks do not fail to rebuild it."""
+    forms = [("pickle", e)] + [("fields", type(e), e.args, attrs) for attrs in (dict(getattr(e, "__dict__", {})), {})]
+    for spec in forms:
+        try:
+            copy = _rebuild_exception(pickle.loads(pickle.dumps(spec, protocol=pickle.HIGHEST_PROTOCOL)))
+            if type(copy) is type(e) and copy.args == e.args:
+                return spec
+        except Exception:  # noqa: BLE001 — try the next form
+            pass
+    return ("text", f"{type(e).__name__}: {e}")
+
+
+def _rebuild_exception(spec: tuple) -> Exception:
+    """The exception of a :func:`_portable_exception` tuple."""
+    if spec[0] == "pickle":
+        return spec[1]
+    if spec[0] == "fields":
+        _, cls, args, attrs = spec
+        e = cls.__new__(cls, *args)
+        e.args = args
+        e.__dict__.update(attrs)
+        return e
+    return RuntimeError(spec[1])
 
 
 def _transformer_blocks(model: nn.Module) -> list[nn.Module]:

@@ -42,7 +42,7 @@ def _precompute(cfg_dict: dict):
     cfg = PrecomputeConfig.model_validate(cfg_dict)
     info = init_distributed("cpu")
     try:
-        return precompute(cfg, info)
+        return precompute(cfg, info).manifest
     finally:
         teardown()
 
@@ -107,7 +107,7 @@ def test_ensemble_stores_topk_of_hand_computed_mixture(assets, pair, tmp_path, c
 
 
 def test_single_teacher_ensemble_equals_plain_path(assets, caches, tmp_path):
-    from pipeline.teacher.topk import ensemble_logprobs
+    from reference_targets import ensemble_logprobs
     from pipeline.models import load_teacher
 
     teacher = load_teacher(assets["teacher"])

@@ -15,7 +15,8 @@ from test_ensemble import _make_teacher
 from pipeline.config import DatasetConfig
 from pipeline.data import SampleWindows, load_samples, tokenize_part
 from pipeline.models import defer_output_projection, load_teacher, load_tokenizer
-from pipeline.teacher.topk import ensemble_logprobs, fused_topk_targets, output_head, topk_targets
+from pipeline.teacher.topk import fused_topk_targets, output_head
+from reference_targets import ensemble_logprobs, topk_targets
 
 
 @pytest.fixture(scope="module")

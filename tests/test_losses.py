@@ -7,10 +7,10 @@ import torch.nn.functional as F
 
 from reference_losses import fused_from_logits as distill_loss
 from reference_losses import sparse_kl
+from reference_targets import topk_targets
 from pipeline.numerics import log1mexp
 
 
-from pipeline.teacher.topk import topk_targets
 def _setup(B=3, T=7, V=11, k=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2

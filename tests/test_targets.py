@@ -11,8 +11,8 @@ from pipeline.config import ConfigError, PrecomputeConfig, TrainStudentConfig, l
 from pipeline.student.losses import resolve_tail, check_tail_mode
 from reference_losses import fused_from_logits as distill_loss
 from reference_losses import sparse_kl
+from reference_targets import topk_targets
 from pipeline.teacher.sampled import sample_seed, sampled_targets
-from pipeline.teacher.topk import topk_targets
 from conftest import precompute_config, write_yaml
 
 

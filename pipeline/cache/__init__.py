@@ -2,7 +2,7 @@
 
 Life cycle (stage 1)::
 
-    state = prepare_cache(dir, manifest, overwrite)      # rank 0; broadcast to all ranks
+    state = on_rank0(prepare_cache, dir, manifest, overwrite)  # rank 0 runs it, every rank gets the result
     writer = open_writer(dir, manifest, rank, state.attempt, ...)
     writer.write(records) ... writer.close()             # every rank, own shards only; a background
                                                          # thread closes the shards, close() joins it

@@ -9,78 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.models.common import auto_config, check_config, from_pretrained, require_dir, set_role
 from pipeline.storage.errors import one_line
-
-
-def _require_dir(path: str | os.PathLike, what: str) -> Path:
-    """``path`` as a Path. Raises FileNotFoundError naming ``what`` when it does not exist."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{what} not found: {p}")
-    return p
-
-
-def _check_config(p: Path, what: str) -> None:
-    """``config.json`` of a model directory (or ``p`` itself, a config file) is a JSON object.
-
-    Raises:
-        FileNotFoundError: no config.json.
-        ValueError: not valid JSON (line and column named) or not an object.
-    """
-    f = p if p.is_file() else p / "config.json"
-    if not f.is_file():
-        raise FileNotFoundError(f"{what} has no config.json: {p}")
-    try:
-        cfg = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} config {f} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{what} config {f}: not UTF-8 text (byte offset {e.start})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{what} config {f}: a JSON {type(cfg).__name__}, expected an object")
-
-
-def _unreadable_weights(what: str, file: Path, reason: str) -> ValueError:
-    """The error for a truncated or corrupt weight file of the ``what`` (student/teacher),
-    naming the file and why it does not read."""
-    return ValueError(f"{what} weights unreadable (truncated or corrupt): {file} ({reason})")
-
-
-def _bad_weight_file(p: Path) -> tuple[Path, str] | None:
-    """The first ``*.safetensors`` file in ``p`` whose header does not open (truncated, not
-    safetensors) and the reason; None if all open."""
-    from safetensors import SafetensorError, safe_open
-
-    for f in sorted(p.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                fh.keys()
-        except (SafetensorError, OSError) as e:
-            return f, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return None
-
-
-def _from_pretrained(p: Path, what: str, dtype: torch.dtype) -> nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` with its load errors as one line naming the path.
-
-    Raises:
-        FileNotFoundError: no weight files in ``p``.
-        ValueError: a truncated or corrupt weight file (named), a config transformers refuses
-            (unknown model type...), weights that do not fit the config.
-    """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
-        bad = _bad_weight_file(p)
-        if bad is not None:
-            raise _unreadable_weights(what, *bad) from e
-        first = one_line(e, first=True)
-        if isinstance(e, OSError) and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
-            raise FileNotFoundError(f"{what} {p} has no weights (model.safetensors): {first}") from e
-        raise ValueError(f"{what} {p} cannot be loaded ({type(e).__name__}: {first})") from e
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -106,9 +36,9 @@ def load_tokenizer(path: str | os.PathLike):
     """
     from transformers import AutoTokenizer
 
-    p = _require_dir(path, "tokenizer directory")
+    p = require_dir(path, "tokenizer directory")
     if (p / "config.json").is_file():  # AutoTokenizer reads a model directory's config.json too
-        _check_config(p, "model")
+        check_config(p, "model")
     try:
         return AutoTokenizer.from_pretrained(str(p))
     except Exception as e:
@@ -148,36 +78,12 @@ def load_teacher(path: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
     Raises:
         FileNotFoundError: the directory or its config/weights are missing.
         ValueError: config.json is not valid JSON (line named), a weight file is truncated or
-            corrupt (named), or transformers refuses the model (see :func:`_from_pretrained`).
+            corrupt (named), or transformers refuses the model (see
+            :func:`~pipeline.models.common.from_pretrained`).
     """
-    p = _require_dir(path, "teacher directory")
-    _check_config(p, "teacher")
-    return _set_role(_from_pretrained(p, "teacher", dtype), frozen=True)
-
-
-def _auto_config(p: Path, what: str):
-    """``AutoConfig.from_pretrained`` of the model directory ``p``.
-
-    Raises:
-        ValueError: transformers refuses the config (unknown model type...; ``p`` named).
-    """
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(p))
-    except (OSError, ValueError, KeyError) as e:
-        first = one_line(e, first=True)
-        raise ValueError(f"{what} config {p} cannot be loaded ({type(e).__name__}: {first})") from e
-
-
-def _set_role(model: nn.Module, frozen: bool) -> nn.Module:
-    """A teacher (``frozen``: eval mode, no gradients) or a student (train mode, every
-    parameter trainable, no KV cache); returns ``model``."""
-    model.train(not frozen)
-    model.requires_grad_(not frozen)
-    if not frozen:
-        model.config.use_cache = False
-    return model
+    p = require_dir(path, "teacher directory")
+    check_config(p, "teacher")
+    return set_role(from_pretrained(p, "teacher", dtype), frozen=True)
 
 
 def build_student(path: str | os.PathLike, init: str, seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -197,13 +103,13 @@ def build_student(path: str | os.PathLike, init: str, seed: int, dtype: torch.dt
     """
     from transformers import AutoModelForCausalLM
 
-    p = _require_dir(path, "student path")
-    _check_config(p, "student")
+    p = require_dir(path, "student path")
+    check_config(p, "student")
     d = p.parent if p.is_file() else p
     if init == "pretrained":
-        return _set_role(_from_pretrained(d, "student", dtype), frozen=False)
-    config = _auto_config(d, "student")
+        return set_role(from_pretrained(d, "student", dtype), frozen=False)
+    config = auto_config(d, "student")
     torch.manual_seed(seed)
-    return _set_role(AutoModelForCausalLM.from_config(config, dtype=dtype), frozen=False)
+    return set_role(AutoModelForCausalLM.from_config(config, dtype=dtype), frozen=False)
 
 

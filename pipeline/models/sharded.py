@@ -11,8 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.models.load import (_auto_config, _check_config, _from_pretrained, _require_dir, _set_role,
-                                  _unreadable_weights)
+from pipeline.models.common import auto_config, check_config, from_pretrained, require_dir, set_role, unreadable_weights
 from pipeline.storage.errors import describe
 
 
@@ -58,7 +57,7 @@ def _safetensors_index(p: Path, what: str) -> dict[str, Path]:
     except FileNotFoundError:
         raise
     except Exception as e:  # SafetensorError (truncated header), JSONDecodeError, KeyError
-        raise _unreadable_weights(what, index if index.is_file() else single,
+        raise unreadable_weights(what, index if index.is_file() else single,
                                   describe(e)) from e
 
 
@@ -80,15 +79,15 @@ def _safetensors_header(fh, file: Path, what: str) -> tuple[dict, int]:
     n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
     size = os.fstat(fh.fileno()).st_size
     if not 0 < n <= size - 8:
-        raise _unreadable_weights(what, file, f"header length {n}, file {size} bytes")
+        raise unreadable_weights(what, file, f"header length {n}, file {size} bytes")
     try:
         header = json.loads(fh.read(n))
         header.pop("__metadata__", None)
         end = max((int(m["data_offsets"][1]) for m in header.values()), default=0)
     except (ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError) as e:
-        raise _unreadable_weights(what, file, f"header: {type(e).__name__}: {e}") from None
+        raise unreadable_weights(what, file, f"header: {type(e).__name__}: {e}") from None
     if 8 + n + end > size:
-        raise _unreadable_weights(what, file, f"tensor data ends at byte {8 + n + end}, file {size} bytes")
+        raise unreadable_weights(what, file, f"tensor data ends at byte {8 + n + end}, file {size} bytes")
     return header, 8 + n
 
 
@@ -115,7 +114,7 @@ def _read_rows(fh, file: Path, what: str, name: str, meta: dict, data_start: int
     fh.seek(data_start + lo)
     buf = bytearray(n_bytes)
     if fh.readinto(buf) != n_bytes:
-        raise _unreadable_weights(what, file, f"tensor {name} cut short")
+        raise unreadable_weights(what, file, f"tensor {name} cut short")
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
 
@@ -129,7 +128,7 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 def _load_sharded(p: Path, what: str, dtype: torch.dtype, device: torch.device,
                   shard: Callable[[nn.Module], object], frozen: bool) -> nn.Module:
     """The model in directory ``p`` (the ``what``: student/teacher), never whole on this rank:
-    see :func:`load_teacher_sharded`. ``frozen``: as :func:`_set_role`. Every weight file's
+    see :func:`load_teacher_sharded`. ``frozen``: as :func:`set_role`. Every weight file's
     header, size and tensor shapes are checked before ``shard`` is called."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -139,14 +138,14 @@ def _load_sharded(p: Path, what: str, dtype: torch.dtype, device: torch.device,
         names = _safetensors_index(p, what)
     except FileNotFoundError:
         names = {}
-    config = _auto_config(p, what)
+    config = auto_config(p, what)
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     params = dict(model.named_parameters())
     if not names or set(params) - set(names):
         missing = sorted(set(params) - set(names))[:3]
         print(f"[{what}] {p}: whole-model load (tensor names {missing} not in its safetensors files)", flush=True)
-        model = _set_role(_from_pretrained(p, what, dtype), frozen)
+        model = set_role(from_pretrained(p, what, dtype), frozen)
         shard(model)
         return model.to(device)
     by_file: dict[Path, list[str]] = {}
@@ -159,7 +158,7 @@ def _load_sharded(p: Path, what: str, dtype: torch.dtype, device: torch.device,
     for name, param in params.items():
         meta = headers[names[name]][0].get(name)
         if meta is None:
-            raise _unreadable_weights(what, names[name], f"tensor {name} of the index is not in the file")
+            raise unreadable_weights(what, names[name], f"tensor {name} of the index is not in the file")
         if tuple(meta["shape"]) != tuple(param.shape):
             raise ValueError(f"{what} {names[name]}: tensor {name} has shape {tuple(meta['shape'])}, "
                              f"the model built from config.json expects {tuple(param.shape)}")
@@ -167,7 +166,7 @@ def _load_sharded(p: Path, what: str, dtype: torch.dtype, device: torch.device,
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(p))
-    _set_role(model, frozen)
+    set_role(model, frozen)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     # each tensor by its (module, attribute): ``shard`` may wrap modules and so rename them
     # (LoRA: q_proj.weight becomes q_proj.base_layer.weight), the module objects stay
@@ -219,8 +218,8 @@ def load_teacher_sharded(path: str | os.PathLike, dtype: torch.dtype, device: to
         FileNotFoundError, ValueError: as :func:`load_teacher` (path named), and a tensor whose
             shape differs from the model's (named); all before ``shard`` is called.
     """
-    p = _require_dir(path, "teacher directory")
-    _check_config(p, "teacher")
+    p = require_dir(path, "teacher directory")
+    check_config(p, "teacher")
     return _load_sharded(p, "teacher", dtype, device, shard, frozen=True)
 
 
@@ -245,8 +244,8 @@ def load_student_sharded(path: str | os.PathLike, dtype: torch.dtype, device: to
             missing or corrupt file named), all before ``shard`` is called; whatever ``shard``
             raises.
     """
-    p = _require_dir(path, "student path")
-    _check_config(p, "student")
+    p = require_dir(path, "student path")
+    check_config(p, "student")
     return _load_sharded(p.parent if p.is_file() else p, "student", dtype, device, shard, frozen=False)
 
 

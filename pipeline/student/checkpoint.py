@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.distributed import barrier, broadcast_object, full_state_dict
+from pipeline.distributed import barrier, full_state_dict, on_rank0
 from pipeline.storage.errors import fault_point, reading_checkpoint, writing
 from pipeline.student.lora import ADAPTER_DIR, is_lora, save_adapter, split_export
 from pipeline.models import TOKENIZER_FILES
@@ -233,19 +233,14 @@ def resolve_resume(run_dir: str | os.PathLike, resume: str) -> Path | str | None
     return p
 
 
-def agree_resume(run_dir: str | os.PathLike, resume: str, rank: int) -> Path | str | None:
-    """:func:`resolve_resume` on rank 0 (hashing once, warnings once), the answer broadcast to
-    every rank (collective); an error is raised on every rank."""
-    found: object = None
-    if rank == 0:
-        try:
-            found = resolve_resume(run_dir, resume)
-        except (FileNotFoundError, ValueError) as e:
-            found = e
-    found = broadcast_object(found)
-    if isinstance(found, Exception):
-        raise found
-    return found
+def agree_resume(run_dir: str | os.PathLike, resume: str) -> Path | str | None:
+    """:func:`resolve_resume` on rank 0 (hashing once, warnings once), the answer reaching
+    every rank (:func:`pipeline.distributed.on_rank0`; collective).
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`resolve_resume`, on every rank.
+    """
+    return on_rank0(resolve_resume, run_dir, resume)
 
 
 def _dcp_state(model: nn.Module, optimizer) -> dict:

@@ -18,7 +18,7 @@ from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
 from pipeline.data import load_samples
 from pipeline.student.callbacks import CallbackList, EarlyStopping, MetricsCallback, RunState, load_callbacks
-from pipeline.distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, compute_dtype, print0, shard_model
+from pipeline.distributed import DistInfo, all_reduce_sum, barrier, compute_dtype, on_rank0, print0, shard_model
 from pipeline.storage.errors import writing
 from pipeline import progress
 from pipeline.student.sampler import StepPrefetcher, StepSampler, eval_batches, prefetch
@@ -87,7 +87,7 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     rcfgs = round_configs(cfg)
     if rcfgs[0].select is not None or rcfgs[0].weight_by is not None:
         raise ConfigError("config key 'rounds[0].select'/'weight_by': the first round has no previous loss log")
-    state = broadcast_object(read_run_json(out) if info.is_main else None)
+    state = on_rank0(read_run_json, out)
     if info.is_main:
         Folder(out).makedirs()
         dump_config(cfg, join(out, "config.yaml"))
@@ -113,7 +113,7 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
                         save_optimizer_to=join(out, f"round-{rc.round}", "optimizer") if nxt and nxt.carry_optimizer else None,
                         callbacks=callbacks)
         barrier()  # every rank's loss-log files are closed before the next round selects from them
-        outcome = broadcast_object(summary["outcome"] if info.is_main else None)
+        outcome = on_rank0(lambda: summary["outcome"])
         if outcome == "preempted":
             return summary
         state["rounds"].append({"round": rc.round, "samples": len(ids) if ids is not None else "all",
@@ -293,7 +293,7 @@ class RoundTrainer:
         self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # before sharding: whole sizes
         # verified on rank 0 (the same answer on every rank) before anything is written: a resume
         # PATH that fails verification leaves the run directory as it was; lr-find does not resume
-        self.ckpt = None if cfg.lr_find.enabled else agree_resume(self.run_dir, cfg.resume, info.rank)
+        self.ckpt = None if cfg.lr_find.enabled else agree_resume(self.run_dir, cfg.resume)
         if info.is_main:
             Folder(self.run_dir).makedirs()
             dump_config(cfg, join(self.run_dir, "config.yaml"))

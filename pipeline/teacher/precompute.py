@@ -10,13 +10,13 @@ import numpy as np
 import torch
 
 from pipeline.storage import Folder
-from pipeline.cache import (CacheWriter, Encoding, Manifest, cache_record_from_targets, finalize_cache, open_writer,
-                            prepare_cache)
+from pipeline.cache import (CacheWriter, Encoding, Manifest, PrepareState, cache_record_from_targets, finalize_cache,
+                            open_writer, prepare_cache)
 from pipeline.cache.manifest import TeacherEntry
 from pipeline.config import PrecomputeConfig
 from pipeline import progress
 from pipeline.data import Sample, SampleWindows
-from pipeline.distributed import DistInfo, barrier, broadcast_object, gather_objects, print0, shard_model
+from pipeline.distributed import DistInfo, barrier, gather_objects, on_rank0, print0, shard_model
 from pipeline.data.batch import collate
 from pipeline.models import (defer_output_projection, has_tokenizer, load_teacher_sharded, load_tokenizer, model_fingerprint,
                              tokenizer_fingerprint, vocab_size)
@@ -79,8 +79,45 @@ def _shard_teacher(model) -> None:
 
 PROGRESS_EVERY_S = 30.0
 """Seconds between the per-rank progress lines of the teacher loop."""
-LAST_STATS: dict = {}
-"""Throughput of the last :func:`precompute` call in this process (read by bench/)."""
+
+
+@dataclass(frozen=True)
+class PrecomputeStats:
+    """Throughput and host memory of one :func:`precompute` run's teacher loop, gathered from
+    every rank (the same on every rank).
+
+    Attributes:
+        tokens: tokens of the samples the teacher ran on (already cached ones excluded),
+            summed over ranks.
+        seconds: wall-clock seconds of the slowest rank's teacher loop (from the loop's start
+            until its writer thread has written the last shard).
+        per_rank: ``(tokens, seconds)`` of each rank, in rank order.
+        peak_rss: peak resident set size of each rank's process, bytes
+            (:func:`peak_rss_bytes`), in rank order.
+    """
+
+    tokens: int
+    seconds: float
+    per_rank: list[tuple[int, float]]
+    peak_rss: list[int]
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The global rate: all ranks' tokens / the slowest rank's seconds (tokens/s)."""
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass(frozen=True)
+class PrecomputeResult:
+    """What :func:`precompute` returns, on every rank.
+
+    Attributes:
+        manifest: the final manifest of the complete cache on rank 0; None on the other ranks.
+        stats: the teacher loop's throughput and memory (:class:`PrecomputeStats`).
+    """
+
+    manifest: Manifest | None
+    stats: PrecomputeStats
 
 
 def peak_rss_bytes() -> int:
@@ -99,21 +136,22 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _throughput(info: DistInfo, tokens: int, seconds: float) -> None:
+def _throughput(info: DistInfo, tokens: int, seconds: float) -> PrecomputeStats:
     """Gather every rank's (tokens, seconds) of the teacher loop and its peak host memory
     (:func:`peak_rss_bytes`); rank 0 prints one line per rank and the global tokens/s (all ranks'
-    tokens / the slowest rank's seconds). Collective."""
+    tokens / the slowest rank's seconds). Collective; returns the gathered stats on every rank."""
     peak = peak_rss_bytes()
     per_rank = gather_objects((tokens, seconds, peak))
     total, wall = sum(t for t, _, _ in per_rank), max(s for _, s, _ in per_rank)
-    LAST_STATS.update(tokens=total, seconds=wall, tokens_per_s=total / max(wall, 1e-9),
-                      per_rank=[(t, s) for t, s, _ in per_rank], peak_rss=[m for _, _, m in per_rank])
+    out = PrecomputeStats(tokens=total, seconds=wall, per_rank=[(t, s) for t, s, _ in per_rank],
+                          peak_rss=[m for _, _, m in per_rank])
     if info.world_size > 1:
         for r, (t, sec, mem) in enumerate(per_rank):
             print0(f"[precompute] rank {r}: {t} tokens in {sec:.1f}s ({t / max(sec, 1e-9):.0f} tok/s), "
                    f"peak RSS {mem / 2**20:.0f} MiB")
     print0(f"[precompute] teacher loop: {total} tokens in {wall:.1f}s, global {total / max(wall, 1e-9):.0f} tok/s "
            f"on {info.world_size} rank(s); peak RSS {max(m for _, _, m in per_rank) / 2**20:.0f} MiB (largest rank)")
+    return out
 
 
 RELEASE_THRESHOLD = 1 << 20
@@ -196,8 +234,9 @@ class _Plan:
         return [self._pending.popleft() for _ in range(min(self.world_size, len(self._pending)))]
 
 
-def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
-    """Write the teacher cache for ``cfg``; returns the final manifest on rank 0 (None elsewhere).
+def precompute(cfg: PrecomputeConfig, info: DistInfo) -> PrecomputeResult:
+    """Write the teacher cache for ``cfg``; returns, on every rank, the final manifest (rank 0;
+    None elsewhere) and the teacher loop's throughput (:class:`PrecomputeResult`).
 
     Resumable: sample IDs in closed shards of a compatible cache are skipped. The samples are
     streamed window by window (:class:`~pipeline.data.SampleWindows`, ``window_rows`` rows, each
@@ -207,7 +246,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     Targets are extracted fused from the hidden states (:func:`_teacher_targets`).
 
     The teacher loop only builds records; each rank's background writer thread
-    (:class:`~pipeline.cache.store.CacheWriter`, at most ``cache.writer_queue_shards`` shards
+    (:class:`~pipeline.cache.writer.CacheWriter`, at most ``cache.writer_queue_shards`` shards
     pending) codes and writes the shards, and is joined before the cache is finalised.
 
     Raises:
@@ -238,20 +277,7 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     stats = SampleStats()
     if cfg.cache.k > V:
         raise ValueError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {V}")
-    state: object = None
-    if info.is_main:
-        try:
-            state = prepare_cache(cfg.cache.dir, manifest, cfg.cache.overwrite)
-            # locally into cache.dir/tokenizer; on a store saved locally, then uploaded there
-            with Folder(cfg.cache.dir).sub("tokenizer").written_locally() as tok_dir:
-                tokenizer.save_pretrained(str(tok_dir))
-        except ValueError as e:
-            state = e
-        except OSError as e:  # not writable, disk full...: one line naming the directory
-            state = ValueError(f"cache.dir {cfg.cache.dir}: cannot be written ({e})")
-    state = broadcast_object(state)
-    if isinstance(state, Exception):
-        raise state
+    state = on_rank0(_prepare_cache_dir, cfg, manifest, tokenizer)  # rank 0; its answer or its error on every rank
     plan = _Plan(windows, state.done_ids, cfg.batch_size, info.world_size)
     print0(f"[precompute] {windows.num_rows} rows in windows of {cfg.window_rows} rows; samples: "
            f"{len(state.done_ids)} already cached; batches of {cfg.batch_size} on {info.world_size} rank(s); "
@@ -265,23 +291,45 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> Manifest | None:
     except BaseException:
         writer.abort()  # the shard being written finishes (or fails) before the error goes up
         raise
-    _throughput(info, my_tokens, time.perf_counter() - t0)
+    throughput = _throughput(info, my_tokens, time.perf_counter() - t0)
     print0(f"[precompute] cache writer (rank 0): {len(writer.closed)} shards, teacher loop waited "
            f"{writer.wait_seconds:.1f}s on the writer thread")
     if tcfg.type != "topk":
         print0(f"[precompute] {tcfg.type} targets (rank 0): {stats.summary()}")
     barrier()
     if not info.is_main:
-        return None
+        return PrecomputeResult(None, throughput)
     m = finalize_cache(cfg.cache.dir, windows.skipped)
     dt = time.perf_counter() - t0
-    done_tokens = LAST_STATS["tokens"]
+    done_tokens = throughput.tokens
     print0(f"[precompute] cache complete: {m.num_samples} samples ({plan.cached} already cached, "
            f"{m.num_samples - plan.cached} computed; {windows.skipped} empty skipped), {m.num_tokens} tokens in "
            f"{len(m.shards)} shards; {done_tokens} tokens computed in "
            f"{dt:.1f}s ({done_tokens / max(dt, 1e-9):.0f} tok/s); teacher ppl "
            f"{m.teacher_perplexity:.2f} on the valid positions")
-    return m
+    return PrecomputeResult(m, throughput)
+
+
+def _prepare_cache_dir(cfg: PrecomputeConfig, manifest: Manifest, tokenizer) -> PrepareState:
+    """Create or resume ``cache.dir`` (:func:`~pipeline.cache.prepare_cache`) and save the
+    tokenizer into its ``tokenizer/`` (on a store: saved locally, then uploaded). Rank 0 only
+    (:func:`precompute` runs it through :func:`~pipeline.distributed.on_rank0`).
+
+    Returns:
+        The :func:`~pipeline.cache.prepare_cache` state (closed shards' sample IDs, attempt).
+    Raises:
+        ValueError: an incompatible cache (:func:`~pipeline.cache.prepare_cache`), or an
+            ``OSError`` (not writable, disk full...) as one line naming ``cache.dir``.
+    """
+    try:
+        state = prepare_cache(cfg.cache.dir, manifest, cfg.cache.overwrite)
+        with Folder(cfg.cache.dir).sub("tokenizer").written_locally() as tok_dir:
+            tokenizer.save_pretrained(str(tok_dir))
+    except ValueError:
+        raise  # first, as before: an error that is both a ValueError and an OSError passes unchanged
+    except OSError as e:
+        raise ValueError(f"cache.dir {cfg.cache.dir}: cannot be written ({e})") from e
+    return state
 
 
 PAD_SAMPLE = Sample("<padding call>", np.zeros(2, dtype=np.int32), np.zeros(2, dtype=bool))

@@ -5,7 +5,7 @@ Every type fills the same fixed-width cache layout per position ``t``: ``ids[t, 
 outside the stored ids (informational; computed in float32 with :func:`log1mexp`).
 
 * ``topk``: the k most probable tokens, values = exact teacher log-probabilities
-  (:func:`pipeline.teacher.topk_targets`). Renormalising them biases the student towards
+  (:func:`pipeline.teacher.topk.fused_topk_targets`). Renormalising them biases the student towards
   over-confidence (Anshumann et al., "Sparse Logit Sampling: Accelerating Knowledge
   Distillation in LLMs", ACL 2025, §3).
 * ``sampled`` (Anshumann et al. 2025, "Random Sampling KD"): ``N = num_draws`` tokens drawn

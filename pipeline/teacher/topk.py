@@ -2,12 +2,13 @@
 
 For every position ``t`` the targets are the top-k of the full-vocabulary teacher
 log-softmax at the cache temperature, plus the log of the probability mass outside them
-(the tail), computed in float32 (DESIGN.md, Teacher targets).
+(the tail), computed in float32 (DESIGN.md, Teacher targets), chunk by chunk from the
+teachers' hidden states (:func:`fused_topk_targets`). The dense (B, T, V) reference of the same
+targets, for the tests and bench/cache_bench.py, is tests/reference_targets.py.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,87 +17,11 @@ from torch import nn
 from pipeline.numerics import log1mexp
 
 
-
-@dataclass
-class TeacherTargets:
-    """Sparse teacher targets for a batch of B sequences of padded length T.
-
-    Attributes:
-        topk_ids: (B, T-1, k) int32, sorted by descending probability.
-        topk_logprobs: (B, T-1, k) float32, full-softmax log-probabilities, ``<= 0``.
-        tail_logprob: (B, T-1) float32, ``log(1 - sum(exp(topk_logprobs)))`` (``-inf`` when
-            the top-k holds all the mass).
-        target_logprob: (B, T-1) float32, teacher log-probability of the actual next token
-            (the teacher's own negative CE; used for the teacher's perplexity).
-    """
-
-    topk_ids: torch.Tensor
-    topk_logprobs: torch.Tensor
-    tail_logprob: torch.Tensor
-    target_logprob: torch.Tensor
-
-
-COMBINE_MODES = ("probability", "logit_mean")
-
-
-@torch.no_grad()
-def ensemble_logprobs(teachers: list[nn.Module], weights: list[float], input_ids: torch.Tensor,
-                      temperature: float = 1.0, vocab: int | None = None,
-                      combine: str = "probability") -> torch.Tensor:
-    """Full-vocabulary log-probabilities of one teacher or a same-tokenizer ensemble.
-
-    Each teacher's logits are sliced to the first ``vocab`` entries (the shared tokenizer's
-    vocabulary: rows of an embedding matrix padded beyond the tokenizer are never valid
-    tokens, so they get no probability) and tempered: ``lp_m = log_softmax(z_m[..., :V] / τ)``.
-    With normalised weights ``w_m = weight_m / Σ weight``:
-
-    - ``probability`` (mixture of experts in probability space, DESIGN.md):
-      ``log p = logsumexp_m(log w_m + lp_m)``;
-    - ``logit_mean`` (normalised weighted geometric mean, a "product of experts"):
-      ``log p = log_softmax(Σ_m w_m · lp_m)``, equal to ``log_softmax(Σ_m w_m z_m / τ)``.
-
-    A single teacher returns ``lp_0`` unchanged (bit for bit the plain path). Memory: only one
-    teacher's (B, T, V) output is alive beside the running mixture (the next teacher runs
-    after the previous one's logits are freed).
-
-    Args:
-        teachers: M causal LMs called as ``model(input_ids=..., use_cache=False).logits``.
-        weights: M positive mixture weights (normalised here).
-        input_ids: (B, T) int64, right-padded (causal attention makes padding harmless for
-            the positions before it, so no attention mask is passed).
-        temperature: τ > 0.
-        vocab: V, the number of real tokens (``len(tokenizer)``); None keeps every logit.
-        combine: ``probability`` or ``logit_mean``.
-    Returns:
-        (B, T, V) float32 log-probabilities.
-    Raises:
-        ValueError: unknown ``combine``, weights not matching the teachers, a teacher with
-            fewer than ``vocab`` outputs.
-    """
-    if combine not in COMBINE_MODES:
-        raise ValueError(f"combine must be one of {COMBINE_MODES}, got {combine!r}")
-    if len(weights) != len(teachers) or not teachers or min(weights) <= 0:
-        raise ValueError(f"need one positive weight per teacher, got {weights} for {len(teachers)} teacher(s)")
-    def member_logprobs():
-        for model in teachers:
-            logits = model(input_ids=input_ids, use_cache=False).logits  # (B, T, V_model)
-            if vocab is not None:
-                if logits.shape[-1] < vocab:
-                    raise ValueError(f"teacher {type(model).__name__} has {logits.shape[-1]} output logits, fewer "
-                                     f"than the tokenizer's {vocab} tokens")
-                logits = logits[..., :vocab]
-            lp = F.log_softmax(logits.float() / temperature, dim=-1)
-            del logits
-            yield lp
-
-    return _combine(member_logprobs(), weights, combine)
-
-
 def _combine(member_logprobs, weights: list[float], combine: str) -> torch.Tensor:
     """The ensemble's log-probabilities from its members' (an iterator of (..., V) float32
     tensors, consumed one at a time and modified in place): ``probability`` =
     ``logsumexp_m(log w_m + lp_m)``, ``logit_mean`` = ``log_softmax(Σ_m w_m lp_m)`` with
-    ``w_m = weight_m / Σ weight`` (formulas: :func:`ensemble_logprobs`). One member: its
+    ``w_m = weight_m / Σ weight`` (formulas: :func:`position_logprobs`). One member: its
     tensor unchanged."""
     total = float(sum(weights))
     mix = None
@@ -111,28 +36,6 @@ def _combine(member_logprobs, weights: list[float], combine: str) -> torch.Tenso
             mix = lp if mix is None else mix.add_(lp)
         del lp
     return mix if combine == "probability" else F.log_softmax(mix, dim=-1)
-
-
-def topk_targets(logprobs: torch.Tensor, input_ids: torch.Tensor, k: int) -> TeacherTargets:
-    """Top-k and tail log-mass of per-position log-probabilities.
-
-    Args:
-        logprobs: (B, T, V) float32 full-vocabulary log-probabilities.
-        input_ids: (B, T) int64; position t's target is ``input_ids[:, t+1]``.
-        k: entries kept per position (``k <= V``).
-    Returns:
-        :class:`TeacherTargets` for positions ``0..T-2``.
-    Raises:
-        ValueError: ``k`` larger than the vocabulary.
-    """
-    V = logprobs.shape[-1]
-    if k > V:
-        raise ValueError(f"cache.k={k} exceeds the teacher vocabulary size {V}")
-    lp = logprobs[:, :-1]  # (B, T-1, V)
-    vals, ids = torch.topk(lp, k, dim=-1, sorted=True)  # (B, T-1, k)
-    tail = log1mexp(torch.logsumexp(vals, dim=-1))  # (B, T-1)
-    target = lp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    return TeacherTargets(ids.to(torch.int32), vals, tail, target)
 
 
 TARGETS_CHUNK_BYTES = 64 * 2**20
@@ -163,15 +66,30 @@ def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: 
                       temperature: float = 1.0, combine: str = "probability") -> torch.Tensor:
     """Full-vocabulary log-probabilities of the ensemble at some positions only.
 
+    Each teacher's logits ``z_m`` come from its output layer's first V rows (the shared
+    tokenizer's vocabulary, :func:`output_head`: rows of an embedding matrix padded beyond the
+    tokenizer are never valid tokens, so they get no probability) and are tempered:
+    ``lp_m = log_softmax(z_m / τ)``. With normalised weights ``w_m = weight_m / Σ weight``:
+
+    - ``probability`` (mixture of experts in probability space, DESIGN.md):
+      ``log p = logsumexp_m(log w_m + lp_m)``;
+    - ``logit_mean`` (normalised weighted geometric mean, a "product of experts"):
+      ``log p = log_softmax(Σ_m w_m · lp_m)``, equal to ``log_softmax(Σ_m w_m z_m / τ)``.
+
+    A single teacher gives ``lp_0`` unchanged.
+
     Args:
         hiddens: per teacher, final hidden states (B·T, H) in the parameter dtype.
         heads: per teacher, ``(weight (V, H), bias (V,) or None)`` (:func:`output_head`).
         weights: mixture weights (normalised here).
         rows: (n,) int64 flat positions into B·T.
-        temperature, combine: as :func:`ensemble_logprobs`.
+        temperature: τ > 0.
+        combine: ``probability`` or ``logit_mean`` (the config validates it; any other value
+            is taken as ``logit_mean``).
     Returns:
-        (n, V) float32, equal to ``ensemble_logprobs(...)`` at those positions up to float
-        rounding (the output layer runs on these rows only).
+        (n, V) float32, equal to the full (B, T, V) log-probabilities of the whole teachers at
+        those positions up to float rounding (the output layer runs on these rows only; the
+        dense reference: tests/reference_targets.py ``ensemble_logprobs``).
     """
     def member_logprobs():
         for h, (w, b) in zip(hiddens, heads):
