@@ -89,12 +89,13 @@ def train_one(args, cell: dict, lr: float, seed: int, src, order: list[int], dev
     from pipeline.config import LossConfig, OptimConfig
     from pipeline.data.batch import collate
     from pipeline.distributed import shard_model
-    from pipeline.models import build_student
+    from pipeline.models import build_student, defer_output_projection
     from pipeline.student.checkpoint import export_hf
     from pipeline.student.sampler import StepSampler
     from pipeline.student.step import Trainer, build_optimizer, lr_lambda
 
     model = build_student(args.student_dir, "random", seed)
+    defer_output_projection(model)  # before fully_shard, as train-student does
     shard_model(model)
     ocfg = OptimConfig(lr=lr, warmup_steps=20, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
                        max_grad_norm=1.0)
