@@ -94,3 +94,42 @@ def test_sampled_targets_keep_forward_kl_only():
     fused_linear_loss(h, w, None, tg, alpha=0.5, tail="sampled")  # forward KL: fine
     with pytest.raises(ValueError, match="loss.divergence=reverse_kl .*sampled"):
         fused_linear_loss(h, w, None, tg, alpha=0.5, tail="sampled", divergence=Divergence("reverse_kl"))
+
+
+def test_train_student_with_reverse_kl_writes_distill_rows(assets, caches, tmp_path):
+    """The stage end to end with ``loss.divergence=reverse_kl``: loss-log rows carry
+    ``distill_sum`` (not the forward KL of ``kl_sum``), ``loss_sum`` is built from it, the
+    metrics report it and summary.json names the divergence."""
+    import json
+
+    import pyarrow.dataset as pads
+    from conftest import run_cli, train_config, write_yaml
+
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "t.yaml", train_config(assets, caches, out, max_steps=4, eval_steps=2))
+    res = run_cli(["stages.train_student", "--config", str(cfg), "loss.divergence=reverse_kl"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["loss"] == {"alpha": 0.5, "temperature": 1.0, "tail": "bucket", "divergence": "reverse_kl"}
+    logs = pads.dataset(out / "loss_logs", format="parquet", partitioning="hive").to_table().to_pandas()
+    assert (logs["distill_sum"] > 0).all() and not (logs["distill_sum"] - logs["kl_sum"]).abs().lt(1e-6).all()
+    assert logs["loss_sum"].to_numpy() == pytest.approx(0.5 * logs["ce_sum"] + 0.5 * logs["distill_sum"], rel=1e-5)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "train/distill_loss" in metrics[0]
+    last_eval = [m for m in metrics if "eval/loss" in m][-1]
+    ev = logs[(logs["split"] == "eval") & (logs["step"] == 4)]
+    assert last_eval["eval/distill_loss"] == pytest.approx(ev["distill_sum"].sum() / ev["n_tokens"].sum(), rel=1e-5)
+
+
+def test_a_sampled_cache_refuses_other_divergences():
+    from pipeline.config import ConfigError, LossConfig, TrainStudentConfig
+    from pipeline.student.losses import resolve_tail
+
+    cfg = TrainStudentConfig(output_dir="r", student={"path": "s"}, data={"train_cache": "c"},
+                             loss=LossConfig(divergence="jsd"))
+    assert resolve_tail(cfg, "topk", 1.0).loss.tail == "bucket"
+    for target_type in ("sampled", "topk+sampled"):
+        with pytest.raises(ConfigError, match=f"loss.divergence=jsd on a {target_type.replace('+', '.')} cache"):
+            resolve_tail(cfg, target_type, 1.0)
+    with pytest.raises(ValueError, match="loss.divergence=tvd needs loss.tail bucket or renormalize"):
+        LossConfig(divergence="tvd", tail="sampled")
