@@ -1,4 +1,6 @@
-"""Sum-reduced CE and sparse KL (DESIGN.md, Loss).
+"""Sum-reduced CE and sparse KL (DESIGN.md, Loss), or another divergence ``D`` in place of the
+KL (``loss.divergence``: formulas, sources and their gradients in
+:mod:`pipeline.student.divergences`; chained to the logits by :func:`_divergence_terms`).
 
 For student logits ``z_t`` (vocab V), training temperature ``τ`` and teacher support ``S_t``
 (the cached ids; ``-inf`` padding slots of sampled caches are excluded everywhere)::
@@ -47,6 +49,9 @@ student's softmax at temperature τ, ``S`` the live support):
       sampled / renormalize:  A_t = Σ_S p,  B_t = p
       bucket:                 A_t = Σ_S p − r_t Q_S,  B_t = p − r_t q_S,
                               r_t = p_tail / q_tail,  Q_S = Σ_S q  (r_t = 0 where q_tail is clamped)
+
+Another divergence replaces ``(A_t, B_t)`` by those of :func:`_divergence_terms` (same form);
+the forward KL is still computed for the logged ``kl_sum``.
 
 The function returns sums and counts; the trainer divides once by the global valid-token count.
 """
