@@ -121,10 +121,11 @@ def train_one(args, cell: dict, seed: int, src, order: list[int], eval_samples, 
     from pipeline.distributed import shard_model
     from pipeline.student.sampler import StepSampler
     from pipeline.data.batch import collate
-    from pipeline.models import build_student
+    from pipeline.models import build_student, defer_output_projection
     from pipeline.student.step import Trainer, build_optimizer, lr_lambda
 
     model = build_student(args.student_dir, "random", seed)
+    defer_output_projection(model)  # before fully_shard, as train-student does
     shard_model(model)
     ocfg = OptimConfig(lr=cell["lr"], warmup_steps=20, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
                        max_grad_norm=1.0)

@@ -16,6 +16,8 @@ and the same batches:
   KD, packing off) and ``packed`` (``data.packing: true``, rows of ``--max-length``). Tokens/s
   counts valid target tokens; the first step's per-sample ``ce_sum``/``kl_sum`` and global token
   count of ``packed`` are compared with ``padded``'s.
+* ``div``: ``kd`` with each ``loss.divergence`` (pipeline/student/divergences.py) on the
+  V = 512 and the V = 32,000 student, as a ratio to ``forward_kl`` in the same run.
 * ``--memory``: peak RSS of one step at B = 1, T = 4,096 (``plain`` vs ``kd``).
 
 Every mode runs in a fresh child process (this script with ``--child``), so its peak RSS is its
@@ -27,9 +29,10 @@ Run (from the repository root; about 10 minutes on 2 CPU cores with the defaults
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/student_step.py [--realdata ../shared/realdata] [--memory]
 
-Goals (issue "stage two's fast path"): kd ≥ 1.0× plain and ce ≥ 1.05× plain at V = 32,000
+Goals: kd ≥ 1.0× plain and ce ≥ 1.05× plain at V = 32,000
 (8 × 512, hidden 256, 4 layers); kd ≥ 0.95× plain on the hidden-32, V = 512 student; packed ≥
-1.5× padded valid tokens/s; one kd step's peak RSS at B = 1, T = 4,096 ≤ 0.6× plain's.
+1.5× padded valid tokens/s; one kd step's peak RSS at B = 1, T = 4,096 ≤ 0.6× plain's; every
+divergence ≥ 0.85× forward_kl.
 """
 from __future__ import annotations
 
@@ -164,7 +167,8 @@ def child(spec: dict) -> dict:
         opt = build_optimizer(model, ocfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, n_steps))
         alpha = 1.0 if spec["mode"] == "ce" else 0.5
-        trainer = Trainer(model, opt, sched, LossConfig(alpha=alpha, tail="bucket"), 1.0, info.device,
+        loss_cfg = LossConfig(alpha=alpha, tail="bucket", divergence=spec.get("divergence", "forward_kl"))
+        trainer = Trainer(model, opt, sched, loss_cfg, 1.0, info.device,
                           packing=spec["mode"] == "packed")
         from pipeline.config import TrainDataConfig
 
@@ -220,13 +224,13 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--var-batch", type=int, default=16, help="samples per micro-batch on variable-length data")
     ap.add_argument("--memory", action="store_true", help="also the B=1, T=4096 peak-RSS comparison")
-    ap.add_argument("--only", nargs="*", default=None, help="sections: fixed small var memory")
+    ap.add_argument("--only", nargs="*", default=None, help="sections: fixed small var div memory")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
-    sections = args.only or ["fixed", "small", "var"] + (["memory"] if args.memory else [])
+    sections = args.only or ["fixed", "small", "var", "div"] + (["memory"] if args.memory else [])
     print(f"student step benchmark; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
           f"{args.rounds} round(s), median of {args.steps} steps after {args.warmup}")
     n_fixed = args.batch * (args.warmup + args.steps)
@@ -270,6 +274,21 @@ def main() -> int:
                 lines.append(f"  first step, packed vs padded: same sample ids {a['sample_id'] == b['sample_id']}, "
                              f"global valid tokens {b['n_tokens']} vs {a['n_tokens']}, max relative difference of "
                              f"per-sample ce_sum/kl_sum {rel:.2e}")
+        if "div" in sections:
+            from pipeline.student.divergences import DIVERGENCES
+
+            for student in ("v512", "v32k"):
+                V = STUDENTS[student]["vocab"]
+                cache = write_cache(tmp / f"cache-div-{student}",
+                                    [list(rng.integers(0, V, args.seq)) for _ in range(n_fixed)], V)
+                specs = [dict(base, name=f"div-{student}:{d}", mode="kd", divergence=d, student=student,
+                              cache=str(cache), context=args.seq) for d in DIVERGENCES]
+                print(f"[div] student {student}, {args.batch} x {args.seq} tokens, k={K} cache, alpha 0.5, bucket")
+                res = median_runs(specs, args.rounds)
+                fkl = med(res[specs[0]["name"]], "tok_s")
+                for s in specs:
+                    r = med(res[s["name"]], "tok_s")
+                    lines.append(f"{s['name']:<28} {r:>10,.0f} tok/s   {r / fkl:5.2f}x forward_kl")
         if "memory" in sections:
             cache = write_cache(tmp / "cache-mem", [list(rng.integers(0, 32000, 4096)) for _ in range(3)], 32000)
             specs = [dict(base, name=f"mem:{m}", mode=m, student="v32k", cache=str(cache), context=4096, micro_batch=1,

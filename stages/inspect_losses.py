@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", choices=["train", "eval"], default=None, help="only this split")
     p.add_argument("--min-tokens", type=int, default=None, help="ignore visits with fewer valid tokens")
     p.add_argument("--top", type=int, default=10, help="how many hardest samples to show")
-    p.add_argument("--metric", choices=["loss", "ce", "kl"], default="loss", help="hardness = this per token")
+    p.add_argument("--metric", choices=["loss", "ce", "kl", "distill"], default="loss",
+                   help="hardness = this per token (distill: the configured loss.divergence)")
     p.add_argument("--export", default=None, help="write the per-sample table to FILE.csv or FILE.parquet")
     p.add_argument("--compare", nargs=2, type=int, metavar=("R1", "R2"), default=None,
                    help="samples whose per-token metric moved most from round R1 to R2 (train split)")

@@ -48,7 +48,7 @@ def _count_fsdp_collectives():
             setattr(dist, name, orig)
 
 
-def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
+def one_step(out: str, mbs: int, accum: int, pack: int = 0, divergence: str = "forward_kl") -> None:
     info = init_distributed("cpu")
     records = synthetic_records(N, VOCAB, K)
     student = tiny_student(VOCAB)
@@ -56,7 +56,7 @@ def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
     model = shard_model(student)
     init = {n: t.clone() for n, t in full_state_dict(model).items()}  # may alias the parameters
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    trainer = Trainer(model, opt, None, LossConfig(alpha=0.3, temperature=2.0, tail="bucket"), None, info.device,
+    trainer = Trainer(model, opt, None, LossConfig(alpha=0.3, temperature=2.0, tail="bucket", divergence=divergence, beta=0.3), None, info.device,
                       packing=pack > 0)
     import numpy as np
 
@@ -70,6 +70,7 @@ def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
     state = full_state_dict(model)
     if info.rank == 0:
         torch.save({"delta": {n: state[n] - init[n] for n in state}, "loss": stats.loss, "n_tokens": stats.n_tokens,
+                    "kl": stats.kl, "distill": stats.distill,
                     "micro_valid": [b.n_valid for b in micro], "rows": stats.rows,
                     "micro_rows": [b.input_ids.shape[0] for b in micro], "comms": comms}, out)
     barrier()  # destroying the group while rank 0 still saves aborts rank 1 ("terminate called...")
@@ -77,4 +78,5 @@ def one_step(out: str, mbs: int, accum: int, pack: int = 0) -> None:
 
 
 if __name__ == "__main__":
-    one_step(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0)
+    one_step(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 0,
+             sys.argv[5] if len(sys.argv) > 5 else "forward_kl")

@@ -124,3 +124,61 @@ def fused_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, valid: torc
     out = fused_linear_loss(logits[b_idx, t_idx], eye, None, tg, alpha=alpha, temperature=temperature, tail=tail,
                             chunk_size=chunk_size)
     return LossSums(out.loss_sum, out.ce_sum, out.kl_sum, valid.sum(-1).to(torch.int64), out.top1_agree)
+
+
+def sparse_divergence(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                      tail_logprob: torch.Tensor, temperature: float, tail: str, divergence: str, beta: float = 0.5,
+                      skew: float = 0.1, akl_mu: float = 0.5) -> torch.Tensor:
+    """Per-position divergence ``D(p, q)`` over the tail mode's categories, written out from
+    its definition (pipeline/student/divergences.py) for autograd: the cached ids plus one tail
+    outcome (``bucket``) or the cached ids renormalised on both sides (``renormalize``);
+    categories with teacher probability 0 left out.
+
+    Args: as :func:`sparse_kl`; ``divergence`` and its parameters as ``loss.*``.
+    Returns:
+        (N,) D in nats, differentiable with respect to ``log_q``.
+    """
+    live = ~torch.isneginf(topk_logprobs)
+    log_q_s = torch.where(live, log_q.gather(-1, topk_ids), -torch.inf)
+    lp = topk_logprobs / temperature
+    if tail == "renormalize":
+        log_p = lp - torch.logsumexp(lp, -1, keepdim=True)
+        log_qc = log_q_s - torch.logsumexp(log_q_s, -1, keepdim=True)
+    else:
+        lt = tail_logprob / temperature
+        z = torch.logsumexp(torch.cat([lp, lt[:, None]], -1), -1)
+        log_p = torch.cat([lp - z[:, None], (lt - z)[:, None]], -1)
+        log_q_tail = log1mexp(torch.logsumexp(log_q_s, -1).clamp(max=-1e-6))
+        log_qc = torch.cat([log_q_s, log_q_tail[:, None]], -1)
+        live = torch.cat([live, ~torch.isneginf(lt)[:, None]], -1)
+    P = torch.where(live, torch.where(live, log_p, 0.0).exp(), 0.0)
+    Q = torch.where(live, torch.where(live, log_qc, 0.0).exp(), 0.0)
+
+    def log(x):  # log on the live categories, 0 elsewhere (multiplied by 0 there)
+        return torch.where(live, torch.log(torch.where(live, x, 1.0)), 0.0)
+
+    def kl(a, b):
+        return (a * (log(a) - log(b))).sum(-1)
+
+    if divergence == "forward_kl":
+        return kl(P, Q)
+    if divergence == "reverse_kl":
+        return kl(Q, P)
+    if divergence == "jsd":
+        M = beta * P + (1 - beta) * Q
+        return beta * kl(P, M) + (1 - beta) * kl(Q, M)
+    if divergence == "skew_forward_kl":
+        return kl(P, skew * P + (1 - skew) * Q)
+    if divergence == "skew_reverse_kl":
+        return kl(Q, skew * Q + (1 - skew) * P)
+    if divergence == "tvd":
+        return 0.5 * (P - Q).abs().sum(-1)
+    assert divergence == "akl"
+    Pd, Qd = P.detach(), Q.detach()  # the authors' ratios: no gradient through the weights
+    ps, order = Pd.sort(dim=-1, descending=True, stable=True)
+    gap = (ps - Qd.gather(-1, order)).abs()
+    head = ps.cumsum(-1) <= akl_mu
+    head[:, 0] = True
+    g_head, g_tail = (gap * head).sum(-1), (gap * ~head).sum(-1)
+    denom = (g_head + g_tail).clamp(min=1e-12)
+    return g_head / denom * kl(P, Q) + g_tail / denom * kl(Q, P)

@@ -10,7 +10,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "dist_grad_check.py"
 
 
-def _run(out: Path, mbs: int, accum: int, nproc: int = 1, pack: int = 0) -> dict:
+def _run(out: Path, mbs: int, accum: int, nproc: int = 1, pack: int = 0, divergence: str = "forward_kl") -> dict:
     """One optimizer step of ``dist_grad_check.py``: in this process (one thread) at 1 rank,
     under torchrun at 2; returns what it saved."""
     if nproc == 1:
@@ -19,7 +19,7 @@ def _run(out: Path, mbs: int, accum: int, nproc: int = 1, pack: int = 0) -> dict
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            one_step(str(out), mbs, accum, pack)
+            one_step(str(out), mbs, accum, pack, divergence)
         finally:
             torch.set_num_threads(threads)
         return torch.load(out, weights_only=False)
@@ -27,7 +27,7 @@ def _run(out: Path, mbs: int, accum: int, nproc: int = 1, pack: int = 0) -> dict
     import os
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([*env_cmd, str(SCRIPT), str(out), str(mbs), str(accum), str(pack)], capture_output=True, text=True,
+    res = subprocess.run([*env_cmd, str(SCRIPT), str(out), str(mbs), str(accum), str(pack), divergence], capture_output=True, text=True,
                          timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return torch.load(out, weights_only=False)
@@ -85,3 +85,13 @@ def test_packing_equals_padding_and_two_packed_ranks_equal_one(tmp_path, one_big
             assert abs(a - b) <= 1e-5 * abs(b), (col, a, b)
     two = _run(tmp_path / "pack2.pt", mbs=2, accum=2, nproc=2, pack=48)
     _assert_same(two, padded)
+
+
+def test_a_divergence_other_than_forward_kl_keeps_accumulation_and_two_rank_equivalence(tmp_path, one_big_batch):
+    """JSD (β = 0.3): one big batch = 4 accumulated micro-batches = 2 ranks × 2; its value is
+    not forward KL's, and the logged forward KL is unchanged by the choice."""
+    big = _run(tmp_path / "big.pt", mbs=8, accum=1, divergence="jsd")
+    assert abs(big["kl"] - one_big_batch["kl"]) <= 1e-6 * one_big_batch["kl"]
+    assert abs(big["distill"] - big["kl"]) > 1e-3 * big["kl"] and one_big_batch["distill"] == one_big_batch["kl"]
+    _assert_same(_run(tmp_path / "acc.pt", mbs=2, accum=4, divergence="jsd"), big)
+    _assert_same(_run(tmp_path / "two.pt", mbs=2, accum=2, nproc=2, divergence="jsd"), big)

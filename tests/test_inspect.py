@@ -7,7 +7,7 @@ from pipeline.losslog.writer import LossLogWriter
 
 def _rows(ids, ntok, loss):
     return {"sample_id": ids, "n_tokens": ntok, "ce_sum": [2 * x for x in loss], "kl_sum": [0.5 * x for x in loss],
-            "loss_sum": loss, "top1_agree": [0] * len(ids), "topk_mass_sum": [0.0] * len(ids),
+            "distill_sum": [0.25 * x for x in loss], "loss_sum": loss, "top1_agree": [0] * len(ids), "topk_mass_sum": [0.0] * len(ids),
             "teacher_entropy_sum": [0.0] * len(ids)}
 
 
@@ -44,3 +44,22 @@ def test_cli_compare_and_plot(run_dir, capsys):
     moved = out.split("moved most from round 0 to 1")[1].splitlines()[2:4]
     assert [line.split()[0] for line in moved] == ["c", "a"]
     assert (run_dir / "p.png").stat().st_size > 1000
+
+
+def test_distill_column_and_logs_written_before_it(run_dir):
+    """``distill_sum`` is summarised like the other losses; a part file written before the
+    column existed (forward KL only) reads with ``distill_sum = kl_sum``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    s = {(r["round"], r["split"]): r for r in summary(load_loss_logs(run_dir))}
+    assert s[(0, "train")]["distill_per_token"] == pytest.approx(0.25 * 80 / 50)
+    old = run_dir / "loss_logs" / "round=2" / "split=train" / "rank=0"
+    old.mkdir(parents=True)
+    cols = {"sample_id": ["a"], "epoch": pa.array([0], pa.int32()), "step": pa.array([1], pa.int64()),
+            "n_tokens": pa.array([10], pa.int32()), **{c: pa.array([v], pa.float32()) for c, v in
+                                                       (("ce_sum", 4.0), ("kl_sum", 2.0), ("loss_sum", 3.0))},
+            "top1_agree": pa.array([0], pa.int32())}
+    pq.write_table(pa.table(cols), old / "part-00000.parquet")
+    t = load_loss_logs(run_dir, round_=2)
+    assert t["distill_sum"].to_pylist() == [2.0] and t["topk_mass_sum"].to_pylist() == [None]

@@ -94,10 +94,34 @@ class RouterLossConfig(_Section):
 
 
 class LossConfig(_Section):
-    """Hybrid loss ``alpha * CE + (1 - alpha) * temperature**2 * KL`` (DESIGN.md, Loss)."""
+    """Hybrid loss ``alpha * CE + (1 - alpha) * temperature**2 * D`` with ``D`` the divergence
+    (forward KL by default; DESIGN.md, Loss)."""
 
     alpha: float = Field(default=0.5, ge=0, le=1)
     temperature: float = Field(default=1.0, gt=0)
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "akl"] = \
+        "forward_kl"
+    """The distillation term ``D(p, q)`` between the teacher ``p`` and the student ``q`` over the
+    tail mode's categories (formulas and sources in pipeline/student/divergences.py):
+    ``forward_kl`` (mode-covering), ``reverse_kl`` (mode-seeking), ``jsd`` (generalised
+    Jensen-Shannon with ``beta``), ``skew_forward_kl`` / ``skew_reverse_kl`` (with ``skew``),
+    ``tvd`` (total variation) or ``akl`` (adaptive forward/reverse mix, with ``akl_mu``).
+    Sampled caches (``loss.tail: sampled``) take ``forward_kl`` only."""
+    beta: float = Field(default=0.5, gt=0, lt=1)
+    """``β`` of ``divergence: jsd``, ``β KL(p‖m) + (1−β) KL(q‖m)`` with ``m = β p + (1−β) q``:
+    near 0 it behaves like forward KL, near 1 like reverse KL (TRL's convention)."""
+    skew: float = Field(default=0.1, ge=0, lt=1)
+    """``λ`` of the skew KLs: ``KL(p ‖ λp + (1−λ)q)`` and ``KL(q ‖ λq + (1−λ)p)`` (DistiLLM's
+    default 0.1; 0 gives plain forward / reverse KL)."""
+    akl_mu: float = Field(default=0.5, gt=0, lt=1)
+    """``μ`` of ``divergence: akl``: the teacher mass of the head (its most probable categories)."""
+
+    @model_validator(mode="after")
+    def _divergence_needs_a_distribution(self) -> "LossConfig":
+        if self.tail == "sampled" and self.divergence != "forward_kl":
+            raise ValueError(f"loss.divergence={self.divergence} needs loss.tail bucket or renormalize: the "
+                             "sampled estimator (loss.tail=sampled) is unbiased for forward KL only")
+        return self
     tail: Literal["renormalize", "bucket", "sampled"] = "bucket"
     """How the teacher targets enter the KL (formulas in pipeline/student/losses.py): ``renormalize``
     (the stored support renormalised), ``bucket`` (the tail mass as one extra outcome) or
@@ -206,7 +230,9 @@ class SelectConfig(_Section):
     """Which samples a round trains on, from the previous round's train loss log
     (per-sample ``{metric}`` per token over all its visits). Set exactly one criterion."""
 
-    metric: Literal["loss", "ce", "kl"] = "kl"
+    metric: Literal["loss", "ce", "kl", "distill"] = "kl"
+    """The per-token column: ``kl`` (forward KL), ``distill`` (the configured
+    ``loss.divergence``), ``ce`` or ``loss``."""
     top_fraction: float | None = Field(default=None, gt=0, le=1)
     """The hardest fraction of the samples (highest metric per token)."""
     threshold: float | None = None
@@ -281,7 +307,7 @@ class TrainStudentConfig(_Section):
     lr_find: LRFindConfig = LRFindConfig()
     select: SelectConfig | None = None
     """Train only on samples selected from the previous round's loss log (None: all samples)."""
-    weight_by: Literal["loss", "ce", "kl"] | None = None
+    weight_by: Literal["loss", "ce", "kl", "distill"] | None = None
     """Round r > 0: draw each epoch's samples with replacement, with probability proportional
     to their ``{weight_by}`` per token in round r-1's train log (after ``select``); None: uniform
     permutation."""

@@ -13,13 +13,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import yaml
 
-from pipeline.losslog.writer import unreadable_part
+from pipeline.losslog.writer import SCHEMA, unreadable_part
 from pipeline.storage import Folder, join, one_line, read_file
 
 
 def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
                    min_tokens: int | None = None) -> pa.Table:
-    """All loss-log rows of a run as one table with the hive columns ``round``, ``split``, ``rank``.
+    """All loss-log rows of a run as one table with the hive columns ``round``, ``split``, ``rank``,
+    in the writer's schema (:data:`pipeline.losslog.writer.SCHEMA`; ``distill_sum`` of logs
+    written before it existed is their ``kl_sum``: they were trained with forward KL).
 
     Raises:
         FileNotFoundError: the run has no ``loss_logs`` directory (prefix, on a store).
@@ -38,12 +40,17 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
                  (pc.field("n_tokens") >= min_tokens) if min_tokens is not None else None):
         if cond is not None:
             flt = cond if flt is None else flt & cond
+    # the writer's schema, so logs written before a column existed read with it null
+    schema = pa.schema(list(SCHEMA) + list(part.schema))
     try:  # temporary ``.part-*.tmp`` files start with "." and are ignored by the dataset
-        return pads.dataset(root, format="parquet", partitioning=part, filesystem=fs).to_table(filter=flt)
+        table = pads.dataset(root, format="parquet", partitioning=part, filesystem=fs, schema=schema).to_table(filter=flt)
     except (pa.ArrowInvalid, OSError) as e:
         if fs is not None:
             raise ValueError(f"loss logs in {join(run_dir, 'loss_logs')} unreadable: {one_line(e)}") from None
         raise ValueError(_unreadable_part(logs.dir, e)) from None
+    # logs written before ``distill_sum`` existed were trained with forward KL: D = KL
+    i = table.schema.get_field_index("distill_sum")
+    return table.set_column(i, "distill_sum", pc.coalesce(table["distill_sum"], table["kl_sum"]))
 
 
 def _unreadable_part(log_dir: Path, err: Exception) -> str:
@@ -58,19 +65,31 @@ def _unreadable_part(log_dir: Path, err: Exception) -> str:
     return f"loss logs in {log_dir} unreadable: {' '.join(str(err).split())}"
 
 
-def per_sample(table: pa.Table, metrics: tuple[str, ...] = ("loss", "ce", "kl"),
+METRICS = ("loss", "ce", "kl", "distill")
+"""The per-token metrics of the loss logs: the ``{name}_sum`` columns."""
+
+
+def _metrics(table: pa.Table) -> tuple[str, ...]:
+    """The :data:`METRICS` whose ``{name}_sum`` column ``table`` has (``distill`` is missing
+    from tables built by hand from logs written before it existed)."""
+    return tuple(m for m in METRICS if f"{m}_sum" in table.column_names)
+
+
+def per_sample(table: pa.Table, metrics: tuple[str, ...] | None = None,
                by: tuple[str, ...] = ("round", "split", "sample_id")) -> pa.Table:
     """The one per-sample aggregation of the loss logs (reports, round selection and
     loss-proportional sampling all use it).
 
     Args:
         table: loss-log rows (:data:`pipeline.losslog.writer.SCHEMA`).
-        metrics: the ``{name}_sum`` columns to aggregate.
+        metrics: the ``{name}_sum`` columns to aggregate (default: every one of :data:`METRICS`
+            in the table).
         by: the grouping keys; ``("sample_id",)`` for a table of one round and split.
     Returns:
         One row per group: the keys, ``visits``, ``n_tokens`` (summed), each ``{name}_sum``
         (summed over visits) and ``{name}_per_token`` = Σ{name}_sum / max(Σn_tokens, 1), float64 nats.
     """
+    metrics = _metrics(table) if metrics is None else metrics
     g = table.group_by(list(by)).aggregate(
         [("sample_id", "count"), ("n_tokens", "sum")] + [(f"{name}_sum", "sum") for name in metrics])
     g = g.rename_columns(list(by) + ["visits", "n_tokens"] + [f"{name}_sum" for name in metrics])
@@ -81,11 +100,11 @@ def per_sample(table: pa.Table, metrics: tuple[str, ...] = ("loss", "ce", "kl"),
 
 
 def summary(table: pa.Table, samples: pa.Table | None = None) -> list[dict]:
-    """Per (round, split): rows, unique samples, tokens, loss/CE/KL per token (token-weighted),
+    """Per (round, split): rows, unique samples, tokens, loss/CE/KL/D per token (token-weighted),
     and the 10/50/90% quantiles of per-sample loss per token. ``samples``: ``per_sample(table)``
     when the caller already has it (computed once, reused by every report)."""
     agg = table.group_by(["round", "split"]).aggregate(
-        [("sample_id", "count"), ("n_tokens", "sum"), ("loss_sum", "sum"), ("ce_sum", "sum"), ("kl_sum", "sum")])
+        [("sample_id", "count"), ("n_tokens", "sum")] + [(f"{m}_sum", "sum") for m in _metrics(table)])
     samples = per_sample(table) if samples is None else samples
     out = []
     for row in sorted(agg.to_pylist(), key=lambda x: (x["round"], x["split"])):
@@ -95,7 +114,7 @@ def summary(table: pa.Table, samples: pa.Table | None = None) -> list[dict]:
         q = np.quantile(ps["loss_per_token"].to_numpy(), [0.1, 0.5, 0.9])
         out.append({"round": r, "split": s, "rows": row["sample_id_count"], "samples": ps.num_rows,
                     "tokens": row["n_tokens_sum"],
-                    **{f"{m}_per_token": row[f"{m}_sum_sum"] / n for m in ("loss", "ce", "kl")},
+                    **{f"{m}_per_token": row[f"{m}_sum_sum"] / n for m in _metrics(table)},
                     "p10": float(q[0]), "p50": float(q[1]), "p90": float(q[2])})
     return out
 

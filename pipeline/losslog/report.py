@@ -33,7 +33,8 @@ def report_sections(table: pa.Table, run_dir: str | os.PathLike, top: int = 10, 
     Args:
         run_dir: the run the logs belong to (named; its caches and tokenizer decode sample text).
         top: how many hardest (and most moved) samples to list.
-        metric: ``loss``, ``ce`` or ``kl``: hardness is this per token.
+        metric: ``loss``, ``ce``, ``kl`` or ``distill`` (the configured divergence): hardness
+            is this per token.
         compare: ``(R1, R2)``: also the samples whose per-token metric moved most from round
             R1 to R2 (train split), and their scatter in the plot.
         plot_path: write a PNG there: a histogram per round (+ the R1-vs-R2 scatter).
@@ -41,8 +42,9 @@ def report_sections(table: pa.Table, run_dir: str | os.PathLike, top: int = 10, 
     """
     yield f"loss logs of {run_dir}: {table.num_rows} rows"
     ps = per_sample(table)  # one group-by, shared by every report below
-    yield _fmt(summary(table, ps), ["round", "split", "rows", "samples", "tokens", "loss_per_token", "ce_per_token",
-                                    "kl_per_token", "p10", "p50", "p90"])
+    rows = summary(table, ps)
+    per_token = [c for c in ("loss_per_token", "ce_per_token", "kl_per_token", "distill_per_token") if rows and c in rows[0]]
+    yield _fmt(rows, ["round", "split", "rows", "samples", "tokens", *per_token, "p10", "p50", "p90"])
     rows = hardest(table, top, metric, ps).to_pylist()
     text = SampleText(run_dir)
     for r in rows:

@@ -5,7 +5,8 @@ directory as one table with ``round``, ``split`` and ``rank`` columns)::
 
     loss_logs/round=R/split=train|eval/rank=K/part-NNNNN.parquet
 
-Columns in the files: ``sample_id, epoch, step, n_tokens, ce_sum, kl_sum, loss_sum,
+Columns in the files: ``sample_id, epoch, step, n_tokens, ce_sum, kl_sum`` (forward KL),
+``distill_sum`` (the configured ``loss.divergence``; ``kl_sum`` for forward KL), ``loss_sum,
 top1_agree`` (positions where the student's argmax is the teacher's top-1), ``topk_mass_sum``
 (the teacher's probability mass on the cached ids) and ``teacher_entropy_sum`` (the teacher's
 entropy over the cached ids plus one tail outcome), both as
@@ -30,7 +31,7 @@ from pipeline.storage import Folder
 
 SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()), ("n_tokens", pa.int32()),
-    ("ce_sum", pa.float32()), ("kl_sum", pa.float32()), ("loss_sum", pa.float32()),
+    ("ce_sum", pa.float32()), ("kl_sum", pa.float32()), ("distill_sum", pa.float32()), ("loss_sum", pa.float32()),
     ("top1_agree", pa.int32()), ("topk_mass_sum", pa.float32()), ("teacher_entropy_sum", pa.float32()),
 ])
 

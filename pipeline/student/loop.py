@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import open_cache, read_manifest
+from pipeline.student.divergences import Divergence
 from pipeline.student.losses import resolve_tail
 from pipeline.storage import Folder, join, write_file
 from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint, save_optimizer
@@ -116,7 +117,8 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         if outcome == "preempted":
             return summary
         state["rounds"].append({"round": rc.round, "samples": len(ids) if ids is not None else "all",
-                                "outcome": outcome, "final_eval": (summary or {}).get("final_eval")})
+                                "outcome": outcome, "loss": loss_description(rc.loss),
+                                "final_eval": (summary or {}).get("final_eval")})
         if info.is_main:
             write_run_json(out, state)
     return summary
@@ -143,17 +145,25 @@ def train(cfg: TrainStudentConfig, info: DistInfo, loss_log_dir: str | None = No
                         callbacks).run()
 
 
+def loss_description(loss_cfg) -> dict:
+    """The loss of a round for ``summary.json`` and ``run.json``: α, τ, the tail mode, the
+    divergence and the parameters it uses."""
+    return {"alpha": loss_cfg.alpha, "temperature": loss_cfg.temperature, "tail": loss_cfg.tail,
+            **Divergence.from_config(loss_cfg).params()}
+
+
 def train_metrics(stats, lr: float, state: RunState, dt: float) -> dict[str, float]:
     """The ``train/*`` metrics of one optimizer step (``on_step_end``; metrics.jsonl)."""
     return {"train/loss": stats.loss, "train/ce_loss": stats.ce, "train/kl_loss": stats.kl,
-            "train/learning_rate": lr, "train/grad_norm": stats.grad_norm,
+            "train/distill_loss": stats.distill, "train/learning_rate": lr, "train/grad_norm": stats.grad_norm,
             "train/epoch": state.epoch_progress, "train/step": state.step, "train/tokens_per_second": stats.n_tokens / dt,
             "train/skipped_steps": state.skipped_steps, "round": state.round, **stats.metrics("train")}
 
 
 def eval_metrics(ev, state: RunState, step: int) -> dict[str, float]:
     """The ``eval/*`` metrics of one evaluation (``on_evaluate``; metrics.jsonl; summary's final_eval)."""
-    return {"eval/loss": ev.loss, "eval/ce_loss": ev.ce, "eval/kl_loss": ev.kl, "eval/min_loss": state.best_eval_loss,
+    return {"eval/loss": ev.loss, "eval/ce_loss": ev.ce, "eval/kl_loss": ev.kl, "eval/distill_loss": ev.distill,
+            "eval/min_loss": state.best_eval_loss,
             "eval/perplexity": math.exp(min(ev.ce, 50.0)), "eval/epoch": state.epoch_progress, "eval/step": step,
             "round": state.round, **ev.metrics("eval")}
 
@@ -467,7 +477,7 @@ class RoundTrainer:
             export_hf(self.model, join(self.run_dir, "final"), self.tok_dir, info.rank, precision=cfg.save_precision)
             if self.save_optimizer_to is not None:
                 save_optimizer(self.save_optimizer_to, self.model, self.optimizer, info.rank)
-        summary = {"outcome": outcome,
+        summary = {"outcome": outcome, "loss": loss_description(cfg.loss),
                    "final_eval": {k.split("/", 1)[1]: v for k, v in self.last_eval.items() if k.startswith("eval/")},
                    "best_eval_loss": state.best_eval_loss, "steps": self.max_steps, "train_tokens": state.tokens,
                    "train_seconds": train_s, "tokens_per_second": state.tokens / max(train_s, 1e-9),

@@ -1,4 +1,6 @@
-"""Sum-reduced CE and sparse KL (DESIGN.md, Loss).
+"""Sum-reduced CE and sparse KL (DESIGN.md, Loss), or another divergence ``D`` in place of the
+KL (``loss.divergence``: formulas, sources and their gradients in
+:mod:`pipeline.student.divergences`; chained to the logits by :func:`_divergence_terms`).
 
 For student logits ``z_t`` (vocab V), training temperature ``τ`` and teacher support ``S_t``
 (the cached ids; ``-inf`` padding slots of sampled caches are excluded everywhere)::
@@ -48,6 +50,9 @@ student's softmax at temperature τ, ``S`` the live support):
       bucket:                 A_t = Σ_S p − r_t Q_S,  B_t = p − r_t q_S,
                               r_t = p_tail / q_tail,  Q_S = Σ_S q  (r_t = 0 where q_tail is clamped)
 
+Another divergence replaces ``(A_t, B_t)`` by those of :func:`_divergence_terms` (same form);
+the forward KL is still computed for the logged ``kl_sum``.
+
 The function returns sums and counts; the trainer divides once by the global valid-token count.
 """
 from __future__ import annotations
@@ -57,6 +62,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.data.batch import LossTargets
+from pipeline.student.divergences import Divergence, category_terms
 from pipeline.numerics import log1mexp
 
 
@@ -113,7 +119,8 @@ def resolve_tail(cfg, target_type: str, cache_temperature: float):
         ``cfg`` itself when nothing changes, else a copy with the resolved ``loss.tail``
         (marked as set, so the written ``config.yaml`` shows it).
     Raises:
-        ConfigError: a refused pair, naming ``loss.tail`` and the cache's ``target_type``.
+        ConfigError: a refused pair, naming ``loss.tail`` and the cache's ``target_type``; a
+            ``loss.divergence`` other than ``forward_kl`` on a sampled cache.
     """
     import warnings
 
@@ -122,6 +129,10 @@ def resolve_tail(cfg, target_type: str, cache_temperature: float):
     if cfg.loss.alpha == 1.0:
         return cfg  # no teacher targets
     tail = cfg.loss.tail if "tail" in cfg.loss.model_fields_set else ("bucket" if target_type == "topk" else "sampled")
+    if target_type != "topk" and cfg.loss.divergence != "forward_kl":
+        raise ConfigError(f"loss.divergence={cfg.loss.divergence} on a {target_type} cache: sampled targets keep "
+                          "forward_kl only (their estimator is unbiased for the forward-KL gradient alone); "
+                          "use a topk cache")
     try:
         warns = check_tail_mode(tail, target_type, cfg.loss.temperature, cache_temperature)
     except ValueError as e:
@@ -140,8 +151,11 @@ class LossSums:
     """Per-micro-batch loss terms.
 
     Attributes:
-        loss_sum: scalar float32 with grad, ``α Σ CE + (1-α) τ² Σ KL`` over valid positions.
-        ce_sum, kl_sum: (S,) float32 per-sample sums (nats), detached.
+        loss_sum: scalar float32 with grad, ``α Σ CE + (1-α) τ² Σ D`` over valid positions.
+        ce_sum, kl_sum: (S,) float32 per-sample sums (nats), detached; ``kl_sum`` is forward KL
+            whatever the configured divergence.
+        distill_sum: (S,) float32 per-sample sums of the configured divergence ``D`` (nats),
+            detached; ``kl_sum`` itself for forward KL (the default when not given).
         top1_agree: (S,) int64 positions where the student's largest logit is at the teacher's
             top-1 id (0 without teacher targets).
         named: extra terms reported by name, each a detached scalar float32 *sum over the
@@ -154,6 +168,11 @@ class LossSums:
     kl_sum: torch.Tensor
     top1_agree: torch.Tensor
     named: dict[str, torch.Tensor] = field(default_factory=dict)
+    distill_sum: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.distill_sum is None:
+            self.distill_sum = self.kl_sum
 
 
 def auto_chunk_size(vocab_size: int, temperature: float, budget_bytes: int = AUTO_CHUNK_BYTES) -> int:
@@ -201,12 +220,56 @@ def _kl_terms(zS: torch.Tensor, lse_t: torch.Tensor, lp: torch.Tensor, tail_lp: 
     return kl, A, B
 
 
+def _divergence_terms(zS: torch.Tensor, lse_t: torch.Tensor, lp: torch.Tensor, tail_lp: torch.Tensor,
+                      temperature: float, tail: str, div: Divergence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A divergence other than forward KL for one chunk: its value and the coefficients of its
+    logit gradient, ``∂D/∂(z/τ) = A q_τ − scatter_S(B)`` (the form of :func:`_kl_terms`).
+
+    The categories (pipeline/student/divergences.py) are the live cached ids, plus the tail
+    outcome for ``bucket``. With ``g = ∂D/∂log q_c`` from
+    :func:`~pipeline.student.divergences.category_terms`, ``u = z/τ``, ``Q_S = Σ_S q``:
+
+    * ``bucket`` (``log q_i = u_i − lse(u)``, ``log q_tail = log(1 − Q_S)``):
+      ``A = −Σ_S g + (g_tail / q_tail) Q_S``, ``B = −g_S + (g_tail / q_tail) q_S``
+      (``g_tail / q_tail`` taken as 0 where ``q_tail`` is clamped, as in :func:`_kl_terms`);
+    * ``renormalize`` (``log q̃_i = u_i − log Q_S``, independent of the other logits):
+      ``A = 0``, ``B = −(g − q̃ Σ_S g)``.
+
+    Args: as :func:`_kl_terms`; ``div`` the divergence (not ``forward_kl``).
+    Returns:
+        ``D`` (n,), ``A`` (n,), ``B`` (n, k).
+    """
+    live = ~torch.isneginf(lp)
+    log_qS = torch.where(live, zS / temperature - lse_t[:, None], -torch.inf)  # (n, k) log q_τ at the support
+    lse_S = torch.logsumexp(log_qS, -1)  # log Q_S
+    lpt = lp / temperature
+    if tail == "renormalize":
+        log_p = lpt - torch.logsumexp(lpt, -1, keepdim=True)
+        log_qn = log_qS - lse_S[:, None]
+        d, g = category_terms(log_p, log_qn, live, div)
+        B = -(g - torch.where(live, log_qn.exp(), 0.0) * g.sum(-1, keepdim=True))
+        return d, torch.zeros_like(d), B
+    lt = tail_lp / temperature  # bucket
+    zz = torch.logsumexp(torch.cat([lpt, lt[:, None]], -1), -1)
+    log_p = torch.cat([lpt - zz[:, None], (lt - zz)[:, None]], -1)  # (n, k+1)
+    ok = lse_S <= -1e-6  # q_tail = 1 − Q_S, clamped as in _kl_terms
+    log_q_tail = log1mexp(lse_S.clamp(max=-1e-6))
+    log_q = torch.cat([log_qS, log_q_tail[:, None]], -1)
+    live_c = torch.cat([live, ~torch.isneginf(lt)[:, None]], -1)
+    d, g = category_terms(log_p, log_q, live_c, div)
+    g_S, g_t = g[:, :-1], g[:, -1]
+    r = torch.where(ok & live_c[:, -1], g_t / log_q_tail.exp(), 0.0)  # (n,) g_tail / q_tail
+    A = -g_S.sum(-1) + r * lse_S.exp()
+    B = -g_S + r[:, None] * torch.where(live, log_qS.exp(), 0.0)
+    return d, A, B
+
+
 class _FusedLinearLoss(torch.autograd.Function):
     """Output projection + hybrid loss, chunked; gradients formed in the forward pass."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, topk_ids, topk_logprobs, tail_logprob, alpha, temperature,
-                tail, vocab_size, chunk_size):
+                tail, vocab_size, chunk_size, div):
         N, H = hidden.shape
         need_grad = any(ctx.needs_input_grad[:3])
         with_kl = alpha < 1.0
@@ -215,6 +278,8 @@ class _FusedLinearLoss(torch.autograd.Function):
         fdt = torch.promote_types(hidden.dtype, torch.float32)  # float32 (float64 in tests)
         ce = torch.zeros(N, dtype=fdt, device=hidden.device)
         kl = torch.zeros_like(ce)
+        forward_kl = div.name == "forward_kl"
+        dist = kl if forward_kl else torch.zeros_like(ce)  # the configured divergence per position
         agree = torch.zeros(N, dtype=torch.bool, device=hidden.device)
         if need_grad:
             g_hidden = torch.empty_like(hidden)
@@ -245,6 +310,9 @@ class _FusedLinearLoss(torch.autograd.Function):
                     lse_t = lse1
                 kl_c, A, Bk = _kl_terms(zS, lse_t, topk_logprobs[s:e].to(fdt), tail_logprob[s:e].to(fdt), tau, tail)
                 kl[s:e] = kl_c
+                if not forward_kl:  # the KL above stays the logged kl; D and its gradient replace it
+                    dist[s:e], A, Bk = _divergence_terms(zS, lse_t, topk_logprobs[s:e].to(fdt),
+                                                         tail_logprob[s:e].to(fdt), tau, tail, div)
             if not need_grad:
                 continue
             # ∂loss/∂z = α (q1 − onehot(y)) + (1−α) τ (A q_τ − scatter(B))   (module docstring)
@@ -263,7 +331,7 @@ class _FusedLinearLoss(torch.autograd.Function):
             g_weight[:vocab_size].addmm_(dz.t().to(fdt), h.to(fdt))
             if g_bias is not None:
                 g_bias[:vocab_size] += dz.sum(0).to(fdt)
-        loss = alpha * ce.sum() + w_kl * kl.sum() if with_kl else ce.sum()
+        loss = alpha * ce.sum() + w_kl * dist.sum() if with_kl else ce.sum()
         if need_grad:
             # float16 weights: keep the sums over all positions in float32 until backward has
             # multiplied them by g_loss (1/N, times the loss scale under fp16 training) — the raw
@@ -271,8 +339,10 @@ class _FusedLinearLoss(torch.autograd.Function):
             wdt = torch.promote_types(weight.dtype, torch.float32) if weight.dtype == torch.float16 else weight.dtype
             ctx.out_dtype = weight.dtype
             ctx.save_for_backward(g_hidden, g_weight.to(wdt), g_bias.to(wdt) if g_bias is not None else None)
-        ctx.mark_non_differentiable(ce, kl, agree)
-        return loss.to(torch.float32) if fdt == torch.float32 else loss, ce, kl, agree
+        if forward_kl:
+            dist = kl.clone()  # distinct outputs of the autograd function
+        ctx.mark_non_differentiable(ce, kl, dist, agree)
+        return loss.to(torch.float32) if fdt == torch.float32 else loss, ce, kl, dist, agree
 
     @staticmethod
     def backward(ctx, g_loss, *_):
@@ -283,12 +353,12 @@ class _FusedLinearLoss(torch.autograd.Function):
             return g * g_loss.to(g.dtype) if g.dtype != torch.float16 else (g.float() * g_loss.float()).half()
 
         cast = lambda g: None if g is None else g.to(ctx.out_dtype)  # noqa: E731
-        return (scale(g_hidden), cast(scale(g_weight)), cast(scale(g_bias)), *([None] * 9))
+        return (scale(g_hidden), cast(scale(g_weight)), cast(scale(g_bias)), *([None] * 10))
 
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: LossTargets, *,
                       alpha: float, temperature: float = 1.0, tail: str = "bucket", vocab_size: int | None = None,
-                      chunk_size: int = 0) -> LossSums:
+                      chunk_size: int = 0, divergence: Divergence | None = None) -> LossSums:
     """The hybrid sum-reduced loss of the valid positions, fused with the output projection.
 
     ``logits = hidden @ weight[:V].T (+ bias[:V])`` are formed one chunk of positions at a
@@ -308,27 +378,36 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         tail: ``renormalize``, ``bucket`` or ``sampled`` (module docstring).
         vocab_size: V, the data's vocabulary (default ``V_out``).
         chunk_size: positions per chunk; 0 = :func:`auto_chunk_size` (``AUTO_CHUNK_BYTES``).
+        divergence: the distillation term ``D`` (pipeline/student/divergences.py); None:
+            forward KL. The loss is ``α Σ CE + (1−α) τ² Σ D``; ``kl_sum`` stays forward KL.
     Returns:
         :class:`LossSums` (per-sample sums over ``targets.n_samples`` samples).
     Raises:
         ValueError: ``alpha < 1`` without teacher targets; ``vocab_size`` above ``V_out``; an
-            unknown ``tail``.
+            unknown ``tail``; a divergence other than forward KL with ``tail="sampled"`` (its
+            estimator is unbiased for the forward-KL gradient only).
     """
     V = weight.shape[0] if vocab_size is None else vocab_size
     if V > weight.shape[0]:
         raise ValueError(f"vocab_size {V} exceeds the output layer's {weight.shape[0]} rows")
     if tail not in TAIL_MODES:
         raise ValueError(f"loss.tail must be one of {TAIL_MODES}, got {tail!r}")
+    div = divergence if divergence is not None else Divergence()
+    if tail == "sampled" and div.name != "forward_kl":
+        raise ValueError(f"loss.divergence={div.name} needs loss.tail bucket or renormalize: the sampled "
+                         "estimator is unbiased for the forward-KL gradient only")
     with_kl = alpha < 1.0
     if with_kl and (targets.topk_ids is None or targets.topk_logprobs is None or targets.tail_logprob is None):
         raise ValueError("alpha < 1 needs teacher targets (topk_ids, topk_logprobs, tail_logprob)")
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(V, temperature)
-    loss, ce, kl, agree = _FusedLinearLoss.apply(
+    loss, ce, kl, dist, agree = _FusedLinearLoss.apply(
         hidden, weight, bias, targets.labels, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
-        float(alpha), float(temperature), tail, int(V), int(chunk))
+        float(alpha), float(temperature), tail, int(V), int(chunk), div)
     S, idx = targets.n_samples, targets.sample_index
 
     def per_sample(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         return torch.zeros(S, dtype=dtype, device=hidden.device).index_add_(0, idx, x.to(dtype))
 
-    return LossSums(loss, per_sample(ce), per_sample(kl), per_sample(agree, torch.int64))
+    kl_sum = per_sample(kl)
+    return LossSums(loss, per_sample(ce), kl_sum, per_sample(agree, torch.int64),
+                    distill_sum=kl_sum if div.name == "forward_kl" else per_sample(dist))

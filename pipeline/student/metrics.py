@@ -1,8 +1,8 @@
 """Metrics to wandb (rank 0; disabled | offline | online), the console and ``metrics.jsonl``.
 
-Names follow DESIGN.md: ``train/loss, train/ce_loss, train/kl_loss, train/learning_rate,
+Names follow DESIGN.md: ``train/loss, train/ce_loss, train/kl_loss, train/distill_loss, train/learning_rate,
 train/grad_norm, train/epoch, train/step, train/tokens_per_second`` and ``eval/loss,
-eval/ce_loss, eval/kl_loss, eval/min_loss, eval/epoch, eval/step``, plus ``round``.
+eval/ce_loss, eval/kl_loss, eval/distill_loss, eval/min_loss, eval/epoch, eval/step``, plus ``round``.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from torch import nn
 from pipeline.config import LossConfig, OptimConfig
 from pipeline.distributed import all_reduce_sum, set_gradient_sync
 from pipeline.data.batch import Batch
+from pipeline.student.divergences import Divergence
 from pipeline.student.losses import LossSums, fused_linear_loss
 from pipeline.models import defer_output_projection
 from pipeline.student.packed_attention import enable_packed_attention
@@ -29,14 +30,16 @@ from pipeline.student.router_losses import ROUTER_TERMS, router_losses, router_t
 class StepStats:
     """Global (all-reduced) totals of a step or an evaluation, plus this rank's sample rows.
 
-    ``loss``, ``ce``, ``kl`` are per valid token: ``Σ loss_sum / N`` etc. ``rows`` holds one
-    dict of lists (``sample_id, n_tokens, ce_sum, kl_sum, loss_sum, top1_agree,
+    ``loss``, ``ce``, ``kl``, ``distill`` are per valid token: ``Σ loss_sum / N`` etc.
+    (``kl`` forward KL, ``distill`` the configured divergence). ``rows`` holds one dict of
+    lists (``sample_id, n_tokens, ce_sum, kl_sum, distill_sum, loss_sum, top1_agree,
     topk_mass_sum, teacher_entropy_sum``) for this rank's samples.
     """
 
     loss: float
     ce: float
     kl: float
+    distill: float
     n_tokens: int
     grad_norm: float | None = None
     rows: dict[str, list] = field(default_factory=dict)
@@ -189,6 +192,7 @@ class Trainer:
         self.packed_call = enable_packed_attention(model) if packing else None
         self.vocab_size = vocab_size
         self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
+        self.divergence = Divergence.from_config(loss_cfg)
         self.scaler = torch.amp.GradScaler(device.type) if loss_scaling else None
         self.overflow_steps = 0
         self.router_top_k = router_top_k(getattr(model, "config", None))
@@ -224,7 +228,7 @@ class Trainer:
         # all-gathered tensor, and its gradient joins the root's reduce-scatter
         sums = fused_linear_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
                                  temperature=c.temperature, tail=c.tail, vocab_size=self.vocab_size,
-                                 chunk_size=c.chunk_size)
+                                 chunk_size=c.chunk_size, divergence=self.divergence)
         if c.aux_loss_coef > 0:
             aux = getattr(out, "aux_loss", None)
             if aux is None:
@@ -261,8 +265,8 @@ class Trainer:
         at = 0
         for b in batches:
             S = len(b.sample_ids)
-            ce, kl, agree = (per_sample[at + j * S: at + (j + 1) * S] for j in range(3))
-            at += 3 * S
+            ce, kl, dist, agree = (per_sample[at + j * S: at + (j + 1) * S] for j in range(4))
+            at += 4 * S
             n_tok = b.n_tokens.tolist()
             mass = b.topk_mass_sum.tolist() if b.topk_mass_sum is not None else [0.0] * S
             ent = b.teacher_entropy_sum.tolist() if b.teacher_entropy_sum is not None else [0.0] * S
@@ -270,7 +274,8 @@ class Trainer:
                 if sid is None:
                     continue
                 for name, v in (("sample_id", sid), ("n_tokens", n_tok[i]), ("ce_sum", ce[i]), ("kl_sum", kl[i]),
-                                ("loss_sum", c.alpha * ce[i] + (1 - c.alpha) * c.temperature**2 * kl[i]),
+                                ("distill_sum", dist[i]),
+                                ("loss_sum", c.alpha * ce[i] + (1 - c.alpha) * c.temperature**2 * dist[i]),
                                 ("top1_agree", int(agree[i])), ("topk_mass_sum", mass[i]),
                                 ("teacher_entropy_sum", ent[i])):
                     rows.setdefault(name, []).append(v)
@@ -283,26 +288,28 @@ class Trainer:
         per-sample sums to the host in one transfer.
 
         Returns:
-            ([Σ loss_sum, Σ CE, Σ KL, N], extra as floats, rows, flag on any rank,
+            ([Σ loss_sum, Σ CE, Σ KL, Σ D, N], extra as floats, rows, flag on any rank,
             {name: Σ over micro-batches and ranks} of the named terms).
         """
         f64 = torch.float64
         names = sorted(sums[0].named) if sums else []  # the same terms on every rank (set by the config)
-        m = 4 + len(names)
+        m = 5 + len(names)
         tot = torch.zeros(m, dtype=f64, device=self.device)
-        tot[3] = float(flag)
+        tot[4] = float(flag)
         for s in sums:
-            tot[:3] += torch.stack([s.loss_sum.detach().to(f64), s.ce_sum.sum().to(f64), s.kl_sum.sum().to(f64)])
+            tot[:4] += torch.stack([s.loss_sum.detach().to(f64), s.ce_sum.sum().to(f64), s.kl_sum.sum().to(f64),
+                                    s.distill_sum.sum().to(f64)])
             for j, name in enumerate(names):
-                tot[4 + j] += s.named[name].to(f64)
+                tot[5 + j] += s.named[name].to(f64)
         all_reduce_sum(tot)
         parts = [tot, n_global.to(f64).reshape(1), *(e.to(f64).reshape(1) for e in extra)]
-        parts += [torch.cat([s.ce_sum.to(f64), s.kl_sum.to(f64), s.top1_agree.to(f64)]) for s in sums]
+        parts += [torch.cat([s.ce_sum.to(f64), s.kl_sum.to(f64), s.distill_sum.to(f64), s.top1_agree.to(f64)])
+                  for s in sums]
         host = torch.cat(parts).tolist()  # the one host synchronisation
         rows: dict[str, list] = {}
         at = m + 1 + len(extra)
         self._rows(batches, host[at:], rows)
-        return host[:3] + [host[m]], host[m + 1:at], rows, host[3] > 0, dict(zip(names, host[4:m]))
+        return host[:4] + [host[m]], host[m + 1:at], rows, host[4] > 0, dict(zip(names, host[5:m]))
 
     def train_step(self, micro_batches: list[Batch], stop_requested: bool = False) -> StepStats:
         """One optimizer step over this rank's micro-batches (collective: all ranks call it).
@@ -367,8 +374,8 @@ class Trainer:
         if not finite and not overflow:
             bad = [sid for sid, ce, kl in zip(rows.get("sample_id", []), rows.get("ce_sum", []), rows.get("kl_sum", []))
                    if not (math.isfinite(ce) and math.isfinite(kl))] or list(rows.get("sample_id", []))
-        n = max(int(tot[3]), 1)
-        return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), grad_norm=grad_norm, rows=rows, stop=stop,
+        n = max(int(tot[4]), 1)
+        return StepStats(*(x / n for x in tot[:4]), n_tokens=int(tot[4]), grad_norm=grad_norm, rows=rows, stop=stop,
                          nonfinite=not finite and not overflow, nonfinite_sample_ids=bad,
                          named={k: v / n for k, v in named.items()}, overflow=overflow, loss_scale=loss_scale,
                          overflow_steps=self.overflow_steps)
@@ -385,8 +392,8 @@ class Trainer:
             sums_all.append(self._loss(batch.to(self.device)))
         n_global = all_reduce_sum(torch.tensor([n_local], dtype=torch.int64, device=self.device))
         tot, _, rows, _, named = self._finish(kept, sums_all, n_global)
-        n = max(int(tot[3]), 1)
-        return StepStats(*(x / n for x in tot[:3]), n_tokens=int(tot[3]), rows=rows,
+        n = max(int(tot[4]), 1)
+        return StepStats(*(x / n for x in tot[:4]), n_tokens=int(tot[4]), rows=rows,
                          named={k: v / n for k, v in named.items()})
 
     def state_dict(self) -> dict:
