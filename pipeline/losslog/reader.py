@@ -234,7 +234,8 @@ def check_selection(run_dir: str | os.PathLike, round_: int | None = None, split
     logs = join(run_dir, "loss_logs")
     have = logged_rounds(run_dir)
     if not have:
-        raise FileNotFoundError(f"no loss logs in {run_dir} (expected {logs})")
+        raise FileNotFoundError(f"no loss logs in {run_dir} (expected {logs}"
+                                f"{': no such prefix' if Folder(logs).is_remote else ''})")
 
     def listed(xs) -> str:
         return ", ".join(str(x) for x in xs) or "none"

@@ -163,7 +163,7 @@ _CREDENTIALS = {  # code -> what it means
     "RequestTimeTooSkewed": "this machine's clock differs too much from the store's",
     "AccessDenied": "access denied to this bucket or prefix", "AccessDeniedException": "access denied",
     "AllAccessDisabled": "all access to this bucket is disabled", "AccountProblem": "a problem with the account",
-    "403": "HTTP 403 Forbidden: access denied (wrong credentials or no permission)",
+    "403": "HTTP 403 Forbidden: wrong credentials or no permission",
 }
 _THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
                "RequestThrottledException", "TooManyRequestsException", "RequestLimitExceeded",
@@ -225,6 +225,8 @@ def _endpoint(chain: list[BaseException]) -> str:
 def _reason(chain: list[BaseException]) -> str:
     """The innermost system-level reason of a connection failure (``Connection refused``...)."""
     for x in reversed(chain):
+        if isinstance(x, OSError) and isinstance(x.errno, int) and x.errno > 0:
+            return os.strerror(x.errno)  # "Connection refused", not asyncio's "Connect call failed (host, port)"
         if isinstance(x, OSError) and x.strerror:
             return x.strerror.strip().rstrip(".")
     return type(chain[0]).__name__
@@ -310,6 +312,8 @@ def store_cause(e: BaseException, bucket: str = "", attempts: int | None = None,
     if kind == "timeout":
         return f"the store did not answer in time ({detail})"
     if kind == "credentials":
+        if detail == "403":  # a HEAD request: the answer has no body, hence no code
+            return f"the store refused the credentials ({_CREDENTIALS[detail]})"
         return "the store refused the credentials" + (f" ({detail}: {_CREDENTIALS[detail]})" if detail in _CREDENTIALS
                                                       else " (permission denied)")
     if kind == "bucket":

@@ -46,7 +46,7 @@ def check_access(url: str, key: str) -> None:
                 raise StoreError(f"{key} {url}: bucket {bucket!r} does not exist", url, "bucket",
                                  f"bucket {bucket!r} does not exist") from None
     except Exception as e:
-        err = store_error(e, url, key=key)
+        err = store_error(e, url, getattr(probe.fs, "retries", None), key=key)
         if err is None:
             raise
         raise err from None
