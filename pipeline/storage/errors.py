@@ -9,6 +9,15 @@ being written and where; the temporary file or directory is removed (best effort
 space back) and nothing is marked complete. ``pipeline.cli`` reports it as one line with exit
 code 2: the user frees space (or fixes the device) and reruns, and the rerun resumes from what
 was complete before.
+
+Requests to an object store fail for other reasons, which the user fixes in different places:
+an unreachable endpoint, refused credentials, a missing bucket, a missing object, throttling.
+:func:`store_kind` / :func:`store_cause` tell them apart, in this one place, from the exceptions
+of botocore, aiobotocore, aiohttp and s3fs (s3fs turns most error codes into ``OSError``
+subclasses with the ``ClientError`` as cause); :func:`store_error` / :func:`store_requests` turn
+such a failure into a :class:`StoreError` (``URL: cause; what to do``; a missing object a
+:class:`StoreNotFound`, still a ``FileNotFoundError``), and :func:`writing` names the cause of a
+failed write on a store. ``docs/guide/object-storage.md`` has the table.
 """
 from __future__ import annotations
 
