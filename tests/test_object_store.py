@@ -376,6 +376,18 @@ def test_throttling_is_one_line(s3, assets, caches, tmp_path, monkeypatch):
     assert len(attempts) >= 5
 
 
+def test_throttled_shard_read_names_the_shard(s3_cache, monkeypatch):
+    """A block read that the store throttles mid-run is a StoreError naming the shard's URL,
+    not "shard unreadable" (a corrupt shard)."""
+    from pipeline.storage import StoreError
+
+    r = open_cache(s3_cache)
+    _throttle(monkeypatch)
+    with pytest.raises(StoreError, match=rf"^{s3_cache}/part-[^ ]*: the store is throttling requests \(SlowDown\) "
+                                         r"after 5 attempts"):
+        r.read_block(0, 0)
+
+
 def test_store_write_failure_names_the_cause(s3, monkeypatch):
     """A write on the store inside ``writing`` (a refused PUT): a StorageError naming what, where
     and the store's cause; a local ENOSPC keeps its old message."""
