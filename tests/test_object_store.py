@@ -443,3 +443,5 @@ def test_store_cause_of_other_errors():
     assert store_cause(FileNotFoundError("b/k"), bare=True) == "no such object"
     assert store_cause(OSError(28, "No space left on device"), bare=True) is None  # a local error
     assert store_cause(ValueError("x")) is None
+    assert store_cause(ConnectionRefusedError(111, "x")) is None  # not a store client's (a process group...)
+    assert store_cause(TimeoutError()) is None

@@ -184,8 +184,9 @@ _UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClo
                 "ConnectionRefusedError", "ConnectionResetError", "gaierror"}
 _TIMEOUT = {"ReadTimeoutError", "FSTimeoutError", "TimeoutError", "ServerTimeoutError"}
 
-_STORE_MODULES = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "azure", "google",
-                  "urllib3", "asyncio", "concurrent"}
+_STORE_CLIENTS = {"botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "gcsfs", "adlfs", "azure", "google",
+                  "urllib3"}
+_STORE_MODULES = _STORE_CLIENTS | {"asyncio", "concurrent"}
 
 STORE_ADVICE = {
     "unreachable": "check the endpoint (FSSPEC_S3_ENDPOINT_URL or storage_options endpoint_url) and that the "
@@ -282,6 +283,8 @@ def store_kind(e: BaseException, bare: bool = False) -> tuple[str, str] | None:
             if code in _THROTTLING or status in ("503", "429"):
                 return "throttling", code
             return "failed", f"{code}: {one_line(err.get('Message') or '', first=True)}".rstrip(": ")
+    if not any(type(x).__module__.split(".")[0] in _STORE_CLIENTS for x in chain):
+        chain = []  # a connection error or timeout of something else (a process group, wandb...)
     for x in chain:
         names = _names(x)
         if names & _UNREACHABLE:
