@@ -15,9 +15,9 @@ import sys
 from typing import Callable
 
 from pipeline.config import ConfigError, load_config
-from pipeline.storage.errors import StorageError, one_line
+from pipeline.storage.errors import StorageError, StoreError, one_line, store_cause
 
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, StorageError)
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, KeyError, StorageError, StoreError)
 
 ENV_HELP = """environment:
   KD_DEBUG=1             show the traceback of an error instead of one line
@@ -54,7 +54,8 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
 
     Returns:
         0 on success; 2 on a user error (:data:`USER_ERRORS`: bad config, path, data file,
-        model, checkpoint, vocabulary...; one line on stderr naming the key/path/sizes); 1 on
+        model, checkpoint, vocabulary, a failed object-store request...; one line on stderr
+        naming the key/path/sizes; a store failure caught nowhere else names its cause); 1 on
         any other exception (one line with its type; ``KD_DEBUG=1`` re-raises instead).
     """
     args = parse(prog, description, argv, flags)
@@ -101,6 +102,10 @@ def _call(prog: str, cfg_cls, fn: Callable, args: argparse.Namespace, debug: boo
         close_all()
         if debug:
             raise
+        cause = store_cause(e)  # a store request that no call site named (e.g. a shard read mid-run)
+        if cause is not None:
+            print(f"{prog}: error: a request to the object store failed: {cause}", file=sys.stderr, flush=True)
+            return 2
         what = f"{type(e).__name__}: {one_line(e)}" if one_line(e) else type(e).__name__
         print(f"{prog}: internal error: {what} (rerun with KD_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
         return 1

@@ -19,15 +19,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--validate", action="store_true", help="check checksums and every record")
     args = p.parse_args(argv)
 
+    if args.max_samples is not None and args.max_samples < 1:
+        print(f"inspect-cache: error: --max-samples {args.max_samples}: must be at least 1", file=sys.stderr)
+        return 2
     from pipeline.cache import validate_cache
     from pipeline.cache.stats import cache_summary, format_summary, plot_summary
+    from pipeline.storage import StoreError, one_line, store_requests
 
     try:
-        if args.validate:
-            validate_cache(args.cache_dir, allow_incomplete=True)
-        summary, arrays = cache_summary(args.cache_dir, args.max_samples)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"inspect-cache: error: {e}", file=sys.stderr)
+        with store_requests(args.cache_dir):  # a shard read that fails on the store: URL and cause
+            if args.validate:
+                validate_cache(args.cache_dir, allow_incomplete=True)
+            summary, arrays = cache_summary(args.cache_dir, args.max_samples)
+    except (FileNotFoundError, ValueError, KeyError, StoreError) as e:  # a store failure: URL and cause named
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"inspect-cache: error: {one_line(msg)}", file=sys.stderr)
         return 2
     if args.validate:
         summary["validated"] = True

@@ -25,13 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="write FILE.png: histogram per round (+ R1-vs-R2 scatter)")
     args = p.parse_args(argv)
 
-    from pipeline.losslog.reader import load_loss_logs
+    from pipeline.losslog.reader import check_metric, check_selection, load_loss_logs
     from pipeline.losslog.report import report_sections
+    from pipeline.storage import StoreError, one_line
 
-    try:
+    try:  # a round or split not in the logs: named, with what is there; a store failure: its cause
+        check_selection(args.run_dir, args.round, args.split, args.compare)
         table = load_loss_logs(args.run_dir, args.round, args.split, args.min_tokens)
-    except (FileNotFoundError, ValueError) as e:  # no logs; a part that is not parquet (named)
-        print(f"inspect-losses: error: {e}", file=sys.stderr)
+        check_metric(table, args.metric, args.run_dir)
+    except (FileNotFoundError, ValueError, StoreError) as e:  # no logs; a part that is not parquet (named)
+        print(f"inspect-losses: error: {one_line(e)}", file=sys.stderr)
         return 2
     if table.num_rows == 0:
         print("inspect-losses: no rows match", file=sys.stderr)

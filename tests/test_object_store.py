@@ -278,3 +278,170 @@ def test_url_where_a_local_path_is_needed_is_refused(s3, assets, caches, tmp_pat
     res = run_cli(["stages.train_student", "--config", str(write_yaml(tmp_path / "t.yaml", cfg))])
     assert res.returncode != 0 and "data.tokenizer" in res.stderr and "is a URL" in res.stderr, res.stderr[-2000:]
     assert not (tmp_path / "s3:").exists()
+
+
+# ------------------------------------------------------------------ store failures, by cause
+def _one_line_error(res, *words: str) -> str:
+    """The single stderr line of a failed stage (exit 2), holding every word of ``words``."""
+    lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed when the socket is: nothing listens there
+
+
+def test_unreachable_endpoint_is_one_line_and_fast(s3, assets, caches, tmp_path, monkeypatch):
+    """Nothing listens at the endpoint (a closed loopback port): every stage ends in one line
+    naming the URL and the endpoint; check_access tries once (no backoff)."""
+    import time
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", endpoint)
+    cfg = write_yaml(tmp_path / "p.yaml", precompute_config(assets, f"{s3}/cache-down"))
+    tcfg = write_yaml(tmp_path / "t.yaml", train_config(assets, caches, f"{s3}/run-down", max_steps=2))
+    for args, url, limit in ((["stages.precompute_teacher", "--config", str(cfg)], f"{s3}/cache-down", 30),
+                             (["stages.train_student", "--config", str(tcfg)], f"{s3}/run-down", 30),
+                             (["stages.inspect_cache", f"{s3}/cache-down"], f"{s3}/cache-down", 60),
+                             (["stages.inspect_losses", f"{s3}/run-down"], f"{s3}/run-down", 60)):
+        t = time.monotonic()
+        res = run_cli(args)
+        line = _one_line_error(res, url, endpoint, "unreachable")
+        assert time.monotonic() - t < limit, (args[0], time.monotonic() - t, line)
+
+
+def test_refused_credentials_inspectors(s3, monkeypatch):
+    """IAM enforcement on: the inspectors name the URL and the refused credentials (the code
+    where the answer has a body: a HEAD request's 403 has none)."""
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    line = _one_line_error(run_cli(["stages.inspect_cache", f"{s3}/cache-denied"]), f"{s3}/cache-denied",
+                           "refused the credentials")
+    assert "403 Forbidden" in line or "InvalidAccessKeyId" in line, line
+    _one_line_error(run_cli(["stages.inspect_losses", f"{s3}/run-denied"]), f"{s3}/run-denied",
+                    "refused the credentials (InvalidAccessKeyId")
+
+
+def test_missing_bucket_inspectors(s3):
+    for args in (["stages.inspect_cache", "s3://no-such-bucket/cache"], ["stages.inspect_losses", "s3://no-such-bucket/run"]):
+        _one_line_error(run_cli(args), args[1], "bucket 'no-such-bucket' does not exist")
+
+
+def test_missing_object_is_one_line(s3, assets, caches, tmp_path):
+    """A cache or run prefix with nothing there: the URL and "no such object/prefix"."""
+    _one_line_error(run_cli(["stages.inspect_cache", f"{s3}/no-such-cache"]), f"{s3}/no-such-cache", "no such object")
+    _one_line_error(run_cli(["stages.inspect_losses", f"{s3}/no-such-run"]), f"{s3}/no-such-run", "no such prefix")
+    cfg = train_config(assets, caches, tmp_path / "run", max_steps=2)
+    cfg["data"]["train_cache"] = f"{s3}/no-such-cache"
+    res = run_cli(["stages.train_student", "--config", str(write_yaml(tmp_path / "t.yaml", cfg))])
+    _one_line_error(res, f"{s3}/no-such-cache", "no such object")
+
+
+def _throttle(monkeypatch) -> list:
+    """Every S3 request of s3fs answers what botocore raises for a 503 SlowDown, through s3fs's
+    own retry loop (moto cannot throttle); returns the list of attempts made."""
+    import s3fs.core
+    from botocore.exceptions import ClientError
+
+    attempts: list = []
+
+    async def call_s3(self, method, *args, **kwargs):
+        async def slow_down(**_):
+            attempts.append(method)
+            raise ClientError({"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+                               "ResponseMetadata": {"HTTPStatusCode": 503}}, str(method))
+
+        return await s3fs.core._error_wrapper(slow_down, retries=self.retries)
+
+    monkeypatch.setattr(s3fs.core.S3FileSystem, "_call_s3", call_s3)
+    return attempts
+
+
+def test_throttling_is_one_line(s3, assets, caches, tmp_path, monkeypatch):
+    """The store throttles every request (SlowDown) and s3fs's retries run out: the URL, the
+    code and the number of attempts, exit 2."""
+    attempts = _throttle(monkeypatch)
+    tcfg = write_yaml(tmp_path / "t.yaml", train_config(assets, caches, f"{s3}/run-slow", max_steps=2))
+    for args, url in ((["stages.inspect_cache", f"{s3}/cache-parquet"], f"{s3}/cache-parquet"),
+                      (["stages.inspect_losses", f"{s3}/run-slow"], f"{s3}/run-slow"),
+                      (["stages.train_student", "--config", str(tcfg)], f"{s3}/run-slow")):
+        _one_line_error(run_cli(args), url, "throttling requests (SlowDown) after 5 attempts")
+    assert len(attempts) >= 5
+
+
+def test_throttled_shard_read_names_the_shard(s3_cache, monkeypatch):
+    """A block read that the store throttles mid-run is a StoreError naming the shard's URL,
+    not "shard unreadable" (a corrupt shard)."""
+    from pipeline.storage import StoreError
+
+    r = open_cache(s3_cache)
+    _throttle(monkeypatch)
+    with pytest.raises(StoreError, match=rf"^{s3_cache}/part-[^ ]*: the store is throttling requests \(SlowDown\) "
+                                         r"after 5 attempts"):
+        r.read_block(0, 0)
+
+
+def test_store_write_failure_names_the_cause(s3, monkeypatch):
+    """A write on the store inside ``writing`` (a refused PUT): a StorageError naming what, where
+    and the store's cause; a local ENOSPC keeps its old message."""
+    from pipeline.storage import Remote
+    from pipeline.storage.errors import StorageError, writing
+
+    _throttle(monkeypatch)
+    with pytest.raises(StorageError, match=r"could not write the run summary s3://kd-test/run-w/summary.json: "
+                                           r"the store is throttling requests \(SlowDown\) after 5 attempts"):
+        with writing("the run summary", f"{s3}/run-w/summary.json"):
+            Remote(f"{s3}/run-w").write_bytes("summary.json", b"{}")
+    with pytest.raises(StorageError, match=r"No space left on device \(errno 28\); .*free space"):
+        with writing("the run summary", "/tmp/x/summary.json"):
+            raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("code,status,cause", [
+    ("InvalidAccessKeyId", 403, "the store refused the credentials (InvalidAccessKeyId"),
+    ("SignatureDoesNotMatch", 403, "the store refused the credentials (SignatureDoesNotMatch"),
+    ("AccessDenied", 403, "the store refused the credentials (AccessDenied: access denied"),
+    ("NoSuchBucket", 404, "bucket 'b' does not exist"),
+    ("NoSuchKey", 404, "no such object"),
+    ("SlowDown", 503, "the store is throttling requests (SlowDown) after 3 attempts"),
+    ("ThrottlingException", 400, "the store is throttling requests (ThrottlingException)"),
+    ("InternalError", 500, "the store failed the request (InternalError: boom)"),
+])
+def test_store_cause_of_client_errors(code, status, cause):
+    """The classification of botocore's ClientError, raw or as s3fs translates it (an OSError
+    subclass with the ClientError as its cause)."""
+    from botocore.exceptions import ClientError
+    from s3fs.errors import translate_boto_error
+
+    from pipeline.storage import store_cause, store_error
+
+    raw = ClientError({"Error": {"Code": code, "Message": "boom"}, "ResponseMetadata": {"HTTPStatusCode": status}},
+                      "GetObject")
+    for e in (raw, translate_boto_error(raw)):
+        assert store_cause(e, "b", attempts=3).startswith(cause), (e, store_cause(e, "b", attempts=3))
+    err = store_error(translate_boto_error(raw), "s3://b/x", attempts=3, bare=True)
+    assert str(err).startswith(f"s3://b/x: {cause}") and isinstance(err, OSError)
+    assert isinstance(err, FileNotFoundError) == (code == "NoSuchKey")
+
+
+def test_store_cause_of_other_errors():
+    from botocore.exceptions import EndpointConnectionError
+
+    from pipeline.storage import store_cause
+
+    e = EndpointConnectionError(endpoint_url="http://127.0.0.1:9/b/k?x=1")
+    e.__context__ = ConnectionRefusedError(111, "Connect call failed")
+    assert store_cause(e) == "the endpoint http://127.0.0.1:9 is unreachable (Connection refused)"
+    assert store_cause(FileNotFoundError("b/k")) is None  # only at the request itself (bare)
+    assert store_cause(FileNotFoundError("b/k"), bare=True) == "no such object"
+    assert store_cause(OSError(28, "No space left on device"), bare=True) is None  # a local error
+    assert store_cause(ValueError("x")) is None
+    assert store_cause(ConnectionRefusedError(111, "x")) is None  # not a store client's (a process group...)
+    assert store_cause(TimeoutError()) is None

@@ -15,6 +15,7 @@ from pipeline.cache.shards import ShardBackend, closed_shards, remove_unclosed
 from pipeline.cache.writer import CacheWriter
 from pipeline.cache.zarr_backend import ZarrBackend
 from pipeline.storage import Folder, describe
+from pipeline.storage.errors import StoreError, store_error, store_requests
 
 BACKENDS = ("parquet", "zarr")
 
@@ -45,15 +46,21 @@ def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: b
     Raises:
         ValueError: the directory holds a cache with a different header (the differences are
             named) and ``overwrite`` is false, or it is a non-empty directory that is not a cache,
-            or the path is an existing file (even with ``overwrite``: a file is never removed);
-            on a remote store: the bucket does not exist, or the store refuses the request
-            (credentials), the URL named.
+            or the path is an existing file (even with ``overwrite``: a file is never removed).
+        StoreError: on a remote store: the endpoint is unreachable, the store refuses the
+            credentials, the bucket does not exist, or it throttles; ``cache.dir``, the URL and
+            the cause named (:func:`~pipeline.storage.check_access`).
     """
     folder = Folder(cache_dir)
     try:
         return _prepare(folder, manifest, overwrite)
-    except OSError as e:  # refused credentials, unreachable endpoint...
-        if not folder.is_remote:
+    except StoreError:
+        raise
+    except Exception as e:  # a store request outside Folder (refused credentials, unreachable endpoint...)
+        err = store_error(e, folder.url, key="cache.dir") if folder.is_remote else None
+        if err is not None:
+            raise err from None
+        if not folder.is_remote or not isinstance(e, OSError):
             raise
         raise ValueError(f"cache.dir {folder.url}: the store refused or failed the request ({describe(e)})") from None
 
@@ -141,10 +148,18 @@ def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, ver
             index, a shard on disk without a listing, duplicate sample IDs (shard and sample ID
             named); a checksum mismatch is raised by the first read of that shard
             (:class:`~pipeline.cache.reader.CacheReader`).
+        StoreError: (store) a request failed: unreachable endpoint, refused credentials, missing
+            bucket, throttling (:func:`~pipeline.storage.errors.store_cause`; the URL named).
     """
     local = Folder(cache_dir).dir  # None on a store
     if local is not None and local.exists() and not local.is_dir():
         raise ValueError(f"cache {cache_dir} is a file, not a teacher cache directory")
+    with store_requests(cache_dir):  # a shard index read by a backend: the cache and the cause named
+        return _open(cache_dir, allow_incomplete, verify, max_cached_bytes)
+
+
+def _open(cache_dir: str | os.PathLike, allow_incomplete: bool, verify: bool, max_cached_bytes: int) -> CacheReader:
+    """:func:`open_cache` once the path is known not to be a local file."""
     m = read_manifest(cache_dir)
     if m.format_version != FORMAT_VERSION:
         raise ValueError(f"cache {cache_dir} has format_version {m.format_version}; this version reads "

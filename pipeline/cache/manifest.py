@@ -115,6 +115,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
 
     Raises:
         FileNotFoundError: the directory has no manifest (the path is named).
+        StoreError: (store) the request failed (:meth:`pipeline.storage.Folder.read_bytes`).
         ValueError: the manifest is not valid JSON or misses / mistypes a field (edited by
             hand?); the file and the first problem are named.
     """
@@ -122,8 +123,9 @@ def read_manifest(cache_dir: str | os.PathLike) -> Manifest:
     p = folder.join(MANIFEST)
     try:
         text = folder.read_bytes(MANIFEST)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {cache_dir}") from None
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        where = f"{e}" if folder.is_remote else cache_dir  # on a store: "URL/manifest.json: no such object"
+        raise FileNotFoundError(f"not a teacher cache (no {MANIFEST}): {where}") from None
     try:
         return Manifest.model_validate_json(text)
     except ValidationError as e:

@@ -16,7 +16,7 @@ from pipeline.cache.codec import decode_targets
 from pipeline.cache.manifest import Manifest, ShardEntry
 from pipeline.cache.records import Block, CacheRecord, check_block
 from pipeline.cache.shards import ShardBackend, ShardIndex, dir_sha256, encoding_of
-from pipeline.storage import Folder, RemotePath
+from pipeline.storage import Folder, RemotePath, store_error
 
 
 class CacheReader:
@@ -45,6 +45,9 @@ class CacheReader:
             (first read of a shard, ``verify``) its checksum differs from its marker
             ("checksum mismatch", cache dir and shard file named); (read) a block is
             unreadable or holds an invalid record (shard and sample ID named).
+        StoreError: (open, read; store) a request failed: unreachable endpoint, refused
+            credentials, throttling (the shard's URL and the cause named; not taken for a
+            corrupt shard).
     """
 
     def __init__(self, backend: ShardBackend, cache_dir: str | os.PathLike, manifest: Manifest,
@@ -68,6 +71,7 @@ class CacheReader:
             try:
                 ix = backend.read_index(path)
             except Exception as e:  # noqa: BLE001 — any decoder error means an unreadable shard
+                self._raise_store_failure(e, path)  # a failed request is not a corrupt shard
                 if verify:  # a changed file is named as such (the hash is paid only on this failure)
                     self._check_sha256(s)
                 raise ValueError(f"cache {self.dir}: shard {s.file} unreadable ({type(e).__name__}: {e})") from None
@@ -97,6 +101,14 @@ class CacheReader:
         # lazy checksums: None = not checked yet, "" = matches, else the mismatch message
         self._sha_state: list[str | None] = [None] * len(shards)
         self._sha_locks = [threading.Lock() for _ in shards]  # one per shard: others are read meanwhile
+
+    def _raise_store_failure(self, e: Exception, path) -> None:
+        """Raise ``e`` as a :class:`~pipeline.storage.StoreError` naming the shard's URL and the
+        cause when it is a failed store request (unreachable endpoint, refused credentials,
+        throttling...); return otherwise (and always for a local cache)."""
+        err = store_error(e, str(path), getattr(self.folder.remote.fs, "retries", None)) if self.folder.is_remote else None
+        if err is not None:
+            raise err from None
 
     # ------------------------------------------------------------------ checksums
     def _check_sha256(self, entry: ShardEntry) -> None:
@@ -171,6 +183,8 @@ class CacheReader:
 
         Raises:
             ValueError: checksum mismatch, unreadable block, invalid record (shard named).
+            StoreError: (store) reading the block failed: unreachable endpoint, refused
+                credentials, throttling (the shard's URL and the cause named).
         """
         ix, name = self.index[shard], self.shards[shard].file
         if self.verify_checksums:
@@ -179,6 +193,7 @@ class CacheReader:
             a = self.backend.read_block(self.shard_path(name), ix, block)
             ids, vals, tail = decode_targets(a, self.enc)
         except Exception as e:  # noqa: BLE001
+            self._raise_store_failure(e, self.shard_path(name))  # a failed request is not a corrupt block
             raise ValueError(f"cache {self.dir}: shard {name} block {block} unreadable ({type(e).__name__}: {e})") from None
         lo, hi = ix.block_starts[block], ix.block_starts[block + 1]
         n_tok = ix.num_tokens[lo:hi].astype(np.int64)

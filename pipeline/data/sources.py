@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.config import DatasetConfig
 from pipeline.storage import Folder, is_remote
-from pipeline.storage.errors import describe
+from pipeline.storage.errors import describe, store_error
 
 
 def load_rows(cfg: DatasetConfig):
@@ -101,7 +101,9 @@ def _load_remote(cfg: DatasetConfig):
 
     Raises:
         FileNotFoundError: nothing at the URL (named).
-        ValueError: no store access, or files of an unknown format (named).
+        StoreError: the listing failed: unreachable endpoint, refused credentials, missing
+            bucket, throttling (``dataset.path``, the URL and the cause named).
+        ValueError: files of an unknown format (named), or another listing failure.
         KeyError: the split is not in a saved DatasetDict.
     """
     import datasets
@@ -115,7 +117,8 @@ def _load_remote(cfg: DatasetConfig):
     except FileNotFoundError:
         found = {}
     except (OSError, ValueError) as e:
-        raise ValueError(f"dataset {url}: cannot be listed ({describe(e)})") from None
+        err = store_error(e, url, key="dataset.path")  # unreachable endpoint, refused credentials...: the cause
+        raise err if err is not None else ValueError(f"dataset {url}: cannot be listed ({describe(e)})") from None
     if not found:
         raise FileNotFoundError(f"dataset path not found: {url} (no object or prefix there)")
     with _QuietDatasets():

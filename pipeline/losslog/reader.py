@@ -14,7 +14,7 @@ import pyarrow.dataset as pads
 import yaml
 
 from pipeline.losslog.writer import SCHEMA, unreadable_part
-from pipeline.storage import Folder, join, one_line, read_file
+from pipeline.storage import Folder, join, one_line, read_file, store_error
 
 
 def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
@@ -28,6 +28,8 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
         ValueError: a part file is not readable parquet (truncated, overwritten): the file is
             named. Part files are never skipped silently (their rows would be missing from
             every report and from the next round's selection).
+        StoreError: (store) a request failed: unreachable endpoint, refused credentials,
+            missing bucket, throttling (the URL and the cause named).
     """
     logs = Folder(join(run_dir, "loss_logs"))
     if not logs.isdir():  # on a store: the prefix exists
@@ -44,7 +46,12 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
     schema = pa.schema(list(SCHEMA) + list(part.schema))
     try:  # temporary ``.part-*.tmp`` files start with "." and are ignored by the dataset
         table = pads.dataset(root, format="parquet", partitioning=part, filesystem=fs, schema=schema).to_table(filter=flt)
-    except (pa.ArrowInvalid, OSError) as e:
+    except Exception as e:
+        err = store_error(e, str(logs.url), getattr(fs, "retries", None)) if fs is not None else None
+        if err is not None:  # unreachable endpoint, refused credentials, throttling... (named)
+            raise err from None
+        if not isinstance(e, (pa.ArrowInvalid, OSError)):
+            raise
         if fs is not None:
             raise ValueError(f"loss logs in {join(run_dir, 'loss_logs')} unreadable: {one_line(e)}") from None
         raise ValueError(_unreadable_part(logs.dir, e)) from None
@@ -209,3 +216,76 @@ class SampleText:
             text = " ".join(text.split())
             return text[:max_chars] + ("…" if len(text) > max_chars else "")
         return ""
+
+
+def logged_rounds(run_dir: str | os.PathLike) -> dict[int, list[str]]:
+    """``{round: [splits]}`` that a run's loss logs hold (their ``round=R/split=S``
+    directories, or prefixes on a store), sorted; ``{}`` when there are none.
+
+    Raises:
+        StoreError: (store) a listing failed (the URL and the cause named).
+    """
+    logs = Folder(join(run_dir, "loss_logs"))
+    out: dict[int, list[str]] = {}
+    for name in logs.list():
+        key, _, value = name.partition("=")
+        if key == "round" and value.lstrip("-").isdigit():
+            splits = [s.partition("=")[2] for s in logs.sub(name).list() if s.startswith("split=")]
+            out[int(value)] = sorted(s for s in splits if s)
+    return dict(sorted(out.items()))
+
+
+def check_selection(run_dir: str | os.PathLike, round_: int | None = None, split: str | None = None,
+                    compare: tuple[int, int] | None = None) -> None:
+    """Check that the rounds and the split an ``inspect-losses`` call names exist in the run's
+    loss logs (:func:`logged_rounds`), before reading them: a name that does not is reported
+    with what exists instead of an empty report.
+
+    Args:
+        round_: ``--round``; split: ``--split``; compare: ``--compare R1 R2`` (train split).
+    Raises:
+        FileNotFoundError: the run has no loss logs (the expected directory named).
+        ValueError: a round or split not in the logs, one line naming it and listing what is
+            there (e.g. ``round 5 not in runs/x/loss_logs (rounds: 0, 1)``); ``--compare`` with
+            a round without train rows, or with ``--round`` / ``--split`` leaving its rows out.
+        StoreError: (store) a listing failed.
+    """
+    logs = join(run_dir, "loss_logs")
+    have = logged_rounds(run_dir)
+    if not have:
+        raise FileNotFoundError(f"no loss logs in {run_dir} (expected {logs}"
+                                f"{': no such prefix' if Folder(logs).is_remote else ''})")
+
+    def listed(xs) -> str:
+        return ", ".join(str(x) for x in xs) or "none"
+
+    if round_ is not None and round_ not in have:
+        raise ValueError(f"round {round_} not in {logs} (rounds: {listed(have)})")
+    if split is not None:
+        splits = have[round_] if round_ is not None else sorted({s for ss in have.values() for s in ss})
+        if split not in splits:
+            where = f"round {round_} of {logs}" if round_ is not None else logs
+            raise ValueError(f"split {split} not in {where} (splits: {listed(splits)})")
+    if compare:
+        train = [r for r, ss in have.items() if "train" in ss]
+        for r in compare:
+            if r not in train:
+                raise ValueError(f"--compare: round {r} has no train rows in {logs} (rounds with train rows: "
+                                 f"{listed(train)})")
+        if round_ is not None and set(compare) != {round_}:
+            raise ValueError(f"--compare {compare[0]} {compare[1]} reads rounds {compare[0]} and {compare[1]}, but "
+                             f"--round {round_} keeps only round {round_}: drop --round")
+        if split is not None and split != "train":
+            raise ValueError(f"--compare reads the train split, but --split {split} leaves it out: drop --split")
+
+
+def check_metric(table: pa.Table, metric: str, run_dir: str | os.PathLike) -> None:
+    """Check that the loss-log rows have the ``{metric}_sum`` column that ``--metric`` names.
+
+    Raises:
+        ValueError: it has not; one line naming the column and listing the table's columns
+            (logs written before a column existed do not have it).
+    """
+    if f"{metric}_sum" not in table.column_names:
+        raise ValueError(f"column {metric}_sum (--metric {metric}) not in the loss logs of {run_dir} "
+                         f"(columns: {', '.join(table.column_names)})")

@@ -18,9 +18,19 @@ wandb or the logs (:func:`redact`).
 
 Layout: :mod:`pipeline.storage.paths` (URL helpers), :mod:`pipeline.storage.folder`
 (:class:`Folder`: one object for a local directory or a store prefix; the small-file layer),
-:mod:`pipeline.storage.errors`. This module only re-exports them.
+:mod:`pipeline.storage.errors` (I/O errors while writing; the one classification of failed store
+requests, :func:`store_cause`: unreachable endpoint, refused credentials, missing bucket, missing
+object, throttling). This module only re-exports them.
 """
-from pipeline.storage.errors import describe, one_line  # noqa: F401
+from pipeline.storage.errors import (  # noqa: F401
+    StoreError,
+    StoreNotFound,
+    describe,
+    one_line,
+    store_cause,
+    store_error,
+    store_requests,
+)
 from pipeline.storage.folder import (  # noqa: F401
     Folder,
     Remote,
@@ -44,6 +54,7 @@ from pipeline.storage.paths import (  # noqa: F401
     scheme,
 )
 
-__all__ = ["Folder", "Remote", "RemotePath", "SECRET_KEYS", "URL_KEYS", "check_access", "configure", "describe",
-           "file_exists", "filesystem", "is_remote", "join", "local_copy", "local_path", "one_line", "read_file",
-           "redact", "scheme", "staging_dir", "write_file"]
+__all__ = ["Folder", "Remote", "RemotePath", "SECRET_KEYS", "StoreError", "StoreNotFound", "URL_KEYS", "check_access",
+           "configure", "describe", "file_exists", "filesystem", "is_remote", "join", "local_copy", "local_path",
+           "one_line", "read_file", "redact", "scheme", "staging_dir", "store_cause", "store_error", "store_requests",
+           "write_file"]

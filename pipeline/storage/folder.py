@@ -17,28 +17,39 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.storage.errors import describe, writing
+from pipeline.storage.errors import StoreError, store_error, store_kind, writing
 from pipeline.storage.paths import filesystem, is_remote, local_path, scheme
 
 
 def check_access(url: str, key: str) -> None:
-    """Fail early, in one line naming ``key`` and ``url``, when the store cannot serve a prefix:
-    the bucket does not exist, or the store refuses the request (credentials, endpoint). Two
-    requests (the bucket, one listing of the prefix); nothing is written.
+    """Fail early, in one line naming ``key``, ``url`` and the cause, when the store cannot serve
+    a prefix: the endpoint is unreachable, the store refuses the credentials, the bucket does not
+    exist, or it throttles (:func:`~pipeline.storage.errors.store_cause`). One listing of the
+    prefix, tried once (no retries: an unreachable endpoint fails in about a second, not after
+    the client's backoff); nothing is written.
 
     Raises:
-        ValueError: the bucket is missing or a request failed; names ``key`` and ``url``.
+        StoreError: the request failed; names ``key``, ``url`` and the cause.
     """
     url = str(url).rstrip("/")
+    remote = Remote(url)
+    probe = remote.probe()
+    bucket = remote.root.split("/", 1)[0]
     try:
-        remote = Remote(url)
-        bucket = remote.root.split("/", 1)[0]
-        if not remote.fs.exists(bucket):
-            raise ValueError(f"{key} {url}: bucket {bucket!r} does not exist (or is not visible with these "
-                             "credentials); create it first (nothing was changed)")
-        remote.names()
-    except OSError as e:  # refused credentials, unreachable endpoint...
-        raise ValueError(f"{key} {url}: the store refused or failed the request ({describe(e)})") from None
+        try:
+            probe.fs.ls(probe.root, detail=False, refresh=True)
+        except FileNotFoundError as e:  # an empty prefix is fine; a missing bucket is not
+            found = store_kind(e)
+            if found is not None and found[0] == "bucket":
+                raise
+            if found is None and remote.protocol not in ("s3", "s3a") and not probe.fs.exists(bucket):
+                raise StoreError(f"{key} {url}: bucket {bucket!r} does not exist", url, "bucket",
+                                 f"bucket {bucket!r} does not exist") from None
+    except Exception as e:
+        err = store_error(e, url, getattr(probe.fs, "retries", None), key=key)
+        if err is None:
+            raise
+        raise err from None
 
 
 def _split(url: str) -> tuple["Remote", str]:
@@ -51,7 +62,9 @@ def read_file(path: str | os.PathLike) -> bytes:
     path or one object on a store.
 
     Raises:
-        FileNotFoundError: there is none.
+        FileNotFoundError: there is none (on a store a ``StoreNotFound``: ``URL: no such object``).
+        StoreError: a store request failed (unreachable endpoint, refused credentials, missing
+            bucket, throttling; :func:`~pipeline.storage.errors.store_cause`).
     """
     if is_remote(path):
         remote, name = _split(str(path))
@@ -117,28 +130,103 @@ class Remote:
         """The full URL of ``name`` under the prefix (for messages and zarr)."""
         return f"{self.url}/{name}"
 
+    def probe(self) -> "Remote":
+        """This prefix on a file system that tries each request once (S3: botocore retries off),
+        for :func:`check_access`: an unreachable endpoint is reported at once. Other protocols:
+        ``self``."""
+        if type(self.fs).__name__ != "S3FileSystem":
+            return self
+        opts = dict(getattr(self.fs, "storage_options", {}) or {})
+        opts["config_kwargs"] = {**(opts.get("config_kwargs") or {}), "retries": {"total_max_attempts": 1}}
+        probe = object.__new__(Remote)
+        probe.url, probe.root, probe.protocol = self.url, self.root, self.protocol
+        probe.fs = type(self.fs)(**opts, skip_instance_cache=True)
+        return probe
+
+    @contextlib.contextmanager
+    def _request(self, name: str = "") -> Iterator[None]:
+        """A store request on ``name``: its failure becomes a :class:`StoreError` naming the
+        URL and the cause (:func:`~pipeline.storage.errors.store_error`; a missing object a
+        ``StoreNotFound``, still a ``FileNotFoundError``)."""
+        try:
+            yield
+        except Exception as e:
+            err = store_error(e, self.url_of(name) if name else self.url, getattr(self.fs, "retries", None), bare=True)
+            if err is None or err is e:
+                raise
+            raise err from e
+
+    def _missing(self, e: FileNotFoundError) -> bool:
+        """Whether ``e`` (a ``FileNotFoundError`` of a request) means a missing object or
+        prefix, as opposed to a missing bucket (which is raised)."""
+        found = store_kind(e, bare=True)
+        return found is None or found[0] == "object"
+
     def exists(self, name: str = "") -> bool:
-        """Whether an object or a prefix ``name`` exists (one request)."""
-        return self.fs.exists(self.path(name))
+        """Whether an object or a prefix ``name`` exists (one or two requests).
+
+        Raises:
+            StoreError: the request failed (unreachable endpoint, refused credentials, missing
+                bucket, throttling): not taken for "absent".
+        """
+        with self._request(name):
+            try:
+                if "/" not in self.path(name):  # the bucket itself
+                    self.fs.ls(self.path(name), detail=False, refresh=True)
+                else:
+                    self.fs.info(self.path(name))
+                return True
+            except FileNotFoundError as e:
+                if not self._missing(e):
+                    raise
+                return False
 
     def isfile(self, name: str) -> bool:
-        """Whether ``name`` is an object (not a prefix)."""
-        return self.fs.isfile(self.path(name))
+        """Whether ``name`` is an object (not a prefix).
+
+        Raises:
+            StoreError: the request failed (see :meth:`exists`).
+        """
+        with self._request(name):
+            try:
+                return self.fs.info(self.path(name)).get("type") == "file"
+            except FileNotFoundError as e:
+                if not self._missing(e):
+                    raise
+                return False
 
     def names(self) -> list[str]:
-        """Names directly under the prefix (objects and sub-prefixes), sorted; [] if none."""
-        try:
-            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False, refresh=True))
-        except FileNotFoundError:
-            return []
+        """Names directly under the prefix (objects and sub-prefixes), sorted; [] if none.
+
+        Raises:
+            StoreError: the listing failed (see :meth:`exists`).
+        """
+        with self._request():
+            try:
+                return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False, refresh=True))
+            except FileNotFoundError as e:
+                if not self._missing(e):
+                    raise
+                return []
 
     def read_bytes(self, name: str) -> bytes:
-        """The whole object ``name``. Raises FileNotFoundError when there is none."""
-        return self.fs.cat_file(self.path(name))
+        """The whole object ``name``.
+
+        Raises:
+            StoreNotFound: there is none (a ``FileNotFoundError``: ``URL: no such object``).
+            StoreError: the request failed (see :meth:`exists`).
+        """
+        with self._request(name):
+            return self.fs.cat_file(self.path(name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
-        """One object, written whole (an object store's PUT is atomic: no temporary name)."""
-        self.fs.pipe_file(self.path(name), data)
+        """One object, written whole (an object store's PUT is atomic: no temporary name).
+
+        Raises:
+            StoreError: the request failed (see :meth:`exists`).
+        """
+        with self._request(name):
+            self.fs.pipe_file(self.path(name), data)
 
     def put_dir(self, local: Path, name: str, after_object=None) -> None:
         """Upload a local file or directory tree to ``name`` (objects under their final names,
@@ -147,39 +235,45 @@ class Remote:
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         for i, f in enumerate(files, 1):
             rel = "" if f == local else f.relative_to(local).as_posix()
-            self.fs.put_file(str(f), self.path(f"{name}/{rel}" if name and rel else name or rel))
+            target = f"{name}/{rel}" if name and rel else name or rel
+            with self._request(target):
+                self.fs.put_file(str(f), self.path(target))
             if after_object is not None:
                 after_object(i)
 
     def download_dir(self, name: str, local: Path) -> None:
         """Copy every object under ``name`` into the local directory ``local``."""
         base = self.path(name)
-        for p in self.fs.find(base):
-            rel = p[len(base):].lstrip("/")
-            dst = local / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(p, str(dst))
+        with self._request(name):
+            for p in self.fs.find(base):
+                rel = p[len(base):].lstrip("/")
+                dst = local / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                self.fs.get_file(p, str(dst))
 
     def files(self, name: str) -> dict[str, int]:
         """``{relative path: size in bytes}`` of the objects under ``name`` (a single object:
         ``{"": size}``)."""
         base = self.path(name)
-        found = self.fs.find(base, detail=True)
+        with self._request(name):
+            found = self.fs.find(base, detail=True)
         return {p[len(base):].lstrip("/"): int(info.get("size") or 0) for p, info in found.items()}
 
     def remove(self, name: str) -> None:
         """Delete an object or every object under a prefix (missing: no error)."""
-        try:
-            self.fs.rm(self.path(name), recursive=True)
-        except FileNotFoundError:
-            pass
+        with self._request(name):
+            try:
+                self.fs.rm(self.path(name), recursive=True)
+            except FileNotFoundError:
+                pass
 
     def open(self, name: str, mode: str = "rb"):
         """A file object; reads are ranged requests with no read-ahead (``cache_type="none"``):
         a reader fetches the row groups it asks for, not whole shards."""
-        if "r" in mode:
-            return self.fs.open(self.path(name), mode, cache_type="none")
-        return self.fs.open(self.path(name), mode)
+        with self._request(name):
+            if "r" in mode:
+                return self.fs.open(self.path(name), mode, cache_type="none")
+            return self.fs.open(self.path(name), mode)
 
     def zarr_store(self, name: str, read_only: bool = True):
         """A zarr v3 ``FsspecStore`` on ``name`` (zarr reads its chunks with ranged requests)."""
@@ -316,6 +410,7 @@ class Folder:
 
         Raises:
             FileNotFoundError: (store) there is none.
+            StoreError: (store) the request failed (:meth:`Remote.read_bytes`).
         """
         if self.remote is None:
             return self.join(name)
@@ -378,6 +473,7 @@ class Folder:
 
         Raises:
             FileNotFoundError: there is none.
+            StoreError: (store) the request failed (:meth:`Remote.read_bytes`).
         """
         return self.remote.read_bytes(name) if self.remote is not None else self.join(name).read_bytes()
 
@@ -554,7 +650,8 @@ class Folder:
         """Fail early when a store cannot serve the prefix (:func:`check_access`); no-op locally.
 
         Raises:
-            ValueError: the bucket is missing or a request failed; names ``key`` and the URL.
+            StoreError: the request failed (unreachable endpoint, refused credentials, missing
+                bucket, throttling); names ``key``, the URL and the cause.
         """
         if self.remote is not None:
             check_access(self.url, key)

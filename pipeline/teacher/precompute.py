@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.storage import Folder
+from pipeline.storage import Folder, StoreError
 from pipeline.cache import (CacheWriter, Encoding, Manifest, PrepareState, cache_record_from_targets, finalize_cache,
                             open_writer, prepare_cache)
 from pipeline.cache.manifest import TeacherEntry
@@ -320,13 +320,16 @@ def _prepare_cache_dir(cfg: PrecomputeConfig, manifest: Manifest, tokenizer) -> 
     Raises:
         ValueError: an incompatible cache (:func:`~pipeline.cache.prepare_cache`), or an
             ``OSError`` (not writable, disk full...) as one line naming ``cache.dir``.
+        StoreError: a store request failed (unreachable endpoint, refused credentials, missing
+            bucket, throttling), ``cache.dir`` and the cause named.
     """
     try:
         state = prepare_cache(cfg.cache.dir, manifest, cfg.cache.overwrite)
         with Folder(cfg.cache.dir).sub("tokenizer").written_locally() as tok_dir:
             tokenizer.save_pretrained(str(tok_dir))
-    except ValueError:
-        raise  # first, as before: an error that is both a ValueError and an OSError passes unchanged
+    except (ValueError, StoreError):
+        raise  # first, as before: an error that is both a ValueError and an OSError passes unchanged;
+        # a failed store request already names cache.dir, the URL and the cause
     except OSError as e:
         raise ValueError(f"cache.dir {cfg.cache.dir}: cannot be written ({e})") from e
     return state
