@@ -3,6 +3,7 @@ import json
 import os
 import signal
 
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 from conftest import train_config, write_yaml
@@ -29,6 +30,29 @@ def test_selection_picks_exactly_the_intended_ids(tmp_path):
     assert select_sample_ids(t, SelectConfig(quantile=(0.25, 0.75))) == ["a", "b", "c"]
     with pytest.raises(ValueError, match="exactly one"):
         SelectConfig(top_fraction=0.3, threshold=1.0)
+
+
+def test_random_selection_is_seeded_sized_and_ignores_the_losses(tmp_path):
+    import pyarrow as pa
+
+    ids = [f"s{i:03d}" for i in range(200)]
+    w = LossLogWriter(tmp_path / "loss_logs", rank=0)
+    w.append(0, "train", 0, 1, {**_rows(ids, [10] * 200, [0.0] * 200), "kl_sum": [float(i) for i in range(200)]})
+    w.close()
+    t = load_loss_logs(tmp_path, round_=0, split="train")
+    sel = SelectConfig(random_fraction=0.5)
+    a = select_sample_ids(t, sel, seed=3, round_=1)
+    assert len(a) == 100 and len(set(a)) == 100 and a == sorted(a) and set(a) <= set(ids)
+    assert select_sample_ids(t, sel, seed=3, round_=1) == a  # same seed and round: same draw
+    assert select_sample_ids(t, sel, seed=4, round_=1) != a and select_sample_ids(t, sel, seed=3, round_=2) != a
+    # the row order of the log does not change the draw; the losses are not used
+    shuffled = t.take(pa.array(np.random.default_rng(0).permutation(len(t))))
+    assert select_sample_ids(shuffled, sel, seed=3, round_=1) == a
+    flat = t.set_column(t.schema.get_field_index("kl_sum"), "kl_sum", pa.array([1.0] * 200))
+    assert select_sample_ids(flat, sel, seed=3, round_=1) == a
+    # not the hardest half: a uniform draw takes about half of the upper half
+    assert 30 < sum(s >= "s100" for s in a) < 70
+    assert len(select_sample_ids(t, SelectConfig(random_fraction=0.01), seed=0, round_=1)) == 2  # ceil(2.0)
 
 
 def _three_rounds(assets, caches, out):

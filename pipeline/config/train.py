@@ -239,11 +239,15 @@ class SelectConfig(_Section):
     """Samples whose metric per token is at least this (nats)."""
     quantile: tuple[float, float] | None = None
     """Samples whose metric per token lies between these quantiles, e.g. [0.5, 0.9]."""
+    random_fraction: float | None = Field(default=None, gt=0, le=1)
+    """A uniformly random fraction of the previous round's samples, drawn with the run's
+    ``seed`` and the round (the baseline for ``top_fraction``: same size, no loss)."""
 
     @model_validator(mode="after")
     def _one_criterion(self) -> "SelectConfig":
-        if sum(x is not None for x in (self.top_fraction, self.threshold, self.quantile)) != 1:
-            raise ValueError("select needs exactly one of top_fraction, threshold, quantile")
+        crit = (self.top_fraction, self.threshold, self.quantile, self.random_fraction)
+        if sum(x is not None for x in crit) != 1:
+            raise ValueError("select needs exactly one of top_fraction, threshold, quantile, random_fraction")
         return self
 
 

@@ -99,7 +99,7 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         ids = weights = None
         if rc.round > 0 and (rc.select is not None or rc.weight_by is not None):
             prev = load_loss_logs(out, round_=rc.round - 1, split="train")
-            ids = select_sample_ids(prev, rc.select) if rc.select is not None else sorted(set(prev["sample_id"].to_pylist()))
+            ids = select_sample_ids(prev, rc.select, rc.seed, rc.round) if rc.select is not None else sorted(set(prev["sample_id"].to_pylist()))
             weights = loss_weights(prev, ids, rc.weight_by) if rc.weight_by is not None else None
             print0(f"[rounds] round {rc.round}: {len(ids)} samples"
                    + (f" selected by {rc.select.model_dump(exclude_none=True)}" if rc.select else "")

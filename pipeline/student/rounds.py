@@ -56,17 +56,30 @@ def round_configs(cfg: TrainStudentConfig) -> list[TrainStudentConfig]:
     return out
 
 
-def select_sample_ids(table, select: SelectConfig) -> list[str]:
+def select_sample_ids(table, select: SelectConfig, seed: int = 0, round_: int = 0) -> list[str]:
     """Sample IDs chosen by ``select`` from a (round, train) loss-log table.
 
     Per sample the metric is Σ{metric}_sum / Σn_tokens over its visits. ``top_fraction`` keeps
     the ``ceil(fraction · N)`` highest (ties broken by sample ID), ``threshold`` those ≥ it,
-    ``quantile [lo, hi]`` those between the two quantiles (inclusive). Sorted by sample ID.
+    ``quantile [lo, hi]`` those between the two quantiles (inclusive), ``random_fraction``
+    ``ceil(fraction · N)`` drawn uniformly without replacement by
+    ``numpy.random.default_rng([seed, round_])`` from the sample IDs in sorted order (the same
+    on every rank and every rerun; the metric is not used). Sorted by sample ID.
+
+    Args:
+        table: loss-log rows of one round's train split (``sample_id``, ``n_tokens``, ``{metric}_sum``).
+        select: the criterion. seed: the run's ``seed``. round_: the round being selected for.
+    Returns:
+        The chosen sample IDs, sorted.
     """
     g = per_sample(table, (select.metric,), by=("sample_id",))
     ids = np.array(g["sample_id"].to_pylist(), dtype=object)
     per_tok = g[f"{select.metric}_per_token"].to_numpy()
-    if select.top_fraction is not None:
+    if select.random_fraction is not None:
+        n = int(np.ceil(select.random_fraction * len(ids)))
+        order = np.argsort(ids)  # a draw that does not depend on the table's row order
+        keep = order[np.random.default_rng([seed, round_]).choice(len(ids), size=n, replace=False)]
+    elif select.top_fraction is not None:
         n = int(np.ceil(select.top_fraction * len(ids)))
         order = sorted(range(len(ids)), key=lambda i: (-per_tok[i], ids[i]))
         keep = order[:n]
