@@ -225,6 +225,8 @@ def main() -> int:
     ap.add_argument("--var-batch", type=int, default=16, help="samples per micro-batch on variable-length data")
     ap.add_argument("--memory", action="store_true", help="also the B=1, T=4096 peak-RSS comparison")
     ap.add_argument("--only", nargs="*", default=None, help="sections: fixed small var div memory")
+    ap.add_argument("--div-students", nargs="*", default=["v512", "v32k"], choices=["v512", "v32k"],
+                    help="students of the div section")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -277,7 +279,7 @@ def main() -> int:
         if "div" in sections:
             from pipeline.student.divergences import DIVERGENCES
 
-            for student in ("v512", "v32k"):
+            for student in args.div_students:
                 V = STUDENTS[student]["vocab"]
                 cache = write_cache(tmp / f"cache-div-{student}",
                                     [list(rng.integers(0, V, args.seq)) for _ in range(n_fixed)], V)
