@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ``OUT/rank{r}.json`` (``argv[0]`` = OUT)."""
     import torch.distributed as dist
 
-    from pipeline.cli import exit_worker
-    from pipeline.distributed import barrier, init_distributed, is_torchrun_worker, teardown
+    from pipeline.distributed import finish, init_distributed
 
     out = Path((argv if argv is not None else sys.argv[1:])[0])
     info = init_distributed("cpu")
@@ -66,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     res["calls"] = calls
     res["world_size"] = info.world_size
     (out / f"rank{info.rank}.json").write_text(json.dumps(res))
-    barrier()
-    teardown()
-    if is_torchrun_worker():
-        exit_worker(0)
-    return 0
+    return finish(0)  # barrier, teardown, and under torchrun the exit of the stages
 
 
 def test_on_rank0_two_ranks(tmp_path):
