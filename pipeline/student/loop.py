@@ -198,7 +198,8 @@ class RoundTrainer:
                                pack_length=self.pack_len)
         self.resume()
         self.preemption = Preemption()
-        self.bar = progress.Progress(self.max_steps, "train", "step", enabled=self.info.is_main, initial=self.state.step)
+        self.bar = progress.Progress(self.max_steps, "train", "step", enabled=self.info.is_main, initial=self.state.step,
+                                     tokens="tok/s")
         t_train, outcome = time.perf_counter(), "finished"
         self.loader = self._loader()
         summary = None
@@ -407,7 +408,7 @@ class RoundTrainer:
                    f"step skipped, scale lowered ({stats.overflow_steps} overflow steps this round)")
         state.tokens += stats.n_tokens
         self.loss_log.append(cfg.round, "train", self.sampler.epoch, step, stats.rows)
-        self.bar.update(1, loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")
+        self.bar.update(1, tokens=stats.n_tokens, loss=f"{stats.loss:.4f}")  # tok/s: since the last line
         state.step = step
         self._sync_position()
         self.callbacks.call("on_step_end", state, train_metrics(stats, self.scheduler.get_last_lr()[0], state, dt))
