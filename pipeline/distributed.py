@@ -3,7 +3,8 @@
 This is the only module that reads the torchrun environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``...). Everything else receives ``rank``/``world_size``.
 A plain ``python`` run gets a one-rank gloo group (an in-process store), so the training
-and precompute code has one path: FSDP2 with world size 1 is a thin wrapper.
+and precompute code has one path for its collectives (train-student trains the plain module at
+one float32 rank: ``pipeline.student.loop.uses_fsdp``).
 """
 from __future__ import annotations
 
