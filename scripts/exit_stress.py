@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             b.wait()
     print(f"{failed} failed of {args.runs} runs of {what} ({nonzero} non-zero exit codes, {aborted} with "
           f"'terminate called'; {args.nproc} ranks, {args.busy} busy core(s)), {time.time() - t0:.0f} s", flush=True)
+    if not failed:
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
 
 
