@@ -111,8 +111,9 @@ def run_precompute(cfg) -> dict:
     info = init_distributed("cpu")
     try:
         stats = precompute(cfg, info).stats
-    finally:
+    except BaseException:
         teardown()
+        raise
     return {"tokens": stats.tokens, "seconds": stats.seconds, "tok_s": stats.tokens_per_s, "peak_rss": stats.peak_rss}
 
 
@@ -120,9 +121,12 @@ def child(spec: dict) -> None:
     from pipeline.config import PrecomputeConfig
 
     cfg = PrecomputeConfig.model_validate(spec["config"])
+    from pipeline.distributed import finish
+
     out = bare_forward(cfg) if spec["mode"] == "bare" else run_precompute(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["out"]).write_text(json.dumps(out))
+    finish(0)  # barrier, teardown, and under torchrun the stages' exit (no finalization aborts)
 
 
 def _run(spec: dict, tmp: Path, nproc: int = 1, threads: int | None = None) -> dict:

@@ -7,9 +7,13 @@ and the same batches:
   ``F.cross_entropy`` over every position (the full ``(B, T, V)`` logits) → ``backward`` →
   ``AdamW.step`` → ``zero_grad``; no FSDP, no clipping, data already in memory. **The baseline.**
 * ``ce``: train-student with ``loss.alpha: 1`` — ``pipeline.student.step.Trainer.train_step`` on the
-  FSDP2-wrapped student with the fused output loss, clipping at 1.0, AdamW, batches read from a
-  parquet cache by the prefetching loader (``StepPrefetcher``, train-student's default threads).
+  student as train-student runs it at one rank in float32 (the plain module, no FSDP2; see
+  ``fsdp_at_world_size_1``) with the fused output loss, clipping at 1.0, AdamW, batches read
+  from a parquet cache by the prefetching loader (``StepPrefetcher``, train-student's default
+  threads).
 * ``kd``: the same with ``alpha: 0.5``, ``tail: bucket`` and the cache's k = 64 top-k targets.
+* ``kd-fsdp`` (``fixed`` and ``small``): ``kd`` with the student wrapped in FSDP2 at one rank
+  (``fsdp_at_world_size_1: true``): what the plain module saves.
 * variable-length data (TinyStories paragraphs tokenized with the stories260K tokenizer when
   ``--realdata`` is given, otherwise lengths drawn like them): ``plain-var`` (the plain loop,
   right-padded to the longest sample, ``ignore_index`` on the padding), ``padded`` (train-student
@@ -162,11 +166,12 @@ def child(spec: dict) -> dict:
 
         info = init_distributed("cpu")
         defer_output_projection(model)
-        shard_model(model)
+        if spec["mode"].endswith("-fsdp"):  # else the plain module, as train-student at one rank
+            shard_model(model)
         ocfg = OptimConfig(lr=1e-3, warmup_steps=0, max_grad_norm=1.0)
         opt = build_optimizer(model, ocfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, n_steps))
-        alpha = 1.0 if spec["mode"] == "ce" else 0.5
+        alpha = 1.0 if spec["mode"] == "ce" else 0.5  # kd, kd-fsdp, div, padded, packed: 0.5
         loss_cfg = LossConfig(alpha=alpha, tail="bucket", divergence=spec.get("divergence", "forward_kl"))
         trainer = Trainer(model, opt, sched, loss_cfg, 1.0, info.device,
                           packing=spec["mode"] == "packed")
@@ -247,7 +252,7 @@ def main() -> int:
             V = STUDENTS[student]["vocab"]
             cache = write_cache(tmp / f"cache-{name}", [list(rng.integers(0, V, args.seq)) for _ in range(n_fixed)], V)
             specs = [dict(base, name=f"{name}:{m}", mode=m, student=student, cache=str(cache), context=args.seq)
-                     for m in (("plain", "ce", "kd") if name == "fixed" else ("plain", "kd"))]
+                     for m in (("plain", "ce", "kd", "kd-fsdp") if name == "fixed" else ("plain", "kd", "kd-fsdp"))]
             print(f"[{name}] student {student} {STUDENTS[student]}, {args.batch} x {args.seq} tokens, k={K} cache")
             res = median_runs(specs, args.rounds)
             plain = med(res[f"{name}:plain"], "tok_s")

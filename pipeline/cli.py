@@ -50,7 +50,8 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
               flags: dict[str, tuple[str, str]] | None = None) -> int:
     """Load the config, initialise distributed, call ``fn(cfg, info)``, always tear down.
 
-    Under torchrun the worker process ends in :func:`exit_worker` instead of returning.
+    Ends through :func:`pipeline.distributed.finish`: under torchrun the worker process exits
+    there instead of returning.
 
     Returns:
         0 on success; 2 on a user error (:data:`USER_ERRORS`: bad config, path, data file,
@@ -59,7 +60,7 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
         any other exception (one line with its type; ``KD_DEBUG=1`` re-raises instead).
     """
     args = parse(prog, description, argv, flags)
-    from pipeline.distributed import is_torchrun_worker, teardown
+    from pipeline.distributed import finish, teardown
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import datasets
@@ -71,11 +72,10 @@ def run_stage(prog: str, cfg_cls, fn: Callable, argv: list[str] | None, descript
     debug = os.environ.get("KD_DEBUG", "") not in ("", "0")
     try:
         code = _call(prog, cfg_cls, fn, args, debug)
-    finally:
+    except BaseException:  # KD_DEBUG re-raise, KeyboardInterrupt: the traceback, after teardown
         teardown()
-    if is_torchrun_worker():  # see exit_worker
-        exit_worker(code)
-    return code
+        raise
+    return finish(code, sync=False)  # _call passed its barrier on success; an error path must not wait
 
 
 def _call(prog: str, cfg_cls, fn: Callable, args: argparse.Namespace, debug: bool) -> int:
@@ -109,26 +109,3 @@ def _call(prog: str, cfg_cls, fn: Callable, args: argparse.Namespace, debug: boo
         what = f"{type(e).__name__}: {one_line(e)}" if one_line(e) else type(e).__name__
         print(f"{prog}: internal error: {what} (rerun with KD_DEBUG=1 for the traceback)", file=sys.stderr, flush=True)
         return 1
-
-
-def exit_worker(code: int) -> None:
-    """End a torchrun worker process now, with ``code``, once its stage has returned and the
-    process group is destroyed: stdout/stderr and logging are flushed, then ``os._exit``.
-
-    Why: everything the stage writes is closed by then (caches, loss logs, checkpoints, wandb's
-    run is finished), and what is left is interpreter finalization, where C++ static destructors
-    of the communication stack run beside the threads of a peer still tearing down — the window
-    in which 2-rank runs beside a busy core sometimes aborted with ``terminate called without an
-    active exception`` (SIGABRT after the work was done; torchrun then reported a failure).
-    Skipping finalization closes that window. Plain ``python`` runs and in-process calls of a
-    stage's ``main`` (tests) return normally.
-    """
-    import logging
-
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    logging.shutdown()
-    os._exit(code)

@@ -3,7 +3,8 @@
 This is the only module that reads the torchrun environment (``RANK``, ``WORLD_SIZE``,
 ``LOCAL_RANK``, ``MASTER_ADDR``...). Everything else receives ``rank``/``world_size``.
 A plain ``python`` run gets a one-rank gloo group (an in-process store), so the training
-and precompute code has one path: FSDP2 with world size 1 is a thin wrapper.
+and precompute code has one path for its collectives (train-student trains the plain module at
+one float32 rank: ``pipeline.student.loop.uses_fsdp``).
 """
 from __future__ import annotations
 
@@ -70,6 +71,58 @@ def teardown() -> None:
     """Destroy the default process group if one exists (safe to call twice)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def finish(code: int = 0, *, sync: bool = True) -> int:
+    """The one way a process that may run under torchrun ends its distributed work: the stage
+    CLIs (:func:`pipeline.cli.run_stage`) and every script the tests and benches launch under
+    torchrun end through it.
+
+    Steps: with ``sync`` a barrier over the default process group (no rank destroys the gloo
+    group while a peer still uses it, e.g. rank 0 still saving: that aborted the peer with
+    ``terminate called without an active exception``); then :func:`teardown`; then, in a
+    torchrun worker (:func:`is_torchrun_worker`), :func:`exit_worker` — the process ends here.
+    Elsewhere (plain ``python``, an in-process call from a test) it returns ``code``.
+
+    Args:
+        code: the exit code of the process (0 success; the stages use 2 for user errors and 1
+            for internal errors).
+        sync: barrier before teardown. Pass False on an error path where the peers may never
+            reach the barrier (it would hang) or when the caller has just passed one.
+    Returns:
+        ``code``, outside torchrun only.
+    """
+    if sync:
+        barrier()
+    teardown()
+    if is_torchrun_worker():
+        exit_worker(code)
+    return code
+
+
+def exit_worker(code: int) -> None:
+    """End this process now with ``code``: stdout/stderr and logging are flushed, then
+    ``os._exit``. Called by :func:`finish` in a torchrun worker once its work returned and the
+    process group is destroyed; call :func:`finish` rather than this.
+
+    Why: everything the process writes is closed by then (caches, loss logs, checkpoints,
+    wandb's run is finished), and what is left is interpreter finalization, where C++ static
+    destructors of the communication stack run beside the threads of a peer still tearing
+    down — the window in which 2-rank runs beside a busy core sometimes aborted with
+    ``terminate called without an active exception`` (SIGABRT after the work was done;
+    torchrun then reported a failure). Skipping finalization closes that window; ``atexit``
+    handlers do not run.
+    """
+    import logging
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    logging.shutdown()
+    os._exit(code)
 
 
 def print0(*args, **kwargs) -> None:

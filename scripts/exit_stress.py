@@ -1,14 +1,20 @@
-"""Run a stage under ``torchrun`` again and again beside busy cores and count failed exits.
+"""Launch 2-rank ``torchrun`` runs again and again beside busy cores and count failed exits.
 
+    python scripts/exit_stress.py --runs 100            # tests/dist_grad_check.py (one FSDP2 step)
     python scripts/exit_stress.py --runs 100 --busy 1 --nproc 2 -- \\
-        stages.train_student --config my.yaml
+        stages.train_student --config my.yaml            # a stage
 
-Each run gets ``output_dir=<tmp>/run-N`` appended (train-student; pass ``--no-output-dir`` for
-other stages) and is removed after a clean exit. A run fails when its exit code is not 0 or
-its output holds ``terminate called`` (a C++ abort at exit). ``--busy N`` starts N
-single-threaded busy loops for the whole session (the condition under which ranks used to
-abort at process-group teardown). Prints one line per failed run and a summary; exit code 1
-when any run failed.
+Without a command each run is the script of the gradient-equivalence tests,
+``tests/dist_grad_check.py OUT 2 2`` (a tiny FSDP2 student, one optimizer step of 2
+micro-batches per rank, the full state dict saved by rank 0), which ends through
+``pipeline.distributed.finish`` as the stages do. With ``-- MODULE ARGS`` each run is
+``python -m MODULE ARGS`` under torchrun, with ``output_dir=<tmp>/run-N`` appended (train-student;
+pass ``--no-output-dir`` for other stages). A run's files are removed after a clean exit.
+
+A run fails when its exit code is not 0 or its output holds ``terminate called`` (a C++ abort at
+exit). ``--busy N`` starts N single-threaded busy loops for the whole session (the condition under
+which ranks used to abort at process-group teardown). Prints one line per failed run and a summary
+with both counts; exit code 1 when any run failed.
 """
 from __future__ import annotations
 
@@ -31,24 +37,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nproc", type=int, default=2, help="ranks per run (torchrun --nproc_per_node)")
     p.add_argument("--no-output-dir", action="store_true", help="do not append output_dir=... to the command")
     p.add_argument("--keep", type=Path, default=None, help="directory for the logs of failed runs")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="-- MODULE ARGS...")
+    p.add_argument("command", nargs=argparse.REMAINDER,
+                   help="-- MODULE ARGS... (default: tests/dist_grad_check.py, one FSDP2 step)")
     args = p.parse_args(argv)
     cmd = [c for c in args.command if c != "--"]
-    if not cmd:
-        p.error("give the stage to run after --, e.g. -- stages.train_student --config my.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     work = Path(tempfile.mkdtemp(prefix="exit-stress-"))
     keep = args.keep or work
-    failed, t0 = 0, time.time()
+    failed = nonzero = aborted = 0
+    t0 = time.time()
+    what = " ".join(cmd) if cmd else "tests/dist_grad_check.py"
     try:
         for i in range(args.runs):
-            extra = [] if args.no_output_dir else [f"output_dir={work / f'run-{i}'}"]
-            res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={args.nproc}", "-m", *cmd, *extra],
-                                 capture_output=True, text=True, env=env, cwd=ROOT)
+            res = subprocess.run(_launch(args, cmd, work / f"run-{i}"), capture_output=True, text=True,
+                                 env=env, cwd=ROOT)
             log = res.stdout + res.stderr
+            nonzero += res.returncode != 0
+            aborted += "terminate called" in log
             if res.returncode != 0 or "terminate called" in log:
                 failed += 1
                 keep.mkdir(parents=True, exist_ok=True)
@@ -59,9 +66,22 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for b in busy:
             b.kill()
-    print(f"{failed} failed of {args.runs} runs ({args.nproc} ranks, {args.busy} busy core(s)), "
-          f"{time.time() - t0:.0f} s", flush=True)
+            b.wait()
+    print(f"{failed} failed of {args.runs} runs of {what} ({nonzero} non-zero exit codes, {aborted} with "
+          f"'terminate called'; {args.nproc} ranks, {args.busy} busy core(s)), {time.time() - t0:.0f} s", flush=True)
+    if not failed:
+        shutil.rmtree(work, ignore_errors=True)
     return 1 if failed else 0
+
+
+def _launch(args: argparse.Namespace, cmd: list[str], run_dir: Path) -> list[str]:
+    """The torchrun command line of one run writing under ``run_dir``."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    if not cmd:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return [*torchrun, str(ROOT / "tests" / "dist_grad_check.py"), str(run_dir / "state.pt"), "2", "2"]
+    extra = [] if args.no_output_dir else [f"output_dir={run_dir}"]
+    return [*torchrun, "-m", *cmd, *extra]
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import synthetic_records, tiny_student  # noqa: E402
 
 from pipeline.config import LossConfig  # noqa: E402
-from pipeline.distributed import barrier, full_state_dict, init_distributed, shard_model, teardown  # noqa: E402
+from pipeline.distributed import finish, full_state_dict, init_distributed, shard_model  # noqa: E402
 from pipeline.student.sampler import StepSampler  # noqa: E402
 from pipeline.data.batch import collate
 from pipeline.models import defer_output_projection  # noqa: E402
@@ -73,8 +73,9 @@ def one_step(out: str, mbs: int, accum: int, pack: int = 0, divergence: str = "f
                     "kl": stats.kl, "distill": stats.distill,
                     "micro_valid": [b.n_valid for b in micro], "rows": stats.rows,
                     "micro_rows": [b.input_ids.shape[0] for b in micro], "comms": comms}, out)
-    barrier()  # destroying the group while rank 0 still saves aborts rank 1 ("terminate called...")
-    teardown()
+    # barrier (destroying the group while rank 0 still saves aborts rank 1), teardown, and under
+    # torchrun the stages' exit (no interpreter finalization beside a peer's teardown)
+    finish(0)
 
 
 if __name__ == "__main__":

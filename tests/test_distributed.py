@@ -3,6 +3,7 @@ raises its exception. The 2-rank cases run this file's :func:`main` under ``torc
 CPU) through ``conftest.run_cli``; the one-process cases run in the test process."""
 from __future__ import annotations
 
+import atexit
 import json
 import sys
 from pathlib import Path
@@ -38,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ``OUT/rank{r}.json`` (``argv[0]`` = OUT)."""
     import torch.distributed as dist
 
-    from pipeline.cli import exit_worker
-    from pipeline.distributed import barrier, init_distributed, is_torchrun_worker, teardown
+    from pipeline.distributed import finish, init_distributed
 
     out = Path((argv if argv is not None else sys.argv[1:])[0])
     info = init_distributed("cpu")
@@ -66,11 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     res["calls"] = calls
     res["world_size"] = info.world_size
     (out / f"rank{info.rank}.json").write_text(json.dumps(res))
-    barrier()
-    teardown()
-    if is_torchrun_worker():
-        exit_worker(0)
-    return 0
+    # interpreter finalization would run this; finish ends a torchrun worker before it
+    atexit.register((out / f"finalized-rank{info.rank}").write_text, "atexit ran")
+    return finish(0)  # barrier, teardown, and under torchrun the exit of the stages
 
 
 def test_on_rank0_two_ranks(tmp_path):
@@ -82,6 +80,7 @@ def test_on_rank0_two_ranks(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
+    assert not list(tmp_path.glob("finalized-rank*"))  # both ranks left through finish's os._exit
     assert r0["value"] == r1["value"] == {"value": {"computed_on": 0, "sum": 42}}
     assert r0["after_errors"] == r1["after_errors"] == {"value": {"computed_on": 0, "sum": 1}}
     assert r0["calls"] == [0, 0] and r1["calls"] == []  # fn runs on rank 0 only
@@ -99,6 +98,21 @@ def test_on_rank0_two_ranks(tmp_path):
     assert r0["unpicklable_result"] == r1["unpicklable_result"]
     assert r0["unpicklable_result"]["error"] == "TypeError"
     assert "cannot be sent to the other ranks" in r0["unpicklable_result"]["message"]
+
+
+def test_finish_outside_torchrun_tears_down_and_returns_the_code(monkeypatch):
+    """A plain ``python`` run (or a test calling a stage in-process) is not ended: ``finish``
+    destroys the one-rank group and returns the code."""
+    import torch.distributed as dist
+
+    from pipeline.distributed import finish, init_distributed
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    init_distributed("cpu")
+    assert dist.is_initialized()
+    assert finish(3) == 3
+    assert not dist.is_initialized()
+    assert finish(0, sync=False) == 0  # no group left: nothing to do
 
 
 def test_on_rank0_without_process_group_is_a_plain_call():

@@ -331,6 +331,12 @@ class TrainStudentConfig(_Section):
     is slow: for testing). ``fp16`` adds dynamic loss scaling (``torch.amp.GradScaler``): a step
     whose gradients overflow is skipped, the scale halved, and the step counted as
     ``train/overflow_steps`` (not against ``skip_nonfinite``)."""
+    fsdp_at_world_size_1: bool = False
+    """At world size 1 with float32 compute (``mixed_precision: no``, or ``auto`` on CPU) the
+    student is trained as the plain module, without FSDP2's ``fully_shard`` (no all-gather,
+    reduce-scatter or DTensor dispatch per step); checkpoints, exports, losses and gradients are
+    the same, and checkpoints resume at any world size. ``true`` wraps it in FSDP2 anyway.
+    Mixed precision (bf16/fp16) is FSDP2's ``MixedPrecisionPolicy``, so it is always wrapped."""
     save_precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Dtype of the floating-point weights in the ``best/`` and ``final/`` exports (config.json's
     ``dtype`` says the same); checkpoints always keep float32."""

@@ -150,7 +150,8 @@ def generate(cfg: GenerateConfig, info: DistInfo) -> GenerateResult:
            f"{len(state.done)} prompts already generated; {cfg.sampling.num_completions} completion(s) per prompt, "
            f"max_new_tokens={cfg.sampling.max_new_tokens}")
     folder, t0 = Folder(cfg.output_dir), time.perf_counter()
-    bar = progress.Progress(len(mine), "generate", "batch", enabled=info.is_main)
+    bar = progress.Progress(len(mine), "generate", "batch", enabled=info.is_main,
+                            tokens="tok/s" if info.world_size == 1 else "tok/s on rank 0")  # completion tokens
     pending: list[dict] = []
     skipped = rows_done = tokens = closed = 0
     for b in mine:
@@ -159,16 +160,18 @@ def generate(cfg: GenerateConfig, info: DistInfo) -> GenerateResult:
                                        cfg.prompt_tokens, a, ds._fingerprint)
         skipped += n_skip
         todo = [p for p in prompts if p.prompt_id not in state.done]
+        new_tokens = 0
         if todo:
             rows = _rows_of_batch(todo, tokenizer, model, cfg, stops, V, pad_id)
             pending += rows
             rows_done += len(rows)
-            tokens += sum(len(r["completion_ids"]) for r in rows)
+            new_tokens = sum(len(r["completion_ids"]) for r in rows)
+            tokens += new_tokens
         if pending and (len(pending) >= cfg.rows_per_shard or b == mine[-1]):
             write_shard(folder, shard_name(info.rank, state.attempt, closed), pending)
             pending, closed = [], closed + 1
             fault_point("generated-shard", closed, info.rank)
-        bar.update(1)
+        bar.update(1, tokens=new_tokens)
     bar.close()
     seconds = time.perf_counter() - t0
     totals = gather_objects((skipped, rows_done, tokens, seconds))

@@ -60,7 +60,8 @@ class RunState:
     output_dir: str
     """The round's run directory (a local path or a URL)."""
     model: Any = field(default=None, repr=False)
-    """The FSDP2-wrapped student (its forward is collective: call it on every rank)."""
+    """The student: FSDP2-wrapped (its forward is collective: call it on every rank), or the
+    plain module at one float32 rank (``pipeline.student.loop.uses_fsdp``)."""
     optimizer: Any = field(default=None, repr=False)
     stop_reason: str | None = None
     save_requested: bool = False

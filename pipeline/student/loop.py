@@ -57,6 +57,17 @@ def _sources(cfg: TrainStudentConfig):
     return train, ev, d.tokenizer, len(tokenizer)
 
 
+def uses_fsdp(cfg: TrainStudentConfig, info: DistInfo) -> bool:
+    """Whether the student is wrapped in FSDP2 (``pipeline.distributed.shard_model``): at world
+    size > 1, with mixed precision (FSDP2's ``MixedPrecisionPolicy`` casts the parameters), or
+    when ``fsdp_at_world_size_1`` asks for it. Otherwise (one rank, float32 compute) it trains
+    as the plain module: FSDP2 at one rank only copies (all-gather and reduce-scatter of one
+    shard) and dispatches every parameter operation through DTensor. The two give the same
+    losses, gradients, state-dict keys and checkpoints (``tests/test_plain_ws1.py``)."""
+    return (info.world_size > 1 or cfg.fsdp_at_world_size_1
+            or compute_dtype(cfg.mixed_precision, info.device) is not None)
+
+
 def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     """The stage: one round (``cfg.rounds`` empty) or a multi-round run (pipeline/rounds.py).
 
@@ -198,7 +209,8 @@ class RoundTrainer:
                                pack_length=self.pack_len)
         self.resume()
         self.preemption = Preemption()
-        self.bar = progress.Progress(self.max_steps, "train", "step", enabled=self.info.is_main, initial=self.state.step)
+        self.bar = progress.Progress(self.max_steps, "train", "step", enabled=self.info.is_main, initial=self.state.step,
+                                     tokens="tok/s")
         t_train, outcome = time.perf_counter(), "finished"
         self.loader = self._loader()
         summary = None
@@ -242,9 +254,13 @@ class RoundTrainer:
         if cfg.data.train_cache is not None:  # loss.tail defaults from, and is checked against, the cache
             m = self.train_src.manifest
             self.cfg = cfg = resolve_tail(cfg, m.target_type, m.temperature)
-        if cfg.student.init == "pretrained":  # never whole on a rank: its rows are read after sharding
+        self.fsdp = uses_fsdp(cfg, info)
+        if cfg.student.init == "pretrained" and self.fsdp:  # never whole on a rank: its rows are read after sharding
             student = Folder(cfg.student.path).local()
             self.model = load_student_sharded(student, torch.float32, info.device, self._prepare)
+        elif cfg.student.init == "pretrained":  # one plain rank holds the whole model anyway
+            self.model = build_student(Folder(cfg.student.path).local(), "pretrained", cfg.seed)
+            self._prepare(self.model)
         else:  # random weights drawn whole with torch.manual_seed(cfg.seed), as on every rank
             self.model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
             self._prepare(self.model)
@@ -268,11 +284,13 @@ class RoundTrainer:
                f"{len(self.indices)} train samples, {self.sampler.steps_per_epoch} steps/epoch of "
                f"{self.sampler.global_batch} samples; {self.max_steps} steps; alpha={cfg.loss.alpha} "
                f"tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)"
+               + ("" if self.fsdp else " (plain module, no FSDP2)")
                + (f"; packing into rows of {self.pack_len} tokens" if self.pack_len else ""))
         self._build_loggers()
 
     def _prepare(self, model: torch.nn.Module) -> None:
-        """From the built student to the FSDP2-sharded one. A pretrained student comes here
+        """From the built student to the FSDP2-sharded one (or, when :func:`uses_fsdp` is
+        False, the plain module on the device). A pretrained student loaded sharded comes here
         with its parameters on the meta device, before any weight is read (shapes only).
 
         Raises:
@@ -299,7 +317,10 @@ class RoundTrainer:
             dump_config(cfg, join(self.run_dir, "config.yaml"))
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        shard_model(model, mixed_precision=compute_dtype(cfg.mixed_precision, info.device))
+        if self.fsdp:
+            shard_model(model, mixed_precision=compute_dtype(cfg.mixed_precision, info.device))
+        else:
+            model.to(info.device)
 
     def _build_sampler(self) -> None:
         """The round's sample indices (``sample_ids``: in cache order, their weights along) and
@@ -407,7 +428,7 @@ class RoundTrainer:
                    f"step skipped, scale lowered ({stats.overflow_steps} overflow steps this round)")
         state.tokens += stats.n_tokens
         self.loss_log.append(cfg.round, "train", self.sampler.epoch, step, stats.rows)
-        self.bar.update(1, loss=f"{stats.loss:.4f}", tok_s=f"{stats.n_tokens / dt:.0f}")
+        self.bar.update(1, tokens=stats.n_tokens, loss=f"{stats.loss:.4f}")  # tok/s: since the last line
         state.step = step
         self._sync_position()
         self.callbacks.call("on_step_end", state, train_metrics(stats, self.scheduler.get_last_lr()[0], state, dt))

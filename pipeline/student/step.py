@@ -166,7 +166,8 @@ class Trainer:
     host-side batches.
 
     Args:
-        model: the student, already wrapped by ``pipeline.distributed.shard_model``.
+        model: the student, already wrapped by ``pipeline.distributed.shard_model``, or the
+            plain module (one rank; ``pipeline.student.loop.uses_fsdp``).
         loss_cfg: α, τ, tail mode, chunk size.
         max_grad_norm: clip threshold on the global L2 norm (None: no clipping).
         device: where batches go.

@@ -388,10 +388,11 @@ def _teacher_loop(cfg: PrecomputeConfig, info: DistInfo, teachers: list, entries
     """
     from torch.distributed.fsdp import FSDPModule
 
-    bar = progress.Progress(plan.windows.num_rows, "teacher top-k", "row", enabled=info.is_main, unit_scale=True)
+    bar = progress.Progress(plan.windows.num_rows, "teacher top-k", "row", enabled=info.is_main, unit_scale=True,
+                            tokens="tok/s")
     weights = [e.weight for e in entries]
     t0 = time.perf_counter()
-    my_tokens, last_log, credit, c = 0, t0, 0.0, 0
+    my_tokens, last_log, credit, c, call_tokens = 0, t0, 0.0, 0, 0
     with torch.no_grad():  # not inference_mode: FSDP2 unshard fails on inference tensors (torch 2.13)
         while calls := plan.next_call():
             group = calls[info.rank][1] if info.rank < len(calls) else None
@@ -403,8 +404,10 @@ def _teacher_loop(cfg: PrecomputeConfig, info: DistInfo, teachers: list, entries
             if records:
                 writer.write(records)
             credit += sum(cr for cr, _ in calls)  # rows: each window's rows spread over its batches
+            call_tokens += sum(len(s.input_ids) for _, g in calls for s in g)  # every rank's batch of this call
             if int(credit) > bar.n:
-                bar.update(int(credit) - bar.n)
+                bar.update(int(credit) - bar.n, tokens=call_tokens)
+                call_tokens = 0
             my_tokens += sum(len(s.input_ids) for s in group or ())
             c += 1
             if time.perf_counter() - last_log > PROGRESS_EVERY_S:
