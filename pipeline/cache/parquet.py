@@ -4,6 +4,7 @@ Schema of a shard (k fixed per cache; ``idx`` = uint16 | int32, ``val`` per
 :mod:`pipeline.cache.codec`)::
 
     sample_id        string
+    sample_id_hash   uint64                           pipeline.ids.id_hash (absent in older shards)
     num_tokens       int32                            T
     teacher_nll_sum  float64
     input_ids        list<idx>                        (T)
@@ -25,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.shards import ShardIndex
+from pipeline.ids import id_hashes
 from pipeline.storage import RemotePath
 
 
@@ -62,6 +64,7 @@ class ParquetBackend:
         tok_off = pa.array(np.concatenate([[0], np.cumsum(n_tok)]).astype(np.int32))
         pos_off = pa.array(np.concatenate([[0], np.cumsum(n_tok - 1)]).astype(np.int32))
         cols = {"sample_id": pa.array(arrays["sample_id"], pa.string()),
+                "sample_id_hash": pa.array(np.asarray(arrays["sample_id_hash"], dtype=np.uint64)),
                 "num_tokens": pa.array(arrays["num_tokens"].astype(np.int32)),
                 "teacher_nll_sum": pa.array(arrays["teacher_nll_sum"], pa.float64())}
         for name in _PER_TOKEN:
@@ -86,16 +89,26 @@ class ParquetBackend:
 
     def read_index(self, path: Path) -> ShardIndex:
         f = pq.ParquetFile(_source(path))
-        t = f.read(columns=["sample_id", "num_tokens", "teacher_nll_sum"])
+        has_hash = "sample_id_hash" in f.schema_arrow.names
+        t = f.read(columns=["num_tokens", "sample_id_hash" if has_hash else "sample_id"])
+        hashes = (t.column("sample_id_hash").to_numpy().astype(np.uint64, copy=False) if has_hash
+                  else id_hashes(t.column("sample_id").to_pylist()))
         sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
-        return ShardIndex(t.column("sample_id").to_pylist(), t.column("num_tokens").to_numpy().astype(np.int64),
-                          t.column("teacher_nll_sum").to_numpy(), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+        return ShardIndex(t.column("num_tokens").to_numpy().astype(np.int32, copy=False),
+                          np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), hashes)
+
+    def read_column(self, path: Path, name: str):
+        f = pq.ParquetFile(_source(path))
+        if name not in f.schema_arrow.names:
+            raise KeyError(f"shard {path}: no column {name!r}")
+        col = f.read(columns=[name]).column(name)
+        return col.to_pylist() if name == "sample_id" else col.to_numpy()
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
         f = self._file(path)
         names = [n for n in _PER_TOKEN + _PER_POSITION if n in f.schema_arrow.names]
-        t = f.read_row_group(block, columns=names)
-        out = {}
+        t = f.read_row_group(block, columns=names + ["sample_id", "teacher_nll_sum"])
+        out = {"sample_id": t.column("sample_id").to_pylist(), "teacher_nll_sum": t.column("teacher_nll_sum").to_numpy()}
         for name in names:
             col = t.column(name)
             arr = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)
