@@ -160,13 +160,18 @@ class CacheReader:
         """Resident bytes of the reader's per-sample index (lengths, ID hashes, block starts)."""
         return self._lengths.nbytes + self.ids.nbytes + sum(ix.block_starts.nbytes for ix in self.index)
 
+    def indices_of(self, sample_ids: list[str]) -> np.ndarray:
+        """(n,) int64 position of each ID (hashes looked up, every hit confirmed against the ID
+        read back from its shard, shard by shard). Raises KeyError naming the cache and the first
+        ID it does not hold."""
+        found = self.ids.find(list(sample_ids))
+        if (found < 0).any():
+            raise KeyError(f"cache {self.dir}: no sample_id {sample_ids[int(np.argmax(found < 0))]!r}")
+        return found
+
     def index_of(self, sample_id: str) -> int:
-        """Position of ``sample_id`` (its hash looked up, the ID read back from its shard to
-        confirm). Raises KeyError naming the cache and ID."""
-        i = int(self.ids.find([sample_id])[0])
-        if i < 0:
-            raise KeyError(f"cache {self.dir}: no sample_id {sample_id!r}")
-        return i
+        """Position of ``sample_id`` (:meth:`indices_of`). Raises KeyError naming the cache and ID."""
+        return int(self.indices_of([sample_id])[0])
 
     def lengths(self) -> np.ndarray:
         """(N,) int32 token count of every sample (sum with ``dtype=np.int64``)."""
