@@ -151,3 +151,36 @@ def test_streamed_dataset_gives_the_same_samples_and_batches(assets, tmp_path, o
         batches.append([[b.input_ids.tolist() for b in pf.next_step()] for _ in range(3)])
         pf.close()
     assert batches[0] == batches[1]
+
+
+def _dataset_run(assets, out, **over):
+    ds = {"path": assets["corpus"], "split": "train", "id_field": "id", "max_length": 48, "num_samples": 40}
+    return {"output_dir": str(out), "student": {"path": assets["student"]},
+            "data": {"train_dataset": ds, "eval_dataset": {**ds, "split": "validation", "num_samples": 8},
+                     "tokenizer": assets["tokenizer"]},
+            "loss": {"alpha": 1.0}, "micro_batch_size": 2, "grad_accum_steps": 1, "max_steps": 4, "eval_steps": 4,
+            "log_steps": 1, "device": "cpu", "optim": {"warmup_steps": 1}, **over}
+
+
+def _train_ids(run):
+    import pyarrow.dataset as pads
+
+    t = pads.dataset(run / "loss_logs", format="parquet", partitioning="hive").to_table().to_pandas()
+    t = t[t["split"] == "train"]
+    return sorted(zip(t["step"], t["sample_id"]))
+
+
+def test_train_from_a_dataset_streams_it_at_one_and_two_ranks(assets, tmp_path):
+    """The streaming pass is collective at 2 ranks (each tokenizes its part): both world sizes
+    train on the same global samples per step."""
+    from conftest import write_yaml
+    from test_resume import _run_to_end
+
+    got = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"w{nproc}"
+        cfg = write_yaml(tmp_path / f"w{nproc}.yaml", _dataset_run(assets, out, micro_batch_size=4 // nproc))
+        code, _, err = _run_to_end(cfg, nproc)
+        assert code == 0, err[-2000:]
+        got[nproc] = _train_ids(out)
+    assert got[1] == got[2] and len(got[1]) == 4 * 4
