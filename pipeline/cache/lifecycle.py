@@ -12,7 +12,7 @@ from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_man
 from pipeline.cache.parquet import ParquetBackend
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.shard_ids import ShardIds, shard_ids_of
-from pipeline.cache.shards import ShardBackend, closed_shards, remove_unclosed
+from pipeline.cache.shards import MARKER_SUFFIX, ShardBackend, closed_shards, remove_unclosed
 from pipeline.cache.writer import CacheWriter
 from pipeline.cache.zarr_backend import ZarrBackend
 from pipeline.storage import Folder, describe
@@ -155,7 +155,8 @@ def open_cache(cache_dir: str | os.PathLike, allow_incomplete: bool = False, ver
                          "rerun it to resume, or read what is closed with allow_incomplete")
     shards = m.shards if m.complete else closed_shards(cache_dir)
     if m.complete and verify:
-        on_disk = {s.file for s in closed_shards(cache_dir)}
+        on_disk = {n[:-len(MARKER_SUFFIX)] for n in Folder(cache_dir).list()  # marker names: no marker read
+                   if n.endswith(MARKER_SUFFIX) and not n.startswith(".")}
         listed = {s.file for s in m.shards}
         if on_disk != listed:
             extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)

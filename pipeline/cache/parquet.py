@@ -14,7 +14,9 @@ Schema of a shard (k fixed per cache; ``idx`` = uint16 | int32, ``val`` per
     tail_logprob     list<float32 | float16>          (T-1)
     value_ref        list<float16>                    (T-1)      q8 only
 
-Compressed with zstd. A row group is the unit of random access: ``row_group_size`` rows.
+Compressed with zstd. A row group is the unit of random access: ``row_group_size`` rows. The
+schema metadata key ``kd_index`` holds the reader's index (``num_tokens`` as little-endian
+int32, then ``sample_id_hash`` as little-endian uint64), so opening reads only footers.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def _source(path):
     """What pyarrow opens: a local path, or a remote shard's file object (ranged reads)."""
     return path.remote.open(path.name) if isinstance(path, RemotePath) else path
 
+INDEX_KEY = b"kd_index"
 _PER_TOKEN = ("input_ids", "loss_mask")
 _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
 
@@ -84,18 +87,27 @@ class ParquetBackend:
                 for name in _PER_TOKEN + _PER_POSITION}
         split = [leaf[c] for c in _PER_POSITION if c in cols]
         dictionary = ["sample_id", "num_tokens", "teacher_nll_sum"] + [leaf[c] for c in _PER_TOKEN]
-        pq.write_table(pa.table(cols), path, row_group_size=block_size, compression=self.compression,
+        # the reader's index in the footer (read with the metadata, no column pages: open cost
+        # per shard ~0.5 ms instead of ~4 ms for two columns over every row group)
+        index = (np.asarray(arrays["num_tokens"], dtype="<i4").tobytes()
+                 + np.asarray(arrays["sample_id_hash"], dtype="<u8").tobytes())
+        pq.write_table(pa.table(cols).replace_schema_metadata({INDEX_KEY: index}), path, row_group_size=block_size, compression=self.compression,
                        compression_level=level, use_dictionary=dictionary, use_byte_stream_split=split)
 
     def read_index(self, path: Path) -> ShardIndex:
         f = pq.ParquetFile(_source(path))
-        has_hash = "sample_id_hash" in f.schema_arrow.names
+        sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        raw = (f.schema_arrow.metadata or {}).get(INDEX_KEY)
+        n = int(starts[-1])
+        if raw is not None and len(raw) == 12 * n:
+            return ShardIndex(np.frombuffer(raw, "<i4", n).astype(np.int32), starts,
+                              np.frombuffer(raw, "<u8", n, offset=4 * n).astype(np.uint64))
+        has_hash = "sample_id_hash" in f.schema_arrow.names  # shards written before the footer index
         t = f.read(columns=["num_tokens", "sample_id_hash" if has_hash else "sample_id"])
         hashes = (t.column("sample_id_hash").to_numpy().astype(np.uint64, copy=False) if has_hash
                   else id_hashes(t.column("sample_id").to_pylist()))
-        sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
-        return ShardIndex(t.column("num_tokens").to_numpy().astype(np.int32, copy=False),
-                          np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64), hashes)
+        return ShardIndex(t.column("num_tokens").to_numpy().astype(np.int32, copy=False), starts, hashes)
 
     def read_column(self, path: Path, name: str):
         f = pq.ParquetFile(_source(path))
