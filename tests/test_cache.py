@@ -233,7 +233,12 @@ def test_hand_edited_manifest(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_duplicate_ids_across_shards_and_foreign_directory(tmp_path, backend):
+@pytest.mark.parametrize("colliding", [False, True])
+def test_duplicate_ids_across_shards_and_foreign_directory(tmp_path, monkeypatch, backend, colliding):
+    if colliding:  # every ID hash collides: the duplicate is still found by its ID, no other is reported
+        from test_sample_ids import collide_hashes
+
+        collide_hashes(monkeypatch)
     recs = synthetic_records(4, V, K, seed=6)
     m = _manifest(backend)
     state = prepare_cache(tmp_path, m)
@@ -244,7 +249,7 @@ def test_duplicate_ids_across_shards_and_foreign_directory(tmp_path, backend):
     finalize_cache(tmp_path)
     with pytest.raises(ValueError, match=r"duplicate sample_id 's0' in shards part-r00000.* and part-r00001"):
         open_cache(tmp_path)
-    other = tmp_path.parent / f"not-a-cache-{backend}"
+    other = tmp_path.parent / f"not-a-cache-{backend}-{colliding}"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is not a teacher cache"):

@@ -27,15 +27,15 @@ from pipeline.student.sampler import StepPrefetcher, StepSampler
 V, K = 50, 4
 
 
-def _colliding(ids):
+def colliding_hashes(ids):
     """A 'hash' with 3 values: nearly every pair of IDs collides."""
     return np.array([len(s) % 3 for s in ids], dtype=np.uint64)
 
 
-@pytest.fixture
-def collide(monkeypatch):
+def collide_hashes(monkeypatch):
+    """Make every module that hashes sample IDs use :func:`colliding_hashes`."""
     for mod in (shard_ids_mod, shards_mod, writer_mod, samples_mod, stream_mod):
-        monkeypatch.setattr(mod, "id_hashes", _colliding)
+        monkeypatch.setattr(mod, "id_hashes", colliding_hashes)
 
 
 def test_hash_is_stable_and_index_finds_every_copy():
@@ -65,9 +65,9 @@ def _windows(cfg, tok, window_rows=4):
 
 
 @pytest.mark.parametrize("colliding", [False, True])
-def test_window_duplicates_within_and_across_windows(assets, tmp_path, request, colliding):
+def test_window_duplicates_within_and_across_windows(assets, tmp_path, monkeypatch, colliding):
     if colliding:
-        request.getfixturevalue("collide")
+        collide_hashes(monkeypatch)
     tok = load_tokenizer(assets["tokenizer"])
     rows = [{"id": f"r{i}", "text": f"x = {i}"} for i in range(11)]
     cfg = DatasetConfig(path=_jsonl(tmp_path / "ok.jsonl", rows), id_field="id")
@@ -88,9 +88,9 @@ def _manifest(backend):
 
 @pytest.mark.parametrize("backend", ["parquet", "zarr"])
 @pytest.mark.parametrize("colliding", [False, True])
-def test_resume_and_reader_lookups_are_exact(tmp_path, request, backend, colliding):
+def test_resume_and_reader_lookups_are_exact(tmp_path, monkeypatch, backend, colliding):
     if colliding:
-        request.getfixturevalue("collide")
+        collide_hashes(monkeypatch)
     recs = synthetic_records(13, V, K, seed=3)
     m = _manifest(backend)
     state = prepare_cache(tmp_path, m)
@@ -112,19 +112,6 @@ def test_resume_and_reader_lookups_are_exact(tmp_path, request, backend, collidi
     with pytest.raises(KeyError, match="no sample_id 'nope'"):
         r.index_of("nope")
     assert r.nbytes <= 13 * 16 + sum(ix.block_starts.nbytes for ix in r.index) + r.shard_starts.nbytes
-
-
-def test_duplicate_across_shards_found_when_hashes_collide(tmp_path, collide):
-    recs = synthetic_records(6, V, K, seed=4)
-    m = _manifest("parquet")
-    state = prepare_cache(tmp_path, m)
-    for rank, part in ((0, recs[:4]), (1, recs[3:])):  # s3 in both ranks' shards
-        w = open_writer(tmp_path, m, rank, state.attempt, 10, 2)
-        w.write(part)
-        w.close()
-    finalize_cache(tmp_path)
-    with pytest.raises(ValueError, match=r"duplicate sample_id 's3' in shards part-r00000.* and part-r00001"):
-        open_cache(tmp_path)
 
 
 @pytest.mark.parametrize("overflow", ["truncate", "window"])
