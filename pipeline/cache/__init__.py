@@ -21,6 +21,8 @@ Layout (this module only re-exports):
 - :mod:`pipeline.cache.records`: :class:`CacheRecord`, :class:`Block` and the validation of
   their targets (:func:`check_block`).
 - :mod:`pipeline.cache.shards`: the backend interface, the shard checksum, completion markers.
+- :mod:`pipeline.cache.shard_ids`: :class:`ShardIds`, the closed shards' sample IDs as sorted
+  64-bit hashes (resume, ``index_of``, the duplicate check), confirmed against the shards' IDs.
 - :mod:`pipeline.cache.writer`: :class:`CacheWriter`. :mod:`pipeline.cache.reader`:
   :class:`CacheReader`.
 - :mod:`pipeline.cache.manifest`, :mod:`pipeline.cache.codec`, :mod:`pipeline.cache.parquet`,
@@ -35,13 +37,14 @@ from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_man
 from pipeline.cache.parquet import ParquetBackend
 from pipeline.cache.reader import CacheReader
 from pipeline.cache.records import Block, CacheRecord, cache_record_from_targets, check_block, record_nbytes
+from pipeline.cache.shard_ids import ShardIds
 from pipeline.cache.shards import (MARKER_SUFFIX, TMP_SUFFIX, ShardBackend, ShardIndex, closed_shards, dir_sha256,
                                    encoding_of, remove_unclosed)
 from pipeline.cache.writer import CacheWriter
 from pipeline.cache.zarr_backend import ZarrBackend
 
 __all__ = ["BACKENDS", "Block", "CacheReader", "CacheRecord", "CacheWriter", "Encoding", "FORMAT_VERSION", "MANIFEST",
-           "MARKER_SUFFIX", "Manifest", "ParquetBackend", "PrepareState", "ShardBackend", "ShardIndex", "TMP_SUFFIX",
+           "MARKER_SUFFIX", "Manifest", "ParquetBackend", "PrepareState", "ShardBackend", "ShardIds", "ShardIndex", "TMP_SUFFIX",
            "ZarrBackend", "backend_for", "cache_bytes", "cache_record_from_targets", "check_block", "closed_shards",
            "dir_sha256", "encoding_of", "finalize_cache", "open_cache", "open_writer", "prepare_cache",
            "read_manifest", "record_nbytes", "remove_unclosed", "validate_cache", "write_manifest"]

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.cache.manifest import FORMAT_VERSION, MANIFEST, Manifest, read_manifest, write_manifest
 from pipeline.cache.parquet import ParquetBackend
 from pipeline.cache.reader import CacheReader
-from pipeline.cache.shards import ShardBackend, closed_shards, remove_unclosed
+from pipeline.cache.shard_ids import ShardIds, shard_ids_of
+from pipeline.cache.shards import MARKER_SUFFIX, ShardBackend, closed_shards, remove_unclosed
 from pipeline.cache.writer import CacheWriter
 from pipeline.cache.zarr_backend import ZarrBackend
 from pipeline.storage import Folder, describe
@@ -31,17 +32,19 @@ def backend_for(name: str, compression: str = "zstd", compression_level: int | N
 
 @dataclass
 class PrepareState:
-    """What a (re)run must do: the attempt number for new shard names and the IDs already done."""
+    """What a (re)run must do: the attempt number for new shard names and the samples already
+    done (the closed shards' IDs as hashes, :class:`~pipeline.cache.shard_ids.ShardIds`:
+    ``done.find(ids) >= 0`` marks the done ones; about 12 bytes per done sample)."""
 
     attempt: int
-    done_ids: set[str] = field(default_factory=set)
+    done: ShardIds
 
 
 def prepare_cache(cache_dir: str | os.PathLike, manifest: Manifest, overwrite: bool = False) -> PrepareState:
     """Create or resume a cache directory and mark it incomplete (rank 0 only).
 
     A rerun with the same header (teachers, tokenizer, dataset, k, dtypes...) keeps every
-    closed shard and reports their sample IDs as done; temporary and unmarked shards are removed.
+    closed shard and reports their samples as done (as ID hashes read from the shards); temporary and unmarked shards are removed.
 
     Raises:
         ValueError: the directory holds a cache with a different header (the differences are
@@ -90,14 +93,12 @@ def _prepare(folder: Folder, manifest: Manifest, overwrite: bool) -> PrepareStat
     folder.makedirs()
     remove_unclosed(d)
     backend = backend_for(manifest.backend, manifest.compression)
-    done: set[str] = set()
     shards = closed_shards(d)
-    for s in shards:
-        done.update(backend.read_index(folder.shard(s.file)).sample_ids)
+    done = shard_ids_of(folder.url, backend, manifest.backend, manifest.compression, shards)
     manifest.complete = False
     manifest.shards = shards
     write_manifest(d, manifest)
-    return PrepareState(attempt=int(time.time() * 1000) % 10**10, done_ids=done)
+    return PrepareState(attempt=int(time.time() * 1000) % 10**10, done=done)
 
 
 def open_writer(cache_dir: str | os.PathLike, manifest: Manifest, rank: int, attempt: int,
@@ -169,7 +170,8 @@ def _open(cache_dir: str | os.PathLike, allow_incomplete: bool, verify: bool, ma
                          "rerun it to resume, or read what is closed with allow_incomplete")
     shards = m.shards if m.complete else closed_shards(cache_dir)
     if m.complete and verify:
-        on_disk = {s.file for s in closed_shards(cache_dir)}
+        on_disk = {n[:-len(MARKER_SUFFIX)] for n in Folder(cache_dir).list()  # marker names: no marker read
+                   if n.endswith(MARKER_SUFFIX) and not n.startswith(".")}
         listed = {s.file for s in m.shards}
         if on_disk != listed:
             extra, missing = sorted(on_disk - listed), sorted(listed - on_disk)

@@ -4,6 +4,7 @@ Schema of a shard (k fixed per cache; ``idx`` = uint16 | int32, ``val`` per
 :mod:`pipeline.cache.codec`)::
 
     sample_id        string
+    sample_id_hash   uint64                           pipeline.ids.id_hash (absent in older shards)
     num_tokens       int32                            T
     teacher_nll_sum  float64
     input_ids        list<idx>                        (T)
@@ -13,7 +14,9 @@ Schema of a shard (k fixed per cache; ``idx`` = uint16 | int32, ``val`` per
     tail_logprob     list<float32 | float16>          (T-1)
     value_ref        list<float16>                    (T-1)      q8 only
 
-Compressed with zstd. A row group is the unit of random access: ``row_group_size`` rows.
+Compressed with zstd. A row group is the unit of random access: ``row_group_size`` rows. The
+schema metadata key ``kd_index`` holds the reader's index (``num_tokens`` as little-endian
+int32, then ``sample_id_hash`` as little-endian uint64), so opening reads only footers.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.shards import ShardIndex
+from pipeline.ids import id_hashes
 from pipeline.storage import RemotePath
 
 
@@ -32,6 +36,7 @@ def _source(path):
     """What pyarrow opens: a local path, or a remote shard's file object (ranged reads)."""
     return path.remote.open(path.name) if isinstance(path, RemotePath) else path
 
+INDEX_KEY = b"kd_index"
 _PER_TOKEN = ("input_ids", "loss_mask")
 _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
 
@@ -62,6 +67,7 @@ class ParquetBackend:
         tok_off = pa.array(np.concatenate([[0], np.cumsum(n_tok)]).astype(np.int32))
         pos_off = pa.array(np.concatenate([[0], np.cumsum(n_tok - 1)]).astype(np.int32))
         cols = {"sample_id": pa.array(arrays["sample_id"], pa.string()),
+                "sample_id_hash": pa.array(np.asarray(arrays["sample_id_hash"], dtype=np.uint64)),
                 "num_tokens": pa.array(arrays["num_tokens"].astype(np.int32)),
                 "teacher_nll_sum": pa.array(arrays["teacher_nll_sum"], pa.float64())}
         for name in _PER_TOKEN:
@@ -81,21 +87,40 @@ class ParquetBackend:
                 for name in _PER_TOKEN + _PER_POSITION}
         split = [leaf[c] for c in _PER_POSITION if c in cols]
         dictionary = ["sample_id", "num_tokens", "teacher_nll_sum"] + [leaf[c] for c in _PER_TOKEN]
-        pq.write_table(pa.table(cols), path, row_group_size=block_size, compression=self.compression,
+        # the reader's index in the footer (read with the metadata, no column pages: open cost
+        # per shard ~0.5 ms instead of ~4 ms for two columns over every row group)
+        index = (np.asarray(arrays["num_tokens"], dtype="<i4").tobytes()
+                 + np.asarray(arrays["sample_id_hash"], dtype="<u8").tobytes())
+        pq.write_table(pa.table(cols).replace_schema_metadata({INDEX_KEY: index}), path, row_group_size=block_size, compression=self.compression,
                        compression_level=level, use_dictionary=dictionary, use_byte_stream_split=split)
 
     def read_index(self, path: Path) -> ShardIndex:
         f = pq.ParquetFile(_source(path))
-        t = f.read(columns=["sample_id", "num_tokens", "teacher_nll_sum"])
         sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
-        return ShardIndex(t.column("sample_id").to_pylist(), t.column("num_tokens").to_numpy().astype(np.int64),
-                          t.column("teacher_nll_sum").to_numpy(), np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64))
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        raw = (f.schema_arrow.metadata or {}).get(INDEX_KEY)
+        n = int(starts[-1])
+        if raw is not None and len(raw) == 12 * n:
+            return ShardIndex(np.frombuffer(raw, "<i4", n).astype(np.int32), starts,
+                              np.frombuffer(raw, "<u8", n, offset=4 * n).astype(np.uint64))
+        has_hash = "sample_id_hash" in f.schema_arrow.names  # shards written before the footer index
+        t = f.read(columns=["num_tokens", "sample_id_hash" if has_hash else "sample_id"])
+        hashes = (t.column("sample_id_hash").to_numpy().astype(np.uint64, copy=False) if has_hash
+                  else id_hashes(t.column("sample_id").to_pylist()))
+        return ShardIndex(t.column("num_tokens").to_numpy().astype(np.int32, copy=False), starts, hashes)
+
+    def read_column(self, path: Path, name: str):
+        f = pq.ParquetFile(_source(path))
+        if name not in f.schema_arrow.names:
+            raise KeyError(f"shard {path}: no column {name!r}")
+        col = f.read(columns=[name]).column(name)
+        return col.to_pylist() if name == "sample_id" else col.to_numpy()
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
         f = self._file(path)
         names = [n for n in _PER_TOKEN + _PER_POSITION if n in f.schema_arrow.names]
-        t = f.read_row_group(block, columns=names)
-        out = {}
+        t = f.read_row_group(block, columns=names + ["sample_id", "teacher_nll_sum"])
+        out = {"sample_id": t.column("sample_id").to_pylist(), "teacher_nll_sum": t.column("teacher_nll_sum").to_numpy()}
         for name in names:
             col = t.column(name)
             arr = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)

@@ -1,4 +1,4 @@
-"""The cache reader over closed shards: the sample-ID index built from the shards' indexes,
+"""The cache reader over closed shards: the sample-ID hash index built from the shards' indexes,
 random access through a byte-bounded LRU of decoded blocks, sequential streaming, and lazy
 per-shard checksums.
 """
@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.cache.codec import decode_targets
 from pipeline.cache.manifest import Manifest, ShardEntry
 from pipeline.cache.records import Block, CacheRecord, check_block
+from pipeline.cache.shard_ids import ShardIds
 from pipeline.cache.shards import ShardBackend, ShardIndex, dir_sha256, encoding_of
 from pipeline.storage import Folder, RemotePath, store_error
 
@@ -23,8 +24,11 @@ class CacheReader:
     """Random access by index or sample ID, and sequential streaming, over closed shards.
 
     Opening reads only the shard list (manifest / markers, passed in) and each shard's index
-    (sample IDs, lengths, block starts): its I/O does not grow with the cache's bytes, so every
-    rank of every start and resume opens at the cost of the indexes. Targets are decoded one
+    (lengths, ID hashes, block starts): its I/O does not grow with the cache's bytes, so every
+    rank of every start and resume opens at the cost of the indexes. The reader keeps about
+    16 bytes per sample (a 4-byte length, an 8-byte ID hash and its 4-byte sample index:
+    :class:`~pipeline.cache.shard_ids.ShardIds`); ID strings are read with each block, and by
+    ``index_of`` from the one shard its hash points to (collision-safe). Targets are decoded one
     block (a parquet row group / a run of zarr rows) at a time and kept in an LRU bounded by
     ``max_cached_bytes`` of decoded arrays, so random access costs one block decode per
     miss and a cache that fits is decoded once.
@@ -65,35 +69,21 @@ class CacheReader:
         self.index: list[ShardIndex] = []
         present = set(self.folder.list())  # one listing
         for s in shards:
-            path = self.shard_path(s.file)
-            if s.file not in present:
-                raise FileNotFoundError(f"cache {self.dir}: shard {s.file} listed but missing")
-            try:
-                ix = backend.read_index(path)
-            except Exception as e:  # noqa: BLE001 — any decoder error means an unreadable shard
-                self._raise_store_failure(e, path)  # a failed request is not a corrupt shard
-                if verify:  # a changed file is named as such (the hash is paid only on this failure)
-                    self._check_sha256(s)
-                raise ValueError(f"cache {self.dir}: shard {s.file} unreadable ({type(e).__name__}: {e})") from None
-            if len(ix.sample_ids) != s.num_samples or int(ix.num_tokens.sum()) != s.num_tokens:
-                raise ValueError(f"cache {self.dir}: shard {s.file} holds {len(ix.sample_ids)} samples / "
-                                 f"{int(ix.num_tokens.sum())} tokens, its marker says {s.num_samples} / {s.num_tokens}")
-            self.index.append(ix)
-        self.sample_ids: list[str] = [sid for ix in self.index for sid in ix.sample_ids]
-        self._lengths = np.concatenate([ix.num_tokens for ix in self.index]).astype(np.int64)
-        self.teacher_nll_sum = np.concatenate([ix.teacher_nll_sum for ix in self.index])
-        self.shard_of = np.repeat(np.arange(len(shards)), [len(ix.sample_ids) for ix in self.index])
-        self.row_in_shard = np.concatenate([np.arange(len(ix.sample_ids)) for ix in self.index])
-        self._sample_index = {sid: i for i, sid in enumerate(self.sample_ids)}
-        if len(self._sample_index) != len(self.sample_ids):
-            seen: dict[str, int] = {}
-            for i, sid in enumerate(self.sample_ids):
-                if sid in seen:
-                    raise ValueError(f"cache {self.dir}: duplicate sample_id {sid!r} in shards "
-                                     f"{self.shard_name(seen[sid])} and {self.shard_name(i)}")
-                seen[sid] = i
-        if manifest.complete and len(self.sample_ids) != manifest.num_samples:
-            raise ValueError(f"cache {self.dir}: manifest says {manifest.num_samples} samples, shards hold {len(self.sample_ids)}")
+            self.index.append(self._read_index(s, present))
+        # per sample, resident: 4 B of length, 8 B of ID hash and 4 B (8 B from 2^31 samples) of
+        # its index in the hash order; the ID strings stay in the shards (read per block)
+        self._lengths = np.concatenate([ix.num_tokens for ix in self.index]).astype(np.int32, copy=False)
+        self.ids = ShardIds(cache_dir, manifest.backend, manifest.compression, [s.file for s in shards],
+                            [ix.id_hashes for ix in self.index])
+        self.shard_starts = self.ids.starts  # (S+1,) int64: shard s holds samples [starts[s], starts[s+1])
+        for s, ix in enumerate(self.index):  # views of the one lengths array; hashes now live in self.ids
+            ix.num_tokens, ix.id_hashes = self._lengths[self.shard_starts[s]:self.shard_starts[s + 1]], None
+        dup = self.ids.first_duplicate()
+        if dup is not None:
+            raise ValueError(f"cache {self.dir}: duplicate sample_id {dup[0]!r} in shards "
+                             f"{self.shard_name(dup[1])} and {self.shard_name(dup[2])}")
+        if manifest.complete and len(self) != manifest.num_samples:
+            raise ValueError(f"cache {self.dir}: manifest says {manifest.num_samples} samples, shards hold {len(self)}")
         self._lru: OrderedDict[tuple[int, int], Block] = OrderedDict()
         self._lru_bytes = 0
         self._lock = threading.Lock()
@@ -109,6 +99,23 @@ class CacheReader:
         err = store_error(e, str(path), getattr(self.folder.remote.fs, "retries", None)) if self.folder.is_remote else None
         if err is not None:
             raise err from None
+
+    def _read_index(self, s: ShardEntry, present: set[str]) -> ShardIndex:
+        """Shard ``s``'s index, checked against its marker (errors as the class says)."""
+        if s.file not in present:
+            raise FileNotFoundError(f"cache {self.dir}: shard {s.file} listed but missing")
+        try:
+            ix = self.backend.read_index(self.shard_path(s.file))
+        except Exception as e:  # noqa: BLE001 — any decoder error means an unreadable shard
+            self._raise_store_failure(e, self.shard_path(s.file))  # a failed request is not a corrupt shard
+            if self.verify:  # a changed file is named as such (the hash is paid only on this failure)
+                self._check_sha256(s)
+            raise ValueError(f"cache {self.dir}: shard {s.file} unreadable ({type(e).__name__}: {e})") from None
+        n_tok = int(ix.num_tokens.sum(dtype=np.int64))
+        if len(ix) != s.num_samples or n_tok != s.num_tokens:
+            raise ValueError(f"cache {self.dir}: shard {s.file} holds {len(ix)} samples / "
+                             f"{n_tok} tokens, its marker says {s.num_samples} / {s.num_tokens}")
+        return ix
 
     # ------------------------------------------------------------------ checksums
     def _check_sha256(self, entry: ShardEntry) -> None:
@@ -146,29 +153,51 @@ class CacheReader:
 
     # ------------------------------------------------------------------ index
     def __len__(self) -> int:
-        return len(self.sample_ids)
+        return int(self.shard_starts[-1])
+
+    @property
+    def sample_ids(self) -> list[str]:
+        """Every sample ID in storage order, read from the shards now (O(N) strings: for
+        inspection and tests; training reads IDs per block)."""
+        return [sid for s in range(len(self.shards)) for sid in self.ids.shard_ids(s)]
+
+    @property
+    def teacher_nll_sum(self) -> np.ndarray:
+        """(N,) float64 teacher NLL sum (nats) of every sample, read from the shards now."""
+        cols = [self.backend.read_column(self.shard_path(s.file), "teacher_nll_sum") for s in self.shards]
+        return np.concatenate(cols).astype(np.float64, copy=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes of the reader's per-sample index (lengths, ID hashes, block starts)."""
+        return self._lengths.nbytes + self.ids.nbytes + sum(ix.block_starts.nbytes for ix in self.index)
+
+    def indices_of(self, sample_ids: list[str]) -> np.ndarray:
+        """(n,) int64 position of each ID (hashes looked up, every hit confirmed against the ID
+        read back from its shard, shard by shard). Raises KeyError naming the cache and the first
+        ID it does not hold."""
+        found = self.ids.find(list(sample_ids))
+        if (found < 0).any():
+            raise KeyError(f"cache {self.dir}: no sample_id {sample_ids[int(np.argmax(found < 0))]!r}")
+        return found
 
     def index_of(self, sample_id: str) -> int:
-        """Position of ``sample_id``. Raises KeyError naming the cache and ID."""
-        try:
-            return self._sample_index[sample_id]
-        except KeyError:
-            raise KeyError(f"cache {self.dir}: no sample_id {sample_id!r}") from None
+        """Position of ``sample_id`` (:meth:`indices_of`). Raises KeyError naming the cache and ID."""
+        return int(self.indices_of([sample_id])[0])
 
     def lengths(self) -> np.ndarray:
-        """(N,) int64 token count of every sample."""
+        """(N,) int32 token count of every sample (sum with ``dtype=np.int64``)."""
         return self._lengths
 
     def shard_name(self, i: int) -> str:
         """The file name of the shard holding sample ``i``."""
-        return self.shards[self.shard_of[i]].file
+        return self.shards[self.ids.shard_of(i)].file
 
     def block_ids(self) -> np.ndarray:
         """(N,) int64 global block number of every sample (the unit the LRU caches)."""
         out, base = [], 0
         for s, ix in enumerate(self.index):
-            n = len(ix.sample_ids)
-            out.append(base + np.searchsorted(ix.block_starts, np.arange(n), side="right") - 1)
+            out.append(base + np.repeat(np.arange(self.num_blocks(s)), np.diff(ix.block_starts)))
             base += self.num_blocks(s)
         return np.concatenate(out).astype(np.int64)
 
@@ -197,9 +226,9 @@ class CacheReader:
             raise ValueError(f"cache {self.dir}: shard {name} block {block} unreadable ({type(e).__name__}: {e})") from None
         lo, hi = ix.block_starts[block], ix.block_starts[block + 1]
         n_tok = ix.num_tokens[lo:hi].astype(np.int64)
-        blk = Block(ix.sample_ids[lo:hi], np.concatenate([[0], np.cumsum(n_tok)]),
+        blk = Block(a["sample_id"], np.concatenate([[0], np.cumsum(n_tok)]),
                     np.concatenate([[0], np.cumsum(n_tok - 1)]), a["input_ids"].astype(np.int32), a["loss_mask"].astype(bool),
-                    ids, vals, tail, ix.teacher_nll_sum[lo:hi])
+                    ids, vals, tail, np.asarray(a["teacher_nll_sum"], dtype=np.float64))
         if self.verify:
             bad = check_block(blk, self.manifest.vocab_size, self.manifest.k, self.manifest.target_type != "topk",
                               mass_tol=self.enc.mass_tolerance)
@@ -236,7 +265,8 @@ class CacheReader:
         return blk
 
     def __getitem__(self, i: int) -> CacheRecord:
-        s, row = int(self.shard_of[i]), int(self.row_in_shard[i])
+        s = self.ids.shard_of(i)
+        row = int(i) - int(self.shard_starts[s])
         starts = self.index[s].block_starts
         b = int(np.searchsorted(starts, row, side="right") - 1)
         return self._block(s, b).record(row - int(starts[b]))

@@ -5,7 +5,6 @@ and the completion markers (``<shard>.done.json``) that say which shards are clo
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 
 from pipeline.cache.codec import Encoding
 from pipeline.cache.manifest import Manifest, ShardEntry
+from pipeline.ids import id_hashes
 from pipeline.storage import Folder, RemotePath
 
 MARKER_SUFFIX = ".done.json"
@@ -44,31 +44,41 @@ def dir_sha256(path: Path | RemotePath) -> str:
     return h.hexdigest()
 
 
+def shard_id_hashes(backend: "ShardBackend", path) -> np.ndarray:
+    """(n,) uint64 ID hashes of a shard: its ``sample_id_hash`` column, or hashed from its
+    ``sample_id`` column when it has none (shards written before the column existed)."""
+    try:
+        return np.asarray(backend.read_column(path, "sample_id_hash"), dtype=np.uint64)
+    except KeyError:
+        return id_hashes(backend.read_column(path, "sample_id"))
+
+
 @dataclass
 class ShardIndex:
-    """What a reader needs from a shard without decoding its targets.
+    """What a reader keeps of a shard without decoding its targets: no sample ID strings
+    (read per block, or per shard with :meth:`ShardBackend.read_column`).
 
     Attributes:
-        sample_ids: n IDs in storage order. num_tokens: (n,) int64. teacher_nll_sum: (n,)
-        float64. block_starts: (B+1,) int64 sample offsets of the shard's blocks.
+        num_tokens: (n,) int32 tokens of each sample, in storage order.
+        block_starts: (B+1,) int64 sample offsets of the shard's blocks.
+        id_hashes: (n,) uint64 :func:`pipeline.ids.id_hash` of each sample ID (the shard's
+            ``sample_id_hash`` column; computed from the IDs for a shard written without it),
+            or None once the caller has moved them into its own index.
     """
 
-    sample_ids: list[str]
     num_tokens: np.ndarray
-    teacher_nll_sum: np.ndarray
     block_starts: np.ndarray
+    id_hashes: np.ndarray | None = None
 
-    @functools.cached_property
-    def token_offsets(self) -> np.ndarray:
-        """(n+1,) int64 offset of each sample's first token in the shard's token arrays."""
-        return np.concatenate([[0], np.cumsum(self.num_tokens)]).astype(np.int64)
+    def __len__(self) -> int:
+        return len(self.num_tokens)
 
 
 class ShardBackend(Protocol):
     """Moves one coded shard between memory and disk (parquet file or zarr group).
 
-    ``arrays`` hold ``sample_id`` (list of n str), ``num_tokens`` (n,) int32,
-    ``teacher_nll_sum`` (n,) float64, ``input_ids`` (T_total,), ``loss_mask`` (T_total,) bool
+    ``arrays`` hold ``sample_id`` (list of n str), ``sample_id_hash`` (n,) uint64
+    (:func:`pipeline.ids.id_hashes`), ``num_tokens`` (n,) int32, ``teacher_nll_sum`` (n,) float64, ``input_ids`` (T_total,), ``loss_mask`` (T_total,) bool
     and the coded target arrays of :func:`pipeline.cache.codec.encode_targets` over
     ``P_total = T_total - n`` positions.
     """
@@ -80,11 +90,18 @@ class ShardBackend(Protocol):
         ...
 
     def read_index(self, path: Path) -> ShardIndex:
-        """The shard's index (sample IDs, lengths, block starts) without its targets."""
+        """The shard's index (lengths, block starts, ID hashes) without its targets or IDs."""
+        ...
+
+    def read_column(self, path: Path, name: str):
+        """One per-sample column of the whole shard: ``sample_id`` (list of n str),
+        ``sample_id_hash`` (n,) uint64, ``num_tokens``, ``teacher_nll_sum``. Raises KeyError for a
+        column the shard does not hold (``sample_id_hash`` in shards written before it existed)."""
         ...
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
-        """The ``arrays`` of the samples ``index.block_starts[block]:[block+1]``."""
+        """The ``arrays`` of the samples ``index.block_starts[block]:[block+1]``: the per-token
+        and per-position arrays plus ``sample_id`` (list) and ``teacher_nll_sum``."""
         ...
 
 

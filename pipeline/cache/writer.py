@@ -18,6 +18,7 @@ from pipeline.cache.manifest import Manifest, ShardEntry
 from pipeline.cache.records import Block, CacheRecord, check_block, record_nbytes
 from pipeline.cache.shards import MARKER_SUFFIX, TMP_SUFFIX, ShardBackend, dir_sha256, encoding_of
 from pipeline.storage.errors import fault_point, writing
+from pipeline.ids import id_hashes
 from pipeline.storage import Folder
 
 
@@ -166,7 +167,7 @@ class CacheWriter:
         if bad is not None:
             raise ValueError(f"teacher output for sample_id {blk.sample_ids[bad[0]]!r}: {bad[1]}; "
                              f"nothing written for its shard (cache {self.dir})")
-        arrays = {"sample_id": blk.sample_ids, "num_tokens": np.diff(blk.tok_off).astype(np.int32),
+        arrays = {"sample_id": blk.sample_ids, "sample_id_hash": id_hashes(blk.sample_ids), "num_tokens": np.diff(blk.tok_off).astype(np.int32),
                   "teacher_nll_sum": blk.teacher_nll_sum,
                   "input_ids": blk.input_ids.astype(self.enc.index_dtype), "loss_mask": blk.loss_mask,
                   **encode_targets(blk.topk_ids, blk.topk_logprobs, blk.tail_logprob, self.enc)}

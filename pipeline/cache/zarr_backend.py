@@ -4,6 +4,7 @@ Layout of a shard group ``part-r{rank}-a{attempt}-{n}.zarr`` (each rank writes o
 groups, as whole shards: PLATFORM.md measured data loss when writers share a zarr shard)::
 
     sample_id        (n,)        string
+    sample_id_hash   (n,)        uint64      pipeline.ids.id_hash (absent in older shards)
     num_tokens       (n,)        int32       T of each sample (offsets are its cumsum)
     teacher_nll_sum  (n,)        float64
     input_ids        (T_total,)  idx
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache.shards import ShardIndex
+from pipeline.ids import id_hashes
 from pipeline.storage import RemotePath
 
 
@@ -60,7 +62,8 @@ class ZarrBackend:
             if len(self._arrays) > 64:
                 self._arrays.clear()
             g = zarr.open_group(_store(path), mode="r", zarr_format=3)
-            arrays = self._arrays[path] = {name: g[name] for name in _PER_TOKEN + _PER_POSITION if name in g}
+            names = _PER_TOKEN + _PER_POSITION + ("sample_id", "teacher_nll_sum")
+            arrays = self._arrays[path] = {name: g[name] for name in names if name in g}
         return arrays
 
     def _compressors(self, itemsize: int = 1):
@@ -84,7 +87,7 @@ class ZarrBackend:
         g.attrs["block_size"] = int(block_size)
         n = len(arrays["sample_id"])
         g.create_array("sample_id", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(arrays["sample_id"], dtype=object)
-        for name in ("num_tokens", "teacher_nll_sum"):
+        for name in ("sample_id_hash", "num_tokens", "teacher_nll_sum"):
             a = np.asarray(arrays[name])
             g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(max(n, 1),), compressors=self._compressors())[:] = a
         for name in _PER_TOKEN + _PER_POSITION:
@@ -104,15 +107,30 @@ class ZarrBackend:
         import zarr
 
         g = zarr.open_group(_store(path), mode="r", zarr_format=3)
-        ids = [str(s) for s in g["sample_id"][:]]
-        n_tok = np.asarray(g["num_tokens"][:]).astype(np.int64)
+        n_tok = np.asarray(g["num_tokens"][:]).astype(np.int32, copy=False)
+        hashes = (np.asarray(g["sample_id_hash"][:]).astype(np.uint64, copy=False) if "sample_id_hash" in g
+                  else id_hashes(str(s) for s in g["sample_id"][:]))
         bs = int(g.attrs["block_size"])
-        starts = np.unique(np.concatenate([np.arange(0, len(ids), bs), [len(ids)]])).astype(np.int64)
-        return ShardIndex(ids, n_tok, np.asarray(g["teacher_nll_sum"][:]), starts)
+        starts = np.unique(np.concatenate([np.arange(0, len(n_tok), bs), [len(n_tok)]])).astype(np.int64)
+        return ShardIndex(n_tok, starts, hashes)
+
+    def read_column(self, path: Path, name: str):
+        import zarr
+
+        g = zarr.open_group(_store(path), mode="r", zarr_format=3)
+        if name not in g:
+            raise KeyError(f"shard {path}: no column {name!r}")
+        a = g[name][:]
+        return [str(s) for s in a] if name == "sample_id" else np.asarray(a)
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
         arrays = self._open_arrays(path)
         lo, hi = int(index.block_starts[block]), int(index.block_starts[block + 1])
-        t0, t1 = int(index.token_offsets[lo]), int(index.token_offsets[hi])
+        t0 = int(index.num_tokens[:lo].sum(dtype=np.int64))
+        t1 = t0 + int(index.num_tokens[lo:hi].sum(dtype=np.int64))
         p0, p1 = t0 - lo, t1 - hi  # positions = tokens - 1 per sample
-        return {name: np.asarray(a[t0:t1] if name in _PER_TOKEN else a[p0:p1]) for name, a in arrays.items()}
+        out = {name: np.asarray(a[t0:t1] if name in _PER_TOKEN else a[p0:p1]) for name, a in arrays.items()
+               if name in _PER_TOKEN + _PER_POSITION}
+        out["sample_id"] = [str(s) for s in arrays["sample_id"][lo:hi]]
+        out["teacher_nll_sum"] = np.asarray(arrays["teacher_nll_sum"][lo:hi])
+        return out

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -17,6 +17,7 @@ from pipeline.config import DatasetConfig
 from pipeline.data.generated import check_generated_tokenizer
 from pipeline.data.formats import _chat_template, _encode_rows, fit_length, resolve_format
 from pipeline.data.sources import load_rows
+from pipeline.ids import HashIndex, id_hashes, repeated_hashes
 
 
 @dataclass(frozen=True)
@@ -27,11 +28,13 @@ class Sample:
         sample_id: unique string ID within a cache.
         input_ids: (T,) int32 token IDs, BOS included when the tokenizer adds one.
         loss_mask: (T,) bool, True for tokens trained on as targets.
+        row: the dataset row it was tokenized from (-1: unknown); not compared.
     """
 
     sample_id: str
     input_ids: np.ndarray
     loss_mask: np.ndarray
+    row: int = field(default=-1, compare=False, repr=False)
 
     @property
     def n_valid(self) -> int:
@@ -69,25 +72,30 @@ def tokenize_part(ds, tokenizer, cfg: DatasetConfig, start: int = 0,
         ids = [f"{fp}-{start + i}" for i in range(len(ds))]
     rows = _encode_rows(ds, tokenizer, cfg, fmt, chat_col, ids, start)
     samples, skipped = [], 0
-    for sid, (toks, mask) in zip(ids, rows):
+    for r, (sid, (toks, mask)) in enumerate(zip(ids, rows), start):
         for n, (arr, m) in enumerate(fit_length(toks, mask, cfg, tokenizer.bos_token_id)):
             if len(arr) < 2 or not m[1:].any():
                 skipped += 1
                 continue
-            samples.append(Sample(f"{sid}#{n}" if cfg.overflow == "window" else sid, arr, m))
+            samples.append(Sample(f"{sid}#{n}" if cfg.overflow == "window" else sid, arr, m, r))
     return samples, skipped
 
 
 def check_unique(cfg: DatasetConfig, samples: list[Sample], seen: set[str]) -> None:
-    """Add the samples' IDs to ``seen``.
+    """Add the samples' IDs to ``seen`` (a set of strings: for a dataset held whole; a stream
+    uses :meth:`SampleWindows.check_unique`).
 
     Raises:
         ValueError: an ID already in ``seen`` or twice in ``samples`` (the ID is named).
     """
     for s in samples:
         if s.sample_id in seen:
-            raise ValueError(f"dataset {cfg.path}: duplicate sample_id {s.sample_id!r}")
+            raise _duplicate(cfg, s.sample_id)
         seen.add(s.sample_id)
+
+
+def _duplicate(cfg: DatasetConfig, sample_id: str) -> ValueError:
+    return ValueError(f"dataset {cfg.path}: duplicate sample_id {sample_id!r}")
 
 
 def tokenize_rows(ds, tokenizer, cfg: DatasetConfig) -> tuple[list[Sample], int]:
@@ -161,8 +169,8 @@ class SampleWindows:
     ``[a + n·r // W, a + n·(r+1) // W)`` of window ``[a, a + n)``, and one ``all_gather`` per
     window gives every rank the whole window's samples in row order. So a window's samples,
     and anything derived from them (stage 1's length-sorted batches), are the same at every
-    world size, while host memory holds one window, not the dataset: peak RSS does not grow
-    with the number of rows.
+    world size, while host memory holds one window, not the dataset: peak RSS grows only by
+    the duplicate check's 12 bytes per sample (:meth:`check_unique`).
 
     Iterating is collective: every rank must iterate in step (one gather per window).
 
@@ -193,7 +201,7 @@ class SampleWindows:
         self.fingerprint = _tokenization_fingerprint(self.ds, tokenizer, cfg)
         resolve_format(cfg, self.ds.column_names)  # a missing column fails before any teacher forward
         self.skipped = self.num_samples = 0
-        self._seen: set[str] = set()
+        self._seen = HashIndex(np.int32)  # every yielded sample's ID hash, located by its window number
 
     def _part(self, a: int, n: int):
         lo, hi = a + n * self.rank // self.world_size, a + n * (self.rank + 1) // self.world_size
@@ -208,6 +216,42 @@ class SampleWindows:
             return e
         return samples, skipped
 
+    def _window_ids(self, w: int) -> set[str]:
+        """The sample IDs of window ``w``, tokenized again here (all its rows): the collision-safe
+        check of a hash hit, so only for a duplicate or a 64-bit hash collision."""
+        a = w * self.window_rows
+        hi = min(a + self.window_rows, self.num_rows)
+        out: set[str] = set()
+        for b in range(a, hi, TOKENIZE_ROWS):
+            got, _ = tokenize_part(self.ds.select(range(b, min(b + TOKENIZE_ROWS, hi))), self.tokenizer, self.cfg, b,
+                                   self.ds._fingerprint)
+            out.update(s.sample_id for s in got)
+        return out
+
+    def check_unique(self, samples: list[Sample], w: int) -> None:
+        """Check the IDs of window ``w``'s samples against each other and every earlier window,
+        then remember them: 12 bytes per sample (a 64-bit ID hash and the window number,
+        :class:`~pipeline.ids.HashIndex`), not the ID strings. A hash hit is confirmed against
+        the IDs (the earlier window's rows tokenized again) before it is called a duplicate.
+
+        Raises:
+            ValueError: a duplicate sample ID (the ID and the dataset file named).
+        """
+        ids = [s.sample_id for s in samples]
+        hashes = id_hashes(ids)
+        seen: dict[str, int] = {}
+        for i in repeated_hashes(hashes).tolist():  # equal hashes within the window: compare the strings
+            if ids[i] in seen:
+                raise _duplicate(self.cfg, ids[i])
+            seen[ids[i]] = i
+        pos, loc = self._seen.candidates(hashes)
+        for prev in np.unique(loc).tolist():
+            earlier = self._window_ids(prev)
+            for p in pos[loc == prev].tolist():
+                if ids[p] in earlier:
+                    raise _duplicate(self.cfg, ids[p])
+        self._seen.add(hashes, np.full(len(hashes), w))
+
     def __iter__(self) -> Iterator[tuple[int, list[Sample]]]:
         """Yields ``(rows in the window, the window's samples in row order)``, window by window."""
         for a in range(0, self.num_rows, self.window_rows):
@@ -219,7 +263,7 @@ class SampleWindows:
                     raise p
             samples = [s for p in parts for s in p[0]]
             self.skipped += sum(p[1] for p in parts)
-            check_unique(self.cfg, samples, self._seen)
+            self.check_unique(samples, a // self.window_rows)
             self.num_samples += len(samples)
             yield n, samples
         if not self.num_samples:

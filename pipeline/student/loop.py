@@ -16,9 +16,10 @@ from pipeline.student.losses import resolve_tail
 from pipeline.storage import Folder, join, write_file
 from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint, save_optimizer
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
-from pipeline.data import load_samples
+from pipeline.data import DatasetSamples
 from pipeline.student.callbacks import CallbackList, EarlyStopping, MetricsCallback, RunState, load_callbacks
-from pipeline.distributed import DistInfo, all_reduce_sum, barrier, compute_dtype, on_rank0, print0, shard_model
+from pipeline.distributed import (DistInfo, all_reduce_sum, barrier, compute_dtype, gather_objects, on_rank0, print0,
+                                  shard_model)
 from pipeline.storage.errors import writing
 from pipeline import progress
 from pipeline.student.sampler import StepPrefetcher, StepSampler, eval_batches, prefetch
@@ -40,8 +41,12 @@ more requests in flight, further ahead (bench/object_store_bench.py: 1 thread, 4
 0.80x local disk; 4 threads, 16 steps 1.09x)."""
 
 
-def _sources(cfg: TrainStudentConfig):
-    """(train source, eval source or None, tokenizer dir, vocabulary size the data requires)."""
+def _sources(cfg: TrainStudentConfig, info: DistInfo):
+    """(train source, eval source or None, tokenizer dir, vocabulary size the data requires).
+
+    A dataset (``data.train_dataset`` / ``eval_dataset``) is streamed once, window by window,
+    each rank tokenizing its part (:class:`~pipeline.data.DatasetSamples`, collective), and its
+    samples are tokenized again from their rows when read: memory does not grow with its tokens."""
     d = cfg.data
     if d.train_cache is not None:
         train = open_cache(d.train_cache, max_cached_bytes=d.max_cached_bytes)
@@ -52,8 +57,10 @@ def _sources(cfg: TrainStudentConfig):
         tok = d.tokenizer or Folder(d.train_cache).sub("tokenizer").local()
         return train, ev, tok, m.vocab_size
     tokenizer = load_tokenizer(d.tokenizer)
-    train = load_samples(d.train_dataset, tokenizer)[0]
-    ev = load_samples(d.eval_dataset, tokenizer)[0] if d.eval_dataset else None
+    gather = gather_objects if info.world_size > 1 else None
+    train = DatasetSamples(d.train_dataset, tokenizer, rank=info.rank, world_size=info.world_size, gather=gather)
+    ev = (DatasetSamples(d.eval_dataset, tokenizer, rank=info.rank, world_size=info.world_size, gather=gather)
+          if d.eval_dataset else None)
     return train, ev, d.tokenizer, len(tokenizer)
 
 
@@ -250,7 +257,7 @@ class RoundTrainer:
                 cache's target type refuses.
         """
         cfg, info = self.cfg, self.info
-        self.train_src, self.eval_src, self.tok_dir, self.data_vocab = _sources(cfg)
+        self.train_src, self.eval_src, self.tok_dir, self.data_vocab = _sources(cfg, info)
         if cfg.data.train_cache is not None:  # loss.tail defaults from, and is checked against, the cache
             m = self.train_src.manifest
             self.cfg = cfg = resolve_tail(cfg, m.target_type, m.temperature)
@@ -333,9 +340,9 @@ class RoundTrainer:
         indices = np.arange(len(src))
         if self.sample_ids is not None:
             ids = self.sample_ids
-            index = src.index_of if hasattr(src, "index_of") else {s.sample_id: i for i, s in enumerate(src)}.__getitem__
-            order = sorted(range(len(ids)), key=lambda i: index(ids[i]))
-            indices = np.array([index(ids[i]) for i in order], dtype=np.int64)
+            found = src.indices_of(ids)  # one batched hash lookup (KeyError naming a missing ID)
+            order = np.argsort(found, kind="stable")
+            indices = found[order]
             weights = None if weights is None else np.asarray(weights)[order]
         groups = None
         if cfg.data.shuffle == "block":

@@ -13,6 +13,7 @@ from pipeline.storage import Folder, StoreError
 from pipeline.cache import (CacheWriter, Encoding, Manifest, PrepareState, cache_record_from_targets, finalize_cache,
                             open_writer, prepare_cache)
 from pipeline.cache.manifest import TeacherEntry
+from pipeline.cache.shard_ids import ShardIds
 from pipeline.config import PrecomputeConfig
 from pipeline import progress
 from pipeline.data import Sample, SampleWindows
@@ -203,7 +204,7 @@ class _Plan:
     call ``c`` runs global batches ``c·W .. c·W + W − 1``, batch ``c·W + r`` on rank ``r``."""
 
     windows: SampleWindows
-    done_ids: set
+    done: ShardIds  # the closed shards' samples (hashes, confirmed against their IDs)
     batch_size: int
     world_size: int
     cached: int = 0  # samples of the windows seen so far that were already in the cache
@@ -223,7 +224,8 @@ class _Plan:
             except StopIteration:
                 self._exhausted = True
                 break
-            todo = [s for s in samples if s.sample_id not in self.done_ids]
+            found = self.done.find([s.sample_id for s in samples]) if len(self.done) else None
+            todo = samples if found is None else [s for s, i in zip(samples, found) if i < 0]
             self.cached += len(samples) - len(todo)
             batches = _batches(todo, self.batch_size)
             credit += rows
@@ -278,9 +280,9 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> PrecomputeResult:
     if cfg.cache.k > V:
         raise ValueError(f"cache.k={cfg.cache.k} exceeds the vocabulary size {V}")
     state = on_rank0(_prepare_cache_dir, cfg, manifest, tokenizer)  # rank 0; its answer or its error on every rank
-    plan = _Plan(windows, state.done_ids, cfg.batch_size, info.world_size)
+    plan = _Plan(windows, state.done, cfg.batch_size, info.world_size)
     print0(f"[precompute] {windows.num_rows} rows in windows of {cfg.window_rows} rows; samples: "
-           f"{len(state.done_ids)} already cached; batches of {cfg.batch_size} on {info.world_size} rank(s); "
+           f"{len(state.done)} already cached; batches of {cfg.batch_size} on {info.world_size} rank(s); "
            f"k={cfg.cache.k}, V={V}")
     writer = open_writer(cfg.cache.dir, manifest, info.rank, state.attempt, cfg.cache.samples_per_shard,
                          cfg.cache.row_group_size, cfg.cache.compression_level, cfg.cache.writer_queue_shards,
@@ -316,7 +318,7 @@ def _prepare_cache_dir(cfg: PrecomputeConfig, manifest: Manifest, tokenizer) -> 
     (:func:`precompute` runs it through :func:`~pipeline.distributed.on_rank0`).
 
     Returns:
-        The :func:`~pipeline.cache.prepare_cache` state (closed shards' sample IDs, attempt).
+        The :func:`~pipeline.cache.prepare_cache` state (closed shards' samples, attempt).
     Raises:
         ValueError: an incompatible cache (:func:`~pipeline.cache.prepare_cache`), or an
             ``OSError`` (not writable, disk full...) as one line naming ``cache.dir``.

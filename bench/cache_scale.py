@@ -1,0 +1,179 @@
+"""Per-sample memory, open time and loader rate of a large cache, without a teacher.
+
+Writes a synthetic cache of ``--samples`` samples (default 10^7) through the real cache writer
+(:func:`pipeline.cache.open_writer`, the precompute defaults for shard and row-group sizes):
+``--tokens`` tokens per sample (short, so 10^7 samples fit on disk), random input ids and a
+random top-``--k`` per position (sorted log-probabilities of a random distribution holding 90 %
+of the mass, tail 10 %). The bytes on disk are printed. Then it measures:
+
+1. Stage 1's bookkeeping per sample (goal ≤ 24 B):
+   * resume: :func:`pipeline.cache.prepare_cache` over the closed shards (the done samples as
+     :class:`~pipeline.cache.ShardIds`): its ``nbytes`` / N and the Python heap it leaves
+     allocated (``tracemalloc``, which numpy reports to) / N;
+   * the duplicate check of the streamed windows (:meth:`pipeline.data.SampleWindows.check_unique`'s
+     :class:`~pipeline.ids.HashIndex`, fed the same number of IDs in windows of 1,024):
+     ``nbytes`` / N and its ``tracemalloc`` share.
+2. The cache reader (stage 2's bookkeeping; goal ≤ 24 B, open ≤ 10 s at 10^7): wall time of
+   :func:`pipeline.cache.open_cache` (verify on, the default), and the heap it leaves allocated
+   per sample (``tracemalloc``, a second open) plus the process RSS delta of the first open.
+3. Loader vs consumption (goal ≥ 20×), in samples/s (the loader's cost is per sample and per
+   block; the synthetic samples are short): what :class:`pipeline.student.sampler.StepPrefetcher`
+   (``num_workers=0``: one thread, inline) delivers as collated micro-batches of
+   ``--micro-batch`` samples from a freshly opened reader (cold LRU) over ``--steps`` steps, with
+   the global shuffle and the block shuffle (``data.shuffle: block``), against the student's
+   ``--consume-tok-s / --consume-seq`` samples/s (default 34,600 tokens/s of 256-token rows: the
+   stories260K-sized student step with 16 × 256 batches, ``bench/student_step.py``).
+
+Run (the lead runs 10^7 on a quiet machine; 10^5 takes about a minute)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 100000 [--dir /big/disk/tmp] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.cache import cache_bytes, finalize_cache, open_cache, open_writer, prepare_cache  # noqa: E402
+from pipeline.cache.manifest import Manifest, TeacherEntry  # noqa: E402
+from pipeline.cache.records import CacheRecord  # noqa: E402
+from pipeline.config.precompute import CacheConfig  # noqa: E402
+from pipeline.ids import HashIndex, id_hashes  # noqa: E402
+from pipeline.student.sampler import StepPrefetcher, StepSampler  # noqa: E402
+
+CHUNK = 4096
+
+
+def _records(rng: np.random.Generator, start: int, n: int, T: int, k: int, V: int) -> list[CacheRecord]:
+    """``n`` synthetic records ``synth-{start}``... of ``T`` tokens, valid top-``k`` targets."""
+    P = T - 1
+    ids = rng.integers(0, V, (n, T)).astype(np.int32)
+    top = rng.integers(0, V, (n, P, k)).astype(np.int32)
+    p = rng.random((n, P, k)) + 1e-3
+    p = -np.sort(-p / p.sum(-1, keepdims=True) * 0.9, axis=-1)
+    vals = np.log(p).astype(np.float32)
+    tail = np.full((n, P), np.log(0.1), np.float32)
+    mask = np.ones(T, bool)
+    return [CacheRecord(f"synth-{start + i}", ids[i], mask, top[i], vals[i], tail[i], 1.0) for i in range(n)]
+
+
+def _manifest(backend: str, k: int, V: int, T: int) -> Manifest:
+    return Manifest(backend=backend, k=k, index_dtype="uint16", value_dtype="float32", vocab_size=V, temperature=1.0,
+                    tokenizer_fingerprint="synthetic", teachers=[TeacherEntry(path="none", weight=1.0, fingerprint="none")],
+                    dataset={}, dataset_fingerprint=f"synthetic-{T}", max_length=T)
+
+
+def write_cache(d: Path, args) -> float:
+    """Write the synthetic cache (not finalised: resume is measured first); returns seconds."""
+    fields = CacheConfig.model_fields
+    m = _manifest(args.backend, args.k, args.vocab, args.tokens)
+    state = prepare_cache(d, m)
+    w = open_writer(d, m, 0, state.attempt, args.samples_per_shard or fields["samples_per_shard"].default,
+                    fields["row_group_size"].default)
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for a in range(0, args.samples, CHUNK):
+        w.write(_records(rng, a, min(CHUNK, args.samples - a), args.tokens, args.k, args.vocab))
+    w.close()
+    return time.perf_counter() - t0
+
+
+def _rss() -> int:
+    """Resident set size of this process, bytes (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _traced(fn):
+    """(fn's result, bytes of Python/numpy heap it left allocated while its result is alive)."""
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    out = fn()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return out, after - before
+
+
+def stage1(d: Path, N: int, backend: str, k: int, V: int, T: int) -> None:
+    state, heap = _traced(lambda: prepare_cache(d, _manifest(backend, k, V, T)))
+    print(f"stage 1 resume (done samples): {len(state.done)} samples; ShardIds {state.done.nbytes / N:.1f} B/sample, "
+          f"heap left {heap / N:.1f} B/sample (goal <= 24)")
+
+    def windows() -> HashIndex:
+        ix = HashIndex(np.int32)
+        for w, a in enumerate(range(0, N, 1024)):
+            ix.add(id_hashes(f"synth-{i}" for i in range(a, min(a + 1024, N))), np.full(min(1024, N - a), w))
+        return ix
+
+    ix, heap = _traced(windows)
+    print(f"stage 1 duplicate check (windows of 1024): HashIndex {ix.nbytes / N:.1f} B/sample, "
+          f"heap left {heap / N:.1f} B/sample (goal <= 24)")
+
+
+def reader(d: Path, N: int, args) -> None:
+    rss0 = _rss()
+    t0 = time.perf_counter()
+    r = open_cache(d)
+    dt = time.perf_counter() - t0
+    rss = _rss() - rss0
+    print(f"open_cache: {dt:.2f} s for {len(r)} samples in {len(r.shards)} shards (goal <= 10 s at 10^7); "
+          f"index {r.nbytes / N:.1f} B/sample; RSS delta {rss / N:.1f} B/sample")
+    r2, heap = _traced(lambda: open_cache(d))
+    print(f"open_cache heap left: {heap / N:.1f} B/sample (goal <= 24)")
+    del r2
+    consume = args.consume_tok_s / args.consume_seq  # the student's samples/s
+    for shuffle in ("global", "block"):
+        r = open_cache(d)  # cold LRU
+        groups = r.block_ids() if shuffle == "block" else None
+        sampler = StepSampler(np.arange(len(r)), args.micro_batch, 1, 0, 1, seed=0, groups=groups)
+        pf = StepPrefetcher(sampler, r, num_workers=0)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            pf.next_step()
+        rate = args.steps * args.micro_batch / (time.perf_counter() - t0)
+        print(f"loader ({shuffle} shuffle, 1 thread, micro-batch {args.micro_batch}): {rate:,.0f} samples/s; "
+              f"student {consume:,.0f} samples/s ({args.consume_tok_s:,.0f} tokens/s of {args.consume_seq}-token "
+              f"rows) -> {rate / consume:.1f}x (goal >= 20x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=10**7)
+    ap.add_argument("--tokens", type=int, default=8, help="tokens per sample")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--backend", default="parquet", choices=["parquet", "zarr"])
+    ap.add_argument("--samples-per-shard", type=int, default=None, help="default: cache.samples_per_shard's default")
+    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--consume-tok-s", type=float, default=34_600.0, help="the student's training tokens/s")
+    ap.add_argument("--consume-seq", type=int, default=256, help="tokens per sample of the student's batches")
+    ap.add_argument("--dir", default=None, help="parent directory of the cache (default: the system temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the cache")
+    args = ap.parse_args()
+    d = Path(tempfile.mkdtemp(prefix="cache-scale-", dir=args.dir))
+    try:
+        dt = write_cache(d, args)
+        N = args.samples
+        print(f"wrote {N} samples x {args.tokens} tokens (k={args.k}, {args.backend}) in {dt:.1f} s: "
+              f"{cache_bytes(d):,} bytes on disk ({cache_bytes(d) / N:.1f} B/sample) in {d}")
+        stage1(d, N, args.backend, args.k, args.vocab, args.tokens)
+        finalize_cache(d)
+        reader(d, N, args)
+    finally:
+        if not args.keep:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
