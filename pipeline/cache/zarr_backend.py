@@ -12,6 +12,8 @@ groups, as whole shards: PLATFORM.md measured data loss when writers share a zar
     topk_values      (P_total, k) val
     tail_logprob     (P_total,)  float32 | float16
     value_ref        (P_total,)  float16     q8 only
+    text             (n,)        string      text_offsets only
+    offsets          (T_total, 2) int32      text_offsets only
 
 Arrays use the sharding codec (one shard object per array, ``chunk_positions`` rows per
 inner chunk, so a sample's rows are read without decompressing the whole array) and zstd
@@ -32,7 +34,7 @@ def _store(path):
     """What zarr opens: a local path, or a remote shard's ``FsspecStore`` (ranged chunk reads)."""
     return path.remote.zarr_store(path.name) if isinstance(path, RemotePath) else str(path)
 
-_PER_TOKEN = ("input_ids", "loss_mask")
+_PER_TOKEN = ("input_ids", "loss_mask", "offsets")
 _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
 
 
@@ -60,7 +62,7 @@ class ZarrBackend:
             if len(self._arrays) > 64:
                 self._arrays.clear()
             g = zarr.open_group(_store(path), mode="r", zarr_format=3)
-            arrays = self._arrays[path] = {name: g[name] for name in _PER_TOKEN + _PER_POSITION if name in g}
+            arrays = self._arrays[path] = {name: g[name] for name in _PER_TOKEN + _PER_POSITION + ("text",) if name in g}
         return arrays
 
     def _compressors(self, itemsize: int = 1):
@@ -84,6 +86,8 @@ class ZarrBackend:
         g.attrs["block_size"] = int(block_size)
         n = len(arrays["sample_id"])
         g.create_array("sample_id", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(arrays["sample_id"], dtype=object)
+        if "text" in arrays:
+            g.create_array("text", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(arrays["text"], dtype=object)
         for name in ("num_tokens", "teacher_nll_sum"):
             a = np.asarray(arrays[name])
             g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(max(n, 1),), compressors=self._compressors())[:] = a
@@ -115,4 +119,8 @@ class ZarrBackend:
         lo, hi = int(index.block_starts[block]), int(index.block_starts[block + 1])
         t0, t1 = int(index.token_offsets[lo]), int(index.token_offsets[hi])
         p0, p1 = t0 - lo, t1 - hi  # positions = tokens - 1 per sample
-        return {name: np.asarray(a[t0:t1] if name in _PER_TOKEN else a[p0:p1]) for name, a in arrays.items()}
+        out = {name: np.asarray(a[t0:t1] if name in _PER_TOKEN else a[p0:p1]) for name, a in arrays.items()
+               if name != "text"}
+        if "text" in arrays:
+            out["text"] = [str(x) for x in arrays["text"][lo:hi]]
+        return out
