@@ -60,7 +60,7 @@ def _marker_kind(tokenizer) -> str:
     types = {p.get("type") for p in parts}
     if "ByteLevel" in types:
         return "byte_level"
-    if "Metaspace" in types or any(p.get("type") == "Replace" and "▁" in json.dumps(p.get("pattern", "")) for p in parts):
+    if "Metaspace" in types or any(p.get("type") == "Replace" and "▁" in json.dumps(p.get("pattern", ""), ensure_ascii=False) for p in parts):
         return "metaspace"
     return "plain"
 
@@ -98,25 +98,36 @@ def token_bytes(tokenizer) -> list[bytes | None]:
 
 def vocab_map(teacher_tokenizer, student_tokenizer) -> np.ndarray:
     """(V_teacher,) int32: the student id of each teacher id whose normalised bytes
-    (:func:`token_bytes`) a student token has, else -1. Injective: where several teacher ids
-    normalise to the same bytes, the lowest id keeps the student id (and, among student ids
-    with the same bytes, the lowest is used).
+    (:func:`token_bytes`) a student token has, else -1. Injective: where several ids of one
+    tokenizer normalise to the same bytes (a SentencePiece byte-fallback token ``<0x65>`` and
+    ``e``), the ordinary token comes first, then the lowest id.
 
     Raises:
         ValueError: either tokenizer is not a fast tokenizer.
     """
     student: dict[bytes, int] = {}
-    for j, b in enumerate(token_bytes(student_tokenizer)):
+    s_bytes = token_bytes(student_tokenizer)
+    for j in _preferred_order(student_tokenizer):
+        b = s_bytes[j]
         if b is not None and b not in student:
             student[b] = j
     out = np.full(len(teacher_tokenizer), -1, dtype=np.int32)
     taken: set[int] = set()
-    for i, b in enumerate(token_bytes(teacher_tokenizer)):
+    t_bytes = token_bytes(teacher_tokenizer)
+    for i in _preferred_order(teacher_tokenizer):
+        b = t_bytes[i]
         j = student.get(b) if b is not None else None
         if j is not None and j not in taken:
             out[i] = j
             taken.add(j)
     return out
+
+
+def _preferred_order(tokenizer) -> list[int]:
+    """Token ids with ``<0xNN>`` byte-fallback tokens last (stable by id otherwise)."""
+    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    fallback = [t is not None and len(t) == 6 and t.startswith("<0x") and t.endswith(">") for t in toks]
+    return sorted(range(len(toks)), key=lambda i: (fallback[i], i))
 
 
 def boundaries(offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
