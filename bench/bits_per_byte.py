@@ -42,7 +42,7 @@ def bits_per_byte(model_dir: str, texts: list[str], max_length: int = 512, batch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     nats, n_bytes, n_tok = 0.0, 0, 0
     for i in range(0, len(texts), batch):
         enc = tok(texts[i: i + batch], add_special_tokens=True, truncation=True, max_length=max_length,
