@@ -76,9 +76,9 @@ def _sorted_l1(qt: torch.Tensor, p_sel: torch.Tensor, count: torch.Tensor, exclu
     n, k = p_sel.shape
     if exclude is None:
         q = qt
-    else:  # the mapped student ids sort last (a count, not a scatter of flags: unmapped slots hold id 0 too)
-        hits = torch.zeros_like(qt).scatter_add_(1, exclude[0], exclude[1].to(qt.dtype))
-        q = torch.where(hits > 0, -1.0, qt)
+    else:  # the mapped student ids sort last (amin: an unmapped slot's id 0 never undoes a mapped id 0)
+        src = torch.where(exclude[1], -1.0, torch.inf).to(qt.dtype)
+        q = qt.scatter_reduce(1, exclude[0], src, "amin")
     vals, cols = q.topk(k, dim=-1)  # (n, k) descending
     live = torch.arange(k, device=qt.device)[None, :] < count[:, None]
     t = p_sel.sort(dim=-1, descending=True).values
@@ -144,21 +144,24 @@ class _FusedCrossTokenizerLoss(torch.autograd.Function):
             h = hidden[s:e]
             z = (torch.addmm(b, h, W.t()) if b is not None else h @ W.t()).to(fdt)  # (n, V)
             y = t.labels[s:e, None]
-            q1 = torch.softmax(z, -1)
-            ce[s:e] = torch.logsumexp(z, -1) - z.gather(1, y).squeeze(1)
-            grad = alpha * q1.scatter_add(1, y, torch.full_like(y, -1, dtype=fdt))  # α ∂CE/∂z
+            lse1 = torch.logsumexp(z, -1)
+            ce[s:e] = lse1 - z.gather(1, y).squeeze(1)
             al = t.aligned[s:e]
-            if alpha < 1.0 and bool(al.any()):
-                rows = al.nonzero().squeeze(1)
+            rows = al.nonzero().squeeze(1) if alpha < 1.0 else al[:0].nonzero().squeeze(1)
+            if len(rows):
                 za = z[rows]
-                qt = torch.softmax(za / tau, -1)
+                lse_t = lse1[rows] if tau == 1.0 else torch.logsumexp(za / tau, -1)
+                qt = (za / tau if tau != 1.0 else za.clone()).sub_(lse_t[:, None]).exp_()  # (m, V) q_τ
+            grad = z.sub_(lse1[:, None]).exp_().mul_(alpha)  # α softmax(z), in place of the logits
+            grad.scatter_add_(1, y, torch.full_like(y, -alpha, dtype=fdt))  # α ∂CE/∂z
+            if len(rows):
                 ids, lp, tl, mp = t.topk_ids[s:e][rows], t.topk_logprobs[s:e][rows].to(fdt), \
                     t.tail_logprob[s:e][rows].to(fdt), t.mapped[s:e][rows]
-                d, k_m, A, parts = _chunk_terms(za, torch.logsumexp(za / tau, -1), qt, ids, lp, tl, mp, tau, mode)
+                d, k_m, A, parts = _chunk_terms(za, lse_t, qt, ids, lp, tl, mp, tau, mode)
                 dist[s + rows], kl[s + rows] = d, k_m
                 top_mapped = mp[:, 0] & ~torch.isneginf(lp[:, 0])
                 agree[s + rows] = top_mapped & (za.gather(1, ids[:, :1]).squeeze(1) >= za.amax(-1))
-                ga = qt * A[:, None]
+                ga = qt.mul_(A[:, None])  # q_τ is not read after _chunk_terms
                 for cols, B in parts:
                     ga.scatter_add_(1, cols, -B)
                 grad.index_add_(0, rows, (w / tau) * ga)  # (1−α) τ² · (1/τ) ∂D/∂u
