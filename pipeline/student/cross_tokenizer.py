@@ -178,29 +178,24 @@ def align_positions(t_offsets: np.ndarray, s_offsets: np.ndarray, t_valid: np.nd
 
 
 @dataclass
-class CrossTokenizerRecord:
-    """A cached sample in the student's tokens, with the teacher targets at aligned positions.
+class CrossTokenizerRecord(CacheRecord):
+    """A cached sample in the student's tokens, with the teacher targets at aligned positions
+    (a :class:`~pipeline.cache.CacheRecord` whose arrays are the student's, plus two masks).
 
     Attributes:
-        sample_id: the cache's sample ID.
         input_ids: (T,) int32 student tokens of the sample's text. loss_mask: (T,) bool.
         topk_ids: (T-1, k) int32 student ids of the teacher's top-k (0 where unmapped or not aligned).
         topk_logprobs: (T-1, k) float32 teacher log-probabilities (cache temperature) at aligned
             positions, ``-inf`` elsewhere and in padding slots.
         tail_logprob: (T-1,) float32 teacher tail log-mass at aligned positions; 0 elsewhere
             (all mass in the tail: finite statistics, no target).
+        teacher_nll_sum: the cache's (teacher tokens). text / offsets: None.
         mapped: (T-1, k) bool: the slot's teacher id has a student id.
         aligned: (T-1,) bool: the position is aligned with a valid teacher position.
     """
 
-    sample_id: str
-    input_ids: np.ndarray
-    loss_mask: np.ndarray
-    topk_ids: np.ndarray
-    topk_logprobs: np.ndarray
-    tail_logprob: np.ndarray
-    mapped: np.ndarray
-    aligned: np.ndarray
+    mapped: np.ndarray | None = None
+    aligned: np.ndarray | None = None
 
 
 def student_mask(text: str, t_offsets: np.ndarray, t_mask: np.ndarray, s_offsets: np.ndarray) -> np.ndarray:
@@ -267,7 +262,8 @@ class CrossTokenizerConverter:
         out_tail, out_mapped, aligned = np.zeros(P, np.float32), np.zeros((P, k), bool), np.zeros(P, bool)
         out_ids[s_pos], out_lp[s_pos] = np.where(mapped, sid, 0), lp
         out_tail[s_pos], out_mapped[s_pos], aligned[s_pos] = rec.tail_logprob[t_pos], mapped, True
-        return CrossTokenizerRecord(rec.sample_id, ids, mask, out_ids, out_lp, out_tail, out_mapped, aligned)
+        return CrossTokenizerRecord(rec.sample_id, ids, mask, out_ids, out_lp, out_tail, rec.teacher_nll_sum,
+                                    mapped=out_mapped, aligned=aligned)
 
 
 class CrossTokenizerSource:

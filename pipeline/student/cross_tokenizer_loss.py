@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.data.batch import LossTargets
-from pipeline.student.losses import LossSums, _kl_terms, auto_chunk_size
+from pipeline.student.losses import LossSums, _kl_terms, auto_chunk_size, grad_buffers
 
 MODES = ("gold", "uld")
 
@@ -135,9 +135,7 @@ class _FusedCrossTokenizerLoss(torch.autograd.Function):
         fdt = torch.promote_types(hidden.dtype, torch.float32)
         ce, kl, dist = (torch.zeros(N, dtype=fdt, device=hidden.device) for _ in range(3))
         agree = torch.zeros(N, dtype=torch.bool, device=hidden.device)
-        g_hidden = torch.empty_like(hidden)
-        g_weight = torch.zeros(weight.shape, dtype=fdt, device=weight.device)
-        g_bias = torch.zeros(bias.shape, dtype=fdt, device=bias.device) if bias is not None else None
+        g_hidden, g_weight, g_bias = grad_buffers(hidden, weight, bias, fdt)
         tau, w = temperature, (1.0 - alpha) * temperature**2
         for s in range(0, N, chunk_size):
             e = min(N, s + chunk_size)
