@@ -72,6 +72,13 @@ class Manifest(BaseModel):
     sample_seed: int = 0
     """``targets.seed`` of the sampled types: a resumed run must draw with the same seed."""
     tokenizer_fingerprint: str
+    tokenizer_name: str = ""
+    """The teacher tokenizer's ``name_or_path`` when the cache was written (informational: the
+    tokenizer itself is saved in the cache's ``tokenizer/``, identified by its fingerprint)."""
+    text_offsets: str = "none"
+    """``none``, or ``char``: every sample also stores its text and the character span
+    ``[start, end)`` of each teacher token in it (Unicode code points), so that stage 2 can
+    align another tokenizer's tokens to the teacher's (cross-tokenizer distillation)."""
     teachers: list[TeacherEntry]
     combine: str = "probability"
     """How an ensemble was combined: ``probability`` (mixture) or ``logit_mean`` (geometric mean)."""
@@ -92,7 +99,7 @@ class Manifest(BaseModel):
     HEADER_KEYS: ClassVar[tuple[str, ...]] = ("format_version", "backend", "k", "index_dtype", "value_dtype", "index_coding",
                           "q8_step", "vocab_size",
                           "temperature", "target_type", "num_draws", "head_k", "sample_temperature",
-                          "sample_seed", "tokenizer_fingerprint", "teachers", "combine", "dataset_fingerprint", "max_length")
+                          "sample_seed", "tokenizer_fingerprint", "text_offsets", "teachers", "combine", "dataset_fingerprint", "max_length")
 
     @property
     def teacher_perplexity(self) -> float:

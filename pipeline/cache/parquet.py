@@ -13,6 +13,8 @@ Schema of a shard (k fixed per cache; ``idx`` = uint16 | int32, ``val`` per
     topk_values      list<fixed_size_list<val, k>>    (T-1, k)
     tail_logprob     list<float32 | float16>          (T-1)
     value_ref        list<float16>                    (T-1)      q8 only
+    text             string                                      text_offsets only
+    offsets          list<fixed_size_list<int32, 2>>  (T, 2)     text_offsets only
 
 Compressed with zstd. A row group is the unit of random access: ``row_group_size`` rows. The
 schema metadata key ``kd_index`` holds the reader's index (``num_tokens`` as little-endian
@@ -72,6 +74,10 @@ class ParquetBackend:
                 "teacher_nll_sum": pa.array(arrays["teacher_nll_sum"], pa.float64())}
         for name in _PER_TOKEN:
             cols[name] = pa.ListArray.from_arrays(tok_off, pa.array(arrays[name]))
+        if "offsets" in arrays:  # cross-tokenizer caches: each sample's text and token spans
+            cols["text"] = pa.array(arrays["text"], pa.string())
+            cols["offsets"] = pa.ListArray.from_arrays(tok_off, pa.FixedSizeListArray.from_arrays(
+                pa.array(arrays["offsets"].reshape(-1).astype(np.int32)), 2))
         for name in _PER_POSITION:
             if name not in arrays:
                 continue
@@ -83,9 +89,9 @@ class ParquetBackend:
         # own stream, so zstd sees the mostly-constant high bytes of small id gaps together):
         # measured 21.7 vs 29.1 bytes/position for the k=64 id gaps of the real teacher, 41 vs 59
         # for a V=32k teacher. Options take leaf column paths.
-        leaf = {name: name + (".list.element.list.element" if name in ("topk_ids", "topk_values") else ".list.element")
-                for name in _PER_TOKEN + _PER_POSITION}
-        split = [leaf[c] for c in _PER_POSITION if c in cols]
+        leaf = {name: name + (".list.element.list.element" if name in ("topk_ids", "topk_values", "offsets")
+                              else ".list.element") for name in _PER_TOKEN + _PER_POSITION + ("offsets",)}
+        split = [leaf[c] for c in _PER_POSITION + ("offsets",) if c in cols]
         dictionary = ["sample_id", "num_tokens", "teacher_nll_sum"] + [leaf[c] for c in _PER_TOKEN]
         # the reader's index in the footer (read with the metadata, no column pages: open cost
         # per shard ~0.5 ms instead of ~4 ms for two columns over every row group)
@@ -118,9 +124,11 @@ class ParquetBackend:
 
     def read_block(self, path: Path, index: ShardIndex, block: int) -> dict:
         f = self._file(path)
-        names = [n for n in _PER_TOKEN + _PER_POSITION if n in f.schema_arrow.names]
-        t = f.read_row_group(block, columns=names + ["sample_id", "teacher_nll_sum"])
+        names = [n for n in _PER_TOKEN + _PER_POSITION + ("offsets",) if n in f.schema_arrow.names]
+        t = f.read_row_group(block, columns=names + ["sample_id", "teacher_nll_sum"] + (["text"] if "offsets" in names else []))
         out = {"sample_id": t.column("sample_id").to_pylist(), "teacher_nll_sum": t.column("teacher_nll_sum").to_numpy()}
+        if "offsets" in names:
+            out["text"] = t.column("text").to_pylist()
         for name in names:
             col = t.column(name)
             arr = col.chunk(0) if col.num_chunks == 1 else pa.concat_arrays(col.chunks)

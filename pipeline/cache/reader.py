@@ -228,7 +228,8 @@ class CacheReader:
         n_tok = ix.num_tokens[lo:hi].astype(np.int64)
         blk = Block(a["sample_id"], np.concatenate([[0], np.cumsum(n_tok)]),
                     np.concatenate([[0], np.cumsum(n_tok - 1)]), a["input_ids"].astype(np.int32), a["loss_mask"].astype(bool),
-                    ids, vals, tail, np.asarray(a["teacher_nll_sum"], dtype=np.float64))
+                    ids, vals, tail, np.asarray(a["teacher_nll_sum"], dtype=np.float64), a.get("text"),
+                    a["offsets"].astype(np.int32).reshape(-1, 2) if "offsets" in a else None)
         if self.verify:
             bad = check_block(blk, self.manifest.vocab_size, self.manifest.k, self.manifest.target_type != "topk",
                               mass_tol=self.enc.mass_tolerance)

@@ -24,6 +24,9 @@ class CacheRecord:
         tail_logprob: (T-1,) float32 log of the teacher mass outside the stored ids.
         teacher_nll_sum: teacher's summed negative log-likelihood of the actual next tokens
             over the valid positions (nats).
+        text: the text the tokens cover, or None (a cache without ``text_offsets``).
+        offsets: (T, 2) int32 character span ``[start, end)`` of every token in ``text``
+            (zero-width for tokens the tokenizer adds), or None.
     """
 
     sample_id: str
@@ -33,6 +36,8 @@ class CacheRecord:
     topk_logprobs: np.ndarray
     tail_logprob: np.ndarray
     teacher_nll_sum: float
+    text: str | None = None
+    offsets: np.ndarray | None = None
 
     @property
     def n_valid(self) -> int:
@@ -48,6 +53,8 @@ class Block:
         sample_ids: n IDs. tok_off / pos_off: (n+1,) int64 offsets into the token arrays
         (``input_ids``, ``loss_mask``) and the position arrays (``topk_ids`` (P, k),
         ``topk_logprobs`` (P, k), ``tail_logprob`` (P,)). teacher_nll_sum: (n,) float64.
+        texts: n strings and offsets: (T_total, 2) int32 token spans, or both None (a cache
+        without ``text_offsets``).
     """
 
     sample_ids: list[str]
@@ -59,29 +66,45 @@ class Block:
     topk_logprobs: np.ndarray
     tail_logprob: np.ndarray
     teacher_nll_sum: np.ndarray
+    texts: list[str] | None = None
+    offsets: np.ndarray | None = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the block's arrays (tokens, mask, targets)."""
-        return sum(a.nbytes for a in (self.input_ids, self.loss_mask, self.topk_ids, self.topk_logprobs, self.tail_logprob))
+        """Bytes of the block's arrays (tokens, mask, targets; offsets and text when stored)."""
+        extra = 0 if self.offsets is None else self.offsets.nbytes + sum(len(t) for t in self.texts)
+        return extra + sum(a.nbytes for a in (self.input_ids, self.loss_mask, self.topk_ids, self.topk_logprobs,
+                                              self.tail_logprob))
 
     def record(self, j: int) -> CacheRecord:
         """The ``j``-th sample of the block (views, no copy)."""
         a, b = self.tok_off[j], self.tok_off[j + 1]
         p, q = self.pos_off[j], self.pos_off[j + 1]
+        text = (self.texts[j], self.offsets[a:b]) if self.offsets is not None else ()
         return CacheRecord(self.sample_ids[j], self.input_ids[a:b], self.loss_mask[a:b], self.topk_ids[p:q],
-                           self.topk_logprobs[p:q], self.tail_logprob[p:q], float(self.teacher_nll_sum[j]))
+                           self.topk_logprobs[p:q], self.tail_logprob[p:q], float(self.teacher_nll_sum[j]), *text)
 
     @staticmethod
     def from_records(records: list[CacheRecord]) -> "Block":
-        """Concatenate ``records`` into one block (offsets per sample)."""
+        """Concatenate ``records`` into one block (offsets per sample). Text and token offsets are
+        kept when every record has them.
+
+        Raises:
+            ValueError: some records have text offsets and others not (the first such sample named).
+        """
         n_tok = np.array([len(r.input_ids) for r in records], dtype=np.int64)
         cat = np.concatenate
+        has_text = [r.offsets is not None for r in records]
+        if any(has_text) and not all(has_text):
+            bad = records[has_text.index(not has_text[0])].sample_id
+            raise ValueError(f"sample_id {bad!r}: text offsets stored for some samples of a block and not others")
+        text = ([r.text for r in records], cat([r.offsets for r in records]).astype(np.int32)) if all(has_text) and records \
+            else (None, None)
         return Block([r.sample_id for r in records], np.concatenate([[0], np.cumsum(n_tok)]),
                      np.concatenate([[0], np.cumsum(n_tok - 1)]), cat([r.input_ids for r in records]),
                      cat([r.loss_mask for r in records]).astype(bool), cat([r.topk_ids for r in records]),
                      cat([r.topk_logprobs for r in records]), cat([r.tail_logprob for r in records]),
-                     np.array([r.teacher_nll_sum for r in records], dtype=np.float64))
+                     np.array([r.teacher_nll_sum for r in records], dtype=np.float64), *text)
 
 
 def check_block(b: Block, vocab_size: int, k: int, allow_padding: bool, mass_tol: float = 1e-2,
@@ -92,7 +115,8 @@ def check_block(b: Block, vocab_size: int, k: int, allow_padding: bool, mass_tol
     Checks: T-1 positions per T tokens, (P, k) target shapes, token and target ids within
     ``[0, vocab_size)``, values not NaN, finite except trailing ``-inf`` padding (only when
     ``allow_padding``), ``<= value_tol``, sorted descending, probability mass ``<= 1 + mass_tol``,
-    tail log-mass not NaN and ``<= value_tol``.
+    tail log-mass not NaN and ``<= value_tol``; stored token offsets (T, 2) with
+    ``0 <= start <= end <= len(text)``.
     """
     if len(b.input_ids) != b.tok_off[-1] or len(b.loss_mask) != b.tok_off[-1]:
         return 0, f"{len(b.input_ids)} tokens stored, lengths say {int(b.tok_off[-1])}"
@@ -127,12 +151,22 @@ def check_block(b: Block, vocab_size: int, k: int, allow_padding: bool, mass_tol
     for mask, what in checks:
         if mask.any():
             return owner(b.pos_off, int(np.argmax(mask))), what
+    if b.offsets is not None:
+        if b.offsets.shape != (len(b.input_ids), 2) or len(b.texts) != len(b.sample_ids):
+            return 0, f"token offsets of shape {b.offsets.shape} do not match {len(b.input_ids)} tokens"
+        lens = np.repeat(np.array([len(t) for t in b.texts], dtype=np.int64), np.diff(b.tok_off))
+        o = b.offsets
+        bad = (o[:, 0] < 0) | (o[:, 1] < o[:, 0]) | (o[:, 1] > lens)
+        if bad.any():
+            return owner(b.tok_off, int(np.argmax(bad))), "token offsets outside the sample's text"
     return None
 
 
 def record_nbytes(r: CacheRecord) -> int:
-    """Bytes of a record's arrays in memory (input_ids, loss_mask, top-k ids and log-probs, tail)."""
-    return sum(a.nbytes for a in (r.input_ids, r.loss_mask, r.topk_ids, r.topk_logprobs, r.tail_logprob))
+    """Bytes of a record's arrays in memory (input_ids, loss_mask, top-k ids and log-probs, tail;
+    offsets and text when stored)."""
+    extra = 0 if r.offsets is None else r.offsets.nbytes + len(r.text)
+    return extra + sum(a.nbytes for a in (r.input_ids, r.loss_mask, r.topk_ids, r.topk_logprobs, r.tail_logprob))
 
 
 def cache_record_from_targets(sample, topk_ids: np.ndarray, topk_logprobs: np.ndarray, tail: np.ndarray,
@@ -140,4 +174,5 @@ def cache_record_from_targets(sample, topk_ids: np.ndarray, topk_logprobs: np.nd
     """Build a :class:`CacheRecord` from one sample's unpadded (T-1, ...) teacher outputs."""
     valid = sample.loss_mask[1:]
     return CacheRecord(sample.sample_id, sample.input_ids, sample.loss_mask, topk_ids, topk_logprobs, tail,
-                       float(-target_logprob[valid].astype(np.float64).sum()))
+                       float(-target_logprob[valid].astype(np.float64).sum()), getattr(sample, "text", None),
+                       getattr(sample, "offsets", None))

@@ -171,6 +171,8 @@ class CacheWriter:
                   "teacher_nll_sum": blk.teacher_nll_sum,
                   "input_ids": blk.input_ids.astype(self.enc.index_dtype), "loss_mask": blk.loss_mask,
                   **encode_targets(blk.topk_ids, blk.topk_logprobs, blk.tail_logprob, self.enc)}
+        if blk.offsets is not None:  # optional columns: a cache without them is written as before
+            arrays["text"], arrays["offsets"] = blk.texts, blk.offsets
         name = f"part-r{self.rank:05d}-a{self.attempt}-{len(self.closed):05d}{self.backend.suffix}"
         marker = name + MARKER_SUFFIX
         marker_tmp = Path(marker).with_suffix(TMP_SUFFIX).name

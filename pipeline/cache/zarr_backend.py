@@ -13,6 +13,8 @@ groups, as whole shards: PLATFORM.md measured data loss when writers share a zar
     topk_values      (P_total, k) val
     tail_logprob     (P_total,)  float32 | float16
     value_ref        (P_total,)  float16     q8 only
+    text             (n,)        string      text_offsets only
+    offsets          (T_total, 2) int32      text_offsets only
 
 Arrays use the sharding codec (one shard object per array, ``chunk_positions`` rows per
 inner chunk, so a sample's rows are read without decompressing the whole array) and zstd
@@ -34,7 +36,7 @@ def _store(path):
     """What zarr opens: a local path, or a remote shard's ``FsspecStore`` (ranged chunk reads)."""
     return path.remote.zarr_store(path.name) if isinstance(path, RemotePath) else str(path)
 
-_PER_TOKEN = ("input_ids", "loss_mask")
+_PER_TOKEN = ("input_ids", "loss_mask", "offsets")
 _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
 
 
@@ -62,7 +64,7 @@ class ZarrBackend:
             if len(self._arrays) > 64:
                 self._arrays.clear()
             g = zarr.open_group(_store(path), mode="r", zarr_format=3)
-            names = _PER_TOKEN + _PER_POSITION + ("sample_id", "teacher_nll_sum")
+            names = _PER_TOKEN + _PER_POSITION + ("sample_id", "teacher_nll_sum", "text")
             arrays = self._arrays[path] = {name: g[name] for name in names if name in g}
         return arrays
 
@@ -87,6 +89,8 @@ class ZarrBackend:
         g.attrs["block_size"] = int(block_size)
         n = len(arrays["sample_id"])
         g.create_array("sample_id", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(arrays["sample_id"], dtype=object)
+        if "text" in arrays:
+            g.create_array("text", shape=(n,), dtype=str, chunks=(max(n, 1),))[:] = np.array(arrays["text"], dtype=object)
         for name in ("sample_id_hash", "num_tokens", "teacher_nll_sum"):
             a = np.asarray(arrays[name])
             g.create_array(name, shape=a.shape, dtype=a.dtype, chunks=(max(n, 1),), compressors=self._compressors())[:] = a
@@ -133,4 +137,6 @@ class ZarrBackend:
                if name in _PER_TOKEN + _PER_POSITION}
         out["sample_id"] = [str(s) for s in arrays["sample_id"][lo:hi]]
         out["teacher_nll_sum"] = np.asarray(arrays["teacher_nll_sum"][lo:hi])
+        if "text" in arrays:
+            out["text"] = [str(x) for x in arrays["text"][lo:hi]]
         return out

@@ -54,6 +54,10 @@ class CacheConfig(_Section):
     records in memory (at most ``shard_mib``). 0: shards are written in the
     teacher loop, between forwards. The cache's bytes do not depend on it."""
     overwrite: bool = False
+    text_offsets: bool = False
+    """Also store every sample's text and the character span of each teacher token (``text``
+    datasets, fast tokenizers): a student with another tokenizer can then be distilled from
+    the cache (``loss.cross_tokenizer``). Off: the cache is written exactly as without it."""
 
 
 class TargetsConfig(_Section):

@@ -129,6 +129,12 @@ class LossConfig(_Section):
     Unset: ``bucket`` for ``topk`` caches, ``sampled`` for ``sampled`` / ``topk+sampled``
     caches (read from ``data.train_cache``'s manifest when train-student starts); incompatible
     pairs are refused then (:func:`pipeline.student.losses.resolve_tail`)."""
+    cross_tokenizer: Literal["gold", "uld"] | None = None
+    """Required, and only used, when the student's tokenizer (``data.tokenizer``) differs from
+    the train cache's (a cache written with ``cache.text_offsets``): ``gold`` (KL over the
+    teacher ids that have a student token with the same string, plus the ULD distance on the
+    unmapped rest) or ``uld`` (the sorted-probability distance only). Formulas and sources in
+    pipeline/student/cross_tokenizer_loss.py; ``tail`` and ``divergence`` do not apply."""
     aux_loss_coef: float = Field(default=0.0, ge=0)
     """Weight of the student's own auxiliary loss (e.g. a MoE router load-balancing loss,
     ``outputs.aux_loss`` with ``output_router_logits=True``); 0 = not requested."""

@@ -25,6 +25,9 @@ class LossTargets:
         topk_logprobs: (N, k) float32 teacher log-probabilities at the cache temperature (for
             sampled caches, log estimated probabilities); ``-inf`` marks a padding slot.
         tail_logprob: (N,) float32 teacher log tail mass (``-inf`` allowed).
+        aligned: (N,) bool, cross-tokenizer batches only: the position has teacher targets
+            (pipeline/student/cross_tokenizer.py); None otherwise.
+        mapped: (N, k) bool, cross-tokenizer batches only: the slot's teacher id has a student id.
     """
 
     labels: torch.Tensor
@@ -33,6 +36,8 @@ class LossTargets:
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
     tail_logprob: torch.Tensor | None = None
+    aligned: torch.Tensor | None = None
+    mapped: torch.Tensor | None = None
 
 
 @dataclass
@@ -61,6 +66,11 @@ class Batch:
             :func:`pipeline.numerics.position_stats` defines them (host), or None.
         segments: packed rows only: per row, the ``(start, end)`` token ranges of its samples and
             trailing padding, covering ``[0, L)`` (host; for ``pipeline.student.packed_attention``).
+        aligned: (N,) bool, mapped: (N, k) bool: cross-tokenizer records only (positions with
+            teacher targets; slots whose teacher id has a student id), else None.
+        aligned_count: (S,) int64 aligned positions per sample, mapped_mass_sum: (S,) float64
+            per-sample sum over aligned positions of the teacher probability (cache
+            temperature) on mapped ids (host); cross-tokenizer records only, else None.
     """
 
     sample_ids: list[str | None]
@@ -76,9 +86,13 @@ class Batch:
     topk_mass_sum: torch.Tensor | None = None
     teacher_entropy_sum: torch.Tensor | None = None
     segments: list[list[tuple[int, int]]] | None = None
+    aligned: torch.Tensor | None = None
+    mapped: torch.Tensor | None = None
+    aligned_count: torch.Tensor | None = None
+    mapped_mass_sum: torch.Tensor | None = None
 
     _DEVICE_FIELDS = ("input_ids", "rows", "labels", "sample_index", "position_ids", "topk_ids", "topk_logprobs",
-                      "tail_logprob")
+                      "tail_logprob", "aligned", "mapped")
 
     def to(self, device: torch.device) -> "Batch":
         """The batch with the tensors the forward/loss use on ``device`` (host statistics stay)."""
@@ -93,7 +107,7 @@ class Batch:
 
     def targets(self) -> LossTargets:
         return LossTargets(self.labels, self.sample_index, len(self.sample_ids), self.topk_ids, self.topk_logprobs,
-                           self.tail_logprob)
+                           self.tail_logprob, self.aligned, self.mapped)
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -172,6 +186,22 @@ def collate(records: list, pad_only: bool = False, pack_length: int | None = Non
     tail = np.concatenate([r.tail_logprob[t] for r, t in zip(records, t_sel)]).astype(np.float32, copy=False)
     mass, entropy = position_stats(tk_lp, tail)
     mass, entropy = np.bincount(sample_index, mass, minlength=S), np.bincount(sample_index, entropy, minlength=S)
-    return dataclasses.replace(batch, topk_ids=torch.from_numpy(tk_ids), topk_logprobs=torch.from_numpy(tk_lp),
-                               tail_logprob=torch.from_numpy(tail), topk_mass_sum=torch.from_numpy(mass),
-                               teacher_entropy_sum=torch.from_numpy(entropy))
+    batch = dataclasses.replace(batch, topk_ids=torch.from_numpy(tk_ids), topk_logprobs=torch.from_numpy(tk_lp),
+                                tail_logprob=torch.from_numpy(tail), topk_mass_sum=torch.from_numpy(mass),
+                                teacher_entropy_sum=torch.from_numpy(entropy))
+    if not hasattr(records[0], "aligned"):
+        return batch
+    return _cross_tokenizer_fields(batch, records, t_sel, sample_index, tk_lp, S)
+
+
+def _cross_tokenizer_fields(batch: Batch, records: list, t_sel: list, sample_index: np.ndarray, tk_lp: np.ndarray,
+                            S: int) -> Batch:
+    """Add the ``aligned`` / ``mapped`` targets of cross-tokenizer records and their per-sample
+    statistics (aligned positions; teacher mass on mapped ids, at the cache temperature)."""
+    aligned = np.concatenate([r.aligned[t] for r, t in zip(records, t_sel)]).astype(bool)
+    mapped = np.concatenate([r.mapped[t] for r, t in zip(records, t_sel)]).astype(bool)
+    mass = np.where(mapped, np.exp(tk_lp.astype(np.float64)), 0.0).sum(1)
+    return dataclasses.replace(batch, aligned=torch.from_numpy(aligned), mapped=torch.from_numpy(mapped),
+                               aligned_count=torch.from_numpy(np.bincount(sample_index, aligned, minlength=S)
+                                                              .astype(np.int64)),
+                               mapped_mass_sum=torch.from_numpy(np.bincount(sample_index, mass, minlength=S)))

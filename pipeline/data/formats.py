@@ -174,6 +174,53 @@ def fit_length(input_ids, loss_mask: np.ndarray, cfg: DatasetConfig, bos_token_i
         start += step
 
 
+def text_offsets(ds, tokenizer, cfg: DatasetConfig, fmt: str, ids: list[str],
+                 start: int = 0) -> list[tuple[list[int], np.ndarray, str, np.ndarray]]:
+    """Per row ``(input_ids, loss_mask, text, offsets)`` of a ``text``-format dataset, with the
+    character span of every token from the fast tokenizer's offset mapping (the tokens are
+    those of :func:`_encode_rows`, the same call with ``return_offsets_mapping``).
+
+    Offsets are Python string indices (Unicode code points) into ``text``, (T, 2) int32;
+    tokens the tokenizer adds (BOS, EOS) are zero-width. Character offsets rather than byte
+    offsets: every fast tokenizer reports them, whatever its model (byte-level BPE included),
+    and a student tokenizer run on the same string reports the same kind.
+
+    Raises:
+        ValueError: a format other than ``text``, or a tokenizer without offsets (a slow
+            tokenizer); the dataset is named.
+    """
+    if fmt != "text":
+        raise ValueError(f"dataset {cfg.path}: character offsets (cache.text_offsets) need format text, "
+                         f"this dataset is {fmt}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"dataset {cfg.path}: character offsets (cache.text_offsets) need a fast tokenizer")
+    fields = _text_fields(cfg)
+    cols = [ds[f][:] for f in fields]
+    texts = [cfg.text_join.join(v for v in (_str_value(cfg, start + i, ids[i], f, x) for f, x in zip(fields, vals)) if v)
+             for i, vals in enumerate(zip(*cols))]
+    trunc = cfg.overflow == "truncate"
+    enc = tokenizer(texts, truncation=trunc, max_length=cfg.max_length if trunc else None, add_special_tokens=True,
+                    return_attention_mask=False, return_offsets_mapping=True)
+    return [(toks, np.ones(len(toks), dtype=bool), text, np.asarray(offs, dtype=np.int32).reshape(-1, 2))
+            for toks, text, offs in zip(enc["input_ids"], texts, enc["offset_mapping"])]
+
+
+def window_text(text: str, offsets: np.ndarray) -> tuple[str, np.ndarray]:
+    """The part of ``text`` a sample's tokens cover, and their offsets shifted into it.
+
+    Args:
+        text: the row's whole text. offsets: (T, 2) int32 spans of the sample's tokens in it.
+    Returns:
+        ``(text[a:b], offsets - a)`` with ``a`` / ``b`` the first start / last end of the
+        tokens that cover characters; zero-width tokens are clipped into ``[0, b - a]``.
+    """
+    wide = offsets[:, 1] > offsets[:, 0]
+    if not wide.any():
+        return "", np.zeros_like(offsets)
+    a, b = int(offsets[wide, 0].min()), int(offsets[wide, 1].max())
+    return text[a:b], np.clip(offsets - a, 0, b - a).astype(np.int32)
+
+
 def _encode_rows(ds, tokenizer, cfg: DatasetConfig, fmt: str, chat_col: str | None, ids: list[str],
                  start: int = 0) -> list:
     """Per row ``(input_ids, loss_mask)`` before the length limit (text rows are truncated here

@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.config import DatasetConfig
 from pipeline.data.generated import check_generated_tokenizer
-from pipeline.data.formats import _chat_template, _encode_rows, fit_length, resolve_format
+from pipeline.data.formats import _chat_template, _encode_rows, fit_length, resolve_format, text_offsets, window_text
 from pipeline.data.sources import load_rows
 from pipeline.ids import HashIndex, id_hashes, repeated_hashes
 
@@ -29,12 +29,18 @@ class Sample:
         input_ids: (T,) int32 token IDs, BOS included when the tokenizer adds one.
         loss_mask: (T,) bool, True for tokens trained on as targets.
         row: the dataset row it was tokenized from (-1: unknown); not compared.
+        text: the text the tokens cover (``text`` format with ``with_offsets``), else None.
+        offsets: (T, 2) int32 character span ``[start, end)`` of every token in ``text``
+            (Python string indices: Unicode code points); zero-width for tokens the tokenizer
+            adds (BOS, EOS); None without ``with_offsets``.
     """
 
     sample_id: str
     input_ids: np.ndarray
     loss_mask: np.ndarray
     row: int = field(default=-1, compare=False, repr=False)
+    text: str | None = None
+    offsets: np.ndarray | None = None
 
     @property
     def n_valid(self) -> int:
@@ -43,7 +49,7 @@ class Sample:
 
 
 def tokenize_part(ds, tokenizer, cfg: DatasetConfig, start: int = 0,
-                  fingerprint: str | None = None) -> tuple[list[Sample], int]:
+                  fingerprint: str | None = None, with_offsets: bool = False) -> tuple[list[Sample], int]:
     """Tokenize the rows ``start, start+1, ...`` of a dataset held in ``ds`` (the whole dataset
     or a contiguous slice of it) into :class:`Sample` records, applying ``max_length`` /
     ``overflow``; no check across rows (see :func:`tokenize_rows`).
@@ -53,13 +59,16 @@ def tokenize_part(ds, tokenizer, cfg: DatasetConfig, start: int = 0,
     = the whole dataset's ``_fingerprint``, default ``ds._fingerprint``); with ``overflow: window``
     every sample's ID is ``{id}#{n}`` (window n = 0, 1, ...). Samples with no valid position (fewer
     than 2 tokens, or no target token: an empty text, a chat without assistant content) are
-    skipped and counted.
+    skipped and counted. ``with_offsets`` (``text`` format only, a fast tokenizer) also keeps
+    every sample's text and the character span of each of its tokens
+    (:func:`~pipeline.data.formats.text_offsets`), which cross-tokenizer distillation needs.
 
     Returns:
         (samples in row order, n_skipped_empty)
     Raises:
         KeyError: a configured column missing from the dataset's columns.
-        ValueError: a bad row (its file, global row index and sample ID are named), or a null ID.
+        ValueError: a bad row (its file, global row index and sample ID are named), or a null ID;
+            ``with_offsets`` with another format than ``text`` or a tokenizer without offsets.
     """
     fmt, chat_col = resolve_format(cfg, ds.column_names)
     id_field = cfg.id_field or ("id" if fmt == "generated" else None)  # generated rows: {prompt id}/{j}
@@ -70,14 +79,23 @@ def tokenize_part(ds, tokenizer, cfg: DatasetConfig, start: int = 0,
     else:
         fp = (fingerprint or ds._fingerprint)[:16]
         ids = [f"{fp}-{start + i}" for i in range(len(ds))]
-    rows = _encode_rows(ds, tokenizer, cfg, fmt, chat_col, ids, start)
+    if with_offsets:
+        rows = text_offsets(ds, tokenizer, cfg, fmt, ids, start)
+    else:
+        rows = [(toks, mask, None, None) for toks, mask in _encode_rows(ds, tokenizer, cfg, fmt, chat_col, ids, start)]
     samples, skipped = [], 0
-    for r, (sid, (toks, mask)) in enumerate(zip(ids, rows), start):
-        for n, (arr, m) in enumerate(fit_length(toks, mask, cfg, tokenizer.bos_token_id)):
+    for r, (sid, (toks, mask, text, offs)) in enumerate(zip(ids, rows), start):
+        windows = fit_length(toks, mask, cfg, tokenizer.bos_token_id)
+        if offs is not None:  # the token indices of each window: fit_length over 0..T-1 (BOS kept as index 0)
+            bos = 0 if len(toks) and toks[0] == tokenizer.bos_token_id else None
+            index = fit_length(np.arange(len(toks)), mask, cfg, bos)
+        for n, (arr, m) in enumerate(windows):
             if len(arr) < 2 or not m[1:].any():
                 skipped += 1
                 continue
-            samples.append(Sample(f"{sid}#{n}" if cfg.overflow == "window" else sid, arr, m, r))
+            sample_id = f"{sid}#{n}" if cfg.overflow == "window" else sid
+            extra = window_text(text, offs[index[n][0]]) if offs is not None else ()
+            samples.append(Sample(sample_id, arr, m, r, *extra))
     return samples, skipped
 
 
@@ -173,6 +191,7 @@ class SampleWindows:
     the duplicate check's 12 bytes per sample (:meth:`check_unique`).
 
     Iterating is collective: every rank must iterate in step (one gather per window).
+    ``with_offsets``: the samples keep their text and token offsets (:func:`tokenize_part`).
 
     Attributes:
         num_rows: rows of the split (after ``num_samples``).
@@ -190,8 +209,9 @@ class SampleWindows:
     """
 
     def __init__(self, cfg: DatasetConfig, tokenizer, window_rows: int, rank: int = 0, world_size: int = 1,
-                 gather=None):
+                 gather=None, with_offsets: bool = False):
         self.cfg, self.tokenizer, self.window_rows = cfg, tokenizer, window_rows
+        self.with_offsets = with_offsets
         self.rank, self.world_size, self.gather = rank, world_size, gather
         self.ds = load_rows(cfg)
         if len(self.ds) == 0:
@@ -209,7 +229,7 @@ class SampleWindows:
         try:  # TOKENIZE_ROWS at a time: the tokenizer's Python lists exist for those rows only
             for a in range(lo, hi, TOKENIZE_ROWS):
                 got, n = tokenize_part(self.ds.select(range(a, min(a + TOKENIZE_ROWS, hi))), self.tokenizer, self.cfg,
-                                       a, self.ds._fingerprint)
+                                       a, self.ds._fingerprint, with_offsets=self.with_offsets)
                 samples += got
                 skipped += n
         except (KeyError, ValueError) as e:

@@ -11,8 +11,11 @@ top1_agree`` (positions where the student's argmax is the teacher's top-1), ``to
 (the teacher's probability mass on the cached ids) and ``teacher_entropy_sum`` (the teacher's
 entropy over the cached ids plus one tail outcome), both as
 :func:`pipeline.numerics.position_stats` defines them for ``inspect-cache`` too: sums over the
-sample's valid positions, in nats where they are losses. The
-partition keys are not repeated inside the files, so readers do not see them twice.
+sample's valid positions, in nats where they are losses. Cross-tokenizer runs add
+``aligned_frac`` (the fraction of the sample's valid positions aligned with a teacher position)
+and ``mapped_mass`` (the mean, over those aligned positions, of the teacher probability on ids
+that have a student id); both are null in other runs and in logs written before they existed.
+The partition keys are not repeated inside the files, so readers do not see them twice.
 
 A run directory on a store (``s3://...``): each part is one PUT of the whole file under its
 final name (a PUT is atomic: a reader sees the whole part or none); the part number comes from
@@ -33,6 +36,7 @@ SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("epoch", pa.int32()), ("step", pa.int64()), ("n_tokens", pa.int32()),
     ("ce_sum", pa.float32()), ("kl_sum", pa.float32()), ("distill_sum", pa.float32()), ("loss_sum", pa.float32()),
     ("top1_agree", pa.int32()), ("topk_mass_sum", pa.float32()), ("teacher_entropy_sum", pa.float32()),
+    ("aligned_frac", pa.float32()), ("mapped_mass", pa.float32()),
 ])
 
 
@@ -68,7 +72,7 @@ class LossLogWriter:
         buf["step"].extend([step] * n)
         for name in SCHEMA.names:
             if name not in ("epoch", "step"):
-                buf[name].extend(rows[name])
+                buf[name].extend(rows[name] if name in rows else [None] * n)
         if len(buf["sample_id"]) >= self.flush_rows:
             self._submit(round_, split)
 

@@ -13,6 +13,7 @@ import torch
 from pipeline.cache import open_cache, read_manifest
 from pipeline.student.divergences import Divergence
 from pipeline.student.losses import resolve_tail
+from pipeline.student.cross_tokenizer import wrap_sources
 from pipeline.storage import Folder, join, write_file
 from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint, save_optimizer
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
@@ -54,8 +55,9 @@ def _sources(cfg: TrainStudentConfig, info: DistInfo):
         m = train.manifest
         if ev is not None and (ev.manifest.vocab_size, ev.manifest.tokenizer_fingerprint) != (m.vocab_size, m.tokenizer_fingerprint):
             raise ValueError(f"data.eval_cache {d.eval_cache} has another vocabulary/tokenizer than data.train_cache {d.train_cache}")
-        tok = d.tokenizer or Folder(d.train_cache).sub("tokenizer").local()
-        return train, ev, tok, m.vocab_size
+        cache_tok = Folder(d.train_cache).sub("tokenizer").local()
+        train, ev, student_vocab = wrap_sources(cfg, train, ev, str(cache_tok))  # another tokenizer: converted
+        return train, ev, d.tokenizer or cache_tok, student_vocab or m.vocab_size
     tokenizer = load_tokenizer(d.tokenizer)
     gather = gather_objects if info.world_size > 1 else None
     train = DatasetSamples(d.train_dataset, tokenizer, rank=info.rank, world_size=info.world_size, gather=gather)

@@ -264,6 +264,16 @@ def _divergence_terms(zS: torch.Tensor, lse_t: torch.Tensor, lp: torch.Tensor, t
     return d, A, B
 
 
+def grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 fdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The gradient buffers a fused loss fills chunk by chunk: ``g_hidden`` like ``hidden``
+    (written whole), and zeroed ``g_weight`` / ``g_bias`` (None without a bias) in ``fdt``."""
+    g_hidden = torch.empty_like(hidden)
+    g_weight = torch.zeros(weight.shape, dtype=fdt, device=weight.device)
+    g_bias = torch.zeros(bias.shape, dtype=fdt, device=bias.device) if bias is not None else None
+    return g_hidden, g_weight, g_bias
+
+
 class _FusedLinearLoss(torch.autograd.Function):
     """Output projection + hybrid loss, chunked; gradients formed in the forward pass."""
 
@@ -282,9 +292,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         dist = kl if forward_kl else torch.zeros_like(ce)  # the configured divergence per position
         agree = torch.zeros(N, dtype=torch.bool, device=hidden.device)
         if need_grad:
-            g_hidden = torch.empty_like(hidden)
-            g_weight = torch.zeros(weight.shape, dtype=fdt, device=weight.device)
-            g_bias = torch.zeros(bias.shape, dtype=fdt, device=bias.device) if bias is not None else None
+            g_hidden, g_weight, g_bias = grad_buffers(hidden, weight, bias, fdt)
         tau, w_kl = temperature, (1.0 - alpha) * temperature**2
         for s in range(0, N, chunk_size):
             e = min(N, s + chunk_size)

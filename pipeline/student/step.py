@@ -20,6 +20,7 @@ from pipeline.config import LossConfig, OptimConfig
 from pipeline.distributed import all_reduce_sum, set_gradient_sync
 from pipeline.data.batch import Batch
 from pipeline.student.divergences import Divergence
+from pipeline.student.cross_tokenizer_loss import cross_tokenizer_loss
 from pipeline.student.losses import LossSums, fused_linear_loss
 from pipeline.models import defer_output_projection
 from pipeline.student.packed_attention import enable_packed_attention
@@ -33,7 +34,8 @@ class StepStats:
     ``loss``, ``ce``, ``kl``, ``distill`` are per valid token: ``Σ loss_sum / N`` etc.
     (``kl`` forward KL, ``distill`` the configured divergence). ``rows`` holds one dict of
     lists (``sample_id, n_tokens, ce_sum, kl_sum, distill_sum, loss_sum, top1_agree,
-    topk_mass_sum, teacher_entropy_sum``) for this rank's samples.
+    topk_mass_sum, teacher_entropy_sum, aligned_frac, mapped_mass``; the last two None
+    outside cross-tokenizer runs) for this rank's samples.
     """
 
     loss: float
@@ -227,9 +229,14 @@ class Trainer:
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.rows)  # (N, H) valid positions
         # after the root forward FSDP2 keeps the root's parameters unsharded: .weight is the
         # all-gathered tensor, and its gradient joins the root's reduce-scatter
-        sums = fused_linear_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
-                                 temperature=c.temperature, tail=c.tail, vocab_size=self.vocab_size,
-                                 chunk_size=c.chunk_size, divergence=self.divergence)
+        if batch.aligned is not None:  # a cross-tokenizer batch (pipeline/student/cross_tokenizer_loss.py)
+            sums = cross_tokenizer_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
+                                        temperature=c.temperature, mode=c.cross_tokenizer or "gold",
+                                        vocab_size=self.vocab_size, chunk_size=c.chunk_size)
+        else:
+            sums = fused_linear_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
+                                     temperature=c.temperature, tail=c.tail, vocab_size=self.vocab_size,
+                                     chunk_size=c.chunk_size, divergence=self.divergence)
         if c.aux_loss_coef > 0:
             aux = getattr(out, "aux_loss", None)
             if aux is None:
@@ -271,6 +278,9 @@ class Trainer:
             n_tok = b.n_tokens.tolist()
             mass = b.topk_mass_sum.tolist() if b.topk_mass_sum is not None else [0.0] * S
             ent = b.teacher_entropy_sum.tolist() if b.teacher_entropy_sum is not None else [0.0] * S
+            xt = b.aligned_count is not None  # cross-tokenizer: aligned fraction, mean mapped teacher mass
+            n_al = b.aligned_count.tolist() if xt else [0] * S
+            m_mass = b.mapped_mass_sum.tolist() if xt else [0.0] * S
             for i, sid in enumerate(b.sample_ids):
                 if sid is None:
                     continue
@@ -278,7 +288,9 @@ class Trainer:
                                 ("distill_sum", dist[i]),
                                 ("loss_sum", c.alpha * ce[i] + (1 - c.alpha) * c.temperature**2 * dist[i]),
                                 ("top1_agree", int(agree[i])), ("topk_mass_sum", mass[i]),
-                                ("teacher_entropy_sum", ent[i])):
+                                ("teacher_entropy_sum", ent[i]),
+                                ("aligned_frac", n_al[i] / max(n_tok[i], 1) if xt else None),
+                                ("mapped_mass", m_mass[i] / max(n_al[i], 1) if xt else None)):
                     rows.setdefault(name, []).append(v)
 
     def _finish(self, batches: list[Batch], sums: list[LossSums], n_global: torch.Tensor,

@@ -264,13 +264,16 @@ def precompute(cfg: PrecomputeConfig, info: DistInfo) -> PrecomputeResult:
     if _release_host_memory(cfg, info):  # shards + per-block all-gathers fragment the heap: give memory back
         _return_freed_memory()
     teachers, V, entries = _load_teachers(cfg, tokenizer, dtype, info.device)
-    windows = SampleWindows(cfg.dataset, tokenizer, cfg.window_rows, info.rank, info.world_size, gather_objects)
+    windows = SampleWindows(cfg.dataset, tokenizer, cfg.window_rows, info.rank, info.world_size, gather_objects,
+                            with_offsets=cfg.cache.text_offsets)
     manifest = Manifest(backend=cfg.cache.backend, k=cfg.cache.k, index_dtype=Encoding.index_dtype_for(V),
                         value_dtype=cfg.cache.value_dtype, index_coding=cfg.cache.index_coding,
                         q8_step=cfg.cache.q8_step, compression=cfg.cache.compression, vocab_size=V, temperature=cfg.temperature,
                         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), teachers=entries, combine=cfg.combine,
                         dataset=cfg.dataset.model_dump(), dataset_fingerprint=windows.fingerprint,
                         max_length=cfg.dataset.max_length)
+    if cfg.cache.text_offsets:  # cross-tokenizer caches: the text and teacher token spans (pipeline/data/formats.py)
+        manifest.text_offsets, manifest.tokenizer_name = "char", str(getattr(tokenizer, "name_or_path", ""))
     tcfg = cfg.targets
     if tcfg.type != "topk":  # recorded in the manifest header: a rerun must use the same targets
         manifest.target_type, manifest.num_draws = tcfg.type, tcfg.num_draws
