@@ -185,24 +185,30 @@ class SampleText:
         from pipeline.models import load_tokenizer
 
         data = (yaml.safe_load(_read_text(join(run_dir, "config.yaml")) or "") or {}).get("data", {})
+        mixed = [c["path"] for c in data.get("train_caches") or []]
+        # (prefix, cache path): a mixture's IDs are "{c}:{id}" (pipeline/cache/mixture.py)
+        sources = ([(f"{c}:", p) for c, p in enumerate(mixed)] if len(mixed) > 1
+                   else [("", mixed[0] if mixed else data.get("train_cache"))])
+        sources.append(("", data.get("eval_cache")))
         self.readers = []
-        for key in ("train_cache", "eval_cache"):
-            path = data.get(key)
+        for prefix, path in sources:
             folder = Folder(path) if path else None  # a store has no directories: the manifest tells
             if folder is not None and (folder.isfile("manifest.json") if folder.is_remote else folder.isdir()):
-                self.readers.append(open_cache(path, allow_incomplete=True, verify=False))
+                self.readers.append((prefix, open_cache(path, allow_incomplete=True, verify=False)))
         # the run's exported student, else the tokenizer stored in the cache (multi-round runs
         # keep their students under round-R/)
-        candidates = [join(run_dir, "final")] + [join(data[k], "tokenizer") for k in ("train_cache", "eval_cache") if data.get(k)]
+        candidates = [join(run_dir, "final")] + [join(p, "tokenizer") for _, p in sources if p]
         tok_dir = next((c for c in candidates if _read_text(join(c, "tokenizer_config.json")) is not None), None)
         if tok_dir is not None:
             tok_dir = Folder(tok_dir).local()  # a store's: downloaded once
         self.tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
 
     def __call__(self, sample_id: str, max_chars: int = 80) -> str:
-        for r in self.readers:
+        for prefix, r in self.readers:
+            if not sample_id.startswith(prefix):
+                continue
             try:
-                ids = r[r.index_of(sample_id)].input_ids
+                ids = r[r.index_of(sample_id[len(prefix):])].input_ids
             except KeyError:
                 continue
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else str(ids[:20])
