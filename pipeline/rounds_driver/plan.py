@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-import yaml
 from pydantic import ValidationError
 
+from pipeline.config.loading import read_yaml_mapping
 from pipeline.config import (ConfigError, DistillRoundsConfig, GenerateConfig, PrecomputeConfig, RoundPlan,
                              TrainStudentConfig)
 
@@ -32,17 +32,10 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def _load_base(key: str, stage) -> dict:
-    """A stage's base YAML with its ``overrides``. Raises ConfigError naming the file."""
-    p = Path(stage.config)
-    if not p.is_file():
-        raise ConfigError(f"config key '{key}.config': no such file {p}")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{p}: top level must be a mapping")
-    return merge(tree, stage.overrides)
+    """A stage's base YAML with its ``overrides``. Raises ConfigError naming the key or file."""
+    if not Path(stage.config).is_file():
+        raise ConfigError(f"config key '{key}.config': no such file {stage.config}")
+    return merge(read_yaml_mapping(stage.config), stage.overrides)
 
 
 def _validated(cls, tree: dict, where: str):
