@@ -1,6 +1,7 @@
 """``distill-rounds``: two rounds of generate → precompute-teacher → train-student end to end on
 the tiny models; the driver SIGKILLed at a random step and rerun gives the uninterrupted
 weights and loss-log rows; inspect-losses reads across rounds; bad configs are one line."""
+import collections
 import json
 import os
 import random
@@ -109,3 +110,36 @@ def test_bad_round_config_is_one_line_and_runs_nothing(assets, caches, tmp_path)
     cfg["per_round"][0] = {}  # round 0 would generate from a random student
     with pytest.raises(Exception, match="per_round\\[0\\].model"):
         round_configs(DistillRoundsConfig.model_validate(cfg))
+
+
+def test_two_ranks_per_stage_give_the_one_rank_round(assets, caches, reference, tmp_path):
+    """nproc_per_node=2 (every stage under torchrun): round 0 generates the same rows and caches the
+    same targets as at 1 rank, and trains one global batch per step."""
+    import torch
+
+    cfg = driver_config(assets, caches, tmp_path, tmp_path / "out")
+    cfg.update(nproc_per_node=2, rounds=1, per_round=[{"model": "teacher", "train": {"micro_batch_size": 1}}])
+    res = run_cli(["stages.distill_rounds", "--config", str(write_yaml(tmp_path / "r2.yaml", cfg))],
+                  subprocess_=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "torch.distributed.run" in res.stdout
+    out, ref = tmp_path / "out" / "round-0", reference / "round-0"
+    from test_generate import rows as gen_rows
+    key = ("id", "prompt_ids", "completion_ids")
+    assert [[r[k] for k in key] for r in gen_rows(out / "generated")] == \
+        [[r[k] for k in key] for r in gen_rows(ref / "generated")]
+
+    from pipeline.cache import open_cache
+    ca, cb = ({r.sample_id: r for r in open_cache(d / "cache")} for d in (ref, out))
+    assert ca.keys() == cb.keys()
+    for sid in ca:  # the same tokens and teacher targets, whatever the world size
+        assert (ca[sid].input_ids == cb[sid].input_ids).all() and (ca[sid].topk_ids == cb[sid].topk_ids).all()
+        torch.testing.assert_close(cb[sid].topk_logprobs, ca[sid].topk_logprobs, rtol=0, atol=1e-5)
+
+    # the cache's sample order follows its shards (one per rank), so the draws differ from the
+    # 1-rank run's; each step still trains on one global batch of 2 samples
+    def per_step(d):
+        rows = [(s, sid) for _, split, s, sid, _, _ in _rows(d / "student") if split == "train"]
+        return sorted(collections.Counter(s for s, _ in rows).items())
+    assert per_step(out) == per_step(ref) == [(s, 2) for s in range(1, 5)]
+    assert (out / "student" / "final" / "model.safetensors").is_file()
