@@ -77,6 +77,24 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"{source}: config key '{key}': {msg}{got_s}{more}"
 
 
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML file whose top level is a mapping, as a dict (an empty file: ``{}``).
+
+    Raises:
+        ConfigError: no such file, invalid YAML, or a top level that is not a mapping (file named).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    return tree
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[str] = ()) -> T:
     """Read a YAML config, apply ``key.sub=value`` overrides and validate it.
 
@@ -86,18 +104,8 @@ def load_config(cls: type[T], path: str | os.PathLike | None, overrides: list[st
         ConfigError: missing/unreadable file, malformed override, unknown key or wrong type;
             the one-line message names the file and the dotted key.
     """
-    tree: dict = {}
     source = str(path) if path else "<overrides>"
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p}: top level must be a mapping")
+    tree: dict = read_yaml_mapping(path) if path else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")

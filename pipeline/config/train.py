@@ -170,11 +170,30 @@ class OptimConfig(_Section):
     biases (ndim < 2) never get weight decay."""
 
 
+class TrainCacheEntry(_Section):
+    """One teacher cache of a mixture (``data.train_caches``) and its share of the draws."""
+
+    path: str
+    """Teacher cache directory or URL (stage 1 output)."""
+    _file_path = field_validator("path")(_file_url_to_path)
+    weight: float = Field(default=1.0, gt=0)
+    """Relative share: cache c gets ``weight_c / Σ weight`` of the draws in expectation,
+    whatever its size (GKD's λ when mixing human data and on-policy samples)."""
+
+
 class TrainDataConfig(_Section):
     """What the student trains and evaluates on."""
 
     train_cache: str | None = None
     """Teacher cache directory (stage 1 output)."""
+    train_caches: list[TrainCacheEntry] | None = None
+    """Several teacher caches mixed with weights, e.g. ``[{path: runs/human-cache, weight: 0.5},
+    {path: runs/round-1/cache, weight: 0.5}]``; exclusive with ``train_cache``. Each epoch
+    draws as many samples as the caches hold, with replacement, a sample of cache c (N_c
+    samples) with probability ``weight_c / (N_c · Σ weight)``. With two or more caches the sample IDs
+    (loss logs, ``select``) are ``"{c}:{id}"`` with c the cache's position in the list; one
+    entry trains exactly as ``train_cache`` with its path. All caches need the same teacher
+    tokenizer, vocabulary, target type, k and temperature (checked at start)."""
     eval_cache: str | None = None
     """Held-out teacher cache directory; evaluation is skipped when unset."""
     train_dataset: DatasetConfig | None = None
@@ -208,11 +227,28 @@ class TrainDataConfig(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> "TrainDataConfig":
-        if (self.train_cache is None) == (self.train_dataset is None):
-            raise ValueError("set exactly one of data.train_cache and data.train_dataset")
+        if self.train_cache is not None and self.train_caches is not None:
+            raise ValueError("data.train_caches and data.train_cache: give exactly one of them")
+        if self.train_caches is not None and not self.train_caches:
+            raise ValueError("data.train_caches is empty: give at least one {path, weight}")
+        if (not self.cache_paths()) == (self.train_dataset is None):
+            raise ValueError("set exactly one of data.train_cache (or data.train_caches) and data.train_dataset")
         if self.train_dataset is not None and self.tokenizer is None:
             raise ValueError("data.tokenizer is required with data.train_dataset")
         return self
+
+    def cache_paths(self) -> list[str]:
+        """The train caches' paths in order: ``[train_cache]``, the ``train_caches`` paths, or
+        ``[]`` (training from ``train_dataset``)."""
+        if self.train_caches is not None:
+            return [c.path for c in self.train_caches]
+        return [self.train_cache] if self.train_cache is not None else []
+
+    @property
+    def first_cache(self) -> str | None:
+        """The first train cache (its manifest and tokenizer speak for all); None without a cache."""
+        paths = self.cache_paths()
+        return paths[0] if paths else None
 
 
 class EarlyStoppingConfig(_Section):

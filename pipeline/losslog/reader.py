@@ -32,8 +32,12 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
             missing bucket, throttling (the URL and the cause named).
     """
     logs = Folder(join(run_dir, "loss_logs"))
-    if not logs.isdir():  # on a store: the prefix exists
+    rounds = [] if logs.isdir() else _round_log_dirs(run_dir)
+    if not logs.isdir() and not rounds:  # on a store: the prefix exists
         raise FileNotFoundError(f"no loss logs in {run_dir} (expected {logs.path})")
+    if rounds:  # a distill-rounds run: every round's student logs, one table
+        tables = [load_loss_logs(d, round_, split, min_tokens) for d in rounds]
+        return pa.concat_tables(tables)
     fs, root = logs.fs_path()
     part = pads.partitioning(pa.schema([("round", pa.int32()), ("split", pa.string()), ("rank", pa.int32())]), flavor="hive")
     flt = None
@@ -58,6 +62,16 @@ def load_loss_logs(run_dir: str | os.PathLike, round_: int | None = None, split:
     # logs written before ``distill_sum`` existed were trained with forward KL: D = KL
     i = table.schema.get_field_index("distill_sum")
     return table.set_column(i, "distill_sum", pc.coalesce(table["distill_sum"], table["kl_sum"]))
+
+
+def _round_log_dirs(run_dir: str | os.PathLike) -> list[str]:
+    """The student directories ``round-R/student`` holding loss logs of a ``distill-rounds`` run
+    (``rounds.json`` at its top), by round; ``[]`` for any other directory."""
+    top = Folder(run_dir)
+    if not top.isfile("rounds.json"):
+        return []
+    names = sorted((n for n in top.list() if n.startswith("round-") and n[6:].isdigit()), key=lambda n: int(n[6:]))
+    return [join(run_dir, n, "student") for n in names if Folder(join(run_dir, n, "student", "loss_logs")).isdir()]
 
 
 def _unreadable_part(log_dir: Path, err: Exception) -> str:
@@ -189,27 +203,42 @@ class SampleText:
 
     def __init__(self, run_dir: str | os.PathLike):
         from pipeline.cache import open_cache
+
+        # a distill-rounds run: one decoder per round's student directory (its own caches)
+        self.rounds = {int(Path(d).parent.name[6:]): SampleText(d) for d in _round_log_dirs(run_dir)}
         from pipeline.models import load_tokenizer
 
         data = (yaml.safe_load(_read_text(join(run_dir, "config.yaml")) or "") or {}).get("data", {})
+        mixed = [c["path"] for c in data.get("train_caches") or []]
+        # (prefix, cache path): a mixture's IDs are "{c}:{id}" (pipeline/cache/mixture.py)
+        sources = ([(f"{c}:", p) for c, p in enumerate(mixed)] if len(mixed) > 1
+                   else [("", mixed[0] if mixed else data.get("train_cache"))])
+        sources.append(("", data.get("eval_cache")))
         self.readers = []
-        for key in ("train_cache", "eval_cache"):
-            path = data.get(key)
+        for prefix, path in sources:
             folder = Folder(path) if path else None  # a store has no directories: the manifest tells
             if folder is not None and (folder.isfile("manifest.json") if folder.is_remote else folder.isdir()):
-                self.readers.append(open_cache(path, allow_incomplete=True, verify=False))
+                self.readers.append((prefix, open_cache(path, allow_incomplete=True, verify=False)))
         # the run's exported student, else the tokenizer stored in the cache (multi-round runs
         # keep their students under round-R/)
-        candidates = [join(run_dir, "final")] + [join(data[k], "tokenizer") for k in ("train_cache", "eval_cache") if data.get(k)]
+        candidates = [join(run_dir, "final")] + [join(p, "tokenizer") for _, p in sources if p]
         tok_dir = next((c for c in candidates if _read_text(join(c, "tokenizer_config.json")) is not None), None)
         if tok_dir is not None:
             tok_dir = Folder(tok_dir).local()  # a store's: downloaded once
         self.tokenizer = load_tokenizer(tok_dir) if tok_dir is not None else None
 
-    def __call__(self, sample_id: str, max_chars: int = 80) -> str:
-        for r in self.readers:
+    def __call__(self, sample_id: str, max_chars: int = 80, round_: int | None = None) -> str:
+        """The sample's text (at most ``max_chars``), ``""`` when no cache holds it; in a
+        distill-rounds run, through round ``round_``'s caches (the same completion ID holds
+        another completion in every round), else the first round that has it."""
+        if self.rounds:
+            order = [round_] if round_ in self.rounds else sorted(self.rounds)
+            return next((t for t in (self.rounds[r](sample_id, max_chars) for r in order) if t), "")
+        for prefix, r in self.readers:
+            if not sample_id.startswith(prefix):
+                continue
             try:
-                ids = r[r.index_of(sample_id)].input_ids
+                ids = r[r.index_of(sample_id[len(prefix):])].input_ids
             except KeyError:
                 continue
             text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else str(ids[:20])

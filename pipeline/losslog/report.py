@@ -48,7 +48,7 @@ def report_sections(table: pa.Table, run_dir: str | os.PathLike, top: int = 10, 
     rows = hardest(table, top, metric, ps).to_pylist()
     text = SampleText(run_dir)
     for r in rows:
-        r["text"] = text(r["sample_id"])
+        r["text"] = text(r["sample_id"], round_=r["round"])
     yield f"\nhardest {len(rows)} samples by {metric} per token:"
     yield _fmt(rows, ["round", "split", "sample_id", "visits", "n_tokens", f"{metric}_per_token", "text"])
     if compare:

@@ -302,7 +302,7 @@ def wrap_sources(cfg, train, ev, cache_tokenizer_dir: str):
         the tokenizers are the same (the cache's vocabulary applies).
     Raises:
         ConfigError: different tokenizers without ``loss.cross_tokenizer`` (the key and both
-            tokenizers' names and fingerprints in one line).
+            tokenizers' names and fingerprints in one line); more than one ``data.train_caches``.
         ValueError: a cache without text offsets (written without ``cache.text_offsets``),
             or a tokenizer that is not fast.
     """
@@ -321,11 +321,15 @@ def wrap_sources(cfg, train, ev, cache_tokenizer_dir: str):
         raise ConfigError(f"loss.cross_tokenizer: not set, but the student tokenizer {d.tokenizer} (fingerprint {fp}) "
                           f"differs from the cache's {teacher_name} (fingerprint {m.tokenizer_fingerprint}); "
                           "set it to gold or uld")
-    for c, name in ((train, d.train_cache), (ev, d.eval_cache)):
+    paths = d.cache_paths()
+    if len(paths) > 1:
+        raise ConfigError(f"data.train_caches: {len(paths)} caches with another tokenizer than the student's "
+                          f"{d.tokenizer}; a cross-tokenizer run reads one train cache")
+    for c, name in ((train, paths[0]), (ev, d.eval_cache)):
         if c is not None and c.manifest.text_offsets == "none":
             raise ValueError(f"cache {name} has no text offsets (written without cache.text_offsets), so the student "
                              f"tokenizer {d.tokenizer} (fingerprint {fp}) cannot be aligned to the teacher's "
                              f"{teacher_name} (fingerprint {m.tokenizer_fingerprint})")
-    conv = CrossTokenizerConverter(load_tokenizer(cache_tokenizer_dir), student, d.train_cache)
+    conv = CrossTokenizerConverter(load_tokenizer(cache_tokenizer_dir), student, paths[0])
     wrap = (lambda c: None if c is None else CrossTokenizerSource(c, conv))
     return wrap(train), wrap(ev), len(student)

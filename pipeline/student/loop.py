@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pipeline.cache import open_cache, read_manifest
+from pipeline.cache.mixture import CacheMixture, check_compatible
 from pipeline.student.divergences import Divergence
 from pipeline.student.losses import resolve_tail
 from pipeline.student.cross_tokenizer import wrap_sources
@@ -45,17 +46,29 @@ more requests in flight, further ahead (bench/object_store_bench.py: 1 thread, 4
 def _sources(cfg: TrainStudentConfig, info: DistInfo):
     """(train source, eval source or None, tokenizer dir, vocabulary size the data requires).
 
-    A dataset (``data.train_dataset`` / ``eval_dataset``) is streamed once, window by window,
-    each rank tokenizing its part (:class:`~pipeline.data.DatasetSamples`, collective), and its
-    samples are tokenized again from their rows when read: memory does not grow with its tokens."""
+    The train source is the cache of ``data.train_cache`` (or of a one-entry
+    ``data.train_caches``), a :class:`CacheMixture` of two or more ``train_caches``, or the
+    samples of ``data.train_dataset``. A dataset (``data.train_dataset`` / ``eval_dataset``) is
+    streamed once, window by window, each rank tokenizing its part
+    (:class:`~pipeline.data.DatasetSamples`, collective), and its samples are tokenized again
+    from their rows when read: memory does not grow with its tokens. A cache written with
+    another tokenizer than the student's is converted (:func:`wrap_sources`).
+
+    Raises:
+        ValueError: the caches of ``train_caches`` differ in tokenizer, vocabulary or targets
+            (both paths named); ``eval_cache`` has another vocabulary/tokenizer than the train cache.
+    """
     d = cfg.data
-    if d.train_cache is not None:
-        train = open_cache(d.train_cache, max_cached_bytes=d.max_cached_bytes)
+    paths = d.cache_paths()
+    if paths:
+        readers = [open_cache(p, max_cached_bytes=d.max_cached_bytes) for p in paths]
+        check_compatible(readers, paths)
+        train = readers[0] if len(readers) == 1 else CacheMixture(readers, [c.weight for c in d.train_caches])
         ev = open_cache(d.eval_cache, max_cached_bytes=d.max_cached_bytes) if d.eval_cache else None
         m = train.manifest
         if ev is not None and (ev.manifest.vocab_size, ev.manifest.tokenizer_fingerprint) != (m.vocab_size, m.tokenizer_fingerprint):
-            raise ValueError(f"data.eval_cache {d.eval_cache} has another vocabulary/tokenizer than data.train_cache {d.train_cache}")
-        cache_tok = Folder(d.train_cache).sub("tokenizer").local()
+            raise ValueError(f"data.eval_cache {d.eval_cache} has another vocabulary/tokenizer than the train cache {paths[0]}")
+        cache_tok = Folder(paths[0]).sub("tokenizer").local()
         train, ev, student_vocab = wrap_sources(cfg, train, ev, str(cache_tok))  # another tokenizer: converted
         return train, ev, d.tokenizer or cache_tok, student_vocab or m.vocab_size
     tokenizer = load_tokenizer(d.tokenizer)
@@ -95,8 +108,8 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
             credentials), named, before anything is written (checked on every rank).
     """
     Folder(cfg.output_dir).check_access("output_dir")
-    if cfg.data.train_cache is not None and cfg.loss.alpha != 1.0:  # config.yaml shows the resolved loss.tail
-        m = read_manifest(cfg.data.train_cache)
+    if cfg.data.first_cache is not None and cfg.loss.alpha != 1.0:  # config.yaml shows the resolved loss.tail
+        m = read_manifest(cfg.data.first_cache)
         cfg = resolve_tail(cfg, m.target_type, m.temperature)
     callbacks = load_callbacks(cfg.callbacks)  # once: the same objects see every round
     if not cfg.rounds:
@@ -260,7 +273,7 @@ class RoundTrainer:
         """
         cfg, info = self.cfg, self.info
         self.train_src, self.eval_src, self.tok_dir, self.data_vocab = _sources(cfg, info)
-        if cfg.data.train_cache is not None:  # loss.tail defaults from, and is checked against, the cache
+        if cfg.data.first_cache is not None:  # loss.tail defaults from, and is checked against, the cache
             m = self.train_src.manifest
             self.cfg = cfg = resolve_tail(cfg, m.target_type, m.temperature)
         self.fsdp = uses_fsdp(cfg, info)
@@ -310,7 +323,7 @@ class RoundTrainer:
         self.V = vocab_size(model)
         if self.V < self.data_vocab:
             raise ValueError(f"student vocabulary size {self.V} is smaller than the data's {self.data_vocab} "
-                             f"({cfg.data.train_cache or cfg.data.tokenizer})")
+                             f"({cfg.data.first_cache or cfg.data.tokenizer})")
         if self.V > self.data_vocab:
             print0(f"[train] student output layer has {self.V} rows, the data's vocabulary {self.data_vocab}: "
                    f"logits are sliced to the first {self.data_vocab}")
@@ -346,6 +359,9 @@ class RoundTrainer:
             order = np.argsort(found, kind="stable")
             indices = found[order]
             weights = None if weights is None else np.asarray(weights)[order]
+        if isinstance(src, CacheMixture):  # each cache its share of the draws (times any loss weights)
+            mix = src.draw_weights(indices)
+            weights = mix if weights is None else mix * np.asarray(weights, dtype=np.float64)
         groups = None
         if cfg.data.shuffle == "block":
             if not hasattr(src, "block_ids"):
@@ -378,7 +394,7 @@ class RoundTrainer:
         unless ``data.num_workers`` / ``prefetch_steps`` are set (hides the store's latency)."""
         d = self.cfg.data
         workers, depth = d.num_workers, d.prefetch_steps
-        if d.train_cache is not None and Folder(d.train_cache).is_remote:
+        if any(Folder(p).is_remote for p in d.cache_paths()):
             workers = workers if "num_workers" in d.model_fields_set else REMOTE_NUM_WORKERS
             depth = depth if "prefetch_steps" in d.model_fields_set else REMOTE_PREFETCH_STEPS
         return StepPrefetcher(self.sampler, self.train_src, workers, depth, pack_length=self.pack_len)
