@@ -249,13 +249,19 @@ class SampleText:
 
 def logged_rounds(run_dir: str | os.PathLike) -> dict[int, list[str]]:
     """``{round: [splits]}`` that a run's loss logs hold (their ``round=R/split=S``
-    directories, or prefixes on a store), sorted; ``{}`` when there are none.
+    directories, or prefixes on a store; for a ``distill-rounds`` directory, those of every
+    round's student), sorted; ``{}`` when there are none.
 
     Raises:
         StoreError: (store) a listing failed (the URL and the cause named).
     """
     logs = Folder(join(run_dir, "loss_logs"))
     out: dict[int, list[str]] = {}
+    if not logs.isdir():  # a distill-rounds run: each round's student holds its own logs
+        for d in _round_log_dirs(run_dir):
+            for r, splits in logged_rounds(d).items():
+                out[r] = sorted(set(out.get(r, [])) | set(splits))
+        return dict(sorted(out.items()))
     for name in logs.list():
         key, _, value = name.partition("=")
         if key == "round" and value.lstrip("-").isdigit():
