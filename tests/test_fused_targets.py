@@ -66,9 +66,9 @@ def _run_ranks(cfg, tok, world_size, window_rows, monkeypatch):
     real = tokenize_part  # the original (not an earlier call's spy)
     local = threading.local()
 
-    def spy(ds, tokenizer, cfg, start=0, fingerprint=None):
+    def spy(ds, tokenizer, cfg, start=0, fingerprint=None, **kwargs):
         tokenized[local.rank].extend(range(start, start + len(ds)))
-        return real(ds, tokenizer, cfg, start, fingerprint)
+        return real(ds, tokenizer, cfg, start, fingerprint, **kwargs)
 
     monkeypatch.setattr(data_samples, "tokenize_part", spy)
     monkeypatch.setattr(data_samples, "TOKENIZE_ROWS", 2)  # several tokenizer calls per rank and window

@@ -257,16 +257,15 @@ def logged_rounds(run_dir: str | os.PathLike) -> dict[int, list[str]]:
     """
     logs = Folder(join(run_dir, "loss_logs"))
     out: dict[int, list[str]] = {}
-    if not logs.isdir():  # a distill-rounds run: each round's student holds its own logs
-        for d in _round_log_dirs(run_dir):
-            for r, splits in logged_rounds(d).items():
-                out[r] = sorted(set(out.get(r, [])) | set(splits))
-        return dict(sorted(out.items()))
     for name in logs.list():
         key, _, value = name.partition("=")
         if key == "round" and value.lstrip("-").isdigit():
             splits = [s.partition("=")[2] for s in logs.sub(name).list() if s.startswith("split=")]
             out[int(value)] = sorted(s for s in splits if s)
+    if not out:  # a distill-rounds run: each round's student holds its own logs
+        for d in _round_log_dirs(run_dir):
+            for r, splits in logged_rounds(d).items():
+                out[r] = sorted(set(out.get(r, [])) | set(splits))
     return dict(sorted(out.items()))
 
 
