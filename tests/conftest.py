@@ -2,6 +2,7 @@
 random Llama teacher and student saved as HF directories. Nothing is downloaded."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -75,7 +76,6 @@ def run_cli(args: list[str], nproc: int = 1, timeout: int = 300, env: dict | Non
 def _run_in_process(args: list[str]) -> subprocess.CompletedProcess:
     """``python -m MODULE ARGS`` as a call of ``MODULE.main(ARGS)`` in this process, with one
     torch thread and stdout/stderr captured."""
-    import contextlib
     import importlib
     import io
 
@@ -124,3 +124,32 @@ def train_config(assets, caches, out_dir, **over) -> dict:
     return cfg
 
 
+@contextlib.contextmanager
+def loopback_s3(bucket: str):
+    """``s3://<bucket>`` on a moto server on 127.0.0.1 (a free port), started here and stopped on
+    exit; the endpoint and fake credentials go to the environment, where fsspec
+    (``FSSPEC_S3_ENDPOINT_URL``) and stage subprocesses find them, and are restored after."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+        yield f"s3://{bucket}"
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()

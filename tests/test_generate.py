@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_yaml
+from conftest import loopback_s3, run_cli, write_yaml
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|eos|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
@@ -237,34 +237,11 @@ def test_bad_inputs_are_one_line_errors(assets, reference, tmp_path):
 
 @pytest.fixture
 def s3_bucket():
-    """``s3://kd-gen`` on a loopback moto server (endpoint and fake credentials in the environment)."""
+    """``s3://kd-gen`` on a loopback moto server (:func:`conftest.loopback_s3`)."""
     pytest.importorskip("moto")
     pytest.importorskip("s3fs")
-    import os
-    import socket
-
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]).create_bucket(Bucket="kd-gen")
-        yield "s3://kd-gen"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    with loopback_s3("kd-gen") as url:
+        yield url
 
 
 def test_generated_dataset_on_an_object_store(assets, reference, s3_bucket, tmp_path):

@@ -3,7 +3,6 @@ and stopped by the fixture; nothing else on the network is contacted)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from pipeline.cache import open_cache
-from tests.conftest import precompute_config, run_cli, train_config, write_yaml
+from tests.conftest import loopback_s3, precompute_config, run_cli, train_config, write_yaml
 
 pytest.importorskip("moto")
 pytest.importorskip("s3fs")
@@ -23,30 +22,9 @@ FIELDS = ("input_ids", "loss_mask", "topk_ids", "topk_logprobs", "tail_logprob")
 
 @pytest.fixture(scope="module")
 def s3():
-    """``s3://kd-test`` on a loopback moto server; the endpoint and (fake) credentials go to the
-    environment, where fsspec (``FSSPEC_S3_ENDPOINT_URL``) and the stage subprocesses find them."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        boto3.client("s3", endpoint_url=env["FSSPEC_S3_ENDPOINT_URL"]).create_bucket(Bucket=BUCKET)
-        yield f"s3://{BUCKET}"
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    """``s3://kd-test`` on a loopback moto server (:func:`tests.conftest.loopback_s3`)."""
+    with loopback_s3(BUCKET) as url:
+        yield url
 
 
 def _assert_same_records(a, b) -> None:
