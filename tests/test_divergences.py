@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pipeline.student.divergences import DIVERGENCES, Divergence
 from pipeline.student.losses import fused_linear_loss
 from reference_losses import sparse_divergence, sparse_kl
-from test_fused_loss import _targets
+from test_fused_loss import _targets, dense_problem
 
 PARAMS = {"beta": 0.3, "skew": 0.2, "akl_mu": 0.5}
 
@@ -18,12 +18,7 @@ PARAMS = {"beta": 0.3, "skew": 0.2, "akl_mu": 0.5}
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("tail,alpha,tau", list(itertools.product(["bucket", "renormalize"], [0.0, 0.5], [1.0, 2.0])))
 def test_fused_divergence_equals_dense_values_and_gradients(divergence, tail, alpha, tau):
-    g = torch.Generator().manual_seed(hash((divergence, tail, alpha, tau)) % 2**31)
-    N, H, V, pad, k, S = 37, 8, 29, 3, 5, 6
-    hidden = torch.randn(N, H, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(V + pad, H, generator=g, dtype=torch.float64, requires_grad=True)  # padded output layer
-    bias = torch.randn(V + pad, generator=g, dtype=torch.float64, requires_grad=True)
-    tg = _targets(N, V, k, S, "topk", g)
+    hidden, weight, bias, tg, V = dense_problem((divergence, tail, alpha, tau), "topk")
     z = hidden @ weight[:V].t() + bias[:V]
     ce = -F.log_softmax(z, -1).gather(-1, tg.labels[:, None]).squeeze(-1)
     log_qt = F.log_softmax(z / tau, -1)
@@ -35,7 +30,7 @@ def test_fused_divergence_equals_dense_values_and_gradients(divergence, tail, al
                               **PARAMS)
     ref_loss = alpha * ce.sum() + (1 - alpha) * tau**2 * d.sum()
     ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, bias))
-    per = lambda x: torch.zeros(S, dtype=torch.float64).index_add_(0, tg.sample_index, x.detach())  # noqa: E731
+    per = lambda x: torch.zeros(tg.n_samples, dtype=torch.float64).index_add_(0, tg.sample_index, x.detach())  # noqa: E731
     div = Divergence(divergence, **PARAMS)
     for chunk in (0, 7):  # one chunk, and several with a ragged last chunk
         out = fused_linear_loss(hidden, weight, bias, tg, alpha=alpha, temperature=tau, tail=tail, vocab_size=V,

@@ -40,15 +40,24 @@ CASES = [(tail, kind) for tail, kind in (("bucket", "topk"), ("renormalize", "to
                                          ("renormalize", "sampled"))]
 
 
-@pytest.mark.parametrize("tail,kind", CASES)
-@pytest.mark.parametrize("alpha,tau", list(itertools.product([0.0, 0.5, 1.0], [1.0, 2.0])))
-def test_fused_equals_dense_values_and_gradients(tail, kind, alpha, tau):
-    g = torch.Generator().manual_seed(hash((tail, kind, alpha, tau)) % 2**31)
+
+def dense_problem(key: tuple, kind: str):
+    """The float64 problem of the dense-reference tests: ``(hidden (37, 8), weight (32, 8) — an
+    output layer padded by 3 rows past V = 29 —, bias (32,), targets of k = 5 over 6 samples, V)``,
+    seeded by ``key`` (crc32 of its repr: the same draw in every process)."""
+    import zlib
+
+    g = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
     N, H, V, pad, k, S = 37, 8, 29, 3, 5, 6
     hidden = torch.randn(N, H, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(V + pad, H, generator=g, dtype=torch.float64, requires_grad=True)  # padded output layer
     bias = torch.randn(V + pad, generator=g, dtype=torch.float64, requires_grad=True)
-    tg = _targets(N, V, k, S, kind, g)
+    return hidden, weight, bias, _targets(N, V, k, S, kind, g), V
+
+@pytest.mark.parametrize("tail,kind", CASES)
+@pytest.mark.parametrize("alpha,tau", list(itertools.product([0.0, 0.5, 1.0], [1.0, 2.0])))
+def test_fused_equals_dense_values_and_gradients(tail, kind, alpha, tau):
+    hidden, weight, bias, tg, V = dense_problem((tail, kind, alpha, tau), kind)
     ref_loss, ref_ce, ref_kl = _dense(hidden, weight, bias, tg, alpha, tau, tail, V)
     ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, bias))
     for chunk in (0, 7):  # one chunk, and several with a ragged last chunk
@@ -56,7 +65,7 @@ def test_fused_equals_dense_values_and_gradients(tail, kind, alpha, tau):
                                 chunk_size=chunk)
         grads = torch.autograd.grad(out.loss_sum * 3.0, (hidden, weight, bias))  # an upstream scale
         torch.testing.assert_close(out.loss_sum, ref_loss, rtol=1e-5, atol=1e-8)
-        per = lambda x: torch.zeros(S, dtype=torch.float64).index_add_(0, tg.sample_index, x.detach())  # noqa: E731
+        per = lambda x: torch.zeros(tg.n_samples, dtype=torch.float64).index_add_(0, tg.sample_index, x.detach())  # noqa: E731
         torch.testing.assert_close(out.ce_sum.double(), per(ref_ce), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.kl_sum.double(), per(ref_kl), rtol=1e-5, atol=1e-6)
         for got, ref in zip(grads, ref_grads):
@@ -64,7 +73,7 @@ def test_fused_equals_dense_values_and_gradients(tail, kind, alpha, tau):
         assert grads[1][V:].abs().max() == 0 and grads[2][V:].abs().max() == 0  # padding rows untouched
     if alpha < 1:
         z = hidden @ weight[:V].t() + bias[:V]
-        agree = torch.zeros(S, dtype=torch.int64).index_add_(0, tg.sample_index,
+        agree = torch.zeros(tg.n_samples, dtype=torch.int64).index_add_(0, tg.sample_index,
                                                             (z.argmax(-1) == tg.topk_ids[:, 0]).long())
         assert torch.equal(out.top1_agree, agree)
 
