@@ -11,7 +11,7 @@ of the mass, tail 10 %). The bytes on disk are printed. Then it measures:
      :class:`~pipeline.cache.ShardIds`): its ``nbytes`` / N and the Python heap it leaves
      allocated (``tracemalloc``, which numpy reports to) / N;
    * the duplicate check of the streamed windows (:meth:`pipeline.data.SampleWindows.check_unique`'s
-     :class:`~pipeline.ids.HashIndex`, fed the same number of IDs in windows of 1,024):
+     :class:`~pipeline.sample_ids.HashIndex`, fed the same number of IDs in windows of 1,024):
      ``nbytes`` / N and its ``tracemalloc`` share.
 2. The cache reader (stage 2's bookkeeping; goal ≤ 24 B, open ≤ 10 s at 10^7): wall time of
    :func:`pipeline.cache.open_cache` (verify on, the default), and the heap it leaves allocated
@@ -46,7 +46,7 @@ from pipeline.cache import cache_bytes, finalize_cache, open_cache, open_writer,
 from pipeline.cache.manifest import Manifest, TeacherEntry  # noqa: E402
 from pipeline.cache.records import CacheRecord  # noqa: E402
 from pipeline.config.precompute import CacheConfig  # noqa: E402
-from pipeline.ids import HashIndex, id_hashes  # noqa: E402
+from pipeline.sample_ids import HashIndex, id_hashes  # noqa: E402
 from pipeline.student.sampler import StepPrefetcher, StepSampler  # noqa: E402
 
 CHUNK = 4096

@@ -20,7 +20,7 @@ from pipeline.cache import Manifest, finalize_cache, open_cache, open_writer, pr
 from pipeline.cache.manifest import TeacherEntry
 from pipeline.config import DatasetConfig
 from pipeline.data import DatasetSamples, SampleWindows, load_samples
-from pipeline.ids import HashIndex, id_hash, id_hashes, repeated_hashes
+from pipeline.sample_ids import HashIndex, id_hash, id_hashes, repeated_hashes
 from pipeline.models import load_tokenizer
 from pipeline.student.sampler import StepPrefetcher, StepSampler
 

@@ -4,7 +4,7 @@ Schema of a shard (k fixed per cache; ``idx`` = uint16 | int32, ``val`` per
 :mod:`pipeline.cache.codec`)::
 
     sample_id        string
-    sample_id_hash   uint64                           pipeline.ids.id_hash (absent in older shards)
+    sample_id_hash   uint64                           pipeline.sample_ids.id_hash (absent in older shards)
     num_tokens       int32                            T
     teacher_nll_sum  float64
     input_ids        list<idx>                        (T)
@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cache.shards import ShardIndex
-from pipeline.ids import id_hashes
+from pipeline.sample_ids import id_hashes
 from pipeline.storage import RemotePath
 
 

@@ -12,7 +12,7 @@ from collections import OrderedDict
 import numpy as np
 
 from pipeline.cache.manifest import ShardEntry
-from pipeline.ids import HashIndex, id_hashes
+from pipeline.sample_ids import HashIndex, id_hashes
 from pipeline.storage import Folder
 
 ID_SHARDS_KEPT = 4

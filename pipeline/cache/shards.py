@@ -15,7 +15,7 @@ import numpy as np
 
 from pipeline.cache.codec import Encoding
 from pipeline.cache.manifest import Manifest, ShardEntry
-from pipeline.ids import id_hashes
+from pipeline.sample_ids import id_hashes
 from pipeline.storage import Folder, RemotePath
 
 MARKER_SUFFIX = ".done.json"
@@ -61,7 +61,7 @@ class ShardIndex:
     Attributes:
         num_tokens: (n,) int32 tokens of each sample, in storage order.
         block_starts: (B+1,) int64 sample offsets of the shard's blocks.
-        id_hashes: (n,) uint64 :func:`pipeline.ids.id_hash` of each sample ID (the shard's
+        id_hashes: (n,) uint64 :func:`pipeline.sample_ids.id_hash` of each sample ID (the shard's
             ``sample_id_hash`` column; computed from the IDs for a shard written without it),
             or None once the caller has moved them into its own index.
     """
@@ -78,7 +78,7 @@ class ShardBackend(Protocol):
     """Moves one coded shard between memory and disk (parquet file or zarr group).
 
     ``arrays`` hold ``sample_id`` (list of n str), ``sample_id_hash`` (n,) uint64
-    (:func:`pipeline.ids.id_hashes`), ``num_tokens`` (n,) int32, ``teacher_nll_sum`` (n,) float64, ``input_ids`` (T_total,), ``loss_mask`` (T_total,) bool
+    (:func:`pipeline.sample_ids.id_hashes`), ``num_tokens`` (n,) int32, ``teacher_nll_sum`` (n,) float64, ``input_ids`` (T_total,), ``loss_mask`` (T_total,) bool
     and the coded target arrays of :func:`pipeline.cache.codec.encode_targets` over
     ``P_total = T_total - n`` positions.
     """

@@ -18,7 +18,7 @@ from pipeline.cache.manifest import Manifest, ShardEntry
 from pipeline.cache.records import Block, CacheRecord, check_block, record_nbytes
 from pipeline.cache.shards import MARKER_SUFFIX, TMP_SUFFIX, ShardBackend, dir_sha256, encoding_of
 from pipeline.storage.errors import fault_point, writing
-from pipeline.ids import id_hashes
+from pipeline.sample_ids import id_hashes
 from pipeline.storage import Folder
 
 

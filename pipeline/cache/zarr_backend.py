@@ -4,7 +4,7 @@ Layout of a shard group ``part-r{rank}-a{attempt}-{n}.zarr`` (each rank writes o
 groups, as whole shards: PLATFORM.md measured data loss when writers share a zarr shard)::
 
     sample_id        (n,)        string
-    sample_id_hash   (n,)        uint64      pipeline.ids.id_hash (absent in older shards)
+    sample_id_hash   (n,)        uint64      pipeline.sample_ids.id_hash (absent in older shards)
     num_tokens       (n,)        int32       T of each sample (offsets are its cumsum)
     teacher_nll_sum  (n,)        float64
     input_ids        (T_total,)  idx
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.cache.shards import ShardIndex
-from pipeline.ids import id_hashes
+from pipeline.sample_ids import id_hashes
 from pipeline.storage import RemotePath
 
 

@@ -17,7 +17,7 @@ from pipeline.config import DatasetConfig
 from pipeline.data.generated import check_generated_tokenizer
 from pipeline.data.formats import _chat_template, _encode_rows, fit_length, resolve_format, text_offsets, window_text
 from pipeline.data.sources import load_rows
-from pipeline.ids import HashIndex, id_hashes, repeated_hashes
+from pipeline.sample_ids import HashIndex, id_hashes, repeated_hashes
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ class SampleWindows:
     def check_unique(self, samples: list[Sample], w: int) -> None:
         """Check the IDs of window ``w``'s samples against each other and every earlier window,
         then remember them: 12 bytes per sample (a 64-bit ID hash and the window number,
-        :class:`~pipeline.ids.HashIndex`), not the ID strings. A hash hit is confirmed against
+        :class:`~pipeline.sample_ids.HashIndex`), not the ID strings. A hash hit is confirmed against
         the IDs (the earlier window's rows tokenized again) before it is called a duplicate.
 
         Raises:

@@ -17,7 +17,7 @@ import numpy as np
 from pipeline.config import DatasetConfig
 from pipeline.data.formats import resolve_format
 from pipeline.data.samples import Sample, SampleWindows, tokenize_part
-from pipeline.ids import HashIndex, id_hashes
+from pipeline.sample_ids import HashIndex, id_hashes
 
 
 class DatasetSamples:
@@ -28,7 +28,7 @@ class DatasetSamples:
     Sample ``i`` is the ``k``-th sample of row ``rows[i]``, ``k = i - (first sample of that
     row)``; reading it tokenizes that one row again (under a lock: a fast tokenizer refuses
     concurrent calls that change its truncation). ``index_of`` looks the ID's 64-bit hash up
-    (:class:`~pipeline.ids.HashIndex`, built on the first call) and confirms the ID by reading
+    (:class:`~pipeline.sample_ids.HashIndex`, built on the first call) and confirms the ID by reading
     the sample's ID back. Resident bookkeeping: 16 bytes per sample (row and ID hash; after the
     first ``index_of``, row, hash and a 4-byte sample index: 20 bytes).
 
