@@ -57,7 +57,7 @@ def one_step(out: str, mbs: int, accum: int, pack: int = 0, divergence: str = "f
     init = {n: t.clone() for n, t in full_state_dict(model).items()}  # may alias the parameters
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     trainer = Trainer(model, opt, None, LossConfig(alpha=0.3, temperature=2.0, tail="bucket", divergence=divergence, beta=0.3), None, info.device,
-                      packing=pack > 0)
+                      packing=pack > 0, cache_temperature=2.0)
     import numpy as np
 
     sampler = StepSampler(np.arange(N), mbs, accum, info.rank, info.world_size, seed=0)

@@ -38,8 +38,18 @@ class LossSums:
     top1_agree: torch.Tensor
 
 
+def _retemper(topk_logprobs, tail_logprob, temperature, cache_temperature, tail):
+    """Cached values at ``T_c`` → the teacher's log-probabilities at τ on the cached ids (times
+    ``T_c / τ``) and the tail; a bucket at ``τ ≠ T_c`` needs the full vocabulary (tail dropped)."""
+    ratio = cache_temperature / temperature
+    lp = topk_logprobs * ratio
+    if tail == "bucket" and ratio != 1.0:
+        return lp, torch.full_like(tail_logprob, -torch.inf)
+    return lp, tail_logprob
+
+
 def sparse_kl(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, tail_logprob: torch.Tensor,
-              temperature: float, tail: str) -> torch.Tensor:
+              temperature: float, tail: str, cache_temperature: float = 1.0) -> torch.Tensor:
     """Per-position KL(p || q) over the teacher's sparse support (module docstring formulas).
 
     Args:
@@ -49,17 +59,17 @@ def sparse_kl(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.
             estimated probabilities) at the cache temperature; ``-inf`` = padding slot.
         tail_logprob: (N,) float32 teacher tail log-mass (``-inf`` allowed).
         tail: ``renormalize``, ``bucket`` or ``sampled``.
+        cache_temperature: ``T_c`` of the cached values (re-tempered by ``T_c / τ``).
     Returns:
         (N,) float32 KL in nats.
     """
     log_q_s = log_q.gather(-1, topk_ids)  # (N, k)
     if tail == "sampled":  # no re-tempering, no renormalisation, no bucket (module docstring)
         return _weighted_log_ratio(topk_logprobs, log_q_s).sum(-1)
-    lp = topk_logprobs / temperature
+    lp, lt = _retemper(topk_logprobs, tail_logprob, temperature, cache_temperature, tail)
     if tail == "renormalize":
         log_p = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
         return _weighted_log_ratio(log_p, log_q_s).sum(-1)
-    lt = tail_logprob / temperature  # (N,)
     z = torch.logsumexp(torch.cat([lp, lt[:, None]], dim=-1), dim=-1)  # (N,)
     log_p = lp - z[:, None]
     log_p_tail = lt - z
@@ -73,7 +83,7 @@ def sparse_kl(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.
 
 def distill_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *, alpha: float,
                  temperature: float = 1.0, tail: str = "bucket", topk_ids=None, topk_logprobs=None,
-                 tail_logprob=None) -> LossSums:
+                 tail_logprob=None, cache_temperature: float = 1.0) -> LossSums:
     """Dense reference of the hybrid loss from full (B, T, V) logits (no chunking, autograd).
 
     Args:
@@ -91,7 +101,7 @@ def distill_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Ten
         log_qt = F.log_softmax(z.double() / temperature, -1)
         ids = topk_ids[b_idx, t_idx]
         kl = sparse_kl(log_qt, ids, topk_logprobs[b_idx, t_idx].double(), tail_logprob[b_idx, t_idx].double(),
-                       temperature, tail)
+                       temperature, tail, cache_temperature)
         agree = z.argmax(-1) == ids[:, 0]
         loss_sum = alpha * ce.sum() + (1.0 - alpha) * temperature**2 * kl.sum()
     else:
@@ -106,7 +116,7 @@ def distill_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Ten
 
 def fused_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *, alpha: float,
                       temperature: float = 1.0, tail: str = "bucket", topk_ids=None, topk_logprobs=None,
-                      tail_logprob=None, chunk_size: int = 0) -> LossSums:
+                      tail_logprob=None, chunk_size: int = 0, cache_temperature: float = 1.0) -> LossSums:
     """The product's fused loss driven by given (B, T, V) logits: the valid rows are the hidden
     states and the output projection is the identity (V, V), so ``z = logits`` exactly.
     Same signature and result as :func:`distill_loss`; gradients flow to ``logits``."""
@@ -122,13 +132,13 @@ def fused_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, valid: torc
     tg = LossTargets(input_ids[b_idx, t_idx + 1], b_idx, B, **teacher)
     eye = torch.eye(V, dtype=logits.dtype)
     out = fused_linear_loss(logits[b_idx, t_idx], eye, None, tg, alpha=alpha, temperature=temperature, tail=tail,
-                            chunk_size=chunk_size)
+                            chunk_size=chunk_size, cache_temperature=cache_temperature)
     return LossSums(out.loss_sum, out.ce_sum, out.kl_sum, valid.sum(-1).to(torch.int64), out.top1_agree)
 
 
 def sparse_divergence(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                       tail_logprob: torch.Tensor, temperature: float, tail: str, divergence: str, beta: float = 0.5,
-                      skew: float = 0.1, akl_mu: float = 0.5) -> torch.Tensor:
+                      skew: float = 0.1, akl_mu: float = 0.5, cache_temperature: float = 1.0) -> torch.Tensor:
     """Per-position divergence ``D(p, q)`` over the tail mode's categories, written out from
     its definition (pipeline/student/divergences.py) for autograd: the cached ids plus one tail
     outcome (``bucket``) or the cached ids renormalised on both sides (``renormalize``);
@@ -140,12 +150,11 @@ def sparse_divergence(log_q: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs
     """
     live = ~torch.isneginf(topk_logprobs)
     log_q_s = torch.where(live, log_q.gather(-1, topk_ids), -torch.inf)
-    lp = topk_logprobs / temperature
+    lp, lt = _retemper(topk_logprobs, tail_logprob, temperature, cache_temperature, tail)
     if tail == "renormalize":
         log_p = lp - torch.logsumexp(lp, -1, keepdim=True)
         log_qc = log_q_s - torch.logsumexp(log_q_s, -1, keepdim=True)
     else:
-        lt = tail_logprob / temperature
         z = torch.logsumexp(torch.cat([lp, lt[:, None]], -1), -1)
         log_p = torch.cat([lp - z[:, None], (lt - z)[:, None]], -1)
         log_q_tail = log1mexp(torch.logsumexp(log_q_s, -1).clamp(max=-1e-6))

@@ -148,7 +148,7 @@ def _dense_reference(hidden, weight, ids, lp, tail, mapped, aligned, labels, alp
     logq = torch.log_softmax(z / tau, -1)
     q = logq.exp()
     live = ~torch.isneginf(lp)
-    lpt, lt = lp / tau, tail / tau
+    lpt, lt = lp, tail  # the cached values are at τ (the cache temperature: only τ = T_c is exact)
     zz = torch.logsumexp(torch.cat([lpt, lt[:, None]], -1), -1)
     p, pt = torch.where(live, (lpt - zz[:, None]).exp(), 0.0), (lt - zz).exp()
     D = []
@@ -197,7 +197,11 @@ def test_fused_cross_tokenizer_loss_matches_dense_float64_reference(mode, alpha,
     hidden, weight, ids, lp, tail, mapped, aligned, labels = _toy_targets()
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     t = LossTargets(labels, torch.arange(len(labels)) // 4, 3, ids, lp, tail, aligned, mapped)
-    sums = cross_tokenizer_loss(h1, w1, None, t, alpha=alpha, temperature=tau, mode=mode, chunk_size=5)
+    sums = cross_tokenizer_loss(h1, w1, None, t, alpha=alpha, temperature=tau, mode=mode, chunk_size=5,
+                                cache_temperature=tau)
+    if alpha < 1.0:  # another cache temperature: the tail mass at τ is not in the cache
+        with pytest.raises(ValueError, match="loss.cross_tokenizer needs the teacher's tail mass"):
+            cross_tokenizer_loss(h1, w1, None, t, alpha=alpha, temperature=tau, mode=mode, cache_temperature=tau * 2)
     sums.loss_sum.backward()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     ref = _dense_reference(h2, w2, ids, lp, tail, mapped, aligned, labels, alpha, tau, mode)

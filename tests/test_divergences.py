@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pipeline.student.divergences import DIVERGENCES, Divergence
 from pipeline.student.losses import fused_linear_loss
 from reference_losses import sparse_divergence, sparse_kl
-from test_fused_loss import _targets, dense_problem
+from test_fused_loss import _cache_temperature, _targets, dense_problem
 
 PARAMS = {"beta": 0.3, "skew": 0.2, "akl_mu": 0.5}
 
@@ -22,19 +22,20 @@ def test_fused_divergence_equals_dense_values_and_gradients(divergence, tail, al
     z = hidden @ weight[:V].t() + bias[:V]
     ce = -F.log_softmax(z, -1).gather(-1, tg.labels[:, None]).squeeze(-1)
     log_qt = F.log_softmax(z / tau, -1)
-    kl = sparse_kl(log_qt, tg.topk_ids, tg.topk_logprobs, tg.tail_logprob, tau, tail)
+    t_c = _cache_temperature(tail, tau)
+    kl = sparse_kl(log_qt, tg.topk_ids, tg.topk_logprobs, tg.tail_logprob, tau, tail, cache_temperature=t_c)
     if divergence == "forward_kl":  # today's loss (renormalize: the student's q not renormalised)
         d = kl
     else:
         d = sparse_divergence(log_qt, tg.topk_ids, tg.topk_logprobs, tg.tail_logprob, tau, tail, divergence,
-                              **PARAMS)
+                              cache_temperature=t_c, **PARAMS)
     ref_loss = alpha * ce.sum() + (1 - alpha) * tau**2 * d.sum()
     ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, bias))
     per = lambda x: torch.zeros(tg.n_samples, dtype=torch.float64).index_add_(0, tg.sample_index, x.detach())  # noqa: E731
     div = Divergence(divergence, **PARAMS)
     for chunk in (0, 7):  # one chunk, and several with a ragged last chunk
         out = fused_linear_loss(hidden, weight, bias, tg, alpha=alpha, temperature=tau, tail=tail, vocab_size=V,
-                                chunk_size=chunk, divergence=div)
+                                chunk_size=chunk, divergence=div, cache_temperature=t_c)
         grads = torch.autograd.grad(out.loss_sum * 3.0, (hidden, weight, bias))  # an upstream scale
         torch.testing.assert_close(out.loss_sum, ref_loss, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(out.distill_sum.double(), per(d), rtol=1e-6, atol=1e-7)
@@ -53,9 +54,10 @@ def test_forward_kl_is_todays_loss_bit_for_bit():
     tg = _targets(N, V, k, S, "topk", g)
     tg.topk_logprobs, tg.tail_logprob = tg.topk_logprobs.float(), tg.tail_logprob.float()
     for tail in ("bucket", "renormalize"):
-        a = fused_linear_loss(hidden, weight, None, tg, alpha=0.5, temperature=2.0, tail=tail, chunk_size=7)
+        a = fused_linear_loss(hidden, weight, None, tg, alpha=0.5, temperature=2.0, tail=tail, chunk_size=7,
+                              cache_temperature=2.0)
         b = fused_linear_loss(hidden, weight, None, tg, alpha=0.5, temperature=2.0, tail=tail, chunk_size=7,
-                              divergence=Divergence("forward_kl"))
+                              divergence=Divergence("forward_kl"), cache_temperature=2.0)
         assert torch.equal(a.loss_sum, b.loss_sum) and torch.equal(a.kl_sum, b.distill_sum)
 
 

@@ -26,13 +26,20 @@ def _targets(N, V, k, S, kind, g):
     return LossTargets(labels, sample_index, S, ids, vals, tail)
 
 
+def _cache_temperature(tail: str, tau: float) -> float:
+    """The cache temperature of these tests' targets: 1, except for ``bucket``, which is exact
+    only at τ = T_c on a partial support (the targets are read as written at τ)."""
+    return tau if tail == "bucket" else 1.0
+
+
 def _dense(hidden, weight, bias, tg, alpha, tau, tail, V):
     """(N, V) logits, float64, autograd: the obviously-correct formula."""
     z = hidden @ weight[:V].t() + (bias[:V] if bias is not None else 0)
     ce = -F.log_softmax(z, -1).gather(-1, tg.labels[:, None]).squeeze(-1)
     if alpha == 1.0:
         return ce.sum(), ce, torch.zeros_like(ce)
-    kl = sparse_kl(F.log_softmax(z / tau, -1), tg.topk_ids, tg.topk_logprobs, tg.tail_logprob, tau, tail)
+    kl = sparse_kl(F.log_softmax(z / tau, -1), tg.topk_ids, tg.topk_logprobs, tg.tail_logprob, tau, tail,
+                   cache_temperature=_cache_temperature(tail, tau))
     return alpha * ce.sum() + (1 - alpha) * tau**2 * kl.sum(), ce, kl
 
 
@@ -62,7 +69,7 @@ def test_fused_equals_dense_values_and_gradients(tail, kind, alpha, tau):
     ref_grads = torch.autograd.grad(ref_loss, (hidden, weight, bias))
     for chunk in (0, 7):  # one chunk, and several with a ragged last chunk
         out = fused_linear_loss(hidden, weight, bias, tg, alpha=alpha, temperature=tau, tail=tail, vocab_size=V,
-                                chunk_size=chunk)
+                                chunk_size=chunk, cache_temperature=_cache_temperature(tail, tau))
         grads = torch.autograd.grad(out.loss_sum * 3.0, (hidden, weight, bias))  # an upstream scale
         torch.testing.assert_close(out.loss_sum, ref_loss, rtol=1e-5, atol=1e-8)
         per = lambda x: torch.zeros(tg.n_samples, dtype=torch.float64).index_add_(0, tg.sample_index, x.detach())  # noqa: E731
@@ -85,7 +92,8 @@ def test_float32_fused_matches_float64_reference_and_no_vocab_sized_tensor_is_ke
     weight = (torch.randn(V, H, generator=g) * 0.3).requires_grad_(True)
     tg = _targets(N, V, k, 4, "topk", g)
     tg.topk_logprobs, tg.tail_logprob = tg.topk_logprobs.float(), tg.tail_logprob.float()
-    out = fused_linear_loss(hidden, weight, None, tg, alpha=0.5, temperature=2.0, tail="bucket", chunk_size=64)
+    out = fused_linear_loss(hidden, weight, None, tg, alpha=0.5, temperature=2.0, tail="bucket", chunk_size=64,
+                            cache_temperature=2.0)
     # the saved tensors of the graph: gradients of the inputs only, nothing with V columns besides W's
     saved = [t.shape for t in out.loss_sum.grad_fn.saved_tensors if t is not None]
     assert saved == [hidden.shape, weight.shape], saved
@@ -145,7 +153,7 @@ def test_trainer_loss_on_a_model_equals_dense_logits_reference(tied):
     recs = synthetic_records(4, V, k, seed=2)
     batch = collate(recs)
     loss_cfg = LossConfig(alpha=0.5, temperature=2.0, tail="bucket")
-    sums = Trainer(model, None, None, loss_cfg, None, torch.device("cpu"))._loss(batch)
+    sums = Trainer(model, None, None, loss_cfg, None, torch.device("cpu"), cache_temperature=2.0)._loss(batch)
     sums.loss_sum.backward()
     B, T = batch.input_ids.shape
     valid = torch.zeros(B, T - 1, dtype=torch.bool)
@@ -157,7 +165,7 @@ def test_trainer_loss_on_a_model_equals_dense_logits_reference(tied):
         tail[i, : n - 1] = torch.from_numpy(r.tail_logprob)
     logits = dense_model(input_ids=batch.input_ids).logits
     ref = distill_loss(logits, batch.input_ids, valid, alpha=0.5, temperature=2.0, tail="bucket", topk_ids=tk_ids,
-                       topk_logprobs=tk_lp, tail_logprob=tail)
+                       topk_logprobs=tk_lp, tail_logprob=tail, cache_temperature=2.0)
     ref.loss_sum.backward()
     assert sums.loss_sum.item() == pytest.approx(ref.loss_sum.item(), rel=1e-5)
     torch.testing.assert_close(sums.ce_sum.double(), ref.ce_sum, rtol=1e-5, atol=1e-5)

@@ -54,7 +54,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.data.batch import LossTargets
-from pipeline.student.losses import LossSums, _kl_terms, auto_chunk_size, grad_buffers
+from pipeline.student.losses import LossSums, _kl_terms, auto_chunk_size, check_temperatures, grad_buffers, teacher_log_probs
 
 MODES = ("gold", "uld")
 
@@ -95,26 +95,19 @@ def _sorted_l1(qt: torch.Tensor, p_sel: torch.Tensor, count: torch.Tensor, exclu
     return d, -gq.sum(-1), cols, -gq
 
 
-def _teacher_probs(lp: torch.Tensor, tail_lp: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n, k) slot and (n,) tail log-probabilities at τ, the tail one outcome (``bucket``)."""
-    lpt, lt = lp / temperature, tail_lp / temperature
-    zz = torch.logsumexp(torch.cat([lpt, lt[:, None]], -1), -1)
-    return lpt - zz[:, None], lt - zz
-
-
 def _chunk_terms(z: torch.Tensor, lse_t: torch.Tensor, qt: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor,
                  tail_lp: torch.Tensor, mapped: torch.Tensor, temperature: float, mode: str):
     """Per-position ``D``, the mapped KL, and the gradient coefficients of one chunk's aligned
     positions (module docstring). Returns ``(d, kl, A, [(cols, B), ...])`` with
     ``∂d/∂u = A q − Σ scatter(cols, B)``."""
     live = ~torch.isneginf(lp)
-    log_p, log_pt = _teacher_probs(lp, tail_lp, temperature)
+    log_p, log_pt = teacher_log_probs(lp, tail_lp, 1.0, "bucket")  # τ = T_c (cross_tokenizer_loss)
     p = torch.where(live, log_p.exp(), 0.0)
-    # KL_M: the bucket KL with support m(M); its inputs are already at τ (× τ undoes its ÷ τ)
+    # KL_M: the bucket KL with support m(M)
     rest = torch.cat([torch.where(live & ~mapped, log_p, -torch.inf), log_pt[:, None]], -1)
     log_pr = torch.logsumexp(rest, -1)  # log p_R: unmapped slots + tail
     lp_m = torch.where(mapped, log_p, -torch.inf)
-    kl, A_kl, B_kl = _kl_terms(z.gather(1, ids), lse_t, lp_m * temperature, log_pr * temperature, temperature, "bucket")
+    kl, A_kl, B_kl = _kl_terms(z.gather(1, ids), lse_t, lp_m, log_pr, temperature)
     if mode == "gold":
         unm = live & ~mapped
         d_u, A_u, cols, B_u = _sorted_l1(qt, torch.where(unm, p, -1.0), unm.sum(-1), (ids, mapped), None)
@@ -182,7 +175,7 @@ class _FusedCrossTokenizerLoss(torch.autograd.Function):
 
 def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: LossTargets, *,
                          alpha: float, temperature: float = 1.0, mode: str = "gold", vocab_size: int | None = None,
-                         chunk_size: int = 0) -> LossSums:
+                         chunk_size: int = 0, cache_temperature: float | None = None) -> LossSums:
     """The cross-tokenizer hybrid loss of the valid positions, fused with the output projection.
 
     Args:
@@ -194,12 +187,15 @@ def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         alpha: CE weight in [0, 1]. temperature: τ > 0 (CE at 1). mode: ``gold`` | ``uld``.
         vocab_size: the student's data vocabulary (default ``V_out``).
         chunk_size: positions per chunk; 0: :func:`~pipeline.student.losses.auto_chunk_size`.
+        cache_temperature: ``T_c`` of the cached values (default: ``temperature``). The teacher
+            side is a bucket over the cached slots, so only ``τ = T_c`` is exact.
     Returns:
         :class:`LossSums`: ``kl_sum`` is ``KL_M`` (the mapped-ids KL, also under ``uld``, where
         it is not trained), ``distill_sum`` the trained ``D``, ``top1_agree`` counts aligned
         positions whose student argmax is the teacher's mapped top-1.
     Raises:
-        ValueError: an unknown ``mode``; targets without ``aligned`` / ``mapped``.
+        ValueError: an unknown ``mode``; targets without ``aligned`` / ``mapped``; ``τ ≠ T_c``
+            (:func:`~pipeline.student.losses.check_temperatures`).
     """
     if mode not in MODES:
         raise ValueError(f"loss.cross_tokenizer must be one of {MODES}, got {mode!r}")
@@ -207,6 +203,8 @@ def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         raise ValueError("cross-tokenizer loss: the targets have no aligned/mapped positions (not a "
                          "cross-tokenizer batch)")
     V = weight.shape[0] if vocab_size is None else vocab_size
+    if alpha < 1.0 and cache_temperature is not None:
+        check_temperatures("bucket", temperature, cache_temperature, 0, 1, cross_tokenizer=True)
     chunk = chunk_size if chunk_size > 0 else max(1, auto_chunk_size(V, 1.0) // 5)
     loss, ce, kl, dist, agree = _FusedCrossTokenizerLoss.apply(hidden, weight, bias, targets, float(alpha),
                                                                float(temperature), mode, int(V), int(chunk))

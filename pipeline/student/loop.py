@@ -110,7 +110,7 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     Folder(cfg.output_dir).check_access("output_dir")
     if cfg.data.first_cache is not None and cfg.loss.alpha != 1.0:  # config.yaml shows the resolved loss.tail
         m = read_manifest(cfg.data.first_cache)
-        cfg = resolve_tail(cfg, m.target_type, m.temperature)
+        cfg = resolve_tail(cfg, m.target_type, m.temperature, m.k, m.vocab_size)
     callbacks = load_callbacks(cfg.callbacks)  # once: the same objects see every round
     if not cfg.rounds:
         if cfg.select is not None or cfg.weight_by is not None:
@@ -275,7 +275,7 @@ class RoundTrainer:
         self.train_src, self.eval_src, self.tok_dir, self.data_vocab = _sources(cfg, info)
         if cfg.data.first_cache is not None:  # loss.tail defaults from, and is checked against, the cache
             m = self.train_src.manifest
-            self.cfg = cfg = resolve_tail(cfg, m.target_type, m.temperature)
+            self.cfg = cfg = resolve_tail(cfg, m.target_type, m.temperature, m.k, m.vocab_size)
         self.fsdp = uses_fsdp(cfg, info)
         if cfg.student.init == "pretrained" and self.fsdp:  # never whole on a rank: its rows are read after sharding
             student = Folder(cfg.student.path).local()
@@ -293,7 +293,9 @@ class RoundTrainer:
         self.trainer = Trainer(self.model, self.optimizer, self.scheduler, cfg.loss, cfg.optim.max_grad_norm,
                                info.device, vocab_size=self.data_vocab if self.V > self.data_vocab else None,
                                packing=cfg.data.packing,
-                               loss_scaling=compute_dtype(cfg.mixed_precision, info.device) == torch.float16)
+                               loss_scaling=compute_dtype(cfg.mixed_precision, info.device) == torch.float16,
+                               cache_temperature=(self.train_src.manifest.temperature
+                                                  if cfg.data.first_cache is not None else 1.0))
         self.pack_len = None
         if cfg.data.packing:
             self.pack_len = cfg.data.pack_length or (self.train_src.manifest.max_length

@@ -104,7 +104,42 @@ def check_tail_mode(tail: str, target_type: str, temperature: float, cache_tempe
     return warns
 
 
-def resolve_tail(cfg, target_type: str, cache_temperature: float):
+def check_temperatures(tail: str, temperature: float, cache_temperature: float, k: int, vocab_size: int,
+                       cross_tokenizer: bool = False) -> None:
+    """Refuse a training temperature the cached targets cannot give exactly.
+
+    The cache holds top-k values at ``T_c``; re-tempering them to ``τ`` is exact on the cached
+    ids (:func:`teacher_log_probs`), but the teacher's tail mass at ``τ`` needs the logits of
+    every id outside them. So ``bucket`` (and the cross-tokenizer losses, whose teacher side is a
+    bucket) at ``τ ≠ T_c`` is refused unless the support is the whole vocabulary (``k ≥ V``; the
+    cross-tokenizer losses are refused at any ``τ ≠ T_c``: their support is mapped ids).
+    ``renormalize`` is exact at any τ (it drops the tail by definition); ``sampled`` keeps its
+    documented rule (the target stays at ``T_c``; :func:`check_tail_mode` warns).
+
+    Args:
+        k: cached ids per position. vocab_size: V, the teacher's vocabulary (the manifest's).
+        cross_tokenizer: the loss is ``loss.cross_tokenizer`` (gold/uld): refused at any
+            ``τ ≠ T_c``.
+    Raises:
+        ValueError: the refused case, naming ``loss.temperature``, the cache temperature, k, V
+            and what to do.
+    """
+    if temperature == cache_temperature or (k >= vocab_size and not cross_tokenizer):
+        return
+    if cross_tokenizer or tail == "bucket":
+        if cross_tokenizer:
+            raise ValueError(f"loss.temperature={temperature} differs from the cache temperature {cache_temperature}: "
+                             f"loss.cross_tokenizer needs the teacher's tail mass at {temperature}, which the cache does "
+                             f"not hold; train at loss.temperature={cache_temperature} or write the cache at "
+                             f"temperature {temperature}")
+        raise ValueError(f"loss.temperature={temperature} differs from the cache temperature {cache_temperature}: "
+                         f"loss.tail=bucket needs the teacher's tail mass at {temperature}, which a top-{k} cache of a "
+                         f"{vocab_size}-token vocabulary does not hold; train at loss.temperature={cache_temperature}, "
+                         f"write the cache at temperature {temperature}, or use loss.tail=renormalize")
+
+
+def resolve_tail(cfg, target_type: str, cache_temperature: float, k: int | None = None,
+                 vocab_size: int | None = None):
     """The train config with ``loss.tail`` fixed for the train cache: unset, it defaults to
     ``bucket`` for a ``topk`` cache and ``sampled`` for a ``sampled`` / ``topk+sampled`` one;
     the pair is then checked (:func:`check_tail_mode`) and its warnings issued. No I/O: the
@@ -115,12 +150,15 @@ def resolve_tail(cfg, target_type: str, cache_temperature: float):
         cfg: the :class:`~pipeline.config.TrainStudentConfig`.
         target_type: the cache manifest's ``target_type`` (``topk``, ``sampled``, ``topk+sampled``).
         cache_temperature: the manifest's ``temperature``.
+        k, vocab_size: the manifest's ``k`` and ``vocab_size``; given, the training temperature
+            is checked against the cache's (:func:`check_temperatures`).
     Returns:
         ``cfg`` itself when nothing changes, else a copy with the resolved ``loss.tail``
         (marked as set, so the written ``config.yaml`` shows it).
     Raises:
         ConfigError: a refused pair, naming ``loss.tail`` and the cache's ``target_type``; a
-            ``loss.divergence`` other than ``forward_kl`` on a sampled cache.
+            ``loss.divergence`` other than ``forward_kl`` on a sampled cache; a
+            ``loss.temperature`` the cache cannot give exactly (:func:`check_temperatures`).
     """
     import warnings
 
@@ -135,6 +173,9 @@ def resolve_tail(cfg, target_type: str, cache_temperature: float):
                           "use a topk cache")
     try:
         warns = check_tail_mode(tail, target_type, cfg.loss.temperature, cache_temperature)
+        if k is not None and vocab_size is not None:
+            check_temperatures(tail, cfg.loss.temperature, cache_temperature, k, vocab_size,
+                               cross_tokenizer=bool(getattr(cfg.loss, "cross_tokenizer", None)))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for w in warns:
@@ -182,32 +223,59 @@ def auto_chunk_size(vocab_size: int, temperature: float, budget_bytes: int = AUT
     return max(1, budget_bytes // (4 * vocab_size * buffers))
 
 
-def _kl_terms(zS: torch.Tensor, lse_t: torch.Tensor, lp: torch.Tensor, tail_lp: torch.Tensor, temperature: float,
-              tail: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def teacher_log_probs(lp: torch.Tensor, tail_lp: torch.Tensor, ratio: float, tail: str
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The teacher's target log-probabilities at the training temperature τ, from the cached
+    values at the cache temperature ``T_c`` (DESIGN.md, Loss).
+
+    The cache holds ``lp = log_softmax(z/T_c)`` at the support ids, so on those ids
+    ``log p_τ = ratio · lp − log Σ_V exp(ratio · lp)`` with ``ratio = T_c / τ``: re-tempering is
+    a multiplication by ``ratio``, never a second division by τ.
+
+    * ``sampled``: ``lp`` unchanged (an estimate of ``p`` at ``T_c`` is never re-tempered).
+    * ``renormalize``: ``softmax(ratio · lp)`` over the live support: exactly the teacher's
+      distribution at τ restricted to S and renormalised.
+    * ``bucket``: at ``ratio == 1`` the support plus the tail outcome, normalised together
+      (the cached values and tail already sum to 1; normalising absorbs the codec's rounding):
+      exact. At ``ratio != 1`` the tempered tail mass needs the whole vocabulary, which the cache
+      does not hold: the caller must have the full vocabulary as support (``k = V``), and the
+      tail (rounding only) is dropped — then it is exact too. :func:`fused_linear_loss` refuses
+      the partial-support case.
+
+    Args:
+        lp: (n, k) cached log-probabilities (``-inf`` = padding slot). tail_lp: (n,) cached
+            tail log-mass. ratio: ``T_c / τ`` (> 0). tail: the tail mode.
+    Returns:
+        ``log_p`` (n, k) (``-inf`` kept at padding slots) and ``log_p_tail`` (n,) for
+        ``bucket`` at ``ratio == 1``, else None.
+    """
+    if tail == "sampled":
+        return lp, None
+    lpt = lp * ratio if ratio != 1.0 else lp
+    if tail == "bucket" and ratio == 1.0:
+        zz = torch.logsumexp(torch.cat([lpt, tail_lp[:, None]], -1), -1)  # (n,)
+        return lpt - zz[:, None], tail_lp - zz
+    return lpt - torch.logsumexp(lpt, -1, keepdim=True), None
+
+
+def _kl_terms(zS: torch.Tensor, lse_t: torch.Tensor, log_p: torch.Tensor, log_p_tail: torch.Tensor | None,
+              temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """KL values and the coefficients of its logit gradient for one chunk (module docstring).
 
     Args:
         zS: (n, k) student logits at the support ids (temperature 1). lse_t: (n,) ``logsumexp(z/τ)``.
-        lp: (n, k) teacher log-probabilities (``-inf`` = padding). tail_lp: (n,) teacher tail log-mass.
+        log_p: (n, k) teacher log-probabilities at τ (``-inf`` = padding; :func:`teacher_log_probs`).
+        log_p_tail: (n,) the tail outcome's log-probability (``bucket``), or None (no tail outcome).
     Returns:
         kl (n,), A (n,), B (n, k): ``∂KL/∂(z/τ) = A q_τ − scatter_S(B)``.
     """
-    live = ~torch.isneginf(lp)
+    live = ~torch.isneginf(log_p)
     log_qS = zS / temperature - lse_t[:, None]  # (n, k) log q_τ at the support
-    if tail == "sampled":  # no re-tempering, no renormalisation, no bucket
-        log_p = lp
-    elif tail == "renormalize":
-        lpt = lp / temperature
-        log_p = lpt - torch.logsumexp(lpt, -1, keepdim=True)
-    else:  # bucket
-        lpt, lt = lp / temperature, tail_lp / temperature
-        zz = torch.logsumexp(torch.cat([lpt, lt[:, None]], -1), -1)  # (n,)
-        log_p, log_p_tail = lpt - zz[:, None], lt - zz
     safe = torch.where(live, log_p, 0.0)
     p = torch.where(live, safe.exp(), 0.0)  # (n, k)
     kl = (p * (safe - log_qS)).sum(-1)
     A, B = p.sum(-1), p
-    if tail == "bucket":
+    if log_p_tail is not None:
         p_tail = log_p_tail.exp()
         lse_S = torch.logsumexp(torch.where(live, log_qS, -torch.inf), -1)  # log Σ_S q
         # q_tail = 1 - Σ_S q, clamped so a student with all its mass on S gives a finite log
@@ -220,8 +288,8 @@ def _kl_terms(zS: torch.Tensor, lse_t: torch.Tensor, lp: torch.Tensor, tail_lp: 
     return kl, A, B
 
 
-def _divergence_terms(zS: torch.Tensor, lse_t: torch.Tensor, lp: torch.Tensor, tail_lp: torch.Tensor,
-                      temperature: float, tail: str, div: Divergence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _divergence_terms(zS: torch.Tensor, lse_t: torch.Tensor, log_p: torch.Tensor, log_p_tail: torch.Tensor | None,
+                      temperature: float, div: Divergence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A divergence other than forward KL for one chunk: its value and the coefficients of its
     logit gradient, ``∂D/∂(z/τ) = A q_τ − scatter_S(B)`` (the form of :func:`_kl_terms`).
 
@@ -229,34 +297,30 @@ def _divergence_terms(zS: torch.Tensor, lse_t: torch.Tensor, lp: torch.Tensor, t
     outcome for ``bucket``. With ``g = ∂D/∂log q_c`` from
     :func:`~pipeline.student.divergences.category_terms`, ``u = z/τ``, ``Q_S = Σ_S q``:
 
-    * ``bucket`` (``log q_i = u_i − lse(u)``, ``log q_tail = log(1 − Q_S)``):
+    * with a tail outcome (``log q_i = u_i − lse(u)``, ``log q_tail = log(1 − Q_S)``):
       ``A = −Σ_S g + (g_tail / q_tail) Q_S``, ``B = −g_S + (g_tail / q_tail) q_S``
       (``g_tail / q_tail`` taken as 0 where ``q_tail`` is clamped, as in :func:`_kl_terms`);
-    * ``renormalize`` (``log q̃_i = u_i − log Q_S``, independent of the other logits):
+    * without (``renormalize``: ``log q̃_i = u_i − log Q_S``, independent of the other logits):
       ``A = 0``, ``B = −(g − q̃ Σ_S g)``.
 
     Args: as :func:`_kl_terms`; ``div`` the divergence (not ``forward_kl``).
     Returns:
         ``D`` (n,), ``A`` (n,), ``B`` (n, k).
     """
-    live = ~torch.isneginf(lp)
+    live = ~torch.isneginf(log_p)
     log_qS = torch.where(live, zS / temperature - lse_t[:, None], -torch.inf)  # (n, k) log q_τ at the support
     lse_S = torch.logsumexp(log_qS, -1)  # log Q_S
-    lpt = lp / temperature
-    if tail == "renormalize":
-        log_p = lpt - torch.logsumexp(lpt, -1, keepdim=True)
+    if log_p_tail is None:
         log_qn = log_qS - lse_S[:, None]
         d, g = category_terms(log_p, log_qn, live, div)
         B = -(g - torch.where(live, log_qn.exp(), 0.0) * g.sum(-1, keepdim=True))
         return d, torch.zeros_like(d), B
-    lt = tail_lp / temperature  # bucket
-    zz = torch.logsumexp(torch.cat([lpt, lt[:, None]], -1), -1)
-    log_p = torch.cat([lpt - zz[:, None], (lt - zz)[:, None]], -1)  # (n, k+1)
+    log_pc = torch.cat([log_p, log_p_tail[:, None]], -1)  # (n, k+1)
     ok = lse_S <= -1e-6  # q_tail = 1 − Q_S, clamped as in _kl_terms
     log_q_tail = log1mexp(lse_S.clamp(max=-1e-6))
     log_q = torch.cat([log_qS, log_q_tail[:, None]], -1)
-    live_c = torch.cat([live, ~torch.isneginf(lt)[:, None]], -1)
-    d, g = category_terms(log_p, log_q, live_c, div)
+    live_c = torch.cat([live, ~torch.isneginf(log_p_tail)[:, None]], -1)
+    d, g = category_terms(log_pc, log_q, live_c, div)
     g_S, g_t = g[:, :-1], g[:, -1]
     r = torch.where(ok & live_c[:, -1], g_t / log_q_tail.exp(), 0.0)  # (n,) g_tail / q_tail
     A = -g_S.sum(-1) + r * lse_S.exp()
@@ -279,7 +343,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, topk_ids, topk_logprobs, tail_logprob, alpha, temperature,
-                tail, vocab_size, chunk_size, div):
+                tail, vocab_size, chunk_size, div, ratio):
         N, H = hidden.shape
         need_grad = any(ctx.needs_input_grad[:3])
         with_kl = alpha < 1.0
@@ -316,11 +380,12 @@ class _FusedLinearLoss(torch.autograd.Function):
             if with_kl:
                 if tau == 1.0:
                     lse_t = lse1
-                kl_c, A, Bk = _kl_terms(zS, lse_t, topk_logprobs[s:e].to(fdt), tail_logprob[s:e].to(fdt), tau, tail)
+                log_p, log_p_tail = teacher_log_probs(topk_logprobs[s:e].to(fdt), tail_logprob[s:e].to(fdt),
+                                                      ratio, tail)
+                kl_c, A, Bk = _kl_terms(zS, lse_t, log_p, log_p_tail, tau)
                 kl[s:e] = kl_c
                 if not forward_kl:  # the KL above stays the logged kl; D and its gradient replace it
-                    dist[s:e], A, Bk = _divergence_terms(zS, lse_t, topk_logprobs[s:e].to(fdt),
-                                                         tail_logprob[s:e].to(fdt), tau, tail, div)
+                    dist[s:e], A, Bk = _divergence_terms(zS, lse_t, log_p, log_p_tail, tau, div)
             if not need_grad:
                 continue
             # ∂loss/∂z = α (q1 − onehot(y)) + (1−α) τ (A q_τ − scatter(B))   (module docstring)
@@ -361,12 +426,13 @@ class _FusedLinearLoss(torch.autograd.Function):
             return g * g_loss.to(g.dtype) if g.dtype != torch.float16 else (g.float() * g_loss.float()).half()
 
         cast = lambda g: None if g is None else g.to(ctx.out_dtype)  # noqa: E731
-        return (scale(g_hidden), cast(scale(g_weight)), cast(scale(g_bias)), *([None] * 10))
+        return (scale(g_hidden), cast(scale(g_weight)), cast(scale(g_bias)), *([None] * 11))
 
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: LossTargets, *,
                       alpha: float, temperature: float = 1.0, tail: str = "bucket", vocab_size: int | None = None,
-                      chunk_size: int = 0, divergence: Divergence | None = None) -> LossSums:
+                      chunk_size: int = 0, divergence: Divergence | None = None,
+                      cache_temperature: float = 1.0) -> LossSums:
     """The hybrid sum-reduced loss of the valid positions, fused with the output projection.
 
     ``logits = hidden @ weight[:V].T (+ bias[:V])`` are formed one chunk of positions at a
@@ -388,12 +454,17 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         chunk_size: positions per chunk; 0 = :func:`auto_chunk_size` (``AUTO_CHUNK_BYTES``).
         divergence: the distillation term ``D`` (pipeline/student/divergences.py); None:
             forward KL. The loss is ``α Σ CE + (1−α) τ² Σ D``; ``kl_sum`` stays forward KL.
+        cache_temperature: ``T_c``, the temperature the cached values were written at (the
+            manifest's ``temperature``): they are re-tempered by ``T_c / τ``
+            (:func:`teacher_log_probs`).
     Returns:
         :class:`LossSums` (per-sample sums over ``targets.n_samples`` samples).
     Raises:
         ValueError: ``alpha < 1`` without teacher targets; ``vocab_size`` above ``V_out``; an
             unknown ``tail``; a divergence other than forward KL with ``tail="sampled"`` (its
-            estimator is unbiased for the forward-KL gradient only).
+            estimator is unbiased for the forward-KL gradient only); ``tail="bucket"`` at
+            ``τ ≠ T_c`` with fewer than V cached ids per position (the tempered tail mass is not
+            in the cache: :func:`check_temperatures`).
     """
     V = weight.shape[0] if vocab_size is None else vocab_size
     if V > weight.shape[0]:
@@ -407,10 +478,12 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     with_kl = alpha < 1.0
     if with_kl and (targets.topk_ids is None or targets.topk_logprobs is None or targets.tail_logprob is None):
         raise ValueError("alpha < 1 needs teacher targets (topk_ids, topk_logprobs, tail_logprob)")
+    if with_kl:
+        check_temperatures(tail, temperature, cache_temperature, targets.topk_ids.shape[-1], V)
     chunk = chunk_size if chunk_size > 0 else auto_chunk_size(V, temperature)
     loss, ce, kl, dist, agree = _FusedLinearLoss.apply(
         hidden, weight, bias, targets.labels, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
-        float(alpha), float(temperature), tail, int(V), int(chunk), div)
+        float(alpha), float(temperature), tail, int(V), int(chunk), div, float(cache_temperature) / float(temperature))
     S, idx = targets.n_samples, targets.sample_index
 
     def per_sample(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -180,13 +180,15 @@ class Trainer:
         loss_scaling: dynamic loss scaling for fp16 compute (``mixed_precision: fp16``): a
             ``torch.amp.GradScaler`` for ``device``'s type, default settings (initial scale 2^16,
             halved on overflow, doubled after 2000 clean steps). See :meth:`train_step`.
+        cache_temperature: ``T_c``, the temperature the train cache was written at (its
+            manifest's ``temperature``; 1, the stage-1 default).
     Raises:
         TypeError: an FSDP-wrapped model whose output layer was not deferred before wrapping.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loss_cfg: LossConfig,
                  max_grad_norm: float | None, device: torch.device, vocab_size: int | None = None,
-                 packing: bool = False, loss_scaling: bool = False):
+                 packing: bool = False, loss_scaling: bool = False, cache_temperature: float = 1.0):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.head = defer_output_projection(model)
         # the root's output is a view of the hidden states (transformers slices them for the
@@ -194,6 +196,8 @@ class Trainer:
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
         self.packed_call = enable_packed_attention(model) if packing else None
         self.vocab_size = vocab_size
+        # T_c of the train cache (its manifest): cached values are re-tempered by T_c / τ
+        self.cache_temperature = cache_temperature
         self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
         self.divergence = Divergence.from_config(loss_cfg)
         self.scaler = torch.amp.GradScaler(device.type) if loss_scaling else None
@@ -232,11 +236,13 @@ class Trainer:
         if batch.aligned is not None:  # a cross-tokenizer batch (pipeline/student/cross_tokenizer_loss.py)
             sums = cross_tokenizer_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
                                         temperature=c.temperature, mode=c.cross_tokenizer or "gold",
-                                        vocab_size=self.vocab_size, chunk_size=c.chunk_size)
+                                        vocab_size=self.vocab_size, chunk_size=c.chunk_size,
+                                        cache_temperature=self.cache_temperature)
         else:
             sums = fused_linear_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
                                      temperature=c.temperature, tail=c.tail, vocab_size=self.vocab_size,
-                                     chunk_size=c.chunk_size, divergence=self.divergence)
+                                     chunk_size=c.chunk_size, divergence=self.divergence,
+                                     cache_temperature=self.cache_temperature)
         if c.aux_loss_coef > 0:
             aux = getattr(out, "aux_loss", None)
             if aux is None:
