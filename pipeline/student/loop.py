@@ -25,7 +25,7 @@ from pipeline.distributed import (DistInfo, all_reduce_sum, barrier, compute_dty
                                   shard_model)
 from pipeline.storage.errors import writing
 from pipeline import progress
-from pipeline.student.sampler import StepPrefetcher, StepSampler, eval_batches, prefetch
+from pipeline.student.sampler import StepPrefetcher, StepSampler, eval_batches, eval_subset, prefetch
 from pipeline.losslog.writer import LossLogWriter
 from pipeline.losslog.reader import load_loss_logs
 from pipeline.student.lr_find import run_lr_find
@@ -386,8 +386,8 @@ class RoundTrainer:
         cfg, info = self.cfg, self.info
         self.logger = MetricsLogger(self.run_dir, info.rank, cfg.wandb, config_dict(cfg))
         self.loss_log = LossLogWriter(self.loss_log_dir or join(self.run_dir, "loss_logs"), info.rank)
-        self.n_eval = (min(len(self.eval_src), cfg.data.eval_max_samples or len(self.eval_src))
-                       if self.eval_src is not None else 0)
+        self.eval_indices = (eval_subset(len(self.eval_src), cfg.data.eval_max_samples, cfg.seed)
+                             if self.eval_src is not None else None)
         self.early_stopping = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
         builtin = [MetricsCallback(self.logger, cfg.log_steps), self.early_stopping]
         user = self.user_callbacks if self.user_callbacks is not None else load_callbacks(cfg.callbacks)
@@ -472,8 +472,8 @@ class RoundTrainer:
         """Evaluate (collective), log the eval rows, apply the improvement rule, export best/ on
         an improvement, call ``on_evaluate`` (early stopping's patience is a callback)."""
         cfg, info = self.cfg, self.info
-        ev = self.trainer.evaluate(prefetch(eval_batches(self.eval_src, self.n_eval, cfg.micro_batch_size, info.rank,
-                                                         info.world_size, pack_length=self.pack_len)))
+        ev = self.trainer.evaluate(prefetch(eval_batches(self.eval_src, self.eval_indices, cfg.micro_batch_size,
+                                                         info.rank, info.world_size, pack_length=self.pack_len)))
         self.loss_log.append(cfg.round, "eval", self.sampler.epoch, step, ev.rows)
         improved = self.early_stopping.update(self.state, ev.loss)
         self.last_eval = eval_metrics(ev, self.state, step)
