@@ -130,8 +130,9 @@ class LossConfig(_Section):
     caches (read from ``data.train_cache``'s manifest when train-student starts); incompatible
     pairs are refused then (:func:`pipeline.student.losses.resolve_tail`)."""
     cross_tokenizer: Literal["gold", "uld"] | None = None
-    """Required, and only used, when the student's tokenizer (``data.tokenizer``) differs from
-    the train cache's (a cache written with ``cache.text_offsets``): ``gold`` (KL over the
+    """Required, and only used, when the student's tokenizer (``data.tokenizer``, or the
+    tokenizer files of ``student.path``) differs from the train cache's (a cache written with
+    ``cache.text_offsets``): ``gold`` (KL over the
     teacher ids that have a student token with the same string, plus the ULD distance on the
     unmapped rest) or ``uld`` (the sorted-probability distance only). Formulas and sources in
     pipeline/student/cross_tokenizer_loss.py; ``tail`` and ``divergence`` do not apply."""
@@ -195,15 +196,24 @@ class TrainDataConfig(_Section):
     entry trains exactly as ``train_cache`` with its path. All caches need the same teacher
     tokenizer, vocabulary, target type, k and temperature (checked at start)."""
     eval_cache: str | None = None
-    """Held-out teacher cache directory; evaluation is skipped when unset."""
+    """Held-out teacher cache directory; evaluation is skipped when unset. Its loss picks
+    ``best/`` and early stopping, so it must score what training scores: the same teacher
+    tokenizer, vocabulary, target type, k and temperature as the train cache, and the resolved
+    ``loss.tail`` valid for it (checked at start; a difference is refused naming both caches)."""
     train_dataset: DatasetConfig | None = None
     """CE-only training straight from a dataset (no teacher; requires ``loss.alpha: 1``).
     Used to pretrain the demo teacher with the same training code."""
     eval_dataset: DatasetConfig | None = None
     tokenizer: str | None = None
-    """Tokenizer directory; defaults to the cache's copy of the teacher tokenizer."""
+    """The student's tokenizer directory; unset: the tokenizer files of the student's directory
+    (``student.path``), else the cache's copy of the teacher tokenizer. Checked against the
+    train cache's tokenizer fingerprint at start: another tokenizer is refused unless
+    ``loss.cross_tokenizer`` is set. ``best/`` and ``final/`` carry this tokenizer."""
     _local_path = field_validator("tokenizer")(_local_only)
     eval_max_samples: int | None = Field(default=None, ge=1)
+    """Evaluate on this many eval samples, drawn at random with the run's ``seed`` (the same
+    subset at any rank count and after a resume; not the first N, which stage 1's length sort
+    makes the longest); None: all of them."""
     num_workers: int = Field(default=1, ge=0)
     """Background threads that read and collate micro-batches ahead of the trainer (0: inline).
     One thread reads ≥ 20× faster than the demo student consumes; more threads compete with the

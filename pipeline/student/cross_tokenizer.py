@@ -289,47 +289,41 @@ class CrossTokenizerSource:
         return getattr(self.reader, name)
 
 
-def wrap_sources(cfg, train, ev, cache_tokenizer_dir: str):
-    """Stage 2's sources for ``cfg``: the cache readers unchanged when the student tokenizer
-    (``data.tokenizer``, default the cache's) is the cache's (same fingerprint); else both seen
-    through one :class:`CrossTokenizerConverter`.
+def wrap_sources(cfg, train, ev, cache_tokenizer_dir: str, student=None):
+    """Stage 2's sources for ``cfg``: the cache readers unchanged when the student has no
+    tokenizer of its own or the cache's (same fingerprint); else both seen through one
+    :class:`CrossTokenizerConverter`.
 
     Args:
         cfg: the :class:`~pipeline.config.TrainStudentConfig`. train, ev: cache readers (ev may
-            be None). cache_tokenizer_dir: the cache's ``tokenizer/`` (local).
+            be None). cache_tokenizer_dir: the cache's ``tokenizer/`` (local). student: the
+            student's own tokenizer (:class:`~pipeline.student.cache_checks.StudentTokenizer`,
+            checked by :func:`~pipeline.student.cache_checks.check_student_tokenizer`: another
+            one comes with ``loss.cross_tokenizer``), or None.
     Returns:
         ``(train source, eval source or None, student vocabulary size or None)``: None when
         the tokenizers are the same (the cache's vocabulary applies).
     Raises:
-        ConfigError: different tokenizers without ``loss.cross_tokenizer`` (the key and both
-            tokenizers' names and fingerprints in one line); more than one ``data.train_caches``.
+        ConfigError: more than one ``data.train_caches`` with another tokenizer.
         ValueError: a cache without text offsets (written without ``cache.text_offsets``),
             or a tokenizer that is not fast.
     """
     from pipeline.config import ConfigError
-    from pipeline.models import load_tokenizer, tokenizer_fingerprint
+    from pipeline.models import load_tokenizer
 
     d, m = cfg.data, train.manifest
-    if d.tokenizer is None:
-        return train, ev, None
-    student = load_tokenizer(d.tokenizer)
-    fp = tokenizer_fingerprint(student)
-    if fp == m.tokenizer_fingerprint:
+    if student is None or student.fingerprint == m.tokenizer_fingerprint:
         return train, ev, None
     teacher_name = m.tokenizer_name or cache_tokenizer_dir
-    if cfg.loss.cross_tokenizer is None:
-        raise ConfigError(f"loss.cross_tokenizer: not set, but the student tokenizer {d.tokenizer} (fingerprint {fp}) "
-                          f"differs from the cache's {teacher_name} (fingerprint {m.tokenizer_fingerprint}); "
-                          "set it to gold or uld")
     paths = d.cache_paths()
     if len(paths) > 1:
         raise ConfigError(f"data.train_caches: {len(paths)} caches with another tokenizer than the student's "
-                          f"{d.tokenizer}; a cross-tokenizer run reads one train cache")
+                          f"{student.path}; a cross-tokenizer run reads one train cache")
     for c, name in ((train, paths[0]), (ev, d.eval_cache)):
         if c is not None and c.manifest.text_offsets == "none":
             raise ValueError(f"cache {name} has no text offsets (written without cache.text_offsets), so the student "
-                             f"tokenizer {d.tokenizer} (fingerprint {fp}) cannot be aligned to the teacher's "
-                             f"{teacher_name} (fingerprint {m.tokenizer_fingerprint})")
-    conv = CrossTokenizerConverter(load_tokenizer(cache_tokenizer_dir), student, paths[0])
+                             f"tokenizer {student.path} (fingerprint {student.fingerprint}) cannot be aligned to the "
+                             f"teacher's {teacher_name} (fingerprint {m.tokenizer_fingerprint})")
+    conv = CrossTokenizerConverter(load_tokenizer(cache_tokenizer_dir), student.tokenizer, paths[0])
     wrap = (lambda c: None if c is None else CrossTokenizerSource(c, conv))
-    return wrap(train), wrap(ev), len(student)
+    return wrap(train), wrap(ev), len(student.tokenizer)

@@ -15,6 +15,7 @@ from pipeline.cache.mixture import CacheMixture, check_compatible
 from pipeline.student.divergences import Divergence
 from pipeline.student.losses import resolve_tail
 from pipeline.student.cross_tokenizer import wrap_sources
+from pipeline.student.cache_checks import check_eval_cache, check_student_tokenizer
 from pipeline.storage import Folder, join, write_file
 from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint, save_optimizer
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
@@ -24,7 +25,7 @@ from pipeline.distributed import (DistInfo, all_reduce_sum, barrier, compute_dty
                                   shard_model)
 from pipeline.storage.errors import writing
 from pipeline import progress
-from pipeline.student.sampler import StepPrefetcher, StepSampler, eval_batches, prefetch
+from pipeline.student.sampler import StepPrefetcher, StepSampler, eval_batches, eval_subset, prefetch
 from pipeline.losslog.writer import LossLogWriter
 from pipeline.losslog.reader import load_loss_logs
 from pipeline.student.lr_find import run_lr_find
@@ -52,11 +53,18 @@ def _sources(cfg: TrainStudentConfig, info: DistInfo):
     streamed once, window by window, each rank tokenizing its part
     (:class:`~pipeline.data.DatasetSamples`, collective), and its samples are tokenized again
     from their rows when read: memory does not grow with its tokens. A cache written with
-    another tokenizer than the student's is converted (:func:`wrap_sources`).
+    another tokenizer than the student's is converted (:func:`wrap_sources`). The tokenizer
+    directory is the student's own (``data.tokenizer``, or the tokenizer files of its
+    directory), else the cache's: what ``best/`` and ``final/`` carry.
 
     Raises:
         ValueError: the caches of ``train_caches`` differ in tokenizer, vocabulary or targets
-            (both paths named); ``eval_cache`` has another vocabulary/tokenizer than the train cache.
+            (both paths named).
+        ConfigError: ``eval_cache`` differs from the train cache in tokenizer, vocabulary,
+            target type, k or temperature, or refuses the resolved ``loss.tail``
+            (:func:`~pipeline.student.cache_checks.check_eval_cache`); the student's own
+            tokenizer is not the cache's and ``loss.cross_tokenizer`` is unset
+            (:func:`~pipeline.student.cache_checks.check_student_tokenizer`).
     """
     d = cfg.data
     paths = d.cache_paths()
@@ -66,11 +74,12 @@ def _sources(cfg: TrainStudentConfig, info: DistInfo):
         train = readers[0] if len(readers) == 1 else CacheMixture(readers, [c.weight for c in d.train_caches])
         ev = open_cache(d.eval_cache, max_cached_bytes=d.max_cached_bytes) if d.eval_cache else None
         m = train.manifest
-        if ev is not None and (ev.manifest.vocab_size, ev.manifest.tokenizer_fingerprint) != (m.vocab_size, m.tokenizer_fingerprint):
-            raise ValueError(f"data.eval_cache {d.eval_cache} has another vocabulary/tokenizer than the train cache {paths[0]}")
-        cache_tok = Folder(paths[0]).sub("tokenizer").local()
-        train, ev, student_vocab = wrap_sources(cfg, train, ev, str(cache_tok))  # another tokenizer: converted
-        return train, ev, d.tokenizer or cache_tok, student_vocab or m.vocab_size
+        if ev is not None:
+            check_eval_cache(cfg, m, ev.manifest, paths[0], d.eval_cache)
+        cache_tok = str(Folder(paths[0]).sub("tokenizer").local())
+        student = check_student_tokenizer(cfg, m, cache_tok)
+        train, ev, student_vocab = wrap_sources(cfg, train, ev, cache_tok, student)  # another tokenizer: converted
+        return train, ev, student.path if student is not None else cache_tok, student_vocab or m.vocab_size
     tokenizer = load_tokenizer(d.tokenizer)
     gather = gather_objects if info.world_size > 1 else None
     train = DatasetSamples(d.train_dataset, tokenizer, rank=info.rank, world_size=info.world_size, gather=gather)
@@ -379,8 +388,8 @@ class RoundTrainer:
         cfg, info = self.cfg, self.info
         self.logger = MetricsLogger(self.run_dir, info.rank, cfg.wandb, config_dict(cfg))
         self.loss_log = LossLogWriter(self.loss_log_dir or join(self.run_dir, "loss_logs"), info.rank)
-        self.n_eval = (min(len(self.eval_src), cfg.data.eval_max_samples or len(self.eval_src))
-                       if self.eval_src is not None else 0)
+        self.eval_indices = (eval_subset(len(self.eval_src), cfg.data.eval_max_samples, cfg.seed)
+                             if self.eval_src is not None else None)
         self.early_stopping = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
         builtin = [MetricsCallback(self.logger, cfg.log_steps), self.early_stopping]
         user = self.user_callbacks if self.user_callbacks is not None else load_callbacks(cfg.callbacks)
@@ -465,8 +474,8 @@ class RoundTrainer:
         """Evaluate (collective), log the eval rows, apply the improvement rule, export best/ on
         an improvement, call ``on_evaluate`` (early stopping's patience is a callback)."""
         cfg, info = self.cfg, self.info
-        ev = self.trainer.evaluate(prefetch(eval_batches(self.eval_src, self.n_eval, cfg.micro_batch_size, info.rank,
-                                                         info.world_size, pack_length=self.pack_len)))
+        ev = self.trainer.evaluate(prefetch(eval_batches(self.eval_src, self.eval_indices, cfg.micro_batch_size,
+                                                         info.rank, info.world_size, pack_length=self.pack_len)))
         self.loss_log.append(cfg.round, "eval", self.sampler.epoch, step, ev.rows)
         improved = self.early_stopping.update(self.state, ev.loss)
         self.last_eval = eval_metrics(ev, self.state, step)

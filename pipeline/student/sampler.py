@@ -101,12 +101,35 @@ class StepSampler:
         return [mine[i * self.micro_batch_size: (i + 1) * self.micro_batch_size] for i in range(self.grad_accum_steps)]
 
 
-def eval_batches(source, n: int, batch_size: int, rank: int, world_size: int,
+EVAL_SUBSET_STREAM = 0x6576616C
+"""Second word of the eval subset's seed, ``[seed, EVAL_SUBSET_STREAM]`` ("eval" in ASCII):
+a stream apart from the epochs' ``[seed, epoch]``."""
+
+
+def eval_subset(n_samples: int, max_samples: int | None, seed: int) -> np.ndarray:
+    """The indices of the samples evaluated (``data.eval_max_samples``): all of them in order,
+    or ``max_samples`` drawn uniformly without replacement by
+    ``numpy.random.default_rng([seed, EVAL_SUBSET_STREAM])``, sorted (cache locality). Not the
+    first N: stage 1 sorts each window by length, so the first samples are the longest. The
+    draw depends on ``seed`` and ``n_samples`` only: the same at any rank count, on every
+    rerun and after a resume.
+
+    Returns:
+        (min(n_samples, max_samples),) int64 sorted unique indices in ``[0, n_samples)``.
+    """
+    if max_samples is None or max_samples >= n_samples:
+        return np.arange(n_samples, dtype=np.int64)
+    rng = np.random.default_rng([seed, EVAL_SUBSET_STREAM])
+    return np.sort(rng.choice(n_samples, size=max_samples, replace=False)).astype(np.int64)
+
+
+def eval_batches(source, indices: np.ndarray, batch_size: int, rank: int, world_size: int,
                  pack_length: int | None = None) -> Iterator[Batch]:
-    """This rank's strided share of the first ``n`` samples of ``source``, batched (packed into
-    rows of ``pack_length`` tokens when set); ranks with fewer batches get padding batches so
-    all ranks make the same number of forward calls."""
-    mine = list(range(rank, n, world_size))
+    """This rank's strided share of the samples ``indices`` of ``source`` (:func:`eval_subset`),
+    batched (packed into rows of ``pack_length`` tokens when set); ranks with fewer batches get
+    padding batches so all ranks make the same number of forward calls."""
+    n = len(indices)
+    mine = [int(i) for i in indices[rank::world_size]]
     n_batches = -(-((n + world_size - 1) // world_size) // batch_size)
     for b in range(n_batches):
         chunk = mine[b * batch_size: (b + 1) * batch_size]
