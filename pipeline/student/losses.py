@@ -13,14 +13,15 @@ with ``log q_t = log_softmax(z_t / τ)`` over the full vocabulary. The ``τ²`` 
 gradient scale independent of τ (Hinton et al., "Distilling the Knowledge in a Neural
 Network", 2015, §2). Tail modes:
 
-* ``renormalize``: ``p_t = softmax(log p^teacher_S / τ)`` over the support only; the tail mass
-  is dropped. Exact KL(p_S || q) restricted to S with an unnormalised ``q``; biased towards an
+* ``renormalize``: ``p_t = softmax((T_c/τ) · cached_S)`` over the support only (the cache holds
+  ``log_softmax(z_teacher/T_c)``); the tail mass is dropped. Exact KL(p_S || q) restricted to S with an unnormalised ``q``; biased towards an
   over-confident student when the top-k mass is small (Anshumann et al., ACL 2025).
 * ``bucket`` (default): the teacher's tail mass is one extra outcome,
   ``q_tail = 1 - Σ_{i∈S} q_t(i)``, so the student is also taught how much mass to leave
   outside the support. Equals the dense KL when S is the whole vocabulary. At ``τ`` equal to
   the cache temperature it is exact KL between the (k+1)-outcome coarsenings of p and q; at
-  other ``τ`` the bucket is re-tempered as if it were one token (an approximation).
+  other ``τ`` the tempered tail mass needs the whole vocabulary, so it is refused unless the
+  cache holds every id (:func:`check_temperatures`).
 * ``sampled``: for ``sampled`` / ``topk+sampled`` caches, whose values are an estimate ``p̂``
   of the whole teacher distribution (pipeline/teacher/sampled.py): ``KL_t = Σ_{i∈S_t} p̂(i) (log p̂(i)
   - log q_t(i))`` with no renormalisation and no tail bucket. Its gradient
@@ -31,9 +32,9 @@ Network", 2015, §2). Tail modes:
   cache-temperature distribution. The KL value itself is a biased, noisy estimate (``Σ p̂ log p̂``
   is not ``Σ p log p``); only its gradient is unbiased.
 
-Temperature, in short: every mode is exact at ``τ`` = the cache temperature. ``renormalize``
-re-tempers the support exactly (``p_S^(1/τ)`` renormalised) but ignores the tail; ``bucket``
-approximates the tail at other ``τ``; ``sampled`` keeps the cache-temperature target.
+Temperature, in short (:func:`teacher_log_probs`): cached values are re-tempered by ``T_c/τ``.
+``renormalize`` is exact at every ``τ`` (it ignores the tail by definition); ``bucket`` is exact
+at ``τ = T_c`` or ``k = V`` and refused otherwise; ``sampled`` keeps the cache-temperature target.
 
 Fused output layer (:func:`fused_linear_loss`): the student's final hidden states of the valid
 positions ``(N, H)`` go through the output projection ``W`` (V, H) chunk by chunk; each chunk
