@@ -240,12 +240,12 @@ class Trainer:
             sums = cross_tokenizer_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
                                         temperature=c.temperature, mode=c.cross_tokenizer or "gold",
                                         vocab_size=self.vocab_size, chunk_size=c.chunk_size,
-                                        cache_temperature=self.cache_temperature)
+                                        cache_temperature=self.cache_temperature, softcap=self.head.softcap)
         else:
             sums = fused_linear_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
                                      temperature=c.temperature, tail=c.tail, vocab_size=self.vocab_size,
                                      chunk_size=c.chunk_size, divergence=self.divergence,
-                                     cache_temperature=self.cache_temperature)
+                                     cache_temperature=self.cache_temperature, softcap=self.head.softcap)
         if c.aux_loss_coef > 0:
             aux = getattr(out, "aux_loss", None)
             if aux is None:
