@@ -63,6 +63,13 @@ def output_head(model: nn.Module, vocab: int) -> tuple[torch.Tensor, torch.Tenso
     return head.weight[:vocab], None if bias is None else bias[:vocab], getattr(head, "softcap", None)
 
 
+def _unpack(head: tuple) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """``(weight, bias, softcap)`` of a head given as :func:`output_head` returns it, or as
+    ``(weight, bias)`` (no soft-cap)."""
+    w, b, *cap = head
+    return w, b, cap[0] if cap else None
+
+
 def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: list[float], rows: torch.Tensor,
                       temperature: float = 1.0, combine: str = "probability") -> torch.Tensor:
     """Full-vocabulary log-probabilities of the ensemble at some positions only.
@@ -83,7 +90,7 @@ def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: 
     Args:
         hiddens: per teacher, final hidden states (B·T, H) in the parameter dtype.
         heads: per teacher, ``(weight (V, H), bias (V,) or None, soft-cap or None)``
-            (:func:`output_head`).
+            (:func:`output_head`; a pair without the soft-cap: none).
         weights: mixture weights (normalised here).
         rows: (n,) int64 flat positions into B·T.
         temperature: τ > 0.
@@ -95,7 +102,7 @@ def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: 
         dense reference: tests/reference_targets.py ``ensemble_logprobs``).
     """
     def member_logprobs():
-        for h, (w, b, cap) in zip(hiddens, heads):
+        for h, (w, b, cap) in zip(hiddens, map(_unpack, heads)):
             logits = softcap_(F.linear(h[rows], w, b).float(), cap)
             if temperature != 1.0:
                 logits.div_(temperature)
@@ -163,7 +170,7 @@ def fused_topk_targets(hiddens: list[torch.Tensor], heads: list[tuple], weights:
     for a in range(0, N, step):
         r, nxt = rows[a: a + step], next_ids[a: a + step, None]
         if len(hiddens) == 1:
-            (w, b, cap), = heads
+            w, b, cap = _unpack(heads[0])
             h = hiddens[0][r]
             if h.dtype == torch.float32:  # one chunk buffer for every chunk: no fresh pages per chunk
                 buf = torch.empty(min(step, N), V, device=dev) if buf is None else buf
