@@ -1,5 +1,5 @@
-"""Numerics both stages share: stable log-space helpers and the teacher statistics of stored
-targets (one definition for the loss logs and ``inspect-cache``)."""
+"""Numerics both stages share: stable log-space helpers, the logit soft-cap, and the teacher
+statistics of stored targets (one definition for the loss logs and ``inspect-cache``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -14,6 +14,16 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """
     x = x.clamp(max=0.0)
     return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def softcap_(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Soft-cap logits in place, ``z ← cap · tanh(z / cap)`` (Gemma 2's
+    ``final_logit_softcapping``, applied by transformers after the output layer); ``cap`` None:
+    ``z`` unchanged. Its derivative, ``1 − tanh²(z / cap)``, is ``1 − (capped / cap)²``.
+    Returns ``z``."""
+    if cap is None:
+        return z
+    return z.div_(cap).tanh_().mul_(cap)
 
 
 def position_stats(topk_logprobs: np.ndarray, tail_logprob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,11 +14,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 class ForceOverflow:
     """Multiplies the gradient flowing out of the final norm by inf during the backward pass of
-    step ``at_step`` (on rank ``rank`` only, or every rank when None): every parameter upstream
-    gets an inf/NaN gradient while the loss stays finite — a loss-scale overflow."""
+    step ``at_step`` (or of each step of a list; on rank ``rank`` only, or every rank when None):
+    every parameter upstream gets an inf/NaN gradient while the loss stays finite — a loss-scale
+    overflow."""
 
-    def __init__(self, at_step: int, log: str, rank: int | None = None):
-        self.at_step, self.log, self.rank = at_step, log, rank
+    def __init__(self, at_step: int | list[int], log: str, rank: int | None = None):
+        self.steps = {at_step} if isinstance(at_step, int) else set(at_step)
+        self.log, self.rank = log, rank
         self.state = None
 
     def on_train_begin(self, state):
@@ -27,7 +29,7 @@ class ForceOverflow:
 
         def hook(module, args, out):
             st = self.state
-            if out.requires_grad and st.step + 1 == self.at_step and self.rank in (None, st.rank):
+            if out.requires_grad and st.step + 1 in self.steps and self.rank in (None, st.rank):
                 out.register_hook(lambda g: g * float("inf"))
 
         norm.register_forward_hook(hook)

@@ -114,6 +114,21 @@ def distill_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Ten
                     per_sample(agree, torch.int64))
 
 
+def padded_targets(records, T: int) -> tuple[torch.Tensor, dict]:
+    """The (B, T−1) layout :func:`distill_loss` takes, from cache records padded to length ``T``:
+    ``valid`` (B, T−1) bool (position t is valid iff ``loss_mask[t+1]``, DESIGN.md) and the teacher
+    tensors ``{topk_ids (B, T−1, k) int64, topk_logprobs (B, T−1, k), tail_logprob (B, T−1)}``."""
+    B, k = len(records), records[0].topk_ids.shape[-1]
+    valid = torch.zeros(B, T - 1, dtype=torch.bool)
+    ids, lp, tail = torch.zeros(B, T - 1, k, dtype=torch.long), torch.zeros(B, T - 1, k), torch.zeros(B, T - 1)
+    for i, r in enumerate(records):
+        n = len(r.input_ids)
+        valid[i, : n - 1] = torch.from_numpy(r.loss_mask[1:])
+        ids[i, : n - 1], lp[i, : n - 1] = torch.from_numpy(r.topk_ids).long(), torch.from_numpy(r.topk_logprobs)
+        tail[i, : n - 1] = torch.from_numpy(r.tail_logprob)
+    return valid, {"topk_ids": ids, "topk_logprobs": lp, "tail_logprob": tail}
+
+
 def fused_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *, alpha: float,
                       temperature: float = 1.0, tail: str = "bucket", topk_ids=None, topk_logprobs=None,
                       tail_logprob=None, chunk_size: int = 0, cache_temperature: float = 1.0) -> LossSums:

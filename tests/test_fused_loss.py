@@ -142,7 +142,7 @@ def test_trainer_loss_on_a_model_equals_dense_logits_reference(tied):
     from pipeline.config import LossConfig
     from pipeline.data.batch import collate
     from pipeline.student.step import Trainer
-    from reference_losses import distill_loss
+    from reference_losses import distill_loss, padded_targets
 
     V, k = 64, 6
     cfg = llama_config(V, 16, 2, 2, 1, 32)
@@ -155,17 +155,10 @@ def test_trainer_loss_on_a_model_equals_dense_logits_reference(tied):
     loss_cfg = LossConfig(alpha=0.5, temperature=2.0, tail="bucket")
     sums = Trainer(model, None, None, loss_cfg, None, torch.device("cpu"), cache_temperature=2.0)._loss(batch)
     sums.loss_sum.backward()
-    B, T = batch.input_ids.shape
-    valid = torch.zeros(B, T - 1, dtype=torch.bool)
-    tk_ids, tk_lp, tail = torch.zeros(B, T - 1, k, dtype=torch.long), torch.zeros(B, T - 1, k), torch.zeros(B, T - 1)
-    for i, r in enumerate(recs):
-        n = len(r.input_ids)
-        valid[i, : n - 1] = torch.from_numpy(r.loss_mask[1:])
-        tk_ids[i, : n - 1], tk_lp[i, : n - 1] = torch.from_numpy(r.topk_ids).long(), torch.from_numpy(r.topk_logprobs)
-        tail[i, : n - 1] = torch.from_numpy(r.tail_logprob)
+    valid, teacher = padded_targets(recs, batch.input_ids.shape[1])
     logits = dense_model(input_ids=batch.input_ids).logits
-    ref = distill_loss(logits, batch.input_ids, valid, alpha=0.5, temperature=2.0, tail="bucket", topk_ids=tk_ids,
-                       topk_logprobs=tk_lp, tail_logprob=tail, cache_temperature=2.0)
+    ref = distill_loss(logits, batch.input_ids, valid, alpha=0.5, temperature=2.0, tail="bucket", **teacher,
+                       cache_temperature=2.0)
     ref.loss_sum.backward()
     assert sums.loss_sum.item() == pytest.approx(ref.loss_sum.item(), rel=1e-5)
     torch.testing.assert_close(sums.ce_sum.double(), ref.ce_sum, rtol=1e-5, atol=1e-5)

@@ -144,7 +144,7 @@ class LossConfig(_Section):
     ``aux_loss_coef`` they need no ``aux_loss`` from the model, only its ``router_logits``."""
     chunk_size: int = Field(default=0, ge=0)
     """Valid positions per log-softmax chunk, bounding the float32 (chunk, V) temporaries;
-    0 = automatic (``pipeline.student.losses.AUTO_CHUNK_BYTES``: 128 MiB of float32 (chunk, V) temporaries)."""
+    0 = automatic (``pipeline.student.fused_driver.AUTO_CHUNK_BYTES``: 128 MiB of float32 (chunk, V) temporaries)."""
 
 
 class ParamGroupConfig(_Section):
@@ -396,6 +396,12 @@ class TrainStudentConfig(_Section):
     """Optimizer steps with a NaN/inf loss or gradient norm that may be skipped (weights and
     AdamW state untouched, counted and logged as ``train/skipped_steps``) before the run stops;
     0: the first one stops the run with an error naming the step and the samples."""
+    max_consecutive_overflows: int = Field(default=20, ge=1)
+    """``mixed_precision: fp16``: the run stops with an error after this many optimizer steps in a
+    row were skipped for a gradient overflow. Each overflow halves the loss scale, so 20 in a row
+    take it from 2^16 to 2^-4: gradients that overflow at every scale come from the model or the
+    data, not from a scale still settling, and the run would otherwise end with no update at all.
+    Ignored without loss scaling."""
 
     @model_validator(mode="after")
     def _ce_only_without_teacher(self) -> "TrainStudentConfig":

@@ -54,7 +54,8 @@ from __future__ import annotations
 import torch
 
 from pipeline.data.batch import LossTargets
-from pipeline.student.losses import LossSums, _kl_terms, auto_chunk_size, check_temperatures, grad_buffers, teacher_log_probs
+from pipeline.student.fused_driver import ChunkTerms, fused_output_loss
+from pipeline.student.losses import LossSums, _kl_terms, check_temperatures, teacher_log_probs
 
 MODES = ("gold", "uld")
 
@@ -117,65 +118,56 @@ def _chunk_terms(z: torch.Tensor, lse_t: torch.Tensor, qt: torch.Tensor, ids: to
     return d_u, kl, A_u, [(cols, B_u)]
 
 
-class _FusedCrossTokenizerLoss(torch.autograd.Function):
-    """Output projection + ``α CE + (1 − α) τ² D`` (module docstring), chunked; gradients
-    formed in the forward pass."""
+def _cross_terms(t: LossTargets, alpha: float, temperature: float, mode: str,
+                 out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> ChunkTerms:
+    """The chunk terms of :func:`cross_tokenizer_loss` for :func:`~pipeline.student.fused_driver.fused_output_loss`:
+    per chunk of logits ``z`` (n, V), CE at every position and ``D`` at the aligned ones, written
+    into ``out = (ce, kl, dist, agree)`` (N,), the chunk's ``α Σ CE + (1 − α) τ² Σ D`` and its
+    logit gradient (module docstring), formed in ``z``'s storage."""
+    ce, kl, dist, agree = out
+    tau, w = temperature, (1.0 - alpha) * temperature**2
 
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, t: LossTargets, alpha, temperature, mode, vocab_size, chunk_size):
-        N = hidden.shape[0]
-        W, b = weight[:vocab_size], bias[:vocab_size] if bias is not None else None
-        fdt = torch.promote_types(hidden.dtype, torch.float32)
-        ce, kl, dist = (torch.zeros(N, dtype=fdt, device=hidden.device) for _ in range(3))
-        agree = torch.zeros(N, dtype=torch.bool, device=hidden.device)
-        g_hidden, g_weight, g_bias = grad_buffers(hidden, weight, bias, fdt)
-        tau, w = temperature, (1.0 - alpha) * temperature**2
-        for s in range(0, N, chunk_size):
-            e = min(N, s + chunk_size)
-            h = hidden[s:e]
-            z = (torch.addmm(b, h, W.t()) if b is not None else h @ W.t()).to(fdt)  # (n, V)
-            y = t.labels[s:e, None]
-            lse1 = torch.logsumexp(z, -1)
-            ce[s:e] = lse1 - z.gather(1, y).squeeze(1)
-            al = t.aligned[s:e]
-            rows = al.nonzero().squeeze(1) if alpha < 1.0 else al[:0].nonzero().squeeze(1)
-            if len(rows):
-                za = z[rows]
-                lse_t = lse1[rows] if tau == 1.0 else torch.logsumexp(za / tau, -1)
-                qt = (za / tau if tau != 1.0 else za.clone()).sub_(lse_t[:, None]).exp_()  # (m, V) q_τ
-            grad = z.sub_(lse1[:, None]).exp_().mul_(alpha)  # α softmax(z), in place of the logits
-            grad.scatter_add_(1, y, torch.full_like(y, -alpha, dtype=fdt))  # α ∂CE/∂z
-            if len(rows):
-                ids, lp, tl, mp = t.topk_ids[s:e][rows], t.topk_logprobs[s:e][rows].to(fdt), \
-                    t.tail_logprob[s:e][rows].to(fdt), t.mapped[s:e][rows]
-                d, k_m, A, parts = _chunk_terms(za, lse_t, qt, ids, lp, tl, mp, tau, mode)
-                dist[s + rows], kl[s + rows] = d, k_m
-                top_mapped = mp[:, 0] & ~torch.isneginf(lp[:, 0])
-                agree[s + rows] = top_mapped & (za.gather(1, ids[:, :1]).squeeze(1) >= za.amax(-1))
-                ga = qt.mul_(A[:, None])  # q_τ is not read after _chunk_terms
-                for cols, B in parts:
-                    ga.scatter_add_(1, cols, -B)
-                grad.index_add_(0, rows, (w / tau) * ga)  # (1−α) τ² · (1/τ) ∂D/∂u
-            dz = grad.to(hidden.dtype)
-            g_hidden[s:e] = dz @ W
-            g_weight[:vocab_size].addmm_(dz.t().to(fdt), h.to(fdt))
-            if g_bias is not None:
-                g_bias[:vocab_size] += dz.sum(0).to(fdt)
-        loss = alpha * ce.sum() + w * dist.sum()
-        ctx.save_for_backward(g_hidden, g_weight.to(weight.dtype), g_bias.to(bias.dtype) if g_bias is not None else None)
-        ctx.mark_non_differentiable(ce, kl, dist, agree)
-        return loss.to(torch.float32) if fdt == torch.float32 else loss, ce, kl, dist, agree
+    def terms(z: torch.Tensor, s: int, e: int, need_grad: bool):
+        y = t.labels[s:e, None]
+        lse1 = torch.logsumexp(z, -1)
+        ce[s:e] = lse1 - z.gather(1, y).squeeze(1)
+        al = t.aligned[s:e]
+        rows = al.nonzero().squeeze(1) if alpha < 1.0 else al[:0].nonzero().squeeze(1)
+        if len(rows):
+            za = z[rows]  # (m, V)
+            lse_t = lse1[rows] if tau == 1.0 else torch.logsumexp(za / tau, -1)
+            qt = (za / tau if tau != 1.0 else za.clone()).sub_(lse_t[:, None]).exp_()  # (m, V) q_τ
+            ids, lp, tl, mp = t.topk_ids[s:e][rows], t.topk_logprobs[s:e][rows].to(z.dtype), \
+                t.tail_logprob[s:e][rows].to(z.dtype), t.mapped[s:e][rows]
+            d, k_m, A, parts = _chunk_terms(za, lse_t, qt, ids, lp, tl, mp, tau, mode)
+            dist[s + rows], kl[s + rows] = d, k_m
+            top_mapped = mp[:, 0] & ~torch.isneginf(lp[:, 0])
+            agree[s + rows] = top_mapped & (za.gather(1, ids[:, :1]).squeeze(1) >= za.amax(-1))
+            del za
+        loss = alpha * ce[s:e].sum() + w * dist[s:e].sum()
+        if not need_grad:
+            return loss, None
+        grad = z.sub_(lse1[:, None]).exp_().mul_(alpha)  # α softmax(z), in place of the logits
+        grad.scatter_add_(1, y, torch.full_like(y, -alpha, dtype=z.dtype))  # α ∂CE/∂z
+        if len(rows):
+            ga = qt.mul_(A[:, None])  # q_τ is not read after _chunk_terms
+            for cols, B in parts:
+                ga.scatter_add_(1, cols, -B)
+            grad.index_add_(0, rows, (w / tau) * ga)  # (1−α) τ² · (1/τ) ∂D/∂u
+        return loss, grad
 
-    @staticmethod
-    def backward(ctx, g_loss, *_):
-        g_hidden, g_weight, g_bias = ctx.saved_tensors
-        scale = lambda g: None if g is None else g * g_loss.to(g.dtype)  # noqa: E731
-        return scale(g_hidden), scale(g_weight), scale(g_bias), *([None] * 6)
+    return terms
+
+
+CHUNK_BUFFERS = 4
+"""Float32 ``(chunk, V)`` temporaries of one chunk of :func:`_cross_terms` alive at once: the
+logits, the aligned rows' copy, their ``q_τ``, and the student vector :func:`_sorted_l1` sorts."""
 
 
 def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: LossTargets, *,
                          alpha: float, temperature: float = 1.0, mode: str = "gold", vocab_size: int | None = None,
-                         chunk_size: int = 0, cache_temperature: float | None = None) -> LossSums:
+                         chunk_size: int = 0, cache_temperature: float | None = None,
+                         softcap: float | None = None) -> LossSums:
     """The cross-tokenizer hybrid loss of the valid positions, fused with the output projection.
 
     Args:
@@ -186,9 +178,11 @@ def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
             targets count at aligned positions only; ``topk_ids`` are student ids.
         alpha: CE weight in [0, 1]. temperature: τ > 0 (CE at 1). mode: ``gold`` | ``uld``.
         vocab_size: the student's data vocabulary (default ``V_out``).
-        chunk_size: positions per chunk; 0: :func:`~pipeline.student.losses.auto_chunk_size`.
+        chunk_size: positions per chunk; 0: :func:`~pipeline.student.fused_driver.chunk_rows` of V
+            and :data:`CHUNK_BUFFERS` (the chunk loop and its precision: :mod:`pipeline.student.fused_driver`).
         cache_temperature: ``T_c`` of the cached values (default: ``temperature``). The teacher
             side is a bucket over the cached slots, so only ``τ = T_c`` is exact.
+        softcap: ``c`` of the student's logit soft-cap ``z ← c · tanh(z / c)``, or None.
     Returns:
         :class:`LossSums`: ``kl_sum`` is ``KL_M`` (the mapped-ids KL, also under ``uld``, where
         it is not trained), ``distill_sum`` the trained ``D``, ``top1_agree`` counts aligned
@@ -205,9 +199,12 @@ def cross_tokenizer_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     V = weight.shape[0] if vocab_size is None else vocab_size
     if alpha < 1.0 and cache_temperature is not None:
         check_temperatures("bucket", temperature, cache_temperature, 0, 1, cross_tokenizer=True)
-    chunk = chunk_size if chunk_size > 0 else max(1, auto_chunk_size(V, 1.0) // 5)
-    loss, ce, kl, dist, agree = _FusedCrossTokenizerLoss.apply(hidden, weight, bias, targets, float(alpha),
-                                                               float(temperature), mode, int(V), int(chunk))
+    N, fdt = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)  # float32 (float64 in tests)
+    ce, kl, dist = (torch.zeros(N, dtype=fdt, device=hidden.device) for _ in range(3))
+    agree = torch.zeros(N, dtype=torch.bool, device=hidden.device)
+    terms = _cross_terms(targets, float(alpha), float(temperature), mode, (ce, kl, dist, agree))
+    loss = fused_output_loss(hidden, weight, bias, terms, vocab_size=V, chunk_size=chunk_size,
+                             buffers=CHUNK_BUFFERS, softcap=softcap)
     S, idx = targets.n_samples, targets.sample_index
 
     def per_sample(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -442,7 +442,8 @@ class RoundTrainer:
         call ``on_step_end``; returns the step's stats (``.stop``: a preemption agreed over ranks).
 
         Raises:
-            ValueError: more than ``skip_nonfinite`` steps had a non-finite loss or gradient norm.
+            ValueError: more than ``skip_nonfinite`` steps had a non-finite loss or gradient norm;
+                ``max_consecutive_overflows`` fp16 overflow-skipped steps in a row.
         """
         cfg, state = self.cfg, self.state
         t0 = time.perf_counter()
@@ -462,6 +463,12 @@ class RoundTrainer:
         if stats.overflow:  # fp16 loss scaling: expected now and then, not an error (nor skip_nonfinite)
             print0(f"[train] fp16 gradient overflow at step {step} at loss scale {stats.loss_scale:g}: "
                    f"step skipped, scale lowered ({stats.overflow_steps} overflow steps this round)")
+            n = stats.consecutive_overflows
+            if n >= cfg.max_consecutive_overflows:  # no scale helps: stop rather than end with no update
+                raise ValueError(f"fp16 gradient overflow in {n} consecutive steps ({step - n + 1} to {step}, round "
+                                 f"{cfg.round}; last at loss scale {stats.loss_scale:g}): the gradients are not finite "
+                                 f"at any scale; stopped with no checkpoint after it "
+                                 f"(max_consecutive_overflows={cfg.max_consecutive_overflows})")
         state.tokens += stats.n_tokens
         self.loss_log.append(cfg.round, "train", self.sampler.epoch, step, stats.rows)
         self.bar.update(1, tokens=stats.n_tokens, loss=f"{stats.loss:.4f}")  # tok/s: since the last line

@@ -38,12 +38,15 @@ at ``τ = T_c`` or ``k = V`` and refused otherwise; ``sampled`` keeps the cache-
 
 Fused output layer (:func:`fused_linear_loss`): the student's final hidden states of the valid
 positions ``(N, H)`` go through the output projection ``W`` (V, H) chunk by chunk; each chunk
-forms its float32 logits, the log-softmax statistics, CE, KL, per-position values and — in the
-same pass — the gradient with respect to its hidden states and to ``W`` (the scheme of
-Liger-Kernel's ``fused_linear_cross_entropy`` / ``fused_linear_jsd``, written in plain PyTorch
-so CPUs get it too). No ``(N, V)`` or ``(B, T, V)`` tensor exists; the ``(chunk, V)``
-temporaries are bounded by a byte budget. The closed-form logit gradients it uses (``q`` the
-student's softmax at temperature τ, ``S`` the live support):
+forms its float32 logits (soft-capped where the model caps them), the log-softmax statistics,
+CE, KL, per-position values and — in the same pass — the gradient with respect to its hidden
+states and to ``W`` (the scheme of Liger-Kernel's ``fused_linear_cross_entropy`` /
+``fused_linear_jsd``, written in plain PyTorch so CPUs get it too). The chunk loop, its
+precision and its chunk size are :mod:`pipeline.student.fused_driver`'s, shared with the
+cross-tokenizer loss; this module supplies the per-chunk terms (:func:`_hybrid_terms`). No
+``(N, V)`` or ``(B, T, V)`` tensor exists; the ``(chunk, V)`` temporaries are bounded by a byte
+budget. The closed-form logit gradients it uses (``q`` the student's softmax at temperature τ,
+``S`` the live support):
 
     ∂CE_t/∂z = softmax(z) − onehot(y)
     ∂KL_t/∂z = (1/τ) (A_t q − scatter_S(B_t))
@@ -64,11 +67,9 @@ import torch
 
 from pipeline.data.batch import LossTargets
 from pipeline.student.divergences import Divergence, category_terms
+from pipeline.student.fused_driver import AUTO_CHUNK_BYTES, ChunkTerms, chunk_rows, fused_output_loss
 from pipeline.numerics import log1mexp
 
-
-AUTO_CHUNK_BYTES = 128 * 2**20
-"""Budget (bytes) of the float32 ``(chunk, V)`` temporaries of one chunk when ``chunk_size=0``."""
 TAIL_MODES = ("renormalize", "bucket", "sampled")
 
 
@@ -218,10 +219,10 @@ class LossSums:
 
 
 def auto_chunk_size(vocab_size: int, temperature: float, budget_bytes: int = AUTO_CHUNK_BYTES) -> int:
-    """Positions per chunk so the float32 ``(chunk, V)`` temporaries fit ``budget_bytes``
-    (one buffer at τ = 1, two at τ ≠ 1); at least 1."""
-    buffers = 1 if temperature == 1.0 else 2
-    return max(1, budget_bytes // (4 * vocab_size * buffers))
+    """Positions per chunk of :func:`fused_linear_loss` so its float32 ``(chunk, V)`` temporaries
+    fit ``budget_bytes`` (one buffer at τ = 1, two at τ ≠ 1; :func:`~pipeline.student.fused_driver.chunk_rows`);
+    at least 1."""
+    return chunk_rows(vocab_size, 1 if temperature == 1.0 else 2, budget_bytes)
 
 
 def teacher_log_probs(lp: torch.Tensor, tail_lp: torch.Tensor, ratio: float, tail: str
@@ -329,121 +330,77 @@ def _divergence_terms(zS: torch.Tensor, lse_t: torch.Tensor, log_p: torch.Tensor
     return d, A, B
 
 
-def grad_buffers(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 fdt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The gradient buffers a fused loss fills chunk by chunk: ``g_hidden`` like ``hidden``
-    (written whole), and zeroed ``g_weight`` / ``g_bias`` (None without a bias) in ``fdt``."""
-    g_hidden = torch.empty_like(hidden)
-    g_weight = torch.zeros(weight.shape, dtype=fdt, device=weight.device)
-    g_bias = torch.zeros(bias.shape, dtype=fdt, device=bias.device) if bias is not None else None
-    return g_hidden, g_weight, g_bias
+def _hybrid_terms(targets: LossTargets, alpha: float, temperature: float, tail: str, div: Divergence, ratio: float,
+                  out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]) -> ChunkTerms:
+    """The chunk terms of :func:`fused_linear_loss` for :func:`~pipeline.student.fused_driver.fused_output_loss`:
+    per chunk of logits ``z`` (n, V), CE, the forward KL (and the configured ``D``), top-1
+    agreement written into ``out = (ce, kl, dist, agree)`` (N,), the chunk's
+    ``α Σ CE + (1−α) τ² Σ D`` and ``∂/∂z = α (q1 − onehot(y)) + (1−α) τ (A q_τ − scatter(B))``
+    (module docstring), formed in ``z``'s storage."""
+    ce, kl, dist, agree = out
+    tau, w_kl, with_kl = temperature, (1.0 - alpha) * temperature**2, alpha < 1.0
+    forward_kl = div.name == "forward_kl"
+    labels = targets.labels
 
-
-class _FusedLinearLoss(torch.autograd.Function):
-    """Output projection + hybrid loss, chunked; gradients formed in the forward pass."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, topk_ids, topk_logprobs, tail_logprob, alpha, temperature,
-                tail, vocab_size, chunk_size, div, ratio):
-        N, H = hidden.shape
-        need_grad = any(ctx.needs_input_grad[:3])
-        with_kl = alpha < 1.0
-        W = weight[:vocab_size]  # (V, H): a padded output layer's extra rows are never used
-        b = bias[:vocab_size] if bias is not None else None
-        fdt = torch.promote_types(hidden.dtype, torch.float32)  # float32 (float64 in tests)
-        ce = torch.zeros(N, dtype=fdt, device=hidden.device)
-        kl = torch.zeros_like(ce)
-        forward_kl = div.name == "forward_kl"
-        dist = kl if forward_kl else torch.zeros_like(ce)  # the configured divergence per position
-        agree = torch.zeros(N, dtype=torch.bool, device=hidden.device)
-        if need_grad:
-            g_hidden, g_weight, g_bias = grad_buffers(hidden, weight, bias, fdt)
-        tau, w_kl = temperature, (1.0 - alpha) * temperature**2
-        for s in range(0, N, chunk_size):
-            e = min(N, s + chunk_size)
-            h = hidden[s:e]  # (n, H)
-            z = (torch.addmm(b, h, W.t()) if b is not None else h @ W.t()).to(fdt)  # (n, V) logits
-            y = labels[s:e, None]
-            zmax = z.amax(-1, keepdim=True)  # (n, 1)
-            zy = z.gather(1, y).squeeze(1)
+    def terms(z: torch.Tensor, s: int, e: int, need_grad: bool):
+        y = labels[s:e, None]
+        zmax = z.amax(-1, keepdim=True)  # (n, 1)
+        zy = z.gather(1, y).squeeze(1)
+        if with_kl:
+            ids = targets.topk_ids[s:e]
+            zS = z.gather(1, ids)  # (n, k)
+            agree[s:e] = zS[:, 0] >= zmax[:, 0]
+            if tau != 1.0:  # q_τ in its own buffer, normalised below
+                qt = (z / tau).sub_(zmax / tau).exp_()
+                st = qt.sum(-1)
+                lse_t = zmax[:, 0] / tau + st.log()
+        q = z.sub_(zmax).exp_()  # (n, V) exp(z - max), in place of the logits
+        s1 = q.sum(-1)
+        lse1 = zmax[:, 0] + s1.log()
+        ce[s:e] = lse1 - zy
+        if not with_kl:
+            loss = ce[s:e].sum()
+        else:
+            if tau == 1.0:
+                lse_t = lse1
+            log_p, log_p_tail = teacher_log_probs(targets.topk_logprobs[s:e].to(z.dtype),
+                                                  targets.tail_logprob[s:e].to(z.dtype), ratio, tail)
+            kl_c, A, Bk = _kl_terms(zS, lse_t, log_p, log_p_tail, tau)
+            kl[s:e] = kl_c
+            if not forward_kl:  # the KL above stays the logged kl; D and its gradient replace it
+                dist[s:e], A, Bk = _divergence_terms(zS, lse_t, log_p, log_p_tail, tau, div)
+            loss = alpha * ce[s:e].sum() + w_kl * dist[s:e].sum()
+        if not need_grad:
+            return loss, None
+        if with_kl and tau == 1.0:
+            q.mul_(((alpha + w_kl / tau * A) / s1)[:, None])
+        else:
+            q.mul_((alpha / s1)[:, None])
             if with_kl:
-                ids = topk_ids[s:e]
-                zS = z.gather(1, ids)  # (n, k)
-                agree[s:e] = zS[:, 0] >= zmax[:, 0]
-                if tau != 1.0:  # q_τ in its own buffer, normalised below
-                    qt = (z / tau).sub_(zmax / tau).exp_()
-                    st = qt.sum(-1)
-                    lse_t = zmax[:, 0] / tau + st.log()
-            q = z.sub_(zmax).exp_()  # (n, V) exp(z - max), in place of the logits
-            s1 = q.sum(-1)
-            lse1 = zmax[:, 0] + s1.log()
-            ce[s:e] = lse1 - zy
-            if with_kl:
-                if tau == 1.0:
-                    lse_t = lse1
-                log_p, log_p_tail = teacher_log_probs(topk_logprobs[s:e].to(fdt), tail_logprob[s:e].to(fdt),
-                                                      ratio, tail)
-                kl_c, A, Bk = _kl_terms(zS, lse_t, log_p, log_p_tail, tau)
-                kl[s:e] = kl_c
-                if not forward_kl:  # the KL above stays the logged kl; D and its gradient replace it
-                    dist[s:e], A, Bk = _divergence_terms(zS, lse_t, log_p, log_p_tail, tau, div)
-            if not need_grad:
-                continue
-            # ∂loss/∂z = α (q1 − onehot(y)) + (1−α) τ (A q_τ − scatter(B))   (module docstring)
-            if with_kl and tau == 1.0:
-                q.mul_(((alpha + w_kl / tau * A) / s1)[:, None])
-            else:
-                q.mul_((alpha / s1)[:, None])
-                if with_kl:
-                    q.add_(qt.mul_((w_kl / tau * A / st)[:, None]))
-                    del qt
-            q.scatter_add_(1, y, torch.full_like(y, -alpha, dtype=fdt))
-            if with_kl:
-                q.scatter_add_(1, ids, -(w_kl / tau) * Bk)
-            dz = q.to(hidden.dtype)
-            g_hidden[s:e] = dz @ W
-            g_weight[:vocab_size].addmm_(dz.t().to(fdt), h.to(fdt))
-            if g_bias is not None:
-                g_bias[:vocab_size] += dz.sum(0).to(fdt)
-        loss = alpha * ce.sum() + w_kl * dist.sum() if with_kl else ce.sum()
-        if need_grad:
-            # float16 weights: keep the sums over all positions in float32 until backward has
-            # multiplied them by g_loss (1/N, times the loss scale under fp16 training) — the raw
-            # sum can exceed float16's 65504 whatever the loss scale, which loss scaling cannot fix
-            wdt = torch.promote_types(weight.dtype, torch.float32) if weight.dtype == torch.float16 else weight.dtype
-            ctx.out_dtype = weight.dtype
-            ctx.save_for_backward(g_hidden, g_weight.to(wdt), g_bias.to(wdt) if g_bias is not None else None)
-        if forward_kl:
-            dist = kl.clone()  # distinct outputs of the autograd function
-        ctx.mark_non_differentiable(ce, kl, dist, agree)
-        return loss.to(torch.float32) if fdt == torch.float32 else loss, ce, kl, dist, agree
+                q.add_(qt.mul_((w_kl / tau * A / st)[:, None]))
+        q.scatter_add_(1, y, torch.full_like(y, -alpha, dtype=q.dtype))
+        if with_kl:
+            q.scatter_add_(1, ids, -(w_kl / tau) * Bk)
+        return loss, q
 
-    @staticmethod
-    def backward(ctx, g_loss, *_):
-        g_hidden, g_weight, g_bias = ctx.saved_tensors
-        def scale(g):  # float16: multiply in float32 (g_loss alone may exceed 65504 at a large loss scale)
-            if g is None:
-                return None
-            return g * g_loss.to(g.dtype) if g.dtype != torch.float16 else (g.float() * g_loss.float()).half()
-
-        cast = lambda g: None if g is None else g.to(ctx.out_dtype)  # noqa: E731
-        return (scale(g_hidden), cast(scale(g_weight)), cast(scale(g_bias)), *([None] * 11))
+    return terms
 
 
 def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: LossTargets, *,
                       alpha: float, temperature: float = 1.0, tail: str = "bucket", vocab_size: int | None = None,
                       chunk_size: int = 0, divergence: Divergence | None = None,
-                      cache_temperature: float = 1.0) -> LossSums:
+                      cache_temperature: float = 1.0, softcap: float | None = None) -> LossSums:
     """The hybrid sum-reduced loss of the valid positions, fused with the output projection.
 
     ``logits = hidden @ weight[:V].T (+ bias[:V])`` are formed one chunk of positions at a
     time and never kept; the gradients with respect to ``hidden``, ``weight`` and ``bias`` are
     computed in the same pass and scaled by the incoming gradient in the backward pass (module
-    docstring), so the output projection's all-gathered weight is used once per micro-step.
+    docstring), so the output projection's all-gathered weight is used once per micro-step. The
+    chunk loop, its precision and its chunk size: :mod:`pipeline.student.fused_driver`.
 
     Args:
-        hidden: (N, H) final hidden states of the valid positions (float32, or bf16 under
-            mixed precision; the logits and the softmax are float32).
+        hidden: (N, H) final hidden states of the valid positions (float32, or bf16 / fp16 under
+            mixed precision; the logits, the softmax, the sums and the weight gradient are float32).
         weight: (V_out, H) output projection (the tied input embedding, or ``lm_head.weight``);
             ``V_out >= vocab_size`` (a padded output layer's extra rows get zero gradient).
         bias: (V_out,) or None.
@@ -452,12 +409,16 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         temperature: τ > 0; CE is always at temperature 1.
         tail: ``renormalize``, ``bucket`` or ``sampled`` (module docstring).
         vocab_size: V, the data's vocabulary (default ``V_out``).
-        chunk_size: positions per chunk; 0 = :func:`auto_chunk_size` (``AUTO_CHUNK_BYTES``).
+        chunk_size: positions per chunk; 0 = :func:`auto_chunk_size` (``AUTO_CHUNK_BYTES``; one
+            more buffer with ``softcap``).
         divergence: the distillation term ``D`` (pipeline/student/divergences.py); None:
             forward KL. The loss is ``α Σ CE + (1−α) τ² Σ D``; ``kl_sum`` stays forward KL.
         cache_temperature: ``T_c``, the temperature the cached values were written at (the
             manifest's ``temperature``): they are re-tempered by ``T_c / τ``
             (:func:`teacher_log_probs`).
+        softcap: ``c`` of the student's logit soft-cap ``z ← c · tanh(z / c)``
+            (``OutputProjection.softcap``), applied to the projected logits before the loss; None:
+            no cap.
     Returns:
         :class:`LossSums` (per-sample sums over ``targets.n_samples`` samples).
     Raises:
@@ -481,10 +442,15 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
         raise ValueError("alpha < 1 needs teacher targets (topk_ids, topk_logprobs, tail_logprob)")
     if with_kl:
         check_temperatures(tail, temperature, cache_temperature, targets.topk_ids.shape[-1], V)
-    chunk = chunk_size if chunk_size > 0 else auto_chunk_size(V, temperature)
-    loss, ce, kl, dist, agree = _FusedLinearLoss.apply(
-        hidden, weight, bias, targets.labels, targets.topk_ids, targets.topk_logprobs, targets.tail_logprob,
-        float(alpha), float(temperature), tail, int(V), int(chunk), div, float(cache_temperature) / float(temperature))
+    N, fdt = hidden.shape[0], torch.promote_types(hidden.dtype, torch.float32)  # float32 (float64 in tests)
+    ce = torch.zeros(N, dtype=fdt, device=hidden.device)
+    kl = torch.zeros_like(ce)
+    dist = kl if div.name == "forward_kl" else torch.zeros_like(ce)  # the configured divergence per position
+    agree = torch.zeros(N, dtype=torch.bool, device=hidden.device)
+    terms = _hybrid_terms(targets, float(alpha), float(temperature), tail, div,
+                          float(cache_temperature) / float(temperature), (ce, kl, dist, agree))
+    loss = fused_output_loss(hidden, weight, bias, terms, vocab_size=V, chunk_size=chunk_size,
+                             buffers=1 if temperature == 1.0 else 2, softcap=softcap)
     S, idx = targets.n_samples, targets.sample_index
 
     def per_sample(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

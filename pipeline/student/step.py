@@ -61,6 +61,9 @@ class StepStats:
     """fp16 loss scaling: the scale this step's loss was multiplied by (None without scaling)."""
     overflow_steps: int = 0
     """fp16 loss scaling: overflow-skipped steps so far in this round (restored on resume)."""
+    consecutive_overflows: int = 0
+    """fp16 loss scaling: overflow-skipped steps in a row up to this one (0 after a step that did
+    not overflow; restored on resume)."""
 
     def metrics(self, split: str) -> dict[str, float]:
         """The optional metrics under their logged names: ``{split}/{name}`` for :attr:`named`
@@ -201,7 +204,7 @@ class Trainer:
         self.loss_cfg, self.max_grad_norm, self.device = loss_cfg, max_grad_norm, device
         self.divergence = Divergence.from_config(loss_cfg)
         self.scaler = torch.amp.GradScaler(device.type) if loss_scaling else None
-        self.overflow_steps = 0
+        self.overflow_steps = self.consecutive_overflows = 0
         self.router_top_k = router_top_k(getattr(model, "config", None))
 
     def _loss(self, batch: Batch) -> LossSums:
@@ -237,12 +240,12 @@ class Trainer:
             sums = cross_tokenizer_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
                                         temperature=c.temperature, mode=c.cross_tokenizer or "gold",
                                         vocab_size=self.vocab_size, chunk_size=c.chunk_size,
-                                        cache_temperature=self.cache_temperature)
+                                        cache_temperature=self.cache_temperature, softcap=self.head.softcap)
         else:
             sums = fused_linear_loss(h, self.head.weight, self.head.bias, batch.targets(), alpha=c.alpha,
                                      temperature=c.temperature, tail=c.tail, vocab_size=self.vocab_size,
                                      chunk_size=c.chunk_size, divergence=self.divergence,
-                                     cache_temperature=self.cache_temperature)
+                                     cache_temperature=self.cache_temperature, softcap=self.head.softcap)
         if c.aux_loss_coef > 0:
             aux = getattr(out, "aux_loss", None)
             if aux is None:
@@ -346,7 +349,7 @@ class Trainer:
         the decision to step is taken from the all-reduced loss and gradient norm: the same on
         every rank. A finite loss with non-finite gradients is an **overflow**: the step is
         skipped, the scale multiplied by 0.5 (``StepStats.overflow``, counted in
-        ``overflow_steps``), not a non-finite step. A non-finite loss does not depend on the
+        ``overflow_steps``; in a row: ``consecutive_overflows``), not a non-finite step. A non-finite loss does not depend on the
         scale: it is a non-finite step and the scale is kept. Either way the LR schedule
         advances: the LR follows the step index, as for every skipped step.
         """
@@ -384,6 +387,7 @@ class Trainer:
             else:  # the loss overflowed in the forward pass: no scale fixes it, keep this one
                 scaler.update(new_scale=loss_scale)
             self.overflow_steps += overflow
+            self.consecutive_overflows = self.consecutive_overflows + 1 if overflow else 0
         if self.scheduler is not None:
             with warnings.catch_warnings():  # a skipped step still advances the schedule: LR follows the step index
                 warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -397,7 +401,7 @@ class Trainer:
         return StepStats(*(x / n for x in tot[:4]), n_tokens=int(tot[4]), grad_norm=grad_norm, rows=rows, stop=stop,
                          nonfinite=not finite and not overflow, nonfinite_sample_ids=bad,
                          named={k: v / n for k, v in named.items()}, overflow=overflow, loss_scale=loss_scale,
-                         overflow_steps=self.overflow_steps)
+                         overflow_steps=self.overflow_steps, consecutive_overflows=self.consecutive_overflows)
 
     @torch.no_grad()
     def evaluate(self, batches) -> StepStats:
@@ -417,9 +421,10 @@ class Trainer:
 
     def state_dict(self) -> dict:
         """The trainer's own resumable state (saved in the checkpoint's trainer state): the
-        GradScaler's scale and growth tracker (None without loss scaling) and ``overflow_steps``."""
+        GradScaler's scale and growth tracker (None without loss scaling), ``overflow_steps`` and
+        ``consecutive_overflows``."""
         return {"grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "overflow_steps": self.overflow_steps}
+                "overflow_steps": self.overflow_steps, "consecutive_overflows": self.consecutive_overflows}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` (missing keys, e.g. a checkpoint of a run without loss
@@ -427,3 +432,4 @@ class Trainer:
         if self.scaler is not None and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.overflow_steps = int(state.get("overflow_steps", 0))
+        self.consecutive_overflows = int(state.get("consecutive_overflows", 0))

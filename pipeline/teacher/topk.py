@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.numerics import log1mexp
+from pipeline.numerics import log1mexp, softcap_
 
 
 def _combine(member_logprobs, weights: list[float], combine: str) -> torch.Tensor:
@@ -43,9 +43,10 @@ TARGETS_CHUNK_BYTES = 64 * 2**20
 :func:`fused_topk_targets` (64 MiB: 524 rows at V = 32,000, 110 at V = 152,064)."""
 
 
-def output_head(model: nn.Module, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def output_head(model: nn.Module, vocab: int) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
     """The first ``vocab`` rows of a teacher's output layer: ``weight`` (vocab, H) and ``bias``
-    (vocab,) or None, in the parameter dtype.
+    (vocab,) or None, in the parameter dtype, and its logit soft-cap ``c`` (Gemma 2's
+    ``final_logit_softcapping``: ``logits = c · tanh(z / c)``) or None.
 
     The teacher's output layer must be a :class:`pipeline.models.OutputProjection` (its forward
     then returns the final hidden states). Under FSDP2 call it after the root forward: the
@@ -59,7 +60,14 @@ def output_head(model: nn.Module, vocab: int) -> tuple[torch.Tensor, torch.Tenso
         raise ValueError(f"teacher {type(model).__name__} has {head.weight.shape[0]} output logits, fewer than "
                          f"the tokenizer's {vocab} tokens")
     bias = getattr(head, "bias", None)
-    return head.weight[:vocab], None if bias is None else bias[:vocab]
+    return head.weight[:vocab], None if bias is None else bias[:vocab], getattr(head, "softcap", None)
+
+
+def _unpack(head: tuple) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
+    """``(weight, bias, softcap)`` of a head given as :func:`output_head` returns it, or as
+    ``(weight, bias)`` (no soft-cap)."""
+    w, b, *cap = head
+    return w, b, cap[0] if cap else None
 
 
 def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: list[float], rows: torch.Tensor,
@@ -68,8 +76,9 @@ def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: 
 
     Each teacher's logits ``z_m`` come from its output layer's first V rows (the shared
     tokenizer's vocabulary, :func:`output_head`: rows of an embedding matrix padded beyond the
-    tokenizer are never valid tokens, so they get no probability) and are tempered:
-    ``lp_m = log_softmax(z_m / τ)``. With normalised weights ``w_m = weight_m / Σ weight``:
+    tokenizer are never valid tokens, so they get no probability), soft-capped where the teacher
+    caps them (``z ← c · tanh(z / c)``), and are tempered: ``lp_m = log_softmax(z_m / τ)``.
+    With normalised weights ``w_m = weight_m / Σ weight``:
 
     - ``probability`` (mixture of experts in probability space, DESIGN.md):
       ``log p = logsumexp_m(log w_m + lp_m)``;
@@ -80,7 +89,8 @@ def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: 
 
     Args:
         hiddens: per teacher, final hidden states (B·T, H) in the parameter dtype.
-        heads: per teacher, ``(weight (V, H), bias (V,) or None)`` (:func:`output_head`).
+        heads: per teacher, ``(weight (V, H), bias (V,) or None, soft-cap or None)``
+            (:func:`output_head`; a pair without the soft-cap: none).
         weights: mixture weights (normalised here).
         rows: (n,) int64 flat positions into B·T.
         temperature: τ > 0.
@@ -92,8 +102,8 @@ def position_logprobs(hiddens: list[torch.Tensor], heads: list[tuple], weights: 
         dense reference: tests/reference_targets.py ``ensemble_logprobs``).
     """
     def member_logprobs():
-        for h, (w, b) in zip(hiddens, heads):
-            logits = F.linear(h[rows], w, b).float()
+        for h, (w, b, cap) in zip(hiddens, map(_unpack, heads)):
+            logits = softcap_(F.linear(h[rows], w, b).float(), cap)
             if temperature != 1.0:
                 logits.div_(temperature)
             yield F.log_softmax(logits, dim=-1)
@@ -124,14 +134,16 @@ def fused_topk_targets(hiddens: list[torch.Tensor], heads: list[tuple], weights:
                        next_ids: torch.Tensor, k: int, temperature: float = 1.0, combine: str = "probability",
                        chunk_bytes: int = TARGETS_CHUNK_BYTES) -> tuple[torch.Tensor, ...]:
     """Top-k, tail mass and next-token log-probability at the given positions, computed from the
-    teachers' final hidden states chunk by chunk: per chunk of rows the output layer, the
-    tempered log-softmax (or, for one teacher, its log-normaliser), the top-k and the tail, so
-    no (B, T, V) tensor exists and padding positions cost nothing (the same idea as the
-    student's fused loss, pipeline/student/losses.py; Liger-Kernel's fused linear cross-entropy).
+    teachers' final hidden states chunk by chunk: per chunk of rows the output layer (and its
+    soft-cap), the tempered log-softmax (or, for one teacher, its log-normaliser), the top-k and
+    the tail, so no (B, T, V) tensor exists and padding positions cost nothing (the same idea as
+    the student's fused loss, pipeline/student/fused_driver.py; Liger-Kernel's fused linear
+    cross-entropy).
 
-    One teacher: the top-k of the logits are the top-k of the log-probabilities (the softmax is
-    monotone), so ``values = z_topk/τ − logsumexp(z/τ)`` and the (rows, V) log-softmax is never
-    formed. An ensemble: :func:`position_logprobs` per chunk, then the top-k of the mixture.
+    One teacher: the top-k of the (capped) logits are the top-k of the log-probabilities (the
+    softmax is monotone), so ``values = z_topk/τ − logsumexp(z/τ)`` and the (rows, V)
+    log-softmax is never formed. An ensemble: :func:`position_logprobs` per chunk, then the top-k
+    of the mixture.
 
     Args:
         hiddens, heads, weights, temperature, combine: as :func:`position_logprobs`.
@@ -158,7 +170,7 @@ def fused_topk_targets(hiddens: list[torch.Tensor], heads: list[tuple], weights:
     for a in range(0, N, step):
         r, nxt = rows[a: a + step], next_ids[a: a + step, None]
         if len(hiddens) == 1:
-            (w, b), = heads
+            w, b, cap = _unpack(heads[0])
             h = hiddens[0][r]
             if h.dtype == torch.float32:  # one chunk buffer for every chunk: no fresh pages per chunk
                 buf = torch.empty(min(step, N), V, device=dev) if buf is None else buf
@@ -167,6 +179,7 @@ def fused_topk_targets(hiddens: list[torch.Tensor], heads: list[tuple], weights:
                     z.add_(b)
             else:  # bf16/fp16 teachers: the logits in the parameter dtype, the softmax in float32
                 z = F.linear(h, w, b).float()
+            softcap_(z, cap)  # the model's own logits are capped before any temperature
             if temperature != 1.0:
                 z.div_(temperature)
             v, i = torch.topk(z, k, dim=-1, sorted=True)
