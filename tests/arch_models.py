@@ -96,3 +96,16 @@ def ce_sum64(model, input_ids: np.ndarray, loss_mask: np.ndarray) -> tuple[float
     valid = np.asarray(loss_mask[1:], dtype=bool)
     nll = -lp[np.arange(len(lp)), np.asarray(input_ids[1:], dtype=np.int64)]
     return float(nll[valid].sum()), int(valid.sum())
+
+
+def zero_output_layer(src: Path | str, dst: Path) -> Path:
+    """A copy of the model directory ``src`` with an untied output layer of zeros (a broken
+    checkpoint: every logit equal); returns ``dst``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.config.tie_word_embeddings = False
+    head = model.get_output_embeddings()
+    head.weight = torch.nn.Parameter(torch.zeros_like(head.weight))
+    model.save_pretrained(dst)
+    return dst

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, precompute_config, run_cli, write_yaml
 
-from arch_models import SOFT_CAPPED, ce_sum64, logprobs64, present, save_model
+from arch_models import SOFT_CAPPED, ce_sum64, logprobs64, present, save_model, zero_output_layer
 
 ARCH = present()
 K = 32
@@ -77,11 +77,13 @@ def _shared(tmp_path_factory, name: str, produce) -> dict:
 @pytest.fixture(scope="session")
 def arch_dirs(assets, tmp_path_factory) -> dict:
     """Every architecture tied and untied, saved one-file and multi-file (``{dir}/{arch}-{tie}/
-    {one,multi}``), and a small CE cache (8 samples) for the students."""
+    {one,multi}``), an untied Llama with an all-zero output layer (``zero-head``), and a small
+    CE cache (8 samples) for the students."""
     def produce(d: Path) -> dict:
         for arch in ARCH:
             for tie in (True, False):
                 save_model(arch, assets["vocab"], tie, d / f"{arch}-{tie}")
+        zero_output_layer(d / "llama-False" / "one", d / "zero-head")
         cfg = precompute_config(assets, d / "cache", **{"dataset.num_samples": 8, "dataset.max_length": 16})
         res = run_cli(["stages.precompute_teacher", "--config", str(write_yaml(d / "cache.yaml", cfg))])
         assert res.returncode == 0, res.stderr[-3000:]
@@ -102,9 +104,9 @@ def _teacher_config(assets, dirs, arch, tie, files, out: Path) -> Path:
     return write_yaml(out / "pre.yaml", cfg)
 
 
-def _student_config(dirs, arch, tie, init, out: Path) -> Path:
+def _student_config(dirs, arch, tie, init, out: Path, path: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {"output_dir": str(out / "run"), "student": {"path": str(_model_dir(dirs, arch, tie)), "init": init},
+    cfg = {"output_dir": str(out / "run"), "student": {"path": str(path or _model_dir(dirs, arch, tie)), "init": init},
            "data": {"train_cache": dirs["cache"], "eval_cache": dirs["cache"]}, "loss": {"alpha": 1.0},
            "micro_batch_size": 2, "grad_accum_steps": 1, "max_steps": 1, "eval_steps": 1, "log_steps": 1,
            "device": "cpu", "seed": SEED, "optim": {"warmup_steps": 0, "lr": 1e-2}}
@@ -124,14 +126,15 @@ def _torchrun_jobs(d: Path, jobs: list[dict]) -> dict:
     return {r["config"]: r["error"] for r in json.loads((d / "out.json").read_text())}
 
 
-def _two_rank_runs(request, tmp_path_factory, test: str, cases: list, stage: str, config) -> dict:
-    """The selected ``cases`` of ``test`` run in one 2-rank ``torchrun`` (once per session);
-    case id → ``{"dir": its directory, "error": None or the error}``."""
+def _two_rank_runs(request, tmp_path_factory, test: str, cases: list, stage: str, config, extra=None) -> dict:
+    """The selected ``cases`` of ``test`` (``config(*case, dir)`` writes a case's config in
+    ``dir``) and the ``extra`` jobs (id → a function of ``dir`` writing its config) run in one
+    2-rank ``torchrun`` (once per session); id → ``{"dir", "error": None or the error}``."""
     selected = _selected(request, test)
-    params = [p for p in cases if p.id in selected]
+    jobs = {p.id: (lambda out, v=p.values: config(*v, out)) for p in cases if p.id in selected} | (extra or {})
 
     def produce(d: Path) -> dict:
-        cfgs = {p.id: config(*p.values, d / p.id) for p in params}
+        cfgs = {case: write(d / case) for case, write in jobs.items()}
         errors = _torchrun_jobs(d, [{"stage": stage, "config": str(c)} for c in cfgs.values()])
         return {case: {"dir": str(c.parent), "error": errors[str(c)]} for case, c in cfgs.items()}
 
@@ -147,8 +150,11 @@ def two_rank_teachers(request, assets, arch_dirs, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def two_rank_students(request, arch_dirs, tmp_path_factory) -> dict:
+    zero = Path(arch_dirs["dir"]) / "zero-head"  # and a pretrained student with an all-zero output layer
     return _two_rank_runs(request, tmp_path_factory, "test_student_two_ranks", STUDENTS_2, "train",
-                          lambda *case: _student_config(arch_dirs, *case))
+                          lambda *case: _student_config(arch_dirs, *case),
+                          extra={"zero-head": lambda out: _student_config(arch_dirs, "llama", False, "pretrained", out,
+                                                                          path=zero)})
 
 
 def _check_cache(cache: Path, teacher: Path) -> None:
@@ -245,3 +251,10 @@ def test_student_two_ranks(arch_dirs, two_rank_students, arch, tie, init, reques
     case = two_rank_students[request.node.callspec.id]
     assert case["error"] is None, case["error"]
     _check_student(Path(case["dir"]) / "run", arch_dirs["cache"], _initial_student(arch_dirs, arch, tie, init))
+
+
+def test_zero_output_layer_student_refused_at_two_ranks(assets, arch_dirs, two_rank_students):
+    """Each rank counts the non-zeros of its rows of the output layer; all ranks refuse together."""
+    error = two_rank_students["zero-head"]["error"]
+    assert error and error.startswith(f"ValueError: student {Path(arch_dirs['dir']) / 'zero-head'}: its output layer "
+                                      f"({assets['vocab']}, 32) is all zeros"), error
