@@ -86,5 +86,5 @@ def refuse_zero_output_layer(model: nn.Module, path: str) -> None:
     local = weight.to_local() if isinstance(weight, DTensor) else weight
     nonzero = all_reduce_sum(torch.tensor([float(torch.count_nonzero(local.detach()))], device=local.device))
     if nonzero.item() == 0:
-        raise ValueError(f"student {path}: its output layer ({tuple(weight.shape)}) is all zeros, every logit would be "
+        raise ValueError(f"student {path}: its output layer {tuple(weight.shape)} is all zeros, every logit would be "
                          f"equal; a broken checkpoint or load (student.init: pretrained)")
