@@ -30,9 +30,11 @@ demo: install
 	@$(PY) -m stages.demo
 
 # Two pytest workers (PYTEST_WORKERS): most tests wait on one single-threaded stage run, so two
-# keep both cores busy; each worker runs one torch thread.
+# keep both cores busy; each worker runs one torch thread. PYTEST_MARKERS selects the tests by
+# marker: the default leaves out the rest of the architecture matrix (slow_arch, run by .ci/run).
+PYTEST_MARKERS ?= not slow_arch
 test: install
-	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest tests -n $${PYTEST_WORKERS:-2} --dist worksteal
+	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest tests -n $${PYTEST_WORKERS:-2} --dist worksteal -m "$(PYTEST_MARKERS)"
 
 # The documentation site (mkdocs, material theme) into site/; the reference pages under
 # docs/reference/ are generated from the code first (scripts/gen_reference.py).

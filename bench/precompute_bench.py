@@ -149,7 +149,8 @@ HOST_MEMORY: str | None = None  # --host-memory: precompute's host_memory in eve
 def _config(teacher: str, dataset: dict, cache: Path, k: int, batch_size: int, **over) -> dict:
     extra = {"host_memory": HOST_MEMORY} if HOST_MEMORY else {}
     return {"teachers": [{"path": teacher}], "dataset": dataset, "batch_size": batch_size, "device": "cpu",
-            "cache": {"dir": str(cache), "k": k, "overwrite": True}, **extra, **over}
+            "cache": {"dir": str(cache), "k": k, "overwrite": True}, "teacher_check": "warn",  # random teachers
+            **extra, **over}
 
 
 # ----------------------------------------------------------------------------- sections

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         caches = {}
         for name, tok, off in (("same", s_tok, False), ("xtok", t_tok, True)):
             teacher = model_dir(tok, d / f"teacher-{name}", 32, 1)
-            cfg = {"teachers": [{"path": str(teacher)}], "batch_size": 16, "device": "cpu",
+            cfg = {"teachers": [{"path": str(teacher)}], "batch_size": 16, "device": "cpu", "teacher_check": "warn",
                    "dataset": {"path": str(d / "text.jsonl"), "max_length": 256},
                    "cache": {"dir": str(d / f"cache-{name}"), "k": a.k, "text_offsets": off}}
             (d / f"pre-{name}.yaml").write_text(yaml.safe_dump(cfg))

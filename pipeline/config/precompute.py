@@ -115,6 +115,11 @@ class PrecomputeConfig(_Section):
     ``probability``: ``log p = logsumexp_m(log w_m + logp_m)`` (a mixture);
     ``logit_mean``: ``log p = log_softmax(Σ_m w_m logp_m)`` (normalised geometric mean)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    teacher_check: Literal["stop", "warn"] = "stop"
+    """What a teacher whose perplexity on the first batch is >= V/2 (within a factor 2 of
+    uniform guessing: a broken load, or an untrained model) does: ``stop`` the run with one line
+    naming it, or ``warn`` (one line) and go on, for deliberately untrained teachers (tests,
+    smoke runs). A teacher whose outputs are uniform stops the run either way."""
     targets: TargetsConfig = Field(default_factory=TargetsConfig)
 
     @model_validator(mode="after")

@@ -111,3 +111,24 @@ def defer_output_projection(model: nn.Module) -> OutputProjection:
     if cap is not None:
         _cap_outside_forward(model, cap)
     return proj
+
+
+def refuse_zero_output_layer(model: nn.Module, path: str) -> None:
+    """Refuse a pretrained model whose output layer's weight is all zeros: every logit would be
+    equal (a broken checkpoint or load; training would start from CE = log V). Collective under
+    FSDP2 (each rank counts the non-zeros of its rows, summed over ranks); call it on every rank
+    once the weights are loaded.
+
+    Raises:
+        ValueError: one line naming ``path``, the same on every rank.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from pipeline.distributed import all_reduce_sum
+
+    weight = model.get_output_embeddings().weight
+    local = weight.to_local() if isinstance(weight, DTensor) else weight
+    nonzero = all_reduce_sum(torch.tensor([float(torch.count_nonzero(local.detach()))], device=local.device))
+    if nonzero.item() == 0:
+        raise ValueError(f"student {path}: its output layer {tuple(weight.shape)} is all zeros, every logit would be "
+                         f"equal; a broken checkpoint or load (student.init: pretrained)")

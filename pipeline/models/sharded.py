@@ -3,7 +3,6 @@ safetensors tensor, so no rank ever holds the whole model (teacher and student).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import Callable
@@ -11,8 +10,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.models.common import auto_config, check_config, from_pretrained, require_dir, set_role, unreadable_weights
-from pipeline.storage.errors import describe
+from pipeline.models.checkpoint_names import Source, map_checkpoint
+from pipeline.models.common import auto_config, check_config, from_pretrained, require_dir, set_role
+from pipeline.models.safetensors_io import CheckpointFiles
 
 
 @contextlib.contextmanager
@@ -35,160 +35,109 @@ def _parameters_on_meta():
         nn.Module.register_parameter = orig
 
 
-def _safetensors_index(p: Path, what: str) -> dict[str, Path]:
-    """Tensor name → the ``.safetensors`` file holding it (``model.safetensors`` or the files
-    of ``model.safetensors.index.json``) of the ``what`` (student/teacher) in ``p``.
+def _whole_load(p: Path, what: str, dtype: torch.dtype, device: torch.device,
+                shard: Callable[[nn.Module], object], frozen: bool) -> nn.Module:
+    """The model of a directory without safetensors weights, loaded whole on every rank by
+    ``from_pretrained`` (which raises when there are no weights at all), then sharded; one
+    line says why when ``pytorch_model*.bin`` files are found."""
+    if any(p.glob("*.bin")):
+        print(f"[{what}] {p}: whole-model load on every rank: its weights are .bin files, not safetensors "
+              "(save them with save_pretrained(safe_serialization=True) to read only each rank's rows)", flush=True)
+    model = set_role(from_pretrained(p, what, dtype), frozen)
+    shard(model)
+    return model.to(device)
 
-    Raises:
-        FileNotFoundError: no safetensors weights in ``p``.
-        ValueError: the weight file or the index is truncated or corrupt (named).
+
+def _rows(files: CheckpointFiles, src: Source, start: int, rows: int) -> torch.Tensor:
+    """Rows ``[start, start + rows)`` (dim 0) of the parameter that ``src`` describes: read as
+    they are from a renamed tensor; from stacked experts, experts ``start .. start + rows - 1``
+    of every part, stacked, then the parts concatenated (the other experts are never read)."""
+    if not src.experts:
+        return files.read_rows(src.parts[0][0], start, rows)
+    return torch.cat([torch.stack([files.read_rows(name, 0) for name in part[start: start + rows]])
+                      for part in src.parts], dim=src.concat_dim)
+
+
+class _Owners:
+    """The modules owning a model's parameters and buffers, recorded before ``shard(model)``,
+    to find the tensors that hold them after it (:meth:`tensors`).
+
+    ``shard`` may wrap modules (LoRA: ``q_proj`` becomes ``q_proj.base_layer``, the same module
+    object under a new name) or replace them (the output layer becomes an
+    :class:`~pipeline.models.OutputProjection`, a new object under the old name; the detached
+    old layer must not be filled). A recorded module still in the model is followed; one no
+    longer in it is looked up by its dotted name.
     """
-    index = p / "model.safetensors.index.json"
-    single = p / "model.safetensors"
-    try:
-        if index.is_file():
-            return {name: p / f for name, f in json.loads(index.read_text())["weight_map"].items()}
-        if not single.is_file():
-            raise FileNotFoundError(f"no safetensors weights in {p}")
-        from safetensors import safe_open
 
-        with safe_open(str(single), "pt") as f:
-            return {name: single for name in f.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # SafetensorError (truncated header), JSONDecodeError, KeyError
-        raise unreadable_weights(what, index if index.is_file() else single,
-                                  describe(e)) from e
+    def __init__(self, model: nn.Module, names: list[str]):
+        self.model = model
+        self.owners = {}
+        for name in names:
+            path, _, attr = name.rpartition(".")
+            self.owners[name] = (path, model.get_submodule(path), attr)
 
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
-
-
-def _safetensors_header(fh, file: Path, what: str) -> tuple[dict, int]:
-    """The JSON header of an open ``.safetensors`` file and the byte offset where its data
-    starts (format: little-endian u64 header length, the header, then the tensors' bytes,
-    each at ``data_offsets`` relative to the data start; huggingface/safetensors README).
-
-    Raises:
-        ValueError: the header is truncated or not JSON, or the file ends before the last
-            tensor's bytes (truncated); the ``what`` (student/teacher) and the file are named.
-    """
-    raw = fh.read(8)
-    n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-    size = os.fstat(fh.fileno()).st_size
-    if not 0 < n <= size - 8:
-        raise unreadable_weights(what, file, f"header length {n}, file {size} bytes")
-    try:
-        header = json.loads(fh.read(n))
-        header.pop("__metadata__", None)
-        end = max((int(m["data_offsets"][1]) for m in header.values()), default=0)
-    except (ValueError, UnicodeDecodeError, AttributeError, TypeError, KeyError, IndexError) as e:
-        raise unreadable_weights(what, file, f"header: {type(e).__name__}: {e}") from None
-    if 8 + n + end > size:
-        raise unreadable_weights(what, file, f"tensor data ends at byte {8 + n + end}, file {size} bytes")
-    return header, 8 + n
-
-
-def _read_rows(fh, file: Path, what: str, name: str, meta: dict, data_start: int, start: int,
-               shape: torch.Size) -> torch.Tensor:
-    """Rows ``[start, start + shape[0])`` of tensor ``name`` (its header entry ``meta``), read
-    with one seek and one read: only those bytes are read, nothing is memory-mapped (mapped
-    pages would count against the rank's memory). Returns a tensor of ``shape`` in the file's
-    dtype.
-
-    Raises:
-        ValueError: an unknown dtype, or the file ends before the rows (truncated; named).
-    """
-    dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
-    if dtype is None:
-        raise ValueError(f"{what} {file}: tensor {name} has dtype {meta['dtype']}, not supported")
-    full = list(meta["shape"])
-    row_bytes = dtype.itemsize * (int(torch.Size(full[1:]).numel()) if len(full) > 1 else 1)
-    begin, end = meta["data_offsets"]
-    lo = begin + start * row_bytes if full else begin
-    n_bytes = int(shape.numel()) * dtype.itemsize
-    if lo + n_bytes > end:
-        raise ValueError(f"{what} {file}: tensor {name}: rows beyond its data (a shard layout this loader does not know)")
-    fh.seek(data_start + lo)
-    buf = bytearray(n_bytes)
-    if fh.readinto(buf) != n_bytes:
-        raise unreadable_weights(what, file, f"tensor {name} cut short")
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-
-def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """The module holding the parameter or buffer ``name`` (a dotted state-dict name) and its
-    attribute name there."""
-    mod, _, attr = name.rpartition(".")
-    return model.get_submodule(mod), attr
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Name → the parameter or buffer the model uses now (call after sharding and
+        ``to_empty``, which both replace parameter objects)."""
+        live = {id(m) for m in self.model.modules()}
+        out = {}
+        for name, (path, module, attr) in self.owners.items():
+            if id(module) not in live:
+                module = self.model.get_submodule(path)
+            out[name] = getattr(module, attr)
+        return out
 
 
 def _load_sharded(p: Path, what: str, dtype: torch.dtype, device: torch.device,
                   shard: Callable[[nn.Module], object], frozen: bool) -> nn.Module:
     """The model in directory ``p`` (the ``what``: student/teacher), never whole on this rank:
     see :func:`load_teacher_sharded`. ``frozen``: as :func:`set_role`. Every weight file's
-    header, size and tensor shapes are checked before ``shard`` is called."""
+    header and every tensor's name and shape are checked before ``shard`` is called."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     from transformers import AutoModelForCausalLM
 
-    try:
-        names = _safetensors_index(p, what)
-    except FileNotFoundError:
-        names = {}
     config = auto_config(p, what)
+    try:
+        files = CheckpointFiles(p, what)
+    except FileNotFoundError:
+        return _whole_load(p, what, dtype, device, shard, frozen)
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    params = dict(model.named_parameters())
-    if not names or set(params) - set(names):
-        missing = sorted(set(params) - set(names))[:3]
-        print(f"[{what}] {p}: whole-model load (tensor names {missing} not in its safetensors files)", flush=True)
-        model = set_role(from_pretrained(p, what, dtype), frozen)
-        shard(model)
-        return model.to(device)
-    by_file: dict[Path, list[str]] = {}
-    for name in params:
-        by_file.setdefault(names[name], []).append(name)
-    headers = {}
-    for file in by_file:
-        with open(file, "rb") as fh:
-            headers[file] = _safetensors_header(fh, file, what)
-    for name, param in params.items():
-        meta = headers[names[name]][0].get(name)
-        if meta is None:
-            raise unreadable_weights(what, names[name], f"tensor {name} of the index is not in the file")
-        if tuple(meta["shape"]) != tuple(param.shape):
-            raise ValueError(f"{what} {names[name]}: tensor {name} has shape {tuple(meta['shape'])}, "
-                             f"the model built from config.json expects {tuple(param.shape)}")
+    sources = map_checkpoint(model, files.files, what, p)
+    state = model.state_dict(keep_vars=True)
+    for name, src in sources.items():
+        try:
+            shape = src.full_shape(files.shape)
+        except ValueError as e:
+            raise ValueError(f"{what} {p}: {e}") from None
+        if shape != tuple(state[name].shape):
+            raise ValueError(f"{what} {files.files[src.parts[0][0]]}: tensor {src.parts[0][0]} gives {name} the shape "
+                             f"{shape}, the model built from config.json expects {tuple(state[name].shape)}")
     if (p / "generation_config.json").is_file():  # as from_pretrained does (exported with the model)
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(str(p))
     set_role(model, frozen)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    # each tensor by its (module, attribute): ``shard`` may wrap modules and so rename them
-    # (LoRA: q_proj.weight becomes q_proj.base_layer.weight), the module objects stay
-    owners = {name: _owner(model, name) for name in [*params, *buffers]}
+    owners = _Owners(model, [*sources, *buffers])
     shard(model)
     model.to_empty(device=device)
-    for name, b in buffers.items():  # to_empty left them uninitialised
-        getattr(*owners[name]).copy_(b)
-    params = {name: getattr(*owners[name]) for name in params}
-    for file, group in by_file.items():
-        header, data_start = headers[file]
-        with open(file, "rb") as fh:
-            for name in group:
-                param = params[name]
-                local = param.to_local() if isinstance(param, DTensor) else param
-                start = 0
-                if isinstance(param, DTensor):
-                    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-                    start = offset[0] if local.dim() else 0
-                if local.numel():
-                    with torch.no_grad():
-                        local.copy_(_read_rows(fh, file, what, name, header[name], data_start, start, local.shape))
+    tensors = owners.tensors()
+    with torch.no_grad(), files:
+        for name, b in buffers.items():  # to_empty left them uninitialised
+            tensors[name].copy_(b)
+        for name, src in sources.items():
+            param = tensors[name]
+            if tuple(param.shape) != tuple(state[name].shape):
+                raise RuntimeError(f"{what} {p}: {name} is {tuple(param.shape)} after sharding, {tuple(state[name].shape)} before")
+            local, start = param, 0
+            if isinstance(param, DTensor):
+                local = param.to_local()
+                _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+                start = offset[0] if local.dim() else 0
+            if local.numel():
+                local.copy_(_rows(files, src, start, local.shape[0]) if local.dim() else files.read_rows(src.parts[0][0], 0))
     return model
 
 
@@ -203,9 +152,12 @@ def load_teacher_sharded(path: str | os.PathLike, dtype: torch.dtype, device: to
     meta-device initialisation; FSDP2's ``Shard(0)`` layout via
     ``compute_local_shape_and_global_offset``).
 
-    Falls back to :func:`load_teacher` then ``shard`` (whole load) when the checkpoint is not
-    safetensors or its tensor names differ from the model's (a checkpoint transformers
-    converts on load), printing one line saying so.
+    Checkpoint tensor names are mapped to the model's as the installed transformers maps them
+    (renames; per-expert tensors stacked into fused expert parameters, each rank reading only
+    its experts: :mod:`pipeline.models.checkpoint_names`). Every parameter is filled in the
+    module the sharded model uses (the output layer that ``shard`` replaced included). A
+    checkpoint without safetensors files (``*.bin``) is loaded whole on every rank, then
+    sharded, with one line saying so.
 
     Args:
         dtype: parameter dtype (float32 on CPU, bfloat16 on GPUs); checkpoint tensors are cast.
@@ -215,8 +167,10 @@ def load_teacher_sharded(path: str | os.PathLike, dtype: torch.dtype, device: to
         The sharded model (parameters DTensors of the checkpoint's global shapes, ``dtype``),
         eval mode, ``requires_grad=False`` everywhere.
     Raises:
-        FileNotFoundError, ValueError: as :func:`load_teacher` (path named), and a tensor whose
-            shape differs from the model's (named); all before ``shard`` is called.
+        FileNotFoundError, ValueError: as :func:`load_teacher` (path named); a tensor whose
+            shape differs from the model's, a checkpoint tensor that maps to no parameter, a
+            conversion other than renames and stacked experts, a parameter with no tensor (each
+            named with the model class); all before ``shard`` is called.
     """
     p = require_dir(path, "teacher directory")
     check_config(p, "teacher")

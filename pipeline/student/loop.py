@@ -34,7 +34,7 @@ from pipeline.student.rounds import read_run_json, round_configs, select_sample_
 from pipeline.student.rounds import sample_weights as loss_weights
 from pipeline.student.metrics import MetricsLogger
 from pipeline.models import (build_student, count_parameters, defer_output_projection, load_student_sharded,
-                             load_tokenizer, vocab_size)
+                             load_tokenizer, refuse_zero_output_layer, vocab_size)
 from pipeline.student.step import Trainer, build_optimizer, check_packing, lr_lambda
 
 
@@ -276,7 +276,8 @@ class RoundTrainer:
 
         Raises:
             FileNotFoundError / ValueError: missing cache or student, vocabulary mismatch (sizes
-                named), too few samples for one global batch.
+                named), too few samples for one global batch, a pretrained student whose output
+                layer is all zeros (path named).
             ConfigError: ``data.shuffle=block`` without a cache; a ``loss.tail`` the train
                 cache's target type refuses.
         """
@@ -295,6 +296,8 @@ class RoundTrainer:
         else:  # random weights drawn whole with torch.manual_seed(cfg.seed), as on every rank
             self.model = build_student(cfg.student.path, cfg.student.init, cfg.seed)
             self._prepare(self.model)
+        if cfg.student.init == "pretrained":  # an all-zero output layer: a broken checkpoint or load
+            refuse_zero_output_layer(self.model, cfg.student.path)
         load_initial_adapters(self.model, self.lora_init)  # this rank's rows of them (none without LoRA)
         self._build_sampler()
         self.optimizer = build_optimizer(self.model, cfg.optim)

@@ -21,6 +21,7 @@ from pipeline.distributed import DistInfo, barrier, gather_objects, on_rank0, pr
 from pipeline.data.batch import collate
 from pipeline.models import (defer_output_projection, has_tokenizer, load_teacher_sharded, load_tokenizer, model_fingerprint,
                              tokenizer_fingerprint, vocab_size)
+from pipeline.teacher.load_check import FirstBatch, check_first_batch, first_batch
 from pipeline.teacher.sampled import SampleStats, sample_seed, sampled_targets
 from pipeline.teacher.topk import fused_topk_targets, output_head, position_logprobs
 
@@ -346,14 +347,17 @@ rank makes the same FSDP2 collectives)."""
 
 
 def _teacher_targets(cfg: PrecomputeConfig, teachers: list, weights: list[float], V: int, batch,
-                     group: list[Sample], stats: SampleStats) -> list:
+                     group: list[Sample], stats: SampleStats, first: list[FirstBatch] | None = None) -> list:
     """Cache records of one batch: the teachers' forwards (hidden states), then the targets of
     the real positions only, computed chunk by chunk in the teachers' device memory
     (:func:`~pipeline.teacher.topk.fused_topk_targets`, or per sample for the sampled types), one
-    device→host copy per array."""
+    device→host copy per array. ``first`` (the first call): each teacher's
+    :class:`~pipeline.teacher.load_check.FirstBatch` numbers are appended to it."""
     tcfg, T = cfg.targets, batch.input_ids.shape[1]
     hiddens = [m(input_ids=batch.input_ids, use_cache=False).logits.flatten(0, 1) for m in teachers]  # (B·T, H)
     if not group:
+        if first is not None:
+            first.extend(FirstBatch() for _ in teachers)
         return []
     heads = [output_head(m, V) for m in teachers]
     n = [len(s.input_ids) - 1 for s in group]  # positions per sample (targets of tokens 1..T-1)
@@ -361,6 +365,8 @@ def _teacher_targets(cfg: PrecomputeConfig, teachers: list, weights: list[float]
     rows_np = np.concatenate([i * T + np.arange(p) for i, p in enumerate(n)])
     rows = torch.from_numpy(rows_np).to(batch.input_ids.device)
     next_ids = batch.input_ids.flatten()[rows + 1]
+    if first is not None:
+        first.extend(first_batch(h, head, rows, next_ids) for h, head in zip(hiddens, heads))
     if tcfg.type == "topk":
         out = fused_topk_targets(hiddens, heads, weights, rows, next_ids, cfg.cache.k, cfg.temperature, cfg.combine)
         ids, vals, tail, target = (t.cpu().numpy() for t in out)
@@ -389,7 +395,9 @@ def _teacher_loop(cfg: PrecomputeConfig, info: DistInfo, teachers: list, entries
         (tokens of this rank's real samples, ``time.perf_counter()`` at the loop's start)
     Raises:
         ValueError, StorageError: a shard failed in the writer (raised at the next write); a
-            bad row or duplicate sample ID in a window (every rank).
+            bad row or duplicate sample ID in a window (every rank); a teacher that looks like
+            a broken load on the first call (every rank,
+            :func:`~pipeline.teacher.load_check.check_first_batch`).
     """
     from torch.distributed.fsdp import FSDPModule
 
@@ -402,7 +410,10 @@ def _teacher_loop(cfg: PrecomputeConfig, info: DistInfo, teachers: list, entries
         while calls := plan.next_call():
             group = calls[info.rank][1] if info.rank < len(calls) else None
             batch = collate(group or [PAD_SAMPLE], pad_only=group is None).to(info.device)
-            records = _teacher_targets(cfg, teachers, weights, V, batch, group or [], stats)
+            first = [] if c == 0 else None
+            records = _teacher_targets(cfg, teachers, weights, V, batch, group or [], stats, first)
+            if first is not None:  # a broken load stops here, before anything is written
+                check_first_batch(first, [t.path for t in cfg.teachers], V, cfg.teacher_check)
             for m in teachers:  # the root's parameters (embedding, output layer) stay unsharded after a forward
                 if isinstance(m, FSDPModule):
                     m.reshard()
