@@ -302,25 +302,35 @@ def wrap_sources(cfg, train, ev, cache_tokenizer_dir: str):
         the tokenizers are the same (the cache's vocabulary applies).
     Raises:
         ConfigError: different tokenizers without ``loss.cross_tokenizer`` (the key and both
-            tokenizers' names and fingerprints in one line); more than one ``data.train_caches``.
+            tokenizers' names and fingerprints in one line), or with a ``loss.divergence``
+            other than the default (the cross-tokenizer loss has its own distance); more than
+            one ``data.train_caches``. (``loss.cross_tokenizer`` with the cache's own tokenizer
+            is announced in one line and not used.)
         ValueError: a cache without text offsets (written without ``cache.text_offsets``),
             or a tokenizer that is not fast.
     """
     from pipeline.config import ConfigError
     from pipeline.models import load_tokenizer, tokenizer_fingerprint
+    from pipeline.distributed import print0
 
     d, m = cfg.data, train.manifest
-    if d.tokenizer is None:
-        return train, ev, None
-    student = load_tokenizer(d.tokenizer)
-    fp = tokenizer_fingerprint(student)
+    student = load_tokenizer(d.tokenizer) if d.tokenizer is not None else None
+    fp = tokenizer_fingerprint(student) if student is not None else m.tokenizer_fingerprint
     if fp == m.tokenizer_fingerprint:
+        if cfg.loss.cross_tokenizer is not None:  # nothing to align: say so rather than ignore it
+            print0(f"[train] loss.cross_tokenizer={cfg.loss.cross_tokenizer} ignored: the student tokenizer is the "
+                   f"cache's (fingerprint {fp}), so the ordinary loss trains (loss.divergence="
+                   f"{cfg.loss.divergence}, loss.tail={cfg.loss.tail})")
         return train, ev, None
     teacher_name = m.tokenizer_name or cache_tokenizer_dir
     if cfg.loss.cross_tokenizer is None:
         raise ConfigError(f"loss.cross_tokenizer: not set, but the student tokenizer {d.tokenizer} (fingerprint {fp}) "
                           f"differs from the cache's {teacher_name} (fingerprint {m.tokenizer_fingerprint}); "
                           "set it to gold or uld")
+    if cfg.loss.divergence != "forward_kl":
+        raise ConfigError(f"loss.divergence={cfg.loss.divergence}: does not apply to a cross-tokenizer run (the "
+                          f"student tokenizer {d.tokenizer} differs from the cache's {teacher_name}), whose loss is "
+                          f"loss.cross_tokenizer={cfg.loss.cross_tokenizer}; remove loss.divergence")
     paths = d.cache_paths()
     if len(paths) > 1:
         raise ConfigError(f"data.train_caches: {len(paths)} caches with another tokenizer than the student's "
