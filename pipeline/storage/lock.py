@@ -74,7 +74,7 @@ class RunLock:
         self.folder, self.what = Folder(run_dir), what
         self.path = self.folder.join(LOCK_NAME)
         self.fd: int | None = None
-        self.held = False
+        self.held = self.created = False
 
     def acquire(self) -> str | None:
         """Take the lock; returns the warning printed when a stale lock was taken over, else None.
@@ -83,8 +83,13 @@ class RunLock:
             RunLockHeld: a live process holds it: one line naming the directory, the holder
                 (PID, host, start time) and the lock file.
         """
+        self.created = not self.folder.is_remote and not self.folder.exists()
         self.folder.makedirs()
-        taken_from = self._acquire_store() if self.folder.is_remote else self._acquire_local()
+        try:
+            taken_from = self._acquire_store() if self.folder.is_remote else self._acquire_local()
+        except RunLockHeld:
+            self.created = False
+            raise
         self.held = True
         if taken_from is None:
             return None
@@ -133,7 +138,9 @@ class RunLock:
         return old
 
     def release(self) -> None:
-        """Give the lock back (remove the file, then drop the flock); a no-op when not held."""
+        """Give the lock back (remove the file, then drop the flock); a no-op when not held. A
+        directory that the lock created and nothing else wrote into is removed too: a run
+        refused before it wrote anything leaves no trace."""
         if not self.held:
             return
         self.held = False
@@ -148,6 +155,11 @@ class RunLock:
         finally:
             os.close(self.fd)
             self.fd = None
+        if self.created:
+            try:
+                self.folder.dir.rmdir()  # only when empty
+            except OSError:
+                pass
 
     def __enter__(self) -> "RunLock":
         self.acquire()

@@ -97,6 +97,8 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     written and gives it back at the end.
 
     Raises:
+        ValueError: ``output_dir`` is a URL the store cannot serve (missing bucket, refused
+            credentials), named, before anything is written (checked on every rank).
         RunLockHeld: another live process writes ``output_dir`` (named), on every rank.
         Others: as :func:`train_rounds`.
     """
@@ -124,9 +126,8 @@ def train_rounds(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         ConfigError: ``select`` on the first round (there is no previous loss log); a
             ``loss.tail`` the train cache's target type refuses (:func:`resolve_tail`).
         FileNotFoundError: ``data.train_cache`` is not a teacher cache (no manifest).
-        ValueError: a ``callbacks`` entry that cannot be imported or built (named).
-        ValueError: ``output_dir`` is a URL the store cannot serve (missing bucket, refused
-            credentials), named, before anything is written (checked on every rank).
+        ValueError: a ``callbacks`` entry that cannot be imported or built (named); a
+            ``select`` that keeps no sample of the previous round's loss log.
     """
     if cfg.data.first_cache is not None and cfg.loss.alpha != 1.0:  # config.yaml shows the resolved loss.tail
         m = read_manifest(cfg.data.first_cache)
