@@ -86,3 +86,24 @@ def test_lock_object_on_a_store(tmp_path):
             RunLock(run, "train-student").acquire()
         lock.release()
         assert not remote.isfile(LOCK_NAME)
+
+
+def test_file_system_without_locks_checks_the_holder(tmp_path, monkeypatch):
+    """Where ``flock`` fails (some network mounts) the lock file is read as on a store."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    run = tmp_path / "run"
+    run.mkdir()
+    here = {"host": socket.gethostname(), "started": "2020-01-01T00:00:00Z"}
+    (run / LOCK_NAME).write_text(json.dumps({**here, "pid": os.getpid()}))
+    with pytest.raises(RunLockHeld, match=f"pid {os.getpid()}"):  # alive: refused
+        RunLock(run, "train-student").acquire()
+    (run / LOCK_NAME).write_text(json.dumps({**here, "pid": _dead_pid()}))
+    with RunLock(run, "train-student") as lock:  # gone: taken over
+        assert lock.held and json.loads((run / LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (run / LOCK_NAME).exists()

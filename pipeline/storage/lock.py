@@ -12,7 +12,8 @@ behind by a dead writer is *stale* and the next writer takes it over with a warn
 old holder. On a store (``s3://...``, no locks there) the lock is an object read, then written:
 a holder on this host whose process is gone is stale; a holder on another host cannot be
 checked from here, so the run is refused with the object to delete once that run is gone. The
-store's check and write are two requests, not one atomic step.
+store's check and write are two requests, not one atomic step. A local file system without
+``flock`` (some network mounts) is treated as a store.
 """
 from __future__ import annotations
 
@@ -115,6 +116,9 @@ class RunLock:
                 raw = os.pread(fd, 4096, 0)
                 os.close(fd)
                 raise self._refuse(raw) from None
+            except OSError:  # a file system without locks (some network mounts): as on a store
+                os.close(fd)
+                return self._acquire_store()
             try:  # the holder may have removed the file between our open and our flock: retry
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -130,8 +134,9 @@ class RunLock:
         return old or None
 
     def _acquire_store(self) -> bytes | None:
-        """Read the lock object, refuse a live (or uncheckable) holder, write ours."""
-        old = self.folder.read_bytes(LOCK_NAME) if self.folder.isfile(LOCK_NAME) else None
+        """Read the lock object (or file, where the file system has no locks), refuse a live
+        (or uncheckable) holder, write ours."""
+        old = (self.folder.read_bytes(LOCK_NAME) or None) if self.folder.isfile(LOCK_NAME) else None
         if old is not None and _alive_here(old):
             raise self._refuse(old, f", or delete {self.path} if it is gone")
         self.folder.write_bytes(LOCK_NAME, json.dumps(_holder()).encode())
@@ -144,17 +149,17 @@ class RunLock:
         if not self.held:
             return
         self.held = False
-        if self.fd is None:
+        if self.fd is None:  # a store, or a file system without locks
             self.folder.remove(LOCK_NAME)
-            return
-        try:
-            if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(self.fd)
-            self.fd = None
+        else:
+            try:
+                if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                    os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            finally:
+                os.close(self.fd)
+                self.fd = None
         if self.created:
             try:
                 self.folder.dir.rmdir()  # only when empty
