@@ -102,7 +102,8 @@ def start_over(out: Path, log) -> None:
     """``--restart``: delete what ``distill-rounds`` wrote in ``out`` (``rounds.json``,
     ``config.yaml``, the ``round-R/`` directories) so that every round runs again."""
     folder = Folder(out)
-    gone = [n for n in folder.list() if n in ("rounds.json", "config.yaml") or (n.startswith("round-") and n[6:].isdigit())]
+    gone = [n for n in folder.list()
+            if n in ("rounds.json", "config.yaml") or (n.startswith("round-") and n[6:].isdigit())]
     for name in gone:
         folder.remove(name)
     if gone:

@@ -111,10 +111,11 @@ def round_configs(cfg: DistillRoundsConfig) -> list[dict]:
         max_len = plan.precompute.get("dataset", {}).get("max_length",
                                                          bases["precompute"].get("dataset", {}).get("max_length"))
         if isinstance(max_len, int) and max_len < longest:  # completions cut: refused, never silent
-            raise ConfigError(f"round {r} precompute config: config key 'dataset.max_length' is {max_len}, shorter than "
-                              f"the longest generated row ({longest} tokens: {why}); raise it to "
+            raise ConfigError(f"round {r} precompute config: config key 'dataset.max_length' is {max_len}, "
+                              f"shorter than the longest generated row ({longest} tokens: {why}); raise it to "
                               f"{longest} or leave it unset (then it is {longest})")
-        pre["dataset"] = merge({"path": str(d / "generated"), "format": "generated"}, plan.precompute.get("dataset", {}))
+        pre["dataset"] = merge({"path": str(d / "generated"), "format": "generated"},
+                               plan.precompute.get("dataset", {}))
         pre["dataset"]["max_length"] = longest if max_len is None else max_len
         pre.setdefault("cache", {})["dir"] = str(d / "cache")
         data = {k: v for k, v in train.get("data", {}).items() if k not in ("train_cache", "train_caches", "train_dataset")}
@@ -126,7 +127,8 @@ def round_configs(cfg: DistillRoundsConfig) -> list[dict]:
                                 "init": "pretrained"}
         trees = {"generate": gen, "precompute": pre, "train": train}
         out.append({s: _validated(STAGES[s][1], trees[s], f"round {r} {s} config") for s in STEPS})
-    made = {str(round_dir(cfg, r) / x) for r in range(cfg.rounds) for x in ("generated", "cache", "student", "student/final")}
+    made = {str(round_dir(cfg, r) / x)  # what the rounds write: the inputs of later rounds
+            for r in range(cfg.rounds) for x in ("generated", "cache", "student", "student/final")}
     check_inputs(out, made)
     return out
 

@@ -154,7 +154,8 @@ def train_rounds(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         if rc.round > 0 and (rc.select is not None or rc.weight_by is not None):
             prev = load_loss_logs(out, round_=rc.round - 1, split="train")
             finite, excluded = finite_rows(prev, [m for m in (rc.select and rc.select.metric, rc.weight_by) if m])
-            ids = select_sample_ids(finite, rc.select, rc.seed, rc.round) if rc.select is not None else sorted(set(prev["sample_id"].to_pylist()))
+            ids = (select_sample_ids(finite, rc.select, rc.seed, rc.round) if rc.select is not None
+                   else sorted(set(prev["sample_id"].to_pylist())))
             if not ids:
                 raise ValueError(f"config key 'rounds[{rc.round}].select': selects no sample of round {rc.round - 1}'s "
                                  f"loss log ({prev.num_rows} rows, {excluded} of them non-finite and left out)")
