@@ -25,12 +25,16 @@ ENV_HELP = """environment:
 
 
 def parse(prog: str, description: str, argv: list[str] | None,
-          flags: dict[str, tuple[str, str]] | None = None) -> argparse.Namespace:
+          flags: dict[str, tuple[str, str]] | None = None,
+          switches: dict[str, str] | None = None) -> argparse.Namespace:
     """Parse ``--config FILE [flags] [key=value ...]``.
 
     Args:
         flags: ``{"--flag": (override, help)}``: boolean flags that append ``override`` (a
             ``key=value``) to the overrides when given, e.g. ``--lr-find`` → ``lr_find.enabled=true``.
+        switches: ``{"--switch": help}``: boolean options of this invocation only, never a
+            config key (so never written to, or repeated from, a config file), e.g.
+            ``--restart``; ``args.restart`` is True when given.
     Returns:
         The namespace; ``overrides`` includes the overrides of the flags given.
     """
@@ -40,6 +44,8 @@ def parse(prog: str, description: str, argv: list[str] | None,
     for flag, (override, text) in (flags or {}).items():
         p.add_argument(flag, action="append_const", const=override, dest="flag_overrides",
                        help=f"{text} (= {override})")
+    for switch, text in (switches or {}).items():
+        p.add_argument(switch, action="store_true", help=text)
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. optim.lr=1e-3")
     args = p.parse_intermixed_args(argv)
     args.overrides = list(args.overrides) + list(getattr(args, "flag_overrides", None) or [])

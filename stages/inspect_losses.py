@@ -25,12 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="write FILE.png: histogram per round (+ R1-vs-R2 scatter)")
     args = p.parse_args(argv)
 
-    from pipeline.losslog.reader import check_metric, check_selection, load_loss_logs
+    from pipeline.losslog.reader import check_metric, check_selection, load_loss_logs, missing_rounds
     from pipeline.losslog.report import report_sections
     from pipeline.storage import StoreError, one_line
 
     try:  # a round or split not in the logs: named, with what is there; a store failure: its cause
         check_selection(args.run_dir, args.round, args.split, args.compare)
+        gone = missing_rounds(args.run_dir)
+        if gone and args.round is None:  # a round left out of the report is never left out silently
+            print(f"inspect-losses: warning: rounds.json of {args.run_dir} lists round(s) "
+                  f"{', '.join(str(r) for r, _ in gone)} as trained, but their loss logs are missing "
+                  f"({', '.join(d for _, d in gone)}): left out of this report", file=sys.stderr)
         table = load_loss_logs(args.run_dir, args.round, args.split, args.min_tokens)
         check_metric(table, args.metric, args.run_dir)
     except (FileNotFoundError, ValueError, StoreError) as e:  # no logs; a part that is not parquet (named)

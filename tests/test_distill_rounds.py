@@ -1,6 +1,8 @@
 """``distill-rounds``: two rounds of generate → precompute-teacher → train-student end to end on
 the tiny models; the driver SIGKILLed at a random step and rerun gives the uninterrupted
-weights and loss-log rows; inspect-losses reads across rounds; bad configs are one line."""
+weights and loss-log rows; inspect-losses reads across rounds; bad configs are one line; every
+round's inputs and lengths are checked before round 0 runs; a rerun with a changed config is
+refused (``--restart`` starts over); a corrupt ``rounds.json`` is named."""
 import collections
 import json
 import os
@@ -18,13 +20,16 @@ from test_generate import gen_config
 
 from pipeline.config import DistillRoundsConfig
 from pipeline.rounds_driver import STEPS, read_state, round_configs
+from pipeline.rounds_driver.checks import start_over
 
 
 def driver_config(assets, caches, tmp, out) -> dict:
     """Round 0: sequence-level KD on the teacher's samples, a random student; round 1: on-policy
     (round 0's student samples), mixed 1:1 with the human-text cache."""
     gen = write_yaml(tmp / "gen.yaml", gen_config(assets, tmp / "unused-gen"))
-    pre = write_yaml(tmp / "pre.yaml", precompute_config(assets, tmp / "unused-cache"))
+    pre_cfg = precompute_config(assets, tmp / "unused-cache")
+    del pre_cfg["dataset"]["max_length"]  # the driver's: the longest generated row (48 + 10)
+    pre = write_yaml(tmp / "pre.yaml", pre_cfg)
     tr = train_config(assets, caches, tmp / "unused-run", max_steps=4, eval_steps=4, save_steps=2,
                       loss={"divergence": "reverse_kl"})
     return {"output_dir": str(out), "rounds": 2, "generate": {"config": str(gen)},
@@ -110,6 +115,76 @@ def test_bad_round_config_is_one_line_and_runs_nothing(assets, caches, tmp_path)
     cfg["per_round"][0] = {}  # round 0 would generate from a random student
     with pytest.raises(Exception, match="per_round\\[0\\].model"):
         round_configs(DistillRoundsConfig.model_validate(cfg))
+
+
+@pytest.mark.parametrize("case,names", [
+    ("teacher", ["round 1 generate config", "'model'", "no-such-teacher", "before round 0 runs"]),
+    ("precompute", ["round 1 precompute config", "'teachers.0.path'", "no-such-teacher"]),
+    ("max_length", ["round 0 precompute config", "'dataset.max_length' is 20", "58 tokens",
+                    "dataset.max_length 48 + sampling.max_new_tokens 10"]),
+    ("twice", ["round 1 train config", "data.train_caches", "listed twice"]),
+])
+def test_every_round_is_checked_before_round_0_runs(assets, caches, tmp_path, case, names):
+    """Inputs a later round needs and lengths that would cut generated rows are found before
+    anything runs (one line, nothing written), not after the earlier rounds' work."""
+    cfg = driver_config(assets, caches, tmp_path, tmp_path / "out")
+    missing = str(tmp_path / "no-such-teacher")
+    cfg["per_round"][1].update({"teacher": {"model": missing},
+                                "precompute": {"precompute": {"teachers": [{"path": missing}]}},
+                                "twice": {"extra_caches": [{"path": str(caches["train"])}] * 2}}.get(case, {}))
+    if case == "max_length":
+        cfg["per_round"][0]["precompute"] = {"dataset": {"max_length": 20}}
+    res = run_cli(["stages.distill_rounds", "--config", str(write_yaml(tmp_path / "bad.yaml", cfg))])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    for name in names:
+        assert name in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_precompute_length_follows_the_generated_rows(assets, caches, tmp_path):
+    cfg = driver_config(assets, caches, tmp_path, tmp_path / "out")
+    cfg["per_round"][1]["generate"] = {"sampling": {"max_new_tokens": 30}}
+    rounds = round_configs(DistillRoundsConfig.model_validate(cfg))
+    # the longest prompt kept (generate's dataset.max_length 48) + max_new_tokens
+    assert [r["precompute"].dataset.max_length for r in rounds] == [48 + 10, 48 + 30]
+
+
+def test_changed_config_is_refused_and_restart_starts_over(assets, caches, reference, tmp_path):
+    """A finished run rerun with the same config has nothing to do; with a changed setting of a
+    step that ran it is refused (naming the key, both values and --restart), config.yaml kept."""
+    d = reference.parent
+    cfg = driver_config(assets, caches, d, reference)
+    res = run_cli(["stages.distill_rounds", "--config", str(write_yaml(tmp_path / "same.yaml", cfg))])
+    assert res.returncode == 0 and res.stdout.count("already complete") == 6, res.stdout + res.stderr
+    recorded = (reference / "config.yaml").read_text()
+    cfg["per_round"][1]["generate"] = {"sampling": {"temperature": 0.7}}
+    res = run_cli(["stages.distill_rounds", "--config", str(write_yaml(tmp_path / "changed.yaml", cfg))])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    for name in ("round 1 generate config", "'sampling.temperature' is 0.7 now but 1.0", "--restart",
+                 str(reference / "round-1" / "generate.yaml")):
+        assert name in res.stderr, res.stderr
+    assert (reference / "config.yaml").read_text() == recorded
+    assert not (reference / "run.lock").exists()
+    # --restart deletes what the driver wrote (and only that) before running every round
+    out = tmp_path / "copy"
+    for name in ("round-0", "round-1"):
+        (out / name / "student").mkdir(parents=True)
+    for name in ("rounds.json", "config.yaml", "notes.txt"):
+        (out / name).write_text("{}")
+    said = []
+    start_over(out, said.append)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and "round-0" in said[0]
+
+
+def test_corrupt_rounds_json_is_named(assets, caches, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rounds.json").write_text('{"steps": {"round-0/gen')
+    cfg = write_yaml(tmp_path / "r.yaml", driver_config(assets, caches, tmp_path, out))
+    res = run_cli(["stages.distill_rounds", "--config", str(cfg)])
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert str(out / "rounds.json") in res.stderr and "delete it and rerun" in res.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["rounds.json"]
 
 
 def test_two_ranks_per_stage_give_the_one_rank_round(assets, caches, reference, tmp_path):

@@ -188,6 +188,7 @@ def test_corrupt_newest_checkpoint_is_skipped_and_logs_are_plain(assets, caches,
     assert "\r" not in (tmp_path / "killed.err").read_text()
     shard = newest / "__0_0.distcp"
     os.truncate(shard, shard.stat().st_size - 100)
+    (run / "run.lock").unlink()  # the killed run's lock (the next run takes it over with a warning line)
 
     listing = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     capfd.readouterr()

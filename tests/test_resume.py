@@ -1,7 +1,11 @@
 """Checkpoints: a run killed with SIGKILL and resumed equals an uninterrupted run (weights and
-loss-log rows); SIGTERM checkpoints and exits 0; early stopping; checkpoint rotation."""
+loss-log rows; at 2 ranks the whole job killed at seeded random points, one after the last
+checkpoint, then resumed at 1 rank too); SIGTERM checkpoints and exits 0; early stopping;
+checkpoint rotation."""
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -43,6 +47,34 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
+def _kill_job(proc, trigger, delay: float = 0.0) -> bool:
+    """SIGKILL the whole job ``delay`` s after ``trigger`` appears, as a scheduler's preemption
+    does: the launcher's process group and, under torchrun, each worker (torchrun starts every
+    worker in a session of its own, so the launcher's group does not hold them: killing it
+    alone leaves the ranks training). Polls every millisecond, the workers' PIDs known
+    beforehand, to catch a short-lived ``trigger`` (``final.tmp``: the final save). Returns
+    False when the job ended before ``trigger`` was seen (a kill that came too late)."""
+    t0, workers = time.time(), []
+    while not trigger.exists():
+        if proc.poll() is not None:
+            assert proc.returncode == 0, proc.communicate()[1][-2000:]
+            return False
+        assert time.time() - t0 < 120, f"{trigger} never appeared"
+        if not workers and time.time() - t0 > 1:
+            workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        time.sleep(0.001)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)
+    workers += subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    for pid in set(workers):
+        try:
+            os.killpg(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    return True
+
+
 def _train_rows(run_dir):
     t = pads.dataset(run_dir / "loss_logs", format="parquet", partitioning="hive").to_table().to_pandas()
     return sorted(zip(t["split"], t["step"], t["sample_id"], t["rank"]))
@@ -56,25 +88,39 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, caches, tmp_path, npro
     assert code == 0, err[-2000:]
 
     cfg = write_yaml(tmp_path / "run.yaml", _train_cfg(assets, caches, tmp_path / "run", **over))
-    # 1 rank: two kills (mid-epoch, then again after resuming); 2 ranks: one kill, whose resume
-    # crosses the epoch boundary (step 10); every launch of 2 ranks costs ~10 s of start-up
-    for kill_after in ("step-00000003", "step-00000009") if nproc == 1 else ("step-00000009",):
-        proc = _popen(cfg, nproc)
-        _wait_for(tmp_path / "run" / "checkpoints" / kill_after, proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (tmp_path / "run" / "final").exists()
+    # 1 rank: two kills (mid-epoch, then again after resuming). 2 ranks, the whole job killed
+    # (every launch costs ~10 s of start-up): once soon after step 9's checkpoint (the resume
+    # crosses the epoch boundary, step 10), then after the last checkpoint (step 12): soon
+    # after it, during the final save, or once the rows of steps 13-14 are closed (summary.json
+    # is written after them); seeded, so a failing point can be rerun (KD_TEST_SEED)
+    rng = random.Random(int(os.environ.get("KD_TEST_SEED", "0")))
+    kills = [("checkpoints/step-00000003", 0.0), ("checkpoints/step-00000009", 0.0)] if nproc == 1 else \
+        [("checkpoints/step-00000009", rng.uniform(0, 0.3)),
+         rng.choice([("checkpoints/step-00000012", rng.uniform(0, 0.3)), ("final.tmp", 0.0), ("summary.json", 0.0)])]
+    for trigger, delay in kills:
+        assert _kill_job(_popen(cfg, nproc), tmp_path / "run" / trigger, delay) or trigger == "final.tmp", trigger
     code, out, err = _run_to_end(cfg, nproc)
-    assert code == 0, err[-2000:]
-    assert "resumed from" in out
+    assert code == 0, (kills, err[-2000:])
+    assert f"at step {9 if nproc == 1 else 12} (" in out  # resumed from the newest checkpoint
     a = load_file(tmp_path / "ref" / "final" / "model.safetensors")
     b = load_file(tmp_path / "run" / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
     rows = _train_rows(tmp_path / "run")
-    assert rows == _train_rows(tmp_path / "ref")
+    assert rows == _train_rows(tmp_path / "ref"), kills
     assert len(rows) == len(set(rows))
     assert len(list((tmp_path / "run" / "checkpoints").glob("step-*"))) == 2  # save_total_limit
+    if nproc == 2:  # 2 → 1 rank: the ref run's newest checkpoint (step 12) resumed at one rank
+        one = tmp_path / "one"
+        shutil.copytree(tmp_path / "ref", one)
+        shutil.rmtree(one / "final")
+        over["micro_batch_size"] = 4  # the same global batch, so the same samples per step
+        code, out, err = _run_to_end(write_yaml(tmp_path / "one.yaml", _train_cfg(assets, caches, one, **over)), 1)
+        assert code == 0 and "at step 12" in out and "dropped" in out, err[-2000:]
+        rows = _train_rows(one)
+        assert not [r for r in rows if r[3] == 1 and r[1] > 12]  # rank 1's rows of steps 13-14 dropped
+        visits = sorted(r[:3] for r in rows)
+        assert visits == sorted(r[:3] for r in _train_rows(tmp_path / "ref"))  # every visit once
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(assets, caches, tmp_path):

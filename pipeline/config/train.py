@@ -2,6 +2,7 @@
 checkpoints, rounds, callbacks, wandb)."""
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
@@ -241,6 +242,13 @@ class TrainDataConfig(_Section):
             raise ValueError("data.train_caches and data.train_cache: give exactly one of them")
         if self.train_caches is not None and not self.train_caches:
             raise ValueError("data.train_caches is empty: give at least one {path, weight}")
+        seen: dict[str, int] = {}
+        for i, c in enumerate(self.train_caches or []):
+            key = os.path.normpath(os.path.abspath(c.path))  # a URL too: "s3://b/x/" → "<cwd>/s3:/b/x"
+            if key in seen:  # its samples would be drawn twice as often as its weight says
+                raise ValueError(f"data.train_caches: cache {c.path} is listed twice (entries {seen[key]} and {i}); "
+                                 "list it once and give it the summed weight")
+            seen[key] = i
         if (not self.cache_paths()) == (self.train_dataset is None):
             raise ValueError("set exactly one of data.train_cache (or data.train_caches) and data.train_dataset")
         if self.train_dataset is not None and self.tokenizer is None:

@@ -139,6 +139,9 @@ def generate(cfg: GenerateConfig, info: DistInfo) -> GenerateResult:
     ds = load_rows(cfg.dataset)
     if len(ds) == 0:
         raise ValueError(f"dataset {cfg.dataset.path} (split {cfg.dataset.split}) is empty")
+    if cfg.dataset.num_samples is not None and len(ds) < cfg.dataset.num_samples:  # load_rows takes what there is
+        print0(f"[generate] dataset.num_samples={cfg.dataset.num_samples}: {cfg.dataset.path} (split "
+               f"{cfg.dataset.split}) has only {len(ds)} rows; prompting with all {len(ds)}")
     fmt = prompt_format(cfg.dataset, ds.column_names)[0]
     _check_unique_ids(cfg, ds)
     stops = stop_tokens(cfg, model, tokenizer)

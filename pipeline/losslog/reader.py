@@ -74,6 +74,30 @@ def _round_log_dirs(run_dir: str | os.PathLike) -> list[str]:
     return [join(run_dir, n, "student") for n in names if Folder(join(run_dir, n, "student", "loss_logs")).isdir()]
 
 
+def missing_rounds(run_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """The rounds that a ``distill-rounds`` directory's ``rounds.json`` marks trained
+    (``round-R/train`` complete) whose loss logs are gone: ``[(R, expected loss_logs
+    directory)]``, by round; ``[]`` for any other directory.
+
+    Raises:
+        ValueError: ``rounds.json`` is not valid JSON (its path named).
+    """
+    import json
+
+    raw = _read_text(join(run_dir, "rounds.json"))
+    if raw is None:
+        return []
+    try:
+        steps = json.loads(raw).get("steps", {})
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{join(run_dir, 'rounds.json')} is not a valid rounds state ({one_line(e)})") from None
+    trained = sorted(int(k[6:-6]) for k, v in steps.items()
+                     if k.startswith("round-") and k.endswith("/train") and k[6:-6].isdigit()
+                     and isinstance(v, dict) and v.get("complete"))
+    logs = {r: join(run_dir, f"round-{r}", "student", "loss_logs") for r in trained}
+    return [(r, d) for r, d in logs.items() if not Folder(d).isdir()]
+
+
 def _unreadable_part(log_dir: Path, err: Exception) -> str:
     """The message for a loss-log directory holding a part that is not parquet: names it."""
     import pyarrow.parquet as pq

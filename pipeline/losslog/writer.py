@@ -3,7 +3,11 @@
 Layout (hive partitioning, so ``pyarrow.dataset``, pandas, polars and duckdb read the whole
 directory as one table with ``round``, ``split`` and ``rank`` columns)::
 
-    loss_logs/round=R/split=train|eval/rank=K/part-NNNNN.parquet
+    loss_logs/round=R/split=train|eval/rank=K/part-<attempt>-NNNNN.parquet
+
+Part names are never reused: ``<attempt>`` (UTC start time and a random suffix) is new for
+every writer, ``NNNNN`` counts its parts. A part deleted by hand therefore never makes a later
+part overwrite another one.
 
 Columns in the files: ``sample_id, epoch, step, n_tokens, ce_sum, kl_sum`` (forward KL),
 ``distill_sum`` (the configured ``loss.divergence``; ``kl_sum`` for forward KL), ``loss_sum,
@@ -18,12 +22,17 @@ that have a student id); both are null in other runs and in logs written before 
 The partition keys are not repeated inside the files, so readers do not see them twice.
 
 A run directory on a store (``s3://...``): each part is one PUT of the whole file under its
-final name (a PUT is atomic: a reader sees the whole part or none); the part number comes from
-listing the rank's prefix (one writer per prefix).
+final name (a PUT is atomic: a reader sees the whole part or none).
+
+Resuming (:meth:`LossLogWriter.truncate_after`) drops the rows logged after the step resumed
+from, in the files of every rank the run ever had, whatever the new world size: rank ``r`` of
+``W`` trims the directories ``rank=K`` with ``K % W == r``.
 """
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
@@ -61,6 +70,8 @@ class LossLogWriter:
         self.buffers: dict[tuple[int, str], dict[str, list]] = {}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loss-log")
         self.pending: list[Future] = []
+        self.attempt = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+        self.parts = 0  # parts written by this writer: the NNNNN of their names
 
     def append(self, round_: int, split: str, epoch: int, step: int, rows: dict[str, list]) -> None:
         """Add rows (dict of equal-length lists keyed by column name, without epoch/step)."""
@@ -83,24 +94,30 @@ class LossLogWriter:
             self.pending.append(self.pool.submit(self._write, round_, split, table))
 
     def _write(self, round_: int, split: str, table: pa.Table) -> None:
-        """Write one part file ``part-NNNNN.parquet`` (locally ``.part-NNNNN.parquet.tmp`` renamed
-        over it; one PUT on a store).
+        """Write one part file ``part-<attempt>-NNNNN.parquet``, a name no other part has or had
+        (locally ``.NAME.tmp`` renamed over it; one PUT on a store).
 
         Raises:
             StorageError: an I/O error (the part is not written).
         """
         d = self.folder.sub(f"round={round_}/split={split}/rank={self.rank}")
         d.makedirs()
-        n = len([x for x in d.list() if x.startswith("part-") and x.endswith(".parquet")])
-        name = f"part-{n:05d}.parquet"
+        name = f"part-{self.attempt}-{self.parts:05d}.parquet"
+        self.parts += 1  # on the writer thread only (one worker): no race
         with writing("loss-log part", d.join(name), *d.local_paths(f".{name}.tmp")):
             d.write_bytes(name, _parquet_bytes(table), tmp_name=f".{name}.tmp")
 
-    def truncate_after(self, round_: int, step: int) -> None:
-        """Drop this rank's rows of ``round_`` logged after optimizer step ``step`` (used on
-        resume from the checkpoint of ``step``, so that no visit is logged twice). Each part is
-        replaced whole (locally ``.NAME.tmp`` renamed over it; one PUT on a store).
+    def truncate_after(self, round_: int, step: int, world_size: int = 1) -> int:
+        """Drop the rows of ``round_`` logged after optimizer step ``step`` (on resume from the
+        checkpoint of ``step``, or from nothing with ``step`` 0, so that no visit is logged
+        twice), in the directories ``rank=K`` with ``K % world_size == self.rank``: together
+        the ranks of the resumed run trim every rank's files, those of ranks the run no longer
+        has included. Each part is replaced whole (locally ``.NAME.tmp`` renamed over it; one
+        PUT on a store); a part left without rows is removed. Every rank must finish this
+        before any rank writes rows of the resumed run (the caller's collective).
 
+        Returns:
+            The number of rows dropped.
         Raises:
             ValueError: a part is not readable parquet (named).
             StorageError: an I/O error rewriting a part (it stays as it was).
@@ -109,9 +126,11 @@ class LossLogWriter:
 
         rounds = self.folder.sub(f"round={round_}")
         found = rounds.files() if rounds.exists() else {}
+        dropped = 0
         for rel in sorted(found):
             parts = rel.split("/")
-            if not (len(parts) == 3 and parts[0].startswith("split=") and parts[1] == f"rank={self.rank}"
+            if not (len(parts) == 3 and parts[0].startswith("split=") and parts[1].startswith("rank=")
+                    and parts[1][5:].isdigit() and int(parts[1][5:]) % world_size == self.rank
                     and parts[2].startswith("part-") and parts[2].endswith(".parquet")):
                 continue
             d, name = rounds.sub(f"{parts[0]}/{parts[1]}"), parts[2]
@@ -121,8 +140,13 @@ class LossLogWriter:
                 raise ValueError(unreadable_part(d.join(name), e) + ", and resume again") from None
             if table.num_rows and pc.max(table["step"]).as_py() > step:
                 kept = table.filter(pc.less_equal(table["step"], step))
+                dropped += table.num_rows - kept.num_rows
+                if kept.num_rows == 0:
+                    d.remove(name)
+                    continue
                 with writing("loss-log part", d.join(name), *d.local_paths(f".{name}.tmp")):  # whole old or whole new
                     d.write_bytes(name, _parquet_bytes(kept), tmp_name=f".{name}.tmp")
+        return dropped
 
     def flush(self) -> None:
         """Write every buffered row and wait until all part files are closed."""

@@ -9,17 +9,32 @@ import time
 from pathlib import Path
 
 from pipeline.config import DistillRoundsConfig, dump_config
+from pipeline.rounds_driver.checks import check_recorded, start_over
 from pipeline.rounds_driver.plan import STEP_DIRS, STEPS, command, round_configs, round_dir, step_complete
-from pipeline.storage import write_file
+from pipeline.storage import one_line, write_file
 from pipeline.storage.errors import writing
+from pipeline.storage.lock import RunLock
 
 
 def read_state(output_dir: str | Path) -> dict:
-    """``rounds.json`` (``{"steps": {"round-R/STEP": {...}}}``), or a fresh state."""
+    """``rounds.json`` (``{"steps": {"round-R/STEP": {...}}}``), or a fresh state.
+
+    Raises:
+        ValueError: ``rounds.json`` is not a JSON object with ``steps`` (truncated, edited):
+            its path named, and what to do.
+    """
+    path = Path(output_dir) / "rounds.json"
     try:
-        return json.loads((Path(output_dir) / "rounds.json").read_text())
+        state = json.loads(path.read_text())
     except FileNotFoundError:
         return {"steps": {}}
+    except (ValueError, UnicodeDecodeError) as e:
+        state = e
+    if not isinstance(state, dict) or not isinstance(state.get("steps"), dict):
+        why = one_line(state) if isinstance(state, Exception) else "no 'steps' mapping"
+        raise ValueError(f"{path} is not a valid rounds state ({why}): restore it, or delete it and rerun (every "
+                         "finished step is found again by its stage's completion marker)")
+    return state
 
 
 def _write_state(output_dir: Path, state: dict) -> None:
@@ -38,8 +53,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_rounds(cfg: DistillRoundsConfig, log=print) -> dict:
+def run_rounds(cfg: DistillRoundsConfig, log=print, restart: bool = False) -> dict:
     """Run every round's steps not yet in ``rounds.json``; returns the final state.
+
+    Before anything runs: every round's configs are built and checked (:func:`round_configs`:
+    keys, inputs, lengths); the driver takes ``output_dir``'s lock (one writer per run
+    directory, :class:`~pipeline.storage.lock.RunLock`); ``restart`` deletes the previous
+    run's rounds (:func:`start_over`); the steps that have started before must resolve to the
+    configs they ran with (:func:`check_recorded`).
 
     A step is marked complete (``rounds.json`` rewritten atomically) only once its stage's own
     completion marker exists (:func:`step_complete`); a step whose marker already exists (a
@@ -48,15 +69,26 @@ def run_rounds(cfg: DistillRoundsConfig, log=print) -> dict:
     Each step's resolved config is written to ``round-R/STEP.yaml`` before it runs.
 
     Raises:
-        ConfigError: see :func:`round_configs` (nothing runs then).
+        ConfigError: see :func:`round_configs` and :func:`check_recorded` (nothing runs then).
+        RunLockHeld: another live process writes ``output_dir`` (named).
         ValueError: a stage exited non-zero or without its completion marker (round, step, exit
-            code and its config named; rerun the same command to resume).
+            code and its config named; rerun the same command to resume); a corrupt
+            ``rounds.json`` (:func:`read_state`).
     """
     out = Path(cfg.output_dir)
     rounds = round_configs(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
-    state = read_state(out)
+    with RunLock(out, "distill-rounds"):
+        if restart:
+            start_over(out, log)
+        check_recorded(rounds, lambda r: round_dir(cfg, r))
+        state = read_state(out)
+        dump_config(cfg, out / "config.yaml")
+        return _run_steps(cfg, rounds, state, log)
+
+
+def _run_steps(cfg: DistillRoundsConfig, rounds: list[dict], state: dict, log) -> dict:
+    """The loop of :func:`run_rounds` (its lock held, its checks passed)."""
+    out = Path(cfg.output_dir)
     for r, steps in enumerate(rounds):
         for step in STEPS:
             key = f"round-{r}/{step}"

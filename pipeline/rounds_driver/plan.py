@@ -10,6 +10,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pipeline.config.loading import read_yaml_mapping
+from pipeline.rounds_driver.checks import check_inputs
 from pipeline.config import (ConfigError, DistillRoundsConfig, GenerateConfig, PrecomputeConfig, RoundPlan,
                              TrainStudentConfig)
 
@@ -65,19 +66,34 @@ def _generating_model(cfg: DistillRoundsConfig, plan: RoundPlan, r: int, pre: di
     return train["student"]["path"]
 
 
+def _longest_row(gen: GenerateConfig) -> tuple[int, str]:
+    """The most tokens a generated row (prompt + completion) can have, and how: the longest
+    prompt kept (``prompt_tokens`` for text rows, else ``dataset.max_length``: longer prompts
+    are skipped) plus ``sampling.max_new_tokens``."""
+    if gen.dataset.format == "text" and gen.prompt_tokens < gen.dataset.max_length:
+        n, prompt = gen.prompt_tokens, f"prompt_tokens {gen.prompt_tokens}"
+    else:
+        n, prompt = gen.dataset.max_length, f"dataset.max_length {gen.dataset.max_length}"
+    new = gen.sampling.max_new_tokens
+    return n + new, f"generate's {prompt} + sampling.max_new_tokens {new}"
+
+
 def round_configs(cfg: DistillRoundsConfig) -> list[dict]:
     """Per round, ``{step: validated stage config}`` for the three steps (all rounds are built,
     and so checked, before anything runs).
 
     Round r: generate from the plan's model into ``round-r/generated`` (``sampling.seed`` + r
     unless the round sets it); precompute ``round-r/cache`` from that dataset (format
-    ``generated``, the base ``dataset.max_length``); train ``round-r/student`` on
+    ``generated``; ``dataset.max_length`` the longest row generation can write unless set,
+    :func:`_longest_row`); train ``round-r/student`` on
     ``[{round-r/cache, generated_weight}] + extra_caches`` with ``round: r``, from round r-1's
     ``final/`` (pretrained) after round 0.
 
     Raises:
         ConfigError: a missing or invalid base YAML, a ``per_round[r]`` or stage key that does
-            not validate (named with its round), round 0 generating from a random student.
+            not validate (named with its round), round 0 generating from a random student, a
+            precompute ``dataset.max_length`` shorter than the longest generated row (which
+            would be cut), an input path that does not exist (:func:`check_inputs`).
     """
     bases = {s: _load_base(s, getattr(cfg, s)) for s in STEPS}
     default = cfg.default_round.model_dump()
@@ -90,9 +106,17 @@ def round_configs(cfg: DistillRoundsConfig) -> list[dict]:
         if "seed" not in plan.generate.get("sampling", {}):
             gen.setdefault("sampling", {})["seed"] = int(gen.get("sampling", {}).get("seed", 0)) + r
         gen.update(model=_generating_model(cfg, plan, r, pre, bases["train"]), output_dir=str(d / "generated"))
-        max_len = bases["precompute"].get("dataset", {}).get("max_length", 256)
-        pre["dataset"] = merge({"path": str(d / "generated"), "format": "generated", "max_length": max_len},
+        gen_cfg = _validated(GenerateConfig, gen, f"round {r} generate config")
+        longest, why = _longest_row(gen_cfg)
+        max_len = plan.precompute.get("dataset", {}).get("max_length",
+                                                         bases["precompute"].get("dataset", {}).get("max_length"))
+        if isinstance(max_len, int) and max_len < longest:  # completions cut: refused, never silent
+            raise ConfigError(f"round {r} precompute config: config key 'dataset.max_length' is {max_len}, "
+                              f"shorter than the longest generated row ({longest} tokens: {why}); raise it to "
+                              f"{longest} or leave it unset (then it is {longest})")
+        pre["dataset"] = merge({"path": str(d / "generated"), "format": "generated"},
                                plan.precompute.get("dataset", {}))
+        pre["dataset"]["max_length"] = longest if max_len is None else max_len
         pre.setdefault("cache", {})["dir"] = str(d / "cache")
         data = {k: v for k, v in train.get("data", {}).items() if k not in ("train_cache", "train_caches", "train_dataset")}
         data["train_caches"] = [{"path": str(d / "cache"), "weight": plan.generated_weight}] + \
@@ -103,6 +127,9 @@ def round_configs(cfg: DistillRoundsConfig) -> list[dict]:
                                 "init": "pretrained"}
         trees = {"generate": gen, "precompute": pre, "train": train}
         out.append({s: _validated(STAGES[s][1], trees[s], f"round {r} {s} config") for s in STEPS})
+    made = {str(round_dir(cfg, r) / x)  # what the rounds write: the inputs of later rounds
+            for r in range(cfg.rounds) for x in ("generated", "cache", "student", "student/final")}
+    check_inputs(out, made)
     return out
 
 

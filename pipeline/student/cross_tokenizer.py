@@ -304,17 +304,29 @@ def wrap_sources(cfg, train, ev, cache_tokenizer_dir: str, student=None):
         ``(train source, eval source or None, student vocabulary size or None)``: None when
         the tokenizers are the same (the cache's vocabulary applies).
     Raises:
-        ConfigError: more than one ``data.train_caches`` with another tokenizer.
+        ConfigError: a ``loss.divergence`` other than the default with another tokenizer (the
+            cross-tokenizer loss has its own distance); more than one ``data.train_caches``
+            with another tokenizer. (``loss.cross_tokenizer`` with the cache's own tokenizer is
+            announced in one line and not used.)
         ValueError: a cache without text offsets (written without ``cache.text_offsets``),
             or a tokenizer that is not fast.
     """
     from pipeline.config import ConfigError
+    from pipeline.distributed import print0
     from pipeline.models import load_tokenizer
 
     d, m = cfg.data, train.manifest
     if student is None or student.fingerprint == m.tokenizer_fingerprint:
+        if cfg.loss.cross_tokenizer is not None:  # nothing to align: say so rather than ignore it
+            print0(f"[train] loss.cross_tokenizer={cfg.loss.cross_tokenizer} ignored: the student tokenizer is the "
+                   f"cache's (fingerprint {m.tokenizer_fingerprint}), so the ordinary loss trains (loss.divergence="
+                   f"{cfg.loss.divergence}, loss.tail={cfg.loss.tail})")
         return train, ev, None
     teacher_name = m.tokenizer_name or cache_tokenizer_dir
+    if cfg.loss.divergence != "forward_kl":
+        raise ConfigError(f"loss.divergence={cfg.loss.divergence}: does not apply to a cross-tokenizer run (the "
+                          f"student tokenizer {student.path} differs from the cache's {teacher_name}), whose loss is "
+                          f"loss.cross_tokenizer={cfg.loss.cross_tokenizer}; remove loss.divergence")
     paths = d.cache_paths()
     if len(paths) > 1:
         raise ConfigError(f"data.train_caches: {len(paths)} caches with another tokenizer than the student's "

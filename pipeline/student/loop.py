@@ -17,6 +17,7 @@ from pipeline.student.losses import resolve_tail
 from pipeline.student.cross_tokenizer import wrap_sources
 from pipeline.student.cache_checks import check_eval_cache, check_student_tokenizer
 from pipeline.storage import Folder, join, write_file
+from pipeline.storage.lock import RunLock
 from pipeline.student.checkpoint import agree_resume, export_hf, load_checkpoint, load_optimizer_moments, save_checkpoint, save_optimizer
 from pipeline.config import ConfigError, TrainStudentConfig, config_dict, dump_config
 from pipeline.data import DatasetSamples
@@ -30,7 +31,7 @@ from pipeline.losslog.writer import LossLogWriter
 from pipeline.losslog.reader import load_loss_logs
 from pipeline.student.lr_find import run_lr_find
 from pipeline.student.lora import add_adapters, load_initial_adapters
-from pipeline.student.rounds import read_run_json, round_configs, select_sample_ids, write_run_json
+from pipeline.student.rounds import finite_rows, read_run_json, round_configs, select_sample_ids, write_run_json
 from pipeline.student.rounds import sample_weights as loss_weights
 from pipeline.student.metrics import MetricsLogger
 from pipeline.models import (build_student, count_parameters, defer_output_projection, load_student_sharded,
@@ -100,6 +101,28 @@ def uses_fsdp(cfg: TrainStudentConfig, info: DistInfo) -> bool:
 
 
 def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
+    """The stage (:func:`train_rounds`) as the run directory's only writer: rank 0 takes
+    ``output_dir``'s lock (:class:`~pipeline.storage.lock.RunLock`) before anything is
+    written and gives it back at the end.
+
+    Raises:
+        ValueError: ``output_dir`` is a URL the store cannot serve (missing bucket, refused
+            credentials), named, before anything is written (checked on every rank).
+        RunLockHeld: another live process writes ``output_dir`` (named), on every rank.
+        Others: as :func:`train_rounds`.
+    """
+    Folder(cfg.output_dir).check_access("output_dir")
+    lock = RunLock(cfg.output_dir, "train-student")
+    on_rank0(lock.acquire)  # held by rank 0 only; a refusal reaches every rank
+    try:
+        summary = train_rounds(cfg, info)
+        barrier()  # every rank's files are closed before the lock goes
+        return summary
+    finally:
+        lock.release()
+
+
+def train_rounds(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
     """The stage: one round (``cfg.rounds`` empty) or a multi-round run (pipeline/rounds.py).
 
     Rounds already marked finished in ``run.json`` are skipped, so a rerun of the same command
@@ -112,11 +135,9 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         ConfigError: ``select`` on the first round (there is no previous loss log); a
             ``loss.tail`` the train cache's target type refuses (:func:`resolve_tail`).
         FileNotFoundError: ``data.train_cache`` is not a teacher cache (no manifest).
-        ValueError: a ``callbacks`` entry that cannot be imported or built (named).
-        ValueError: ``output_dir`` is a URL the store cannot serve (missing bucket, refused
-            credentials), named, before anything is written (checked on every rank).
+        ValueError: a ``callbacks`` entry that cannot be imported or built (named); a
+            ``select`` that keeps no sample of the previous round's loss log.
     """
-    Folder(cfg.output_dir).check_access("output_dir")
     if cfg.data.first_cache is not None and cfg.loss.alpha != 1.0:  # config.yaml shows the resolved loss.tail
         m = read_manifest(cfg.data.first_cache)
         cfg = resolve_tail(cfg, m.target_type, m.temperature, m.k, m.vocab_size)
@@ -141,11 +162,17 @@ def run(cfg: TrainStudentConfig, info: DistInfo) -> dict | None:
         ids = weights = None
         if rc.round > 0 and (rc.select is not None or rc.weight_by is not None):
             prev = load_loss_logs(out, round_=rc.round - 1, split="train")
-            ids = select_sample_ids(prev, rc.select, rc.seed, rc.round) if rc.select is not None else sorted(set(prev["sample_id"].to_pylist()))
-            weights = loss_weights(prev, ids, rc.weight_by) if rc.weight_by is not None else None
+            finite, excluded = finite_rows(prev, [m for m in (rc.select and rc.select.metric, rc.weight_by) if m])
+            ids = (select_sample_ids(finite, rc.select, rc.seed, rc.round) if rc.select is not None
+                   else sorted(set(prev["sample_id"].to_pylist())))
+            if not ids:
+                raise ValueError(f"config key 'rounds[{rc.round}].select': selects no sample of round {rc.round - 1}'s "
+                                 f"loss log ({prev.num_rows} rows, {excluded} of them non-finite and left out)")
+            weights = loss_weights(finite, ids, rc.weight_by) if rc.weight_by is not None else None
             print0(f"[rounds] round {rc.round}: {len(ids)} samples"
                    + (f" selected by {rc.select.model_dump(exclude_none=True)}" if rc.select else "")
-                   + (f", drawn ∝ {rc.weight_by} per token" if weights is not None else ""))
+                   + (f", drawn ∝ {rc.weight_by} per token" if weights is not None else "")
+                   + (f"; {excluded} row(s) of steps skipped as non-finite left out" if excluded else ""))
         state["current"] = rc.round
         if info.is_main:
             write_run_json(out, state)
@@ -424,7 +451,8 @@ class RoundTrainer:
     def resume(self) -> None:
         """Restore the newest checkpoint (``resume:``): weights, optimizer, scheduler, RNG, the
         run state, data position, callbacks' and trainer's state, and cut the loss logs after
-        its step; else carry the previous round's optimizer moments (``carry_optimizer``)."""
+        its step in every rank's files; else carry the previous round's optimizer moments
+        (``carry_optimizer``) and drop every row an earlier attempt logged for the round."""
         cfg, ckpt = self.cfg, self.ckpt
         if ckpt is not None:
             saved = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.info.rank)
@@ -433,12 +461,18 @@ class RoundTrainer:
             self._sync_position()
             self.callbacks.load_state_dict(saved.get("callbacks", {}))
             self.trainer.load_state_dict(saved)  # fp16: the loss scale and overflow count
-            self.loss_log.truncate_after(cfg.round, self.state.step)
             print0(f"[train] resumed from {ckpt} at step {saved['step']} (epoch {saved['epoch']}, "
                    f"sample {saved['position']})")
         elif self.carry_from is not None:
             load_optimizer_moments(self.carry_from, self.model, self.optimizer)
             print0(f"[train] optimizer state carried over from {self.carry_from}")
+        # rows of steps after the one resumed from (0: a fresh start) are logged again as they
+        # rerun: drop them in every rank's files, all ranks done before any writes (gather)
+        step = self.state.step
+        dropped = sum(gather_objects(self.loss_log.truncate_after(cfg.round, step, self.info.world_size)))
+        if dropped:
+            print0(f"[train] loss logs: dropped {dropped} rows of round {cfg.round} logged after step {step} "
+                   "by an earlier attempt (those steps run again and log them anew)")
 
     def step(self, step: int):
         """Run optimizer step ``step`` (collective), log its loss-log rows, update the state and

@@ -56,6 +56,30 @@ def round_configs(cfg: TrainStudentConfig) -> list[TrainStudentConfig]:
     return out
 
 
+def finite_rows(table, metrics) -> tuple:
+    """The rows of a loss-log table whose ``{metric}_sum`` is finite for every metric in
+    ``metrics``, and how many rows were left out. A step skipped as non-finite
+    (``skip_nonfinite``) logs its samples with NaN or inf; such a row says nothing about the
+    sample, and NaN would sort above every number in a ranking.
+
+    Args:
+        table: loss-log rows (``{metric}_sum`` columns, float).
+        metrics: names such as ``"kl"``, ``"loss"``.
+    Returns:
+        ``(table of the finite rows, number of rows left out)``; a null counts as not finite.
+    """
+    import pyarrow.compute as pc
+
+    keep = None
+    for m in dict.fromkeys(metrics):
+        ok = pc.fill_null(pc.is_finite(table[f"{m}_sum"]), False)
+        keep = ok if keep is None else pc.and_(keep, ok)
+    if keep is None:
+        return table, 0
+    kept = table.filter(keep)
+    return kept, table.num_rows - kept.num_rows
+
+
 def select_sample_ids(table, select: SelectConfig, seed: int = 0, round_: int = 0) -> list[str]:
     """Sample IDs chosen by ``select`` from a (round, train) loss-log table.
 
@@ -64,7 +88,9 @@ def select_sample_ids(table, select: SelectConfig, seed: int = 0, round_: int = 
     ``quantile [lo, hi]`` those between the two quantiles (inclusive), ``random_fraction``
     ``ceil(fraction · N)`` drawn uniformly without replacement by
     ``numpy.random.default_rng([seed, round_])`` from the sample IDs in sorted order (the same
-    on every rank and every rerun; the metric is not used). Sorted by sample ID.
+    on every rank and every rerun; the metric is not used). Sorted by sample ID. Rows whose
+    metric is not finite (steps skipped as non-finite) are left out first (:func:`finite_rows`):
+    a sample only ever logged so is not selected.
 
     Args:
         table: loss-log rows of one round's train split (``sample_id``, ``n_tokens``, ``{metric}_sum``).
@@ -72,6 +98,7 @@ def select_sample_ids(table, select: SelectConfig, seed: int = 0, round_: int = 
     Returns:
         The chosen sample IDs, sorted.
     """
+    table, _ = finite_rows(table, (select.metric,))
     g = per_sample(table, (select.metric,), by=("sample_id",))
     ids = np.array(g["sample_id"].to_pylist(), dtype=object)
     per_tok = g[f"{select.metric}_per_token"].to_numpy()
@@ -93,7 +120,9 @@ def select_sample_ids(table, select: SelectConfig, seed: int = 0, round_: int = 
 
 def sample_weights(table, sample_ids: list[str], metric: str) -> np.ndarray:
     """(len(sample_ids),) float64 per-token ``metric`` of each sample in a loss-log table, for
-    loss-proportional sampling; samples absent from the log get the mean weight."""
+    loss-proportional sampling; samples absent from the log (or logged only by steps skipped as
+    non-finite, :func:`finite_rows`) get the mean weight."""
+    table, _ = finite_rows(table, (metric,))
     g = per_sample(table, (metric,), by=("sample_id",))
     per_tok = g[f"{metric}_per_token"].to_numpy()
     lookup = dict(zip(g["sample_id"].to_pylist(), per_tok))
