@@ -408,7 +408,8 @@ class RoundTrainer:
         if any(Folder(p).is_remote for p in d.cache_paths()):
             workers = workers if "num_workers" in d.model_fields_set else REMOTE_NUM_WORKERS
             depth = depth if "prefetch_steps" in d.model_fields_set else REMOTE_PREFETCH_STEPS
-        return StepPrefetcher(self.sampler, self.train_src, workers, depth, pack_length=self.pack_len)
+        return StepPrefetcher(self.sampler, self.train_src, workers, depth, pack_length=self.pack_len,
+                              pin_memory=self.info.device.type == "cuda")
 
     def _sync_position(self) -> None:
         """Copy the sampler's data position (what it has handed out is what was consumed) into the state."""
