@@ -27,6 +27,15 @@ Run (from the repository root, nothing else running; about 10-15 minutes on 2 CP
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/precompute_bench.py [--realdata ../shared/realdata] [--only speed data teacher]
 
+On a GPU (``--device cuda``, section ``speed`` only): precompute loads the teacher in bf16 on
+the device (as ``precompute-teacher`` does there), and so does the bare forward
+(``from_pretrained(dtype=torch.bfloat16).to("cuda")``); both are timed to a
+``torch.cuda.synchronize()``, and each child also reports its peak device memory
+(``torch.cuda.max_memory_allocated``). ``--vocabs``, the teacher's shape options and the data
+options (``--max-length``, ``--batch-size``, ``--k``, ``--samples``, ``--corpus-files``) size it;
+``--json`` writes the results; ``--in-process`` runs every mode in this process (a smoke test:
+peak RSS then means nothing). The defaults are the CPU run above.
+
 Read the ratios, not the absolute numbers: the machine is shared and noisy.
 """
 from __future__ import annotations
@@ -44,6 +53,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 MIB = 2**20
+IN_PROCESS = False  # --in-process: modes run in this process, not in fresh children
 
 
 # ----------------------------------------------------------------------------- assets
@@ -84,23 +94,43 @@ def _batches_of(cfg) -> list:
     return [b for _, samples in SampleWindows(cfg.dataset, tok, cfg.window_rows) for b in _batches(samples, cfg.batch_size)]
 
 
+def _sync(device: str) -> None:
+    """Wait for the device's queued work (timing on a GPU); nothing on CPU."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _device_peak() -> dict:
+    """This process's peak device memory so far in MiB (CUDA), else nothing."""
+    import torch
+
+    return {"peak_device_mib": torch.cuda.max_memory_allocated() / MIB} if torch.cuda.is_available() else {}
+
+
 def bare_forward(cfg) -> dict:
-    """The plain loop: from_pretrained, no FSDP, ``model(input_ids).logits`` per batch."""
+    """The plain loop: from_pretrained, no FSDP, ``model(input_ids).logits`` per batch; on CUDA
+    in bf16 on the device (precompute's teacher dtype there), timed to a synchronize."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from pipeline.data.batch import collate
 
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batches = _batches_of(cfg)
-    model = AutoModelForCausalLM.from_pretrained(cfg.teachers[0].path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(cfg.teachers[0].path, dtype=dtype).to(device).eval()
     with torch.no_grad():
-        model(input_ids=collate(batches[0]).input_ids).logits  # warm-up, as precompute's first call
+        model(input_ids=collate(batches[0]).input_ids.to(device)).logits  # warm-up, as precompute's first call
+        _sync(device)
         tokens, t0 = 0, time.perf_counter()
         for b in batches:
-            model(input_ids=collate(b).input_ids, use_cache=False).logits
+            model(input_ids=collate(b).input_ids.to(device), use_cache=False).logits
             tokens += sum(len(s.input_ids) for s in b)
+        _sync(device)
     dt = time.perf_counter() - t0
-    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt}
+    return {"tokens": tokens, "seconds": dt, "tok_s": tokens / dt, **_device_peak()}
 
 
 def run_precompute(cfg) -> dict:
@@ -108,28 +138,40 @@ def run_precompute(cfg) -> dict:
     from pipeline.distributed import init_distributed, teardown
     from pipeline.teacher.precompute import precompute
 
-    info = init_distributed("cpu")
+    info = init_distributed(cfg.device)
     try:
-        stats = precompute(cfg, info).stats
+        stats = precompute(cfg, info).stats  # its loop ends with host copies: no queued device work
     except BaseException:
         teardown()
         raise
-    return {"tokens": stats.tokens, "seconds": stats.seconds, "tok_s": stats.tokens_per_s, "peak_rss": stats.peak_rss}
+    return {"tokens": stats.tokens, "seconds": stats.seconds, "tok_s": stats.tokens_per_s, "peak_rss": stats.peak_rss,
+            **_device_peak()}
 
 
-def child(spec: dict) -> None:
+def measure(spec: dict) -> dict:
+    """One mode (``bare`` or ``precompute``) of ``spec`` in this process."""
     from pipeline.config import PrecomputeConfig
 
     cfg = PrecomputeConfig.model_validate(spec["config"])
+    return bare_forward(cfg) if spec["mode"] == "bare" else run_precompute(cfg)
+
+
+def child(spec: dict) -> None:
     from pipeline.distributed import finish
 
-    out = bare_forward(cfg) if spec["mode"] == "bare" else run_precompute(cfg)
+    out = measure(spec)
     if int(os.environ.get("RANK", "0")) == 0:
         Path(spec["out"]).write_text(json.dumps(out))
     finish(0)  # barrier, teardown, and under torchrun the stages' exit (no finalization aborts)
 
 
 def _run(spec: dict, tmp: Path, nproc: int = 1, threads: int | None = None) -> dict:
+    if IN_PROCESS and nproc == 1:
+        from pipeline.distributed import finish
+
+        out = measure(spec)
+        finish(0)  # the mode's one-rank process group, torn down (not a torchrun worker: returns)
+        return out
     spec = {**spec, "out": str(tmp / f"out-{time.monotonic_ns()}.json")}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
     if threads:
@@ -154,14 +196,17 @@ def _config(teacher: str, dataset: dict, cache: Path, k: int, batch_size: int, *
 
 
 # ----------------------------------------------------------------------------- sections
-def section_speed(tmp: Path, corpus: str, texts, rounds: int, samples: int) -> list[str]:
+def section_speed(tmp: Path, corpus: str, texts, args, results: list[dict]) -> list[str]:
+    """Precompute against the bare forward at each of ``args.vocabs``; one dict per V appended
+    to ``results`` (medians, per-round ratios, peak device memory on CUDA)."""
     lines = []
-    for V in (32000, 512):
+    for V in args.vocabs:
         tok = _tokenizer(tmp / f"tok{V}", texts, min(V, 8192), pad_to=V)
-        teacher = _teacher(tmp / f"teacher{V}", tok, V, 512, 6, 8, 1376)
-        dataset = {"path": corpus, "split": "train", "id_field": "id", "max_length": 512, "overflow": "window",
-                   "num_samples": samples}
-        cfg = _config(teacher, dataset, tmp / f"cache{V}", 64, 8)
+        teacher = _teacher(tmp / f"teacher{V}", tok, V, args.hidden, args.layers, args.heads, args.ffn)
+        dataset = {"path": corpus, "split": "train", "id_field": "id", "max_length": args.max_length,
+                   "overflow": "window", "num_samples": args.samples}
+        cfg = _config(teacher, dataset, tmp / f"cache{V}", args.k, args.batch_size, device=args.device)
+        rounds = args.rounds
         runs = {"bare": [], "precompute": []}
         for r in range(rounds):
             for mode in (("bare", "precompute") if r % 2 == 0 else ("precompute", "bare")):
@@ -173,6 +218,13 @@ def section_speed(tmp: Path, corpus: str, texts, rounds: int, samples: int) -> l
         per_round = ", ".join(f"{p['tok_s'] / b['tok_s']:.2f}" for p, b in zip(runs["precompute"], runs["bare"]))
         lines.append(f"speed V={V}: precompute {pre:,.0f} tok/s, bare forward {bare:,.0f} tok/s, ratio **{pre / bare:.2f}** "
                      f"(per round: {per_round})")
+        peak = {m: max((x.get("peak_device_mib", 0.0) for x in runs[m]), default=0.0) for m in runs}
+        if args.device == "cuda":
+            lines[-1] += f"; peak device memory precompute {peak['precompute']:,.0f} MiB, bare {peak['bare']:,.0f} MiB"
+        results.append({"section": "speed", "device": args.device, "vocab": V, "precompute_tok_s": pre,
+                        "bare_tok_s": bare, "ratio": pre / bare, "tokens": runs["bare"][0]["tokens"],
+                        "per_round": [p["tok_s"] / b["tok_s"] for p, b in zip(runs["precompute"], runs["bare"])],
+                        "peak_device_mib": peak if args.device == "cuda" else None})
         print(lines[-1], flush=True)
     return lines
 
@@ -230,7 +282,7 @@ def section_teacher(tmp: Path, realdata: Path) -> list[str]:
     return lines
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--realdata", help="directory with teacher-stories260K/ and tinystories/ (section teacher)")
@@ -238,22 +290,44 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--samples", type=int, default=48, help="rows of the corpus in the speed section")
     ap.add_argument("--host-memory", choices=("auto", "release", "reuse"), help="precompute's host_memory")
-    args = ap.parse_args()
-    global HOST_MEMORY
-    HOST_MEMORY = args.host_memory
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the speed section's teachers run (cuda: bf16, as precompute-teacher there)")
+    ap.add_argument("--vocabs", type=int, nargs="+", default=[32000, 512], help="teacher vocabularies of the speed section")
+    ap.add_argument("--hidden", type=int, default=512, help="speed teacher: hidden size")
+    ap.add_argument("--layers", type=int, default=6, help="speed teacher: decoder layers")
+    ap.add_argument("--heads", type=int, default=8, help="speed teacher: attention heads")
+    ap.add_argument("--ffn", type=int, default=1376, help="speed teacher: MLP width")
+    ap.add_argument("--max-length", type=int, default=512, help="speed: tokens per window (overflow: window)")
+    ap.add_argument("--batch-size", type=int, default=8, help="speed: sequences per teacher call")
+    ap.add_argument("--k", type=int, default=64, help="speed: top-k kept per position")
+    ap.add_argument("--corpus-files", type=int, default=None,
+                    help="standard-library files in the corpus (default: all; a few for a smoke test)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the speed results here (a JSON list)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every one-rank mode in this process (smoke tests; peak RSS is then shared)")
+    args = ap.parse_args(argv)
+    global HOST_MEMORY, IN_PROCESS
+    HOST_MEMORY, IN_PROCESS = args.host_memory, args.in_process
     if args.child:
         child(json.loads(args.child))
         return
+    if args.device == "cuda" and set(args.only) - {"speed"}:
+        ap.error("--device cuda measures the speed section only (data and teacher measure host RSS): "
+                 "add --only speed")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from data.stdlib_corpus import build_corpus
 
-    lines = [f"precompute_bench: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, sections {list(args.only)}"]
+    lines = [f"precompute_bench: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, sections {list(args.only)}"
+             f", device {args.device}"]
+    results: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="precompute-bench-") as tmp:
         tmp = Path(tmp)
-        dd = build_corpus(tmp / "corpus", max_chars=2500, heldout_fraction=0.05)
+        # with a few files, half held out: a split with no rows cannot be saved and loaded back
+        held = 0.05 if args.corpus_files is None else 0.5
+        dd = build_corpus(tmp / "corpus", max_chars=2500, heldout_fraction=held, limit_files=args.corpus_files)
         texts = dd["train"]["text"][:4000]
         if "speed" in args.only:
-            lines += section_speed(tmp, str(tmp / "corpus"), texts, args.rounds, args.samples)
+            lines += section_speed(tmp, str(tmp / "corpus"), texts, args, results)
         if "data" in args.only:
             lines += section_data(tmp, str(tmp / "corpus"), texts)
         if "teacher" in args.only:
@@ -262,6 +336,8 @@ def main() -> None:
             else:
                 lines.append("teacher: skipped (needs --realdata with teacher-stories260K/)")
     print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,17 @@ Goals: kd ≥ 1.0× plain and ce ≥ 1.05× plain at V = 32,000
 (8 × 512, hidden 256, 4 layers); kd ≥ 0.95× plain on the hidden-32, V = 512 student; packed ≥
 1.5× padded valid tokens/s; one kd step's peak RSS at B = 1, T = 4,096 ≤ 0.6× plain's; every
 divergence ≥ 0.85× forward_kl.
+
+On a GPU (``--device cuda``) every mode runs on the device with train-student's compute dtype
+there (``--mixed-precision auto``: bf16): ``plain`` under ``torch.autocast(bfloat16)`` with
+float32 weights (the loop a user would write), ``ce`` / ``kd`` as train-student (FSDP2 at one
+rank with a bf16 ``MixedPrecisionPolicy``, the loader's batches pinned), so ``kd-fsdp`` is the
+same as ``kd`` and is left out. Step times end at a synchronisation (the trainer's own host
+transfer; ``torch.cuda.synchronize()`` in ``plain``), and each child reports the peak device
+memory of its first step (``step_device_mib``). The ``fixed`` section's student is sized by
+``--vocabs`` (one sub-section per V) and ``--hidden``/``--layers``/``--heads``/``--kv-heads``/
+``--ffn`` (defaults: the ``v32k`` student); ``--json`` writes its results; ``--in-process``
+runs the modes in this process (a smoke test). The defaults are the CPU run above.
 """
 from __future__ import annotations
 
@@ -115,48 +126,67 @@ def write_cache(root: Path, token_lists: list[list[int]], V: int, seed: int = 0)
     return root
 
 
+def _peak_device_mib(device) -> float | None:
+    """Peak device memory allocated since the last reset, MiB (CUDA), else None."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
 def child(spec: dict) -> dict:
     """One mode in this (fresh) process: set-up, ``warmup`` + ``steps`` optimizer steps."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from data.stdlib_corpus import llama_config
     from pipeline.cache import open_cache
+    from pipeline.distributed import compute_dtype
     from pipeline.student.sampler import StepSampler
 
     from pipeline.data.batch import collate
-    st = STUDENTS[spec["student"]]
+    st = spec.get("shape") or STUDENTS[spec["student"]]
     cfg = llama_config(st["vocab"], st["hidden"], st["layers"], st["heads"], st["kv_heads"], st["ffn"],
                        context=spec["context"])
+    device = torch.device(spec.get("device", "cpu"))
+    dtype = compute_dtype(spec.get("mixed_precision", "auto"), device)  # train-student's rule: bf16 on CUDA
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = AutoModelForCausalLM.from_config(cfg).to(device)
     model.config.use_cache = False
     src = open_cache(spec["cache"])
     mb, n_steps = spec["micro_batch"], spec["warmup"] + spec["steps"]
     sampler = StepSampler(np.arange(len(src)), mb, 1, 0, 1, seed=0)
     times, tokens, first_rows = [], [], None
     setup_rss = peak_rss_mib()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if spec["mode"].startswith("plain"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         batches = []
-        for _ in range(n_steps):  # data prepared up front: the baseline pays no loading
+        for _ in range(n_steps):  # data prepared up front (on the device): the baseline pays no loading
             b = collate([src[int(i)] for i in sampler.next_step()[0]])
             labels = torch.full(b.input_ids.shape, -100, dtype=torch.int64)
             labels.view(-1)[b.rows + 1] = b.labels  # position t's target sits at t+1
-            batches.append((b.input_ids, labels, b.n_valid))
+            batches.append((b.input_ids.to(device), labels.to(device), b.n_valid))
         V = st["vocab"]
+        # the user's mixed precision: autocast over float32 weights (nothing on float32 runs)
+        amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
         for x, labels, n in batches:
             t0 = time.perf_counter()
-            logits = model(input_ids=x).logits
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+            with amp():
+                logits = model(input_ids=x).logits
+                loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
             tokens.append(n)
             if len(times) == 1:
-                step_rss = peak_rss_mib()
+                step_rss, step_dev = peak_rss_mib(), _peak_device_mib(device)
     else:
         from pipeline.config import LossConfig, OptimConfig
         from pipeline.distributed import init_distributed, shard_model
@@ -164,10 +194,10 @@ def child(spec: dict) -> dict:
         from pipeline.models import defer_output_projection
         from pipeline.student.step import Trainer, build_optimizer, lr_lambda
 
-        info = init_distributed("cpu")
+        info = init_distributed(device.type)
         defer_output_projection(model)
-        if spec["mode"].endswith("-fsdp"):  # else the plain module, as train-student at one rank
-            shard_model(model)
+        if spec["mode"].endswith("-fsdp") or dtype is not None:  # as train-student (loop.uses_fsdp)
+            shard_model(model, mixed_precision=dtype)
         ocfg = OptimConfig(lr=1e-3, warmup_steps=0, max_grad_norm=1.0)
         opt = build_optimizer(model, ocfg)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(ocfg, n_steps))
@@ -179,23 +209,35 @@ def child(spec: dict) -> dict:
 
         defaults = TrainDataConfig.model_fields  # train-student's defaults (num_workers, prefetch_steps)
         loader = StepPrefetcher(sampler, src, defaults["num_workers"].default, defaults["prefetch_steps"].default,
-                                pack_length=spec["max_length"] if spec["mode"] == "packed" else None)
+                                pack_length=spec["max_length"] if spec["mode"] == "packed" else None,
+                                pin_memory=device.type == "cuda")  # as train-student's loader
         for _ in range(n_steps):
             t0 = time.perf_counter()
             micro = loader.next_step()
-            stats = trainer.train_step(micro)
+            stats = trainer.train_step(micro)  # ends with a host transfer: the device's work is done
             times.append(time.perf_counter() - t0)
             tokens.append(stats.n_tokens)
             if len(times) == 1:
-                step_rss = peak_rss_mib()
+                step_rss, step_dev = peak_rss_mib(), _peak_device_mib(device)
                 first_rows = {c: stats.rows[c] for c in ("sample_id", "ce_sum", "kl_sum")} | {"n_tokens": stats.n_tokens}
         loader.close()
     w = spec["warmup"]
     return {"tok_s": sum(tokens[w:]) / sum(times[w:]), "step_s": statistics.median(times[w:]),
-            "setup_rss_mib": setup_rss, "step_rss_mib": step_rss, "first_rows": first_rows}
+            "setup_rss_mib": setup_rss, "step_rss_mib": step_rss, "step_device_mib": step_dev,
+            "first_rows": first_rows}
+
+
+IN_PROCESS = False  # --in-process: modes run in this process (smoke tests), not in fresh children
 
 
 def run_child(spec: dict) -> dict:
+    if IN_PROCESS:
+        from pipeline.distributed import teardown
+
+        try:
+            return child(spec)
+        finally:
+            teardown()  # the mode's one-rank process group
     res = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
                          env={**os.environ, "WANDB_MODE": "disabled"})
     if res.returncode != 0:
@@ -209,8 +251,9 @@ def median_runs(specs: list[dict], rounds: int) -> dict[str, list[dict]]:
         for s in (specs if r % 2 == 0 else specs[::-1]):
             res = run_child(s)
             out[s["name"]].append(res)
+            dev = f", peak device memory {res['step_device_mib']:,.0f} MiB" if res.get("step_device_mib") else ""
             print(f"  [{s['name']}] {res['tok_s']:,.0f} tok/s, step {res['step_s']:.3f} s, "
-                  f"peak RSS {res['step_rss_mib']:,.0f} MiB", flush=True)
+                  f"peak RSS {res['step_rss_mib']:,.0f} MiB{dev}", flush=True)
     return out
 
 
@@ -218,7 +261,7 @@ def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--realdata", type=Path, default=None, help="../shared/realdata (TinyStories paragraphs)")
     ap.add_argument("--steps", type=int, default=6)
@@ -232,34 +275,62 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", default=None, help="sections: fixed small var div memory")
     ap.add_argument("--div-students", nargs="*", default=["v512", "v32k"], choices=["v512", "v32k"],
                     help="students of the div section")
+    v32k = STUDENTS["v32k"]
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where every mode runs")
+    ap.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default="auto",
+                    help="compute dtype, train-student's rule (auto: bf16 on cuda, float32 on cpu)")
+    ap.add_argument("--vocabs", type=int, nargs="+", default=[v32k["vocab"]],
+                    help="vocabularies of the fixed section's student (one sub-section each)")
+    for key in ("hidden", "layers", "heads", "kv_heads", "ffn"):
+        ap.add_argument(f"--{key.replace('_', '-')}", type=int, default=v32k[key], help=f"fixed student: {key}")
+    ap.add_argument("--json", type=Path, default=None, help="also write the fixed/small results here (a JSON list)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the modes in this process (smoke tests; peak RSS is then shared)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return 0
+    global IN_PROCESS
+    IN_PROCESS = args.in_process
     sections = args.only or ["fixed", "small", "var", "div"] + (["memory"] if args.memory else [])
     print(f"student step benchmark; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-          f"{args.rounds} round(s), median of {args.steps} steps after {args.warmup}")
+          f"{args.rounds} round(s), median of {args.steps} steps after {args.warmup}; device {args.device}")
+    import torch
+
+    from pipeline.distributed import compute_dtype
+
+    # on a GPU train-student's kd already is FSDP2 at one rank (bf16 policy): kd-fsdp would repeat it
+    fsdp_anyway = compute_dtype(args.mixed_precision, torch.device(args.device)) is not None
     n_fixed = args.batch * (args.warmup + args.steps)
     rng = np.random.default_rng(0)
-    lines = []
+    lines, results = [], []
     with tempfile.TemporaryDirectory(prefix="kd-student-bench-") as tmp:
         tmp = Path(tmp)
-        base = dict(warmup=args.warmup, steps=args.steps, micro_batch=args.batch, max_length=args.max_length)
-        for name, student in (("fixed", "v32k"), ("small", "v512")):
-            if name not in sections:
+        base = dict(warmup=args.warmup, steps=args.steps, micro_batch=args.batch, max_length=args.max_length,
+                    device=args.device, mixed_precision=args.mixed_precision)
+        shape = {k: getattr(args, k) for k in ("hidden", "layers", "heads", "kv_heads", "ffn")}
+        fixed = [(f"fixed-V{V}" if len(args.vocabs) > 1 else "fixed", dict(shape, vocab=V)) for V in args.vocabs]
+        for name, student in fixed + [("small", STUDENTS["v512"])]:
+            if name.split("-")[0] not in sections:
                 continue
-            V = STUDENTS[student]["vocab"]
+            V = student["vocab"]
             cache = write_cache(tmp / f"cache-{name}", [list(rng.integers(0, V, args.seq)) for _ in range(n_fixed)], V)
-            specs = [dict(base, name=f"{name}:{m}", mode=m, student=student, cache=str(cache), context=args.seq)
-                     for m in (("plain", "ce", "kd", "kd-fsdp") if name == "fixed" else ("plain", "kd", "kd-fsdp"))]
-            print(f"[{name}] student {student} {STUDENTS[student]}, {args.batch} x {args.seq} tokens, k={K} cache")
+            modes = ("plain", "ce", "kd", "kd-fsdp") if name != "small" else ("plain", "kd", "kd-fsdp")
+            specs = [dict(base, name=f"{name}:{m}", mode=m, shape=student, cache=str(cache),
+                          context=args.seq) for m in modes if not (m == "kd-fsdp" and fsdp_anyway)]
+            print(f"[{name}] student {student}, {args.batch} x {args.seq} tokens, k={K} cache")
             res = median_runs(specs, args.rounds)
             plain = med(res[f"{name}:plain"], "tok_s")
+            mem = "step_device_mib" if args.device == "cuda" else "step_rss_mib"
             for s in specs:
                 r = med(res[s["name"]], "tok_s")
                 per_round = ", ".join(f"{x['tok_s'] / y['tok_s']:.2f}" for x, y in zip(res[s["name"]], res[f"{name}:plain"]))
-                lines.append(f"{s['name']:<14} {r:>10,.0f} tok/s   {r / plain:5.2f}x plain   (per round: {per_round})")
+                lines.append(f"{s['name']:<20} {r:>10,.0f} tok/s   {r / plain:5.2f}x plain   (per round: {per_round})")
+                results.append({"section": name, "mode": s["mode"], "device": args.device, "vocab": V, "tok_s": r,
+                                "ratio_to_plain": r / plain, "step_s": med(res[s["name"]], "step_s"),
+                                "memory": mem, "peak_mib": max(x[mem] for x in res[s["name"]]),
+                                "per_round": [x["tok_s"] / y["tok_s"] for x, y in zip(res[s["name"]], res[f"{name}:plain"])]})
         if "var" in sections:
             n_var = args.var_batch * (args.warmup + args.steps)
             toks, what = tinystories_lengths(args.realdata, n_var, args.max_length, 1)
@@ -306,6 +377,8 @@ def main() -> int:
             lines.append(f"peak RSS of one step, B=1 T=4096 V=32000: plain {p:,.0f} MiB, kd {k:,.0f} MiB = {k / p:.2f}x "
                          f"(after set-up: {med(res['mem:plain'], 'setup_rss_mib'):,.0f} / {med(res['mem:kd'], 'setup_rss_mib'):,.0f} MiB)")
     print("\n".join(["", "results (medians over rounds)"] + lines))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 

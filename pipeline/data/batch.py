@@ -95,10 +95,30 @@ class Batch:
                       "tail_logprob", "aligned", "mapped")
 
     def to(self, device: torch.device) -> "Batch":
-        """The batch with the tensors the forward/loss use on ``device`` (host statistics stay)."""
+        """The batch with the tensors the forward/loss use on ``device`` (host statistics stay).
+
+        Called once per micro-batch, before its forward (the trainer moves every micro-batch
+        of a step up front), so the teacher targets cross to the device once. The copies are
+        ``non_blocking``: from pinned memory (:meth:`pin_memory`) a host-to-GPU copy is queued
+        on the stream and the host goes on; from pageable memory CUDA copies through a staging
+        buffer first (still correct); on the same device (CPU to CPU) ``Tensor.to`` returns
+        the tensor itself, no copy.
+        """
         moved = {f: None if getattr(self, f) is None else getattr(self, f).to(device, non_blocking=True)
                  for f in self._DEVICE_FIELDS}
         return dataclasses.replace(self, **moved)
+
+    def pin_memory(self) -> "Batch":
+        """The batch with the tensors :meth:`to` moves in page-locked host memory (a copy each),
+        so their copies to a GPU are asynchronous; host statistics stay. For a loader thread
+        ahead of a CUDA trainer (:class:`pipeline.student.sampler.StepPrefetcher`).
+
+        Raises:
+            RuntimeError: no CUDA device (torch pins memory for an accelerator only).
+        """
+        pinned = {f: None if getattr(self, f) is None else getattr(self, f).pin_memory()
+                  for f in self._DEVICE_FIELDS}
+        return dataclasses.replace(self, **pinned)
 
     @property
     def n_valid(self) -> int:

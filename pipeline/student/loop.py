@@ -432,13 +432,15 @@ class RoundTrainer:
 
     def _loader(self) -> StepPrefetcher:
         """The step prefetcher; a cache on a remote store gets more workers, further ahead,
-        unless ``data.num_workers`` / ``prefetch_steps`` are set (hides the store's latency)."""
+        unless ``data.num_workers`` / ``prefetch_steps`` are set (hides the store's latency).
+        On CUDA its threads pin the batches (asynchronous host-to-device copies)."""
         d = self.cfg.data
         workers, depth = d.num_workers, d.prefetch_steps
         if any(Folder(p).is_remote for p in d.cache_paths()):
             workers = workers if "num_workers" in d.model_fields_set else REMOTE_NUM_WORKERS
             depth = depth if "prefetch_steps" in d.model_fields_set else REMOTE_PREFETCH_STEPS
-        return StepPrefetcher(self.sampler, self.train_src, workers, depth, pack_length=self.pack_len)
+        return StepPrefetcher(self.sampler, self.train_src, workers, depth, pack_length=self.pack_len,
+                              pin_memory=self.info.device.type == "cuda")
 
     def _sync_position(self) -> None:
         """Copy the sampler's data position (what it has handed out is what was consumed) into the state."""
@@ -518,8 +520,11 @@ class RoundTrainer:
         """Evaluate (collective), log the eval rows, apply the improvement rule, export best/ on
         an improvement, call ``on_evaluate`` (early stopping's patience is a callback)."""
         cfg, info = self.cfg, self.info
-        ev = self.trainer.evaluate(prefetch(eval_batches(self.eval_src, self.eval_indices, cfg.micro_batch_size,
-                                                         info.rank, info.world_size, pack_length=self.pack_len)))
+        batches = eval_batches(self.eval_src, self.eval_indices, cfg.micro_batch_size, info.rank, info.world_size,
+                               pack_length=self.pack_len)
+        if info.device.type == "cuda":  # pinned in the prefetch thread, as the train loader's: asynchronous copies
+            batches = (b.pin_memory() for b in batches)
+        ev = self.trainer.evaluate(prefetch(batches))
         self.loss_log.append(cfg.round, "eval", self.sampler.epoch, step, ev.rows)
         improved = self.early_stopping.update(self.state, ev.loss)
         self.last_eval = eval_metrics(ev, self.state, step)

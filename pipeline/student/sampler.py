@@ -154,16 +154,22 @@ class StepPrefetcher:
         num_workers: threads (0: build each step inline).
         depth: steps prepared ahead.
         pack_length: pack each micro-batch's samples into rows of this many tokens (None: off).
+        pin_memory: pin each collated batch (:meth:`Batch.pin_memory`) in the worker thread, for
+            a CUDA trainer: its ``Batch.to`` copies are then asynchronous, and the pinning copy
+            is made off the training thread. Only with ``num_workers > 0`` (inline, pinning
+            would add a host copy to the step's critical path); needs a CUDA device.
     """
 
     def __init__(self, sampler: StepSampler, source, num_workers: int = 1, depth: int = 4,
-                 pack_length: int | None = None):
+                 pack_length: int | None = None, pin_memory: bool = False):
         self.sampler, self.source, self.depth, self.pack_length = sampler, source, depth, pack_length
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="kd-loader") if num_workers > 0 else None
+        self.pin_memory = pin_memory and self.pool is not None
         self.pending: dict[tuple[int, int], Future] = {}
 
-    def _build(self, micro: list[np.ndarray]) -> list[Batch]:
-        return [collate([self.source[int(i)] for i in idx], pack_length=self.pack_length) for idx in micro]
+    def _build(self, micro: list[np.ndarray], pin: bool = False) -> list[Batch]:
+        batches = [collate([self.source[int(i)] for i in idx], pack_length=self.pack_length) for idx in micro]
+        return [b.pin_memory() for b in batches] if pin else batches
 
     def next_step(self) -> list[Batch]:
         """This rank's collated micro-batches for the next optimizer step."""
@@ -176,7 +182,7 @@ class StepPrefetcher:
             micro = ahead.next_step()
             keys.append(key)
             if key not in self.pending:
-                self.pending[key] = self.pool.submit(self._build, micro)
+                self.pending[key] = self.pool.submit(self._build, micro, self.pin_memory)
         for stale in set(self.pending) - set(keys):
             self.pending.pop(stale).cancel()
         self.sampler.next_step()
