@@ -1,7 +1,7 @@
 """Both stages end to end on one device, checked against float32 references (used by
 ``scripts/gpu_check.py``).
 
-A tiny tied Llama teacher (hidden 64, 2 layers, its final norm scaled ×6, which scales its
+A tiny untied Llama teacher (its own ``lm_head``, as most real teachers; hidden 64, 2 layers, its final norm scaled ×6, which scales its
 logits ×6, so that the top-16 holds most of the mass) and a tiny student (hidden 32, 2 layers) are built from configs
 over the standard-library corpus and a BPE tokenizer of 320 tokens trained on it (nothing is
 downloaded). ``precompute-teacher`` (k = 16, float32 cache values, so the codec adds nothing)
@@ -66,8 +66,9 @@ def build(work: Path) -> dict:
     shapes = {"teacher": (64, 2, 4, 2, 128), "student": (32, 2, 2, 1, 64)}  # hidden, layers, heads, kv heads, ffn
     for seed, role in enumerate(shapes):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(llama_config(len(tok), *shapes[role], bos_token_id=tok.bos_token_id,
-                                                              eos_token_id=tok.eos_token_id))
+        cfg = llama_config(len(tok), *shapes[role], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        cfg.tie_word_embeddings = role == "student"  # the teacher's output layer is its own (untied)
+        model = AutoModelForCausalLM.from_config(cfg)
         if role == "teacher":  # logits × 6: a peaked teacher, the top-k and the tail both matter
             with torch.no_grad():
                 model.model.norm.weight.mul_(6.0)
