@@ -15,11 +15,13 @@ from pipeline.storage import Folder
 
 
 def _wrap(cfg: dict, caches):
+    from pipeline.student.cache_checks import find_student_tokenizer
     from pipeline.student.cross_tokenizer import wrap_sources
 
     train = open_cache(caches["train"])
-    return wrap_sources(TrainStudentConfig.model_validate(cfg), train, None,
-                        str(Folder(caches["train"]).sub("tokenizer").local()))
+    config = TrainStudentConfig.model_validate(cfg)
+    return wrap_sources(config, train, None, str(Folder(caches["train"]).sub("tokenizer").local()),
+                        find_student_tokenizer(config))
 
 
 def test_cross_tokenizer_settings_that_do_not_apply(assets, caches, tmp_path, capsys):
