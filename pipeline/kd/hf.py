@@ -31,8 +31,9 @@ class KDTrainer(transformers.Trainer):
     generation in the same process.
 
     Samples are visited in train-student's order (:class:`~pipeline.kd.StepOrderSampler` with
-    ``args.seed``): for the same seed, batch sizes and world size, optimizer step ``s`` sees the
-    samples of train-student's step ``s``. Evaluation reports the per-token loss of each eval
+    ``args.data_seed``, else ``args.seed``; ``train_sampling_strategy`` does not apply): for the
+    same seed, batch sizes and world size, optimizer step ``s`` sees the samples of
+    train-student's step ``s``. Evaluation reports the per-token loss of each eval
     batch (the Trainer averages those) and no predictions.
 
     Args:
@@ -66,8 +67,9 @@ class KDTrainer(transformers.Trainer):
         """train-student's sample order (:class:`StepOrderSampler`), whole global batches only."""
         a = self.args
         ds = train_dataset if train_dataset is not None else self.train_dataset
+        seed = a.data_seed if a.data_seed is not None else a.seed
         return StepOrderSampler(len(ds), a.per_device_train_batch_size, a.gradient_accumulation_steps, a.world_size,
-                                a.seed)
+                                seed)
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, torch.Tensor]:
         """The next ``num_batches`` micro-batches and ``N``, the valid positions of all of them
