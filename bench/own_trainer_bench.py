@@ -129,7 +129,7 @@ def run_child(spec: dict) -> dict:
 def build_fixture(root: Path, student: str, n: int, length: int) -> tuple[str, str]:
     """(cache dir, student config dir): ``n`` samples of ``length`` random tokens."""
     from bench.student_step import write_cache
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     st = STUDENTS[student]
     rng = np.random.default_rng(0)

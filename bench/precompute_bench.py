@@ -48,7 +48,7 @@ MIB = 2**20
 
 # ----------------------------------------------------------------------------- assets
 def _tokenizer(d: Path, texts, vocab: int, pad_to: int | None = None) -> str:
-    from data.stdlib_corpus import train_tokenizer
+    from pipeline.data.demo_corpus import train_tokenizer
 
     tok = train_tokenizer(texts, vocab, d)
     if pad_to and len(tok) < pad_to:  # unused tokens: the output layer and softmax get the full width
@@ -62,7 +62,7 @@ def _teacher(d: Path, tokenizer: str, vocab: int, hidden: int, layers: int, head
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
@@ -244,7 +244,7 @@ def main() -> None:
         child(json.loads(args.child))
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from data.stdlib_corpus import build_corpus
+    from pipeline.data.demo_corpus import build_corpus
 
     lines = [f"precompute_bench: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, sections {list(args.only)}"]
     with tempfile.TemporaryDirectory(prefix="precompute-bench-") as tmp:
