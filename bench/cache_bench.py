@@ -177,7 +177,7 @@ def loader_vs_consumption(recs: list, V: int, root: Path, demo_cache: Path | Non
     (``torch.set_num_threads(1)``), so the ratio is per core and does not depend on how busy the
     other core is; padded tokens in both rates (what the student's forward processes).
     """
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
     from pipeline.config import LossConfig
     from pipeline.distributed import init_distributed, shard_model
     from pipeline.models import defer_output_projection

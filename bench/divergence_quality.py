@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
     from pipeline.cache import open_cache
     from pipeline.config import DatasetConfig
     from pipeline.data import load_samples

@@ -8,7 +8,7 @@ prompts (the stage's own ``prompt_ids``, in its batch order), batches of ``batch
 ``num_completions`` (``num_return_sequences``), left padding, ``model.generate(do_sample=True,
 temperature, top_k, top_p, max_new_tokens)`` with the stage's stop tokens; its tokens are each
 row's completion up to and including its first stop token. The model: a random tied Llama on a
-byte-level BPE trained on the standard-library corpus (``data/stdlib_corpus.py``); modes run
+byte-level BPE trained on the standard-library corpus (``pipeline/data/demo_corpus.py``); modes run
 alternately ``--rounds`` times and the ratio of medians is printed.
 
 Run (from the repository root, nothing else running)::
@@ -39,7 +39,7 @@ def build(work: Path, size: dict) -> tuple[str, str]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import build_corpus, llama_config, train_tokenizer
+    from pipeline.data.demo_corpus import build_corpus, llama_config, train_tokenizer
 
     dd = build_corpus(work / "corpus", max_chars=400, heldout_fraction=0.1, limit_files=40)
     tok = train_tokenizer(dd["train"]["text"][:], size["vocab"], work / "tokenizer")

@@ -108,7 +108,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
     from pipeline.cache import cache_bytes
     from student_step import write_cache
 

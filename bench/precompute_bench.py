@@ -58,7 +58,7 @@ IN_PROCESS = False  # --in-process: modes run in this process, not in fresh chil
 
 # ----------------------------------------------------------------------------- assets
 def _tokenizer(d: Path, texts, vocab: int, pad_to: int | None = None) -> str:
-    from data.stdlib_corpus import train_tokenizer
+    from pipeline.data.demo_corpus import train_tokenizer
 
     tok = train_tokenizer(texts, vocab, d)
     if pad_to and len(tok) < pad_to:  # unused tokens: the output layer and softmax get the full width
@@ -72,7 +72,7 @@ def _teacher(d: Path, tokenizer: str, vocab: int, hidden: int, layers: int, head
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     torch.manual_seed(seed)
@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--device cuda measures the speed section only (data and teacher measure host RSS): "
                  "add --only speed")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from data.stdlib_corpus import build_corpus
+    from pipeline.data.demo_corpus import build_corpus
 
     lines = [f"precompute_bench: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, sections {list(args.only)}"
              f", device {args.device}"]

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
     from pipeline.config import DatasetConfig
     from pipeline.data import load_samples
     from pipeline.models import load_tokenizer

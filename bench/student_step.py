@@ -1,6 +1,6 @@
 """Stage two's step against a plain PyTorch training loop, measured in one run.
 
-What it measures, on the same student (a tied Llama from ``data.stdlib_corpus.llama_config``)
+What it measures, on the same student (a tied Llama from ``pipeline.data.demo_corpus.llama_config``)
 and the same batches:
 
 * ``plain``: the loop a user would write without this project: ``model(input_ids).logits`` →
@@ -141,7 +141,7 @@ def child(spec: dict) -> dict:
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
     from pipeline.cache import open_cache
     from pipeline.distributed import compute_dtype
     from pipeline.student.sampler import StepSampler

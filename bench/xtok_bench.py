@@ -1,6 +1,6 @@
 """Student step throughput on a cross-tokenizer cache ÷ on a same-tokenizer cache of the same text.
 
-Both caches hold the same paragraphs (the standard-library corpus of ``data.stdlib_corpus``, or
+Both caches hold the same paragraphs (the standard-library corpus of ``pipeline.data.demo_corpus``, or
 TinyStories ``train_head.txt`` with ``--realdata``) with top-k targets of a random tiny Llama
 teacher (the targets' values do not change the step's cost):
 
@@ -44,7 +44,7 @@ def texts(realdata: str | None, n: int) -> list[str]:
     if realdata:
         paras = [p.strip() for p in (Path(realdata) / "tinystories/train_head.txt").read_text().split("\n\n")]
         return [p for p in paras if p][:n]
-    from data.stdlib_corpus import build_corpus
+    from pipeline.data.demo_corpus import build_corpus
 
     with tempfile.TemporaryDirectory() as d:
         return list(build_corpus(Path(d) / "c", max_chars=600, heldout_fraction=0.0, limit_files=40)["train"]["text"][:n])
@@ -55,7 +55,7 @@ def tokenizers(paras: list[str], teacher_vocab: int, student_vocab: int, out: Pa
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from data.stdlib_corpus import train_tokenizer
+    from pipeline.data.demo_corpus import train_tokenizer
 
     train_tokenizer(paras, student_vocab, out / "student-tok")
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
@@ -74,7 +74,7 @@ def model_dir(tok_dir: Path, out: Path, hidden: int, layers: int, seed: int = 0)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(seed)

@@ -52,7 +52,7 @@ def run_parallel(commands: list[list[str]], logs: list[Path]) -> None:
 
 
 def build_assets() -> None:
-    from data.stdlib_corpus import build_corpus, llama_config, train_tokenizer
+    from pipeline.data.demo_corpus import build_corpus, llama_config, train_tokenizer
 
     if not (BUILD / "stdlib" / "dataset_dict.json").exists():
         say("1/6 corpus: Python standard library source → data/build/stdlib")

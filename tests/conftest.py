@@ -20,7 +20,7 @@ def assets(tmp_path_factory) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import build_corpus, llama_config, train_tokenizer
+    from pipeline.data.demo_corpus import build_corpus, llama_config, train_tokenizer
 
     d = tmp_path_factory.mktemp("assets")
     dd = build_corpus(d / "corpus", max_chars=300, heldout_fraction=0.2, limit_files=12)

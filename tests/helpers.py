@@ -34,7 +34,7 @@ def synthetic_records(n: int, vocab: int, k: int, seed: int = 0, min_len: int = 
 def tiny_student(vocab: int, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(llama_config(vocab, 16, 2, 2, 1, 32))

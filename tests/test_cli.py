@@ -112,7 +112,7 @@ def test_bad_inputs_give_one_line_errors(assets, caches, tmp_path, capsys):
     code, err = _main_err(pre, ["--config", str(tmp_path / "b.yaml"), "cache.k=16", f"cache.dir={caches['train']}"], capsys)
     assert code == 2 and "k: 8 != 16" in err and len(err.strip().splitlines()) == 1
     assert read_manifest(caches["train"]).model_dump() == before  # a complete cache of another run is left alone
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     llama_config(assets["vocab"] - 7, 16, 1, 2).save_pretrained(tmp_path / "wrong-student")
     cfg = write_yaml(tmp_path / "t.yaml", _train_cfg(assets, caches, tmp_path / "run"))

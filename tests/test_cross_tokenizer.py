@@ -297,7 +297,7 @@ def test_stage1_stores_text_and_offsets(assets, caches, tmp_path, backend):
 
 def _student_dir(tmp_path):
     """The metaspace tokenizer (fit on the fixture corpus) and a tiny student of its vocabulary."""
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     d = tmp_path / "student"
     tok = _metaspace()

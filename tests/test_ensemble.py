@@ -20,7 +20,7 @@ def _make_teacher(assets: dict, out, seed: int, pad: int = 0, spread: float = 8.
     distributions are far from uniform (distinct top-k, mixture ≠ geometric mean)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
     torch.manual_seed(seed)
@@ -129,7 +129,7 @@ def test_single_teacher_ensemble_equals_plain_path(assets, caches, tmp_path):
 
 
 def test_mismatched_tokenizers_are_refused(assets, pair, tmp_path):
-    from data.stdlib_corpus import train_tokenizer
+    from pipeline.data.demo_corpus import train_tokenizer
 
     other = tmp_path / "other"
     _make_teacher(assets, other, seed=3)

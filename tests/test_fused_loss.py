@@ -138,7 +138,7 @@ def test_trainer_loss_on_a_model_equals_dense_logits_reference(tied):
     from helpers import synthetic_records
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
     from pipeline.config import LossConfig
     from pipeline.data.batch import collate
     from pipeline.student.step import Trainer

@@ -26,7 +26,7 @@ def foreign(assets, tmp_path_factory):
     kind, other token IDs."""
     from datasets import load_from_disk
 
-    from data.stdlib_corpus import train_tokenizer
+    from pipeline.data.demo_corpus import train_tokenizer
 
     texts = [t[::-1] for t in load_from_disk(assets["corpus"])["train"]["text"]]
     tok = train_tokenizer(texts, assets["vocab"], tmp_path_factory.mktemp("foreign") / "tok")

@@ -113,7 +113,7 @@ def test_nonfinite_step_is_skipped_names_its_samples_and_leaves_the_weights():
     from helpers import synthetic_records
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
     from pipeline.config import LossConfig, OptimConfig
     from pipeline.data.batch import collate
     from pipeline.student.step import Trainer

@@ -4,7 +4,7 @@
 #   configs/tinystories/ensemble.sh ../shared/realdata [NPROC]
 # Prints the perplexities (teacher2, ensemble, student) and writes runs/tinystories/ensemble-summary.json.
 source "$(dirname "$0")/launch.sh"
-"$PY" -c "from data.stdlib_corpus import llama_config as c
+"$PY" -c "from pipeline.data.demo_corpus import llama_config as c
 c(512, 64, 2, 8, 4, 172, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/teacher2-init')
 c(512, 32, 3, 4, 2, 86, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/student-init')"
 "${LAUNCH[@]}" stages.train_student --config configs/tinystories/teacher2.yaml student.path=$OUT/teacher2-init \

@@ -15,7 +15,7 @@ for split in train eval; do  # the caches of run.sh, made here when missing
     --config configs/tinystories/precompute.yaml teachers="$T" $DS cache.dir=$OUT/cache-$split cache.overwrite=true
 done
 # the pretrained base: hidden 64, 2 layers, CE only on the first 800 paragraphs of train_head.txt
-"$PY" -c "from data.stdlib_corpus import llama_config; llama_config(512, 64, 2, 4, 2, 172, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/lora-base-init')"
+"$PY" -c "from pipeline.data.demo_corpus import llama_config; llama_config(512, 64, 2, 4, 2, 172, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/lora-base-init')"
 [ -f "$OUT/lora-base/final/model.safetensors" ] || "${LAUNCH[@]}" stages.train_student \
   --config configs/tinystories/teacher2.yaml student.path=$OUT/lora-base-init output_dir=$OUT/lora-base \
   data.train_dataset.path=$REAL/tinystories/train_head.txt data.train_dataset.num_samples=800 \

@@ -31,7 +31,7 @@ LR_OFF=${LR_OFF:-6e-3}; LR_SEQ=${LR_SEQ:-6e-3}; LR_ON=${LR_ON:-6e-3}; LR_MIX=${L
 PER_ROUND=$((STEPS / ROUNDS))
 mkdir -p "$OUT"
 T="[{path: $REAL/teacher-stories260K}]"
-"$PY" -c "from data.stdlib_corpus import llama_config; llama_config(512, 32, 3, 4, 2, 86, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/student-init')"
+"$PY" -c "from pipeline.data.demo_corpus import llama_config; llama_config(512, 32, 3, 4, 2, 86, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/student-init')"
 complete() { grep -qs '"complete": true' "$1/manifest.json"; }  # a rerun keeps finished caches
 complete $OUT/cache-human || "$PY" -m stages.precompute_teacher --config configs/tinystories/precompute.yaml \
   teachers="$T" dataset.path="$REAL/tinystories/train_head.txt" cache.dir=$OUT/cache-human

@@ -3,7 +3,7 @@
 #   configs/tinystories/run.sh ../shared/realdata [NPROC]
 # Prints the teacher's and both students' held-out perplexities; writes runs/tinystories/summary.json.
 source "$(dirname "$0")/launch.sh"
-"$PY" -c "from data.stdlib_corpus import llama_config; llama_config(512, 32, 3, 4, 2, 86, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/student-init')"
+"$PY" -c "from pipeline.data.demo_corpus import llama_config; llama_config(512, 32, 3, 4, 2, 86, bos_token_id=1, eos_token_id=2).save_pretrained('$OUT/student-init')"
 T="[{path: $REAL/teacher-stories260K}]"
 "${LAUNCH[@]}" stages.precompute_teacher --config configs/tinystories/precompute.yaml teachers="$T" \
   dataset.path="$REAL/tinystories/train_head.txt" cache.dir=$OUT/cache-train cache.overwrite=true

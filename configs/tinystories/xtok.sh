@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
-from data.stdlib_corpus import llama_config
+from pipeline.data.demo_corpus import llama_config
 real, out = Path(sys.argv[1]), Path(sys.argv[2])
 paras = [p for p in (real / "tinystories/train_head.txt").read_text().split("\n\n") if p.strip()]
 tok = Tokenizer(models.BPE())

@@ -111,6 +111,6 @@ def llama_config(vocab_size: int, hidden: int, layers: int, heads: int, kv_heads
                        eos_token_id=eos_token_id, pad_token_id=None, use_cache=False)
 
 
-if __name__ == "__main__":  # python -m data.stdlib_corpus OUT_DIR
+if __name__ == "__main__":  # python -m pipeline.data.demo_corpus OUT_DIR
     dd = build_corpus(sys.argv[1] if len(sys.argv) > 1 else "data/build/stdlib")
     print({k: len(v) for k, v in dd.items()})
