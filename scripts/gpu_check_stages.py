@@ -59,7 +59,7 @@ def build(work: Path) -> dict:
     """Corpus, tokenizer, the saved teacher and (initial) student; their paths and V."""
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import build_corpus, llama_config, train_tokenizer
+    from pipeline.data.demo_corpus import build_corpus, llama_config, train_tokenizer
 
     dd = build_corpus(work / "corpus", max_chars=300, heldout_fraction=0.2, limit_files=12)
     tok = train_tokenizer(dd["train"]["text"][:], 320, work / "tokenizer")

@@ -74,7 +74,7 @@ def _untied_llama(d, vocab: int = 64):
     """A tiny random Llama with an untied output layer saved in ``d``; returns the model."""
     from transformers import AutoModelForCausalLM
 
-    from data.stdlib_corpus import llama_config
+    from pipeline.data.demo_corpus import llama_config
 
     cfg = llama_config(vocab, 16, 2, 2, 1, 32)
     cfg.tie_word_embeddings = False
