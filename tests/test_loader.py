@@ -132,3 +132,26 @@ def test_collate_packs_without_crossing_sample_boundaries():
     assert all(sum([5, 9, 3, 7, 2][i] for i in r) <= 10 for r in rows) and len(rows) == 3
     pad_only = collate(recs[:2], pad_only=True, pack_length=32)
     assert pad_only.n_valid == 0 and pad_only.sample_ids == [None, None]
+
+
+def test_open_shard_lru_evicts_one_handle_at_a_time():
+    """The open-handle LRU keeps the most recently used shards open when it fills: reading a
+    working set as large as its capacity, round after round, opens each shard once; one shard
+    more than the capacity evicts exactly one handle (closed) per new shard."""
+    from pipeline.cache.handles import HandleLRU
+
+    closed = []
+    lru = HandleLRU(lambda k: [k], capacity=4, close=closed.append)
+    for _ in range(5):
+        for k in range(4):
+            assert lru.get(k) == [k]
+    assert lru.opens == 4 and closed == []
+    lru.get(4)  # the least recently used (0) goes, the rest stay open
+    assert closed == [[0]] and len(lru) == 4 and lru.opens == 5
+    for k in (1, 2, 3, 4):
+        lru.get(k)
+    assert lru.opens == 5
+    lru.clear()
+    assert sorted(closed) == [[0], [1], [2], [3], [4]] and len(lru) == 0
+    with pytest.raises(ValueError, match="capacity 0"):
+        HandleLRU(list, capacity=0)
