@@ -19,14 +19,22 @@ of the mass, tail 10 %). The bytes on disk are printed. Then it measures:
 3. Loader vs consumption (goal ≥ 20×), in samples/s (the loader's cost is per sample and per
    block; the synthetic samples are short): what :class:`pipeline.student.sampler.StepPrefetcher`
    (``num_workers=0``: one thread, inline) delivers as collated micro-batches of
-   ``--micro-batch`` samples from a freshly opened reader (cold LRU) over ``--steps`` steps, with
-   the global shuffle and the block shuffle (``data.shuffle: block``), against the student's
-   ``--consume-tok-s / --consume-seq`` samples/s (default 34,600 tokens/s of 256-token rows: the
-   stories260K-sized student step with 16 × 256 batches, ``bench/student_step.py``).
+   ``--micro-batch`` samples per rank from a freshly opened reader (cold LRU, the default
+   ``data.max_cached_bytes``) over ``--steps`` steps, for each ``data.shuffle`` (``streams``, the
+   default; ``global``; ``block``; built by train-student's own
+   :func:`pipeline.student.streams.build_sampler`) at world size 1 and as rank ``--rank`` of 8
+   (the rank's own share of each global batch of 8 × ``--micro-batch``: what one of 8 ranks
+   reads). The first step (epoch order, first imports) is timed apart. Also printed: blocks
+   decoded and shards opened per 1,000 samples delivered. The student's consumption is measured
+   in the same run (``--student-steps`` plain float32 training steps of the stories260K-sized
+   student, hidden 32, 4 layers, V = 512, on ``16 × --consume-seq`` batches, one thread: forward,
+   cross-entropy, backward, AdamW), or taken from ``--consume-tok-s`` when ``--student-steps 0``
+   (34,600 tokens/s of 256-token rows measured by ``bench/student_step.py``).
 
 Run (the lead runs 10^7 on a quiet machine; 10^5 takes about a minute)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 100000 [--dir /big/disk/tmp] [--keep]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --cache /big/disk/tmp/cache-scale-XXXX  # again
 """
 from __future__ import annotations
 
@@ -47,7 +55,7 @@ from pipeline.cache.manifest import Manifest, TeacherEntry  # noqa: E402
 from pipeline.cache.records import CacheRecord  # noqa: E402
 from pipeline.config.precompute import CacheConfig  # noqa: E402
 from pipeline.sample_ids import HashIndex, id_hashes  # noqa: E402
-from pipeline.student.sampler import StepPrefetcher, StepSampler  # noqa: E402
+from pipeline.student.sampler import StepPrefetcher  # noqa: E402
 
 CHUNK = 4096
 
@@ -131,19 +139,70 @@ def reader(d: Path, N: int, args) -> None:
     r2, heap = _traced(lambda: open_cache(d))
     print(f"open_cache heap left: {heap / N:.1f} B/sample (goal <= 24)")
     del r2
-    consume = args.consume_tok_s / args.consume_seq  # the student's samples/s
-    for shuffle in ("global", "block"):
-        r = open_cache(d)  # cold LRU
-        groups = r.block_ids() if shuffle == "block" else None
-        sampler = StepSampler(np.arange(len(r)), args.micro_batch, 1, 0, 1, seed=0, groups=groups)
-        pf = StepPrefetcher(sampler, r, num_workers=0)
+    consume = student_rate(args)
+    for world, rank in ((1, 0), (8, args.rank)):
+        for shuffle in ("streams", "global", "block"):
+            loader_rate(d, args, shuffle, world, rank, consume)
+
+
+def student_rate(args) -> float:
+    """Samples/s the stories260K-sized student trains on (``--student-steps`` plain steps after
+    2 warm-up steps, median step time), or ``--consume-tok-s / --consume-seq``."""
+    if args.student_steps <= 0:
+        rate = args.consume_tok_s / args.consume_seq
+        print(f"student (given): {rate:,.0f} samples/s ({args.consume_tok_s:,.0f} tokens/s of {args.consume_seq}-token rows)")
+        return rate
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from data.stdlib_corpus import llama_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama_config(512, 32, 4, 4, 2, 86, context=args.consume_seq))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 512, (16, args.consume_seq))
+    times = []
+    for i in range(args.student_steps + 2):
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            pf.next_step()
-        rate = args.steps * args.micro_batch / (time.perf_counter() - t0)
-        print(f"loader ({shuffle} shuffle, 1 thread, micro-batch {args.micro_batch}): {rate:,.0f} samples/s; "
-              f"student {consume:,.0f} samples/s ({args.consume_tok_s:,.0f} tokens/s of {args.consume_seq}-token "
-              f"rows) -> {rate / consume:.1f}x (goal >= 20x)")
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    rate = 16 / float(np.median(times[2:]))
+    print(f"student (measured, {torch.get_num_threads()} thread(s)): {rate:,.0f} samples/s "
+          f"({rate * args.consume_seq:,.0f} tokens/s of {args.consume_seq}-token rows)")
+    return rate
+
+
+def loader_rate(d: Path, args, shuffle: str, world: int, rank: int, consume: float) -> float:
+    """Samples/s one rank's loader delivers with ``data.shuffle: shuffle`` (printed with the
+    ratio to ``consume``, blocks decoded and shards opened per 1,000 samples)."""
+    from pipeline.config.train import TrainDataConfig
+    from pipeline.student.streams import build_sampler
+
+    r = open_cache(d)  # cold LRU, no open shard
+    decoded = []
+    read = r.read_block
+    r.read_block = lambda s, b: decoded.append(1) or read(s, b)
+    data = TrainDataConfig(train_cache=str(d), shuffle=shuffle)
+    sampler, note = build_sampler(data, r, np.arange(len(r)), None, args.micro_batch, 1, rank, world, seed=0)
+    pf = StepPrefetcher(sampler, r, num_workers=0)
+    t0 = time.perf_counter()
+    pf.next_step()
+    first = time.perf_counter() - t0
+    n0, t0 = len(decoded), time.perf_counter()
+    for _ in range(args.steps):
+        pf.next_step()
+    dt = time.perf_counter() - t0
+    rate, n = args.steps * args.micro_batch / dt, args.steps * args.micro_batch
+    opens = getattr(getattr(r.backend, "_local", None), "files", None)
+    opened = f", {opens.opens * 1000 / (n + args.micro_batch):.1f} shards opened" if opens is not None else ""
+    print(f"loader {note}, rank {rank} of {world} (1 thread, micro-batch {args.micro_batch}): {rate:,.0f} samples/s "
+          f"-> {rate / consume:.1f}x the student (goal >= 20x); per 1,000 samples {(len(decoded) - n0) * 1000 / n:.0f} "
+          f"blocks decoded{opened}; first step {first:.2f} s")
+    return rate
 
 
 def main() -> None:
@@ -156,11 +215,18 @@ def main() -> None:
     ap.add_argument("--samples-per-shard", type=int, default=None, help="default: cache.samples_per_shard's default")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--consume-tok-s", type=float, default=34_600.0, help="the student's training tokens/s")
+    ap.add_argument("--rank", type=int, default=3, help="the simulated rank of 8")
+    ap.add_argument("--student-steps", type=int, default=10, help="student steps timed (0: use --consume-tok-s)")
+    ap.add_argument("--consume-tok-s", type=float, default=34_600.0, help="the student's tokens/s (--student-steps 0)")
     ap.add_argument("--consume-seq", type=int, default=256, help="tokens per sample of the student's batches")
     ap.add_argument("--dir", default=None, help="parent directory of the cache (default: the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the cache")
+    ap.add_argument("--cache", default=None, help="measure the reader and loader of this cache (written by --keep "
+                                                  "earlier) instead of writing one")
     args = ap.parse_args()
+    if args.cache:
+        reader(Path(args.cache), len(open_cache(args.cache)), args)
+        return
     d = Path(tempfile.mkdtemp(prefix="cache-scale-", dir=args.dir))
     try:
         dt = write_cache(d, args)

@@ -66,7 +66,7 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, caches, tmp_path, npro
     assert not (tmp_path / "run" / "final").exists()
     code, out, err = _run_to_end(cfg, nproc)
     assert code == 0, err[-2000:]
-    assert "resumed from" in out
+    assert "resumed from" in out and "shuffle streams (8 streams" in out  # the default loader
     a = load_file(tmp_path / "ref" / "final" / "model.safetensors")
     b = load_file(tmp_path / "run" / "final" / "model.safetensors")
     for name in a:

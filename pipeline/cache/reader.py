@@ -212,6 +212,11 @@ class CacheReader:
             base += self.num_blocks(s)
         return np.concatenate(out).astype(np.int64)
 
+    def sample_shards(self) -> np.ndarray:
+        """(N,) int64 shard (position in ``shards``) of every sample: the unit a loader keeps
+        open, :class:`~pipeline.student.streams.StreamSampler`'s regions."""
+        return np.repeat(np.arange(len(self.shards), dtype=np.int64), np.diff(self.shard_starts))
+
     # ------------------------------------------------------------------ blocks
     def num_blocks(self, shard: int) -> int:
         """Number of blocks (row groups / zarr row runs) of shard ``shard``."""
