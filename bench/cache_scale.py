@@ -24,8 +24,9 @@ of the mass, tail 10 %). The bytes on disk are printed. Then it measures:
    default; ``global``; ``block``; built by train-student's own
    :func:`pipeline.student.streams.build_sampler`) at world size 1 and as rank ``--rank`` of 8
    (the rank's own share of each global batch of 8 × ``--micro-batch``: what one of 8 ranks
-   reads). The first step (epoch order, first imports) is timed apart. Also printed: blocks
-   decoded and shards opened per 1,000 samples delivered. The student's consumption is measured
+   reads). The first step (epoch order, first imports) is timed apart; the modes alternate for
+   ``--rounds`` rounds and the median rate is printed. Also printed: blocks decoded and shards
+   opened per 1,000 samples delivered. The student's consumption is measured
    in the same run (``--student-steps`` plain float32 training steps of the stories260K-sized
    student, hidden 32, 4 layers, V = 512, on ``16 × --consume-seq`` batches, one thread: forward,
    cross-entropy, backward, AdamW), or taken from ``--consume-tok-s`` when ``--student-steps 0``
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -140,9 +142,18 @@ def reader(d: Path, N: int, args) -> None:
     print(f"open_cache heap left: {heap / N:.1f} B/sample (goal <= 24)")
     del r2
     consume = student_rate(args)
-    for world, rank in ((1, 0), (8, args.rank)):
-        for shuffle in ("streams", "global", "block"):
-            loader_rate(d, args, shuffle, world, rank, consume)
+    runs: dict[tuple, list] = {}
+    for _ in range(args.rounds):  # the modes alternate: a shared machine's load hits them alike
+        for world, rank in ((1, 0), (8, args.rank)):
+            for shuffle in ("streams", "global", "block"):
+                runs.setdefault((world, rank, shuffle), []).append(loader_rate(d, args, shuffle, world, rank))
+    for (world, rank, shuffle), rs in runs.items():
+        rate = statistics.median(r["rate"] for r in rs)
+        each = ", ".join(f"{r['rate']:,.0f}" for r in rs)
+        print(f"loader {rs[0]['note']}, rank {rank} of {world} (1 thread, micro-batch {args.micro_batch}): "
+              f"{rate:,.0f} samples/s (median of {len(rs)}: {each}) -> "
+              f"{rate / consume:.1f}x the student (goal >= 20x); per 1,000 samples {rs[0]['decoded']:.0f} blocks "
+              f"decoded, {rs[0]['opened']:.1f} shards opened; first step {rs[0]['first']:.2f} s")
 
 
 def student_rate(args) -> float:
@@ -176,9 +187,10 @@ def student_rate(args) -> float:
     return rate
 
 
-def loader_rate(d: Path, args, shuffle: str, world: int, rank: int, consume: float) -> float:
-    """Samples/s one rank's loader delivers with ``data.shuffle: shuffle`` (printed with the
-    ratio to ``consume``, blocks decoded and shards opened per 1,000 samples)."""
+def loader_rate(d: Path, args, shuffle: str, world: int, rank: int) -> dict:
+    """One rank's loader with ``data.shuffle: shuffle`` over ``--steps`` steps after the first:
+    ``rate`` (samples/s), ``decoded`` blocks and ``opened`` shards per 1,000 samples, ``first``
+    step's seconds, ``note`` (the order's description)."""
     from pipeline.config.train import TrainDataConfig
     from pipeline.student.streams import build_sampler
 
@@ -196,13 +208,10 @@ def loader_rate(d: Path, args, shuffle: str, world: int, rank: int, consume: flo
     for _ in range(args.steps):
         pf.next_step()
     dt = time.perf_counter() - t0
-    rate, n = args.steps * args.micro_batch / dt, args.steps * args.micro_batch
-    opens = getattr(getattr(r.backend, "_local", None), "files", None)
-    opened = f", {opens.opens * 1000 / (n + args.micro_batch):.1f} shards opened" if opens is not None else ""
-    print(f"loader {note}, rank {rank} of {world} (1 thread, micro-batch {args.micro_batch}): {rate:,.0f} samples/s "
-          f"-> {rate / consume:.1f}x the student (goal >= 20x); per 1,000 samples {(len(decoded) - n0) * 1000 / n:.0f} "
-          f"blocks decoded{opened}; first step {first:.2f} s")
-    return rate
+    n = args.steps * args.micro_batch
+    files = getattr(getattr(r.backend, "_local", None), "files", None)  # parquet: this thread's open shards
+    return {"rate": n / dt, "decoded": (len(decoded) - n0) * 1000 / n, "first": first, "note": note,
+            "opened": files.opens * 1000 / (n + args.micro_batch) if files is not None else float("nan")}
 
 
 def main() -> None:
@@ -216,6 +225,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--rank", type=int, default=3, help="the simulated rank of 8")
+    ap.add_argument("--rounds", type=int, default=3, help="loader measurements per mode (median printed)")
     ap.add_argument("--student-steps", type=int, default=10, help="student steps timed (0: use --consume-tok-s)")
     ap.add_argument("--consume-tok-s", type=float, default=34_600.0, help="the student's tokens/s (--student-steps 0)")
     ap.add_argument("--consume-seq", type=int, default=256, help="tokens per sample of the student's batches")
