@@ -32,14 +32,20 @@ of the mass, tail 10 %). The bytes on disk are printed. Then it measures:
    cross-entropy, backward, AdamW), or taken from ``--consume-tok-s`` when ``--student-steps 0``
    (34,600 tokens/s of 256-token rows measured by ``bench/student_step.py``).
 
+4. With ``--bucket`` (instead of 1-3): the default loader from a loopback S3 bucket against
+   the local cache, one epoch each (goal: >= 0.9x the local rate, <= 1.2x the cache's bytes
+   fetched per epoch); see :func:`bucket`.
+
 Run (the lead runs 10^7 on a quiet machine; 10^5 takes about a minute)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 100000 [--dir /big/disk/tmp] [--keep]
     OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --cache /big/disk/tmp/cache-scale-XXXX  # again
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 20000 --bucket
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -156,6 +162,62 @@ def reader(d: Path, N: int, args) -> None:
               f"decoded, {rs[0]['opened']:.1f} shards opened; first step {rs[0]['first']:.2f} s")
 
 
+def bucket(d: Path, args) -> None:
+    """One epoch of the ``streams`` loader at one rank from the cache copied into a loopback S3
+    bucket (moto's server in its own process, ``bench/object_store_bench.py``) against the same
+    epoch from the local copy, each with train-student's loader settings (local: the default
+    ``data.num_workers`` 1 thread, 4 steps ahead; store: 4 threads, 16 steps ahead), alternating
+    for ``--rounds`` rounds: samples/s, bytes fetched at open and in the epoch (ratio to the
+    cache's bytes), requests, and the CPU seconds the server used (it shares this machine's
+    cores with the loader, which a real store does not)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from object_store_bench import FETCHED, count_s3_reads, start_store
+    from pipeline.config.train import TrainDataConfig
+    from pipeline.storage import Remote
+    from pipeline.student.streams import build_sampler
+
+    count_s3_reads()
+    proc, _ = start_store()
+    try:
+        Remote("s3://kd-bench/cache").put_dir(d, "")
+        size = cache_bytes(d)
+        rates: dict[str, list[float]] = {"local": [], "bucket": []}
+        for _ in range(args.rounds):
+            for where, workers, depth in (("local", 1, 4), ("bucket", 4, 16)):
+                src = str(d) if where == "local" else "s3://kd-bench/cache"
+                FETCHED.update(bytes=0, requests=0)
+                r = open_cache(src)
+                at_open = dict(FETCHED)
+                sampler, note = build_sampler(TrainDataConfig(train_cache=src), r, np.arange(len(r)), None,
+                                              args.micro_batch, 1, 0, 1, seed=0)
+                pf = StepPrefetcher(sampler, r, num_workers=workers, depth=depth)
+                cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
+                for _ in range(sampler.steps_per_epoch):
+                    pf.next_step()
+                dt, cpu = time.perf_counter() - t0, _cpu_seconds(proc.pid) - cpu0
+                pf.close()
+                rate = sampler.steps_per_epoch * args.micro_batch / dt
+                rates[where].append(rate)
+                fetched = (FETCHED["bytes"] - at_open["bytes"]) / size
+                print(f"{where:6} {note}, {workers} thread(s): one epoch at {rate:,.0f} samples/s" + (
+                      f"; fetched {at_open['bytes'] / size:.2f}x the cache at open ({at_open['requests']} requests) "
+                      f"and {fetched:.2f}x in the epoch ({FETCHED['requests'] - at_open['requests']} requests; goal "
+                      f"<= 1.2x); the server used {cpu:.1f} CPU s of the epoch's {dt:.1f} s" if where == "bucket" else ""),
+                      flush=True)
+        med = {w: statistics.median(v) for w, v in rates.items()}
+        print(f"bucket / local: {med['bucket'] / med['local']:.2f}x (medians {med['bucket']:,.0f} / "
+              f"{med['local']:,.0f} samples/s; goal >= 0.9x)")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def student_rate(args) -> float:
     """Samples/s the stories260K-sized student trains on (``--student-steps`` plain steps after
     2 warm-up steps, median step time), or ``--consume-tok-s / --consume-seq``."""
@@ -233,9 +295,11 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the cache")
     ap.add_argument("--cache", default=None, help="measure the reader and loader of this cache (written by --keep "
                                                   "earlier) instead of writing one")
+    ap.add_argument("--bucket", action="store_true", help="only the loader from a loopback S3 bucket against the "
+                                                          "local cache (one epoch each: use a small --samples)")
     args = ap.parse_args()
     if args.cache:
-        reader(Path(args.cache), len(open_cache(args.cache)), args)
+        (bucket if args.bucket else lambda d, a: reader(d, len(open_cache(d)), a))(Path(args.cache), args)
         return
     d = Path(tempfile.mkdtemp(prefix="cache-scale-", dir=args.dir))
     try:
@@ -245,7 +309,7 @@ def main() -> None:
               f"{cache_bytes(d):,} bytes on disk ({cache_bytes(d) / N:.1f} B/sample) in {d}")
         stage1(d, N, args.backend, args.k, args.vocab, args.tokens)
         finalize_cache(d)
-        reader(d, N, args)
+        bucket(d, args) if args.bucket else reader(d, N, args)
     finally:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)

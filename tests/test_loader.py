@@ -155,3 +155,32 @@ def test_open_shard_lru_evicts_one_handle_at_a_time():
     assert sorted(closed) == [[0], [1], [2], [3], [4]] and len(lru) == 0
     with pytest.raises(ValueError, match="capacity 0"):
         HandleLRU(list, capacity=0)
+
+
+def test_open_shard_lru_opens_a_shard_once_under_concurrent_misses():
+    """Threads that miss the same shard at once wait for one open (a remote shard's footer or
+    bytes are fetched once); a failed open is raised in its thread and retried by the next."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.cache.handles import HandleLRU
+
+    calls, fail = [], threading.Event()
+
+    def slow_open(k):
+        calls.append(k)
+        time.sleep(0.05)
+        if fail.is_set():
+            fail.clear()
+            raise OSError("store unreachable")
+        return [k]
+
+    lru = HandleLRU(slow_open, capacity=4)
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(lru.get, ["a"] * 6)) == [["a"]] * 6
+    assert calls == ["a"] and lru.opens == 1
+    fail.set()
+    with pytest.raises(OSError, match="unreachable"):
+        lru.get("b")
+    assert lru.get("b") == ["b"] and calls == ["a", "b", "b"]

@@ -22,13 +22,15 @@ process's file-descriptor limit with several reader threads."""
 
 class HandleLRU(Generic[H]):
     """Up to ``capacity`` open handles keyed by shard path, least recently used evicted first
-    (and closed, when ``close`` is given). Thread-safe; a handle is opened outside the lock, so
-    two threads may open the same shard at once (one handle is kept, the other closed).
+    (and closed, when ``close`` is given). Thread-safe: a handle is opened outside the lock, and
+    threads asking for a shard another thread is opening wait for that one handle (a remote
+    shard's footer or bytes are fetched once).
 
     Args:
-        open_fn: key -> handle (its exceptions propagate to :meth:`get`).
+        open_fn: key -> handle (its exceptions propagate to :meth:`get`, in the opening thread;
+            a waiting thread then opens it again itself).
         capacity: handles kept (>= 1).
-        close: handle -> None, called on each evicted or discarded handle.
+        close: handle -> None, called on each evicted handle.
     """
 
     def __init__(self, open_fn: Callable[[Hashable], H], capacity: int = MAX_OPEN_SHARDS,
@@ -38,27 +40,34 @@ class HandleLRU(Generic[H]):
         self.open_fn, self.capacity, self.close = open_fn, capacity, close
         self._items: OrderedDict[Hashable, H] = OrderedDict()
         self._lock = threading.Lock()
+        self._opening: dict[Hashable, threading.Event] = {}
         self.opens = 0  # handles opened so far (benchmarks and tests)
 
     def get(self, key: Hashable) -> H:
         """The open handle of ``key``, opened now if it is not kept."""
-        with self._lock:
-            h = self._items.get(key)
-            if h is not None:
-                self._items.move_to_end(key)
-                return h
-        h = self.open_fn(key)
+        while True:
+            with self._lock:
+                h = self._items.get(key)
+                if h is not None:
+                    self._items.move_to_end(key)
+                    return h
+                opening = self._opening.get(key)
+                if opening is None:
+                    opening = self._opening[key] = threading.Event()
+                    break
+            opening.wait()  # then look again (it failed, or was evicted meanwhile)
         evicted = []
-        with self._lock:
-            self.opens += 1
-            kept = self._items.get(key)
-            if kept is not None:  # another thread opened it meanwhile
-                evicted.append(h)
-                h = kept
-            else:
+        try:
+            h = self.open_fn(key)
+            with self._lock:
+                self.opens += 1
                 self._items[key] = h
                 while len(self._items) > self.capacity:
                     evicted.append(self._items.popitem(last=False)[1])
+        finally:
+            with self._lock:
+                self._opening.pop(key, None)
+            opening.set()
         for old in evicted:
             self._close(old)
         return h

@@ -51,13 +51,55 @@ _PER_TOKEN = ("input_ids", "loss_mask")
 _PER_POSITION = ("topk_ids", "topk_values", "tail_logprob", "value_ref")
 
 
-class _OpenShard:
-    """A shard opened for block reads: the file (page checksums verified) and the columns a
-    block read asks for, resolved once (building the Arrow schema from the footer, 24 KB of
-    index included, costs about as much as decoding a small block)."""
+WHOLE_SHARD_BYTES = 8 << 20
+"""With ``ParquetBackend.whole_shards``, a remote shard up to this size is fetched whole, in one
+request, when it is first read (its blocks are then decoded from memory); a larger one, or any
+without, block by block (one ranged request each)."""
 
-    def __init__(self, path):
-        self.file = pq.ParquetFile(_source(path), page_checksum_verification=True)
+
+def _read_footer(path) -> pq.FileMetaData:
+    """A shard's parsed footer. From a store, two ranged reads of exactly the footer's bytes:
+    the 8-byte trailer (footer length, magic), then the footer (pyarrow alone reads a fixed
+    64 KiB tail first and the rest again when the footer is longer, about 1.5× its bytes)."""
+    if not isinstance(path, RemotePath):
+        return pq.read_metadata(path)
+    with _source(path) as f:
+        return _footer_of(f, f.size, path)
+
+
+def _footer_of(f, size: int, path) -> pq.FileMetaData:
+    f.seek(size - 8)
+    trailer = f.read(8)
+    n = int.from_bytes(trailer[:4], "little")
+    if trailer[4:] != b"PAR1" or n + 12 > size:
+        raise ValueError(f"shard {path}: not a parquet file (trailer {trailer!r})")
+    f.seek(size - 8 - n)
+    footer = f.read(n)
+    return pq.read_metadata(pa.BufferReader(b"PAR1" + footer + trailer))  # parsed alone: offsets stay the file's
+
+
+def _shared_part(path, whole: bool) -> pq.FileMetaData | pa.Buffer:
+    """What the reading threads of one reader share of a shard: a small remote shard's bytes
+    (fetched whole, with ``whole``), else its parsed footer (fetched once, not once per thread)."""
+    if not isinstance(path, RemotePath):
+        return pq.read_metadata(path)
+    with _source(path) as f:
+        if whole and f.size <= WHOLE_SHARD_BYTES:
+            return pa.py_buffer(f.read())
+        return _footer_of(f, f.size, path)
+
+
+class _OpenShard:
+    """A shard opened for block reads by one thread: the file (page checksums verified), over
+    what the threads share (:func:`_shared_part`: the shard's bytes, or its parsed footer), and
+    the columns a block read asks for, resolved once (building the Arrow schema from the footer,
+    24 KB of index included, costs about as much as decoding a small block)."""
+
+    def __init__(self, path, shared: pq.FileMetaData | pa.Buffer):
+        if isinstance(shared, pa.Buffer):
+            self.file = pq.ParquetFile(pa.BufferReader(shared), page_checksum_verification=True)
+        else:
+            self.file = pq.ParquetFile(_source(path), metadata=shared, page_checksum_verification=True)
         names = set(self.file.schema_arrow.names)
         self.arrays = [n for n in _PER_TOKEN + _PER_POSITION + ("offsets",) if n in names]
         self.columns = self.arrays + ["sample_id", "teacher_nll_sum"] + (["text"] if "offsets" in names else [])
@@ -74,6 +116,12 @@ class ParquetBackend:
         page_checksums: write a CRC-32 into every page (the reader checks it on each read); off
             only to write shards as older versions did (tests).
         max_open: shards kept open per reading thread (:class:`~pipeline.cache.handles.HandleLRU`).
+
+    Attributes:
+        whole_shards: fetch a remote shard of at most ``WHOLE_SHARD_BYTES`` whole on its first
+            read, for a loader that reads all blocks of a shard in a short time (the ``streams``
+            shuffle: one request per shard instead of one per block, each byte once); off for
+            random access, where it would download a shard for one block.
     """
 
     suffix = ".parquet"
@@ -83,11 +131,14 @@ class ParquetBackend:
         self.compression, self.compression_level = compression, compression_level
         self.page_checksums, self.max_open = page_checksums, max_open
         self._local = threading.local()  # per-thread open shards (a ParquetFile is read by one thread)
+        self.whole_shards = False
+        self._shared = HandleLRU(lambda p: _shared_part(p, self.whole_shards), max_open)  # shared by the threads
 
     def _open(self, path) -> _OpenShard:
         files = getattr(self._local, "files", None)
         if files is None:
-            files = self._local.files = HandleLRU(_OpenShard, self.max_open, close=_OpenShard.close)
+            files = self._local.files = HandleLRU(lambda p: _OpenShard(p, self._shared.get(p)), self.max_open,
+                                                  close=_OpenShard.close)
         return files.get(path)
 
     def write_shard(self, path: Path, arrays: dict, k: int, block_size: int) -> None:
@@ -130,7 +181,7 @@ class ParquetBackend:
                        use_byte_stream_split=split, write_page_checksum=self.page_checksums)
 
     def read_index(self, path: Path) -> ShardIndex:
-        f = pq.ParquetFile(_source(path))
+        f = pq.ParquetFile(_source(path), metadata=_read_footer(path) if isinstance(path, RemotePath) else None)
         sizes = [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         meta = f.schema_arrow.metadata or {}

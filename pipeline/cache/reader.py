@@ -212,6 +212,14 @@ class CacheReader:
             base += self.num_blocks(s)
         return np.concatenate(out).astype(np.int64)
 
+    def read_shards_whole(self, enabled: bool = True) -> None:
+        """Tell the backend that blocks are read shard by shard (every block of a shard within
+        a short time, as the ``streams`` shuffle does): from a store, a parquet shard of at most
+        :data:`pipeline.cache.parquet.WHOLE_SHARD_BYTES` is then fetched in one request on its
+        first read. No effect on a local cache or a zarr one."""
+        if hasattr(self.backend, "whole_shards"):
+            self.backend.whole_shards = enabled
+
     def sample_shards(self) -> np.ndarray:
         """(N,) int64 shard (position in ``shards``) of every sample: the unit a loader keeps
         open, :class:`~pipeline.student.streams.StreamSampler`'s regions."""

@@ -195,6 +195,8 @@ def build_sampler(data, src, indices: np.ndarray, weights: np.ndarray | None, mi
     if streams % world_size:
         raise ConfigError(f"data.shuffle_streams={streams} is not a multiple of the world size {world_size}")
     shards = getattr(src, "sample_shards", None)
+    if hasattr(src, "read_shards_whole"):  # every block of a shard is read within a short time
+        src.read_shards_whole()
     sampler = StreamSampler(indices, *common, groups=src.block_ids()[indices],
                             regions=None if shards is None else shards()[indices],
                             streams=streams, window=data.shuffle_window)
