@@ -157,7 +157,8 @@ def reader(d: Path, N: int, args) -> None:
         rate = statistics.median(r["rate"] for r in rs)
         each = ", ".join(f"{r['rate']:,.0f}" for r in rs)
         print(f"loader {rs[0]['note']}, rank {rank} of {world} (1 thread, micro-batch {args.micro_batch}): "
-              f"{rate:,.0f} samples/s (median of {len(rs)}: {each}) -> "
+              f"{rate:,.0f} samples/s (median of {len(rs)}: {each}; "
+              f"{statistics.median(r['cpu_rate'] for r in rs):,.0f} per CPU second) -> "
               f"{rate / consume:.1f}x the student (goal >= 20x); per 1,000 samples {rs[0]['decoded']:.0f} blocks "
               f"decoded, {rs[0]['opened']:.1f} shards opened; first step {rs[0]['first']:.2f} s")
 
@@ -182,6 +183,7 @@ def bucket(d: Path, args) -> None:
         Remote("s3://kd-bench/cache").put_dir(d, "")
         size = cache_bytes(d)
         rates: dict[str, list[float]] = {"local": [], "bucket": []}
+        cpu_rates: dict[str, list[float]] = {"local": [], "bucket": []}
         for _ in range(args.rounds):
             for where, workers, depth in (("local", 1, 4), ("bucket", 4, 16)):
                 src = str(d) if where == "local" else "s3://kd-bench/cache"
@@ -191,22 +193,27 @@ def bucket(d: Path, args) -> None:
                 sampler, note = build_sampler(TrainDataConfig(train_cache=src), r, np.arange(len(r)), None,
                                               args.micro_batch, 1, 0, 1, seed=0)
                 pf = StepPrefetcher(sampler, r, num_workers=workers, depth=depth)
-                cpu0, t0 = _cpu_seconds(proc.pid), time.perf_counter()
+                cpu0, t0, mine0 = _cpu_seconds(proc.pid), time.perf_counter(), time.process_time()
                 for _ in range(sampler.steps_per_epoch):
                     pf.next_step()
                 dt, cpu = time.perf_counter() - t0, _cpu_seconds(proc.pid) - cpu0
+                mine = time.process_time() - mine0
                 pf.close()
                 rate = sampler.steps_per_epoch * args.micro_batch / dt
                 rates[where].append(rate)
+                cpu_rates[where].append(sampler.steps_per_epoch * args.micro_batch / mine)
                 fetched = (FETCHED["bytes"] - at_open["bytes"]) / size
-                print(f"{where:6} {note}, {workers} thread(s): one epoch at {rate:,.0f} samples/s" + (
+                print(f"{where:6} {note}, {workers} thread(s): one epoch at {rate:,.0f} samples/s "
+                      f"({sampler.steps_per_epoch * args.micro_batch / mine:,.0f} per CPU second of this process)" + (
                       f"; fetched {at_open['bytes'] / size:.2f}x the cache at open ({at_open['requests']} requests) "
                       f"and {fetched:.2f}x in the epoch ({FETCHED['requests'] - at_open['requests']} requests; goal "
                       f"<= 1.2x); the server used {cpu:.1f} CPU s of the epoch's {dt:.1f} s" if where == "bucket" else ""),
                       flush=True)
         med = {w: statistics.median(v) for w, v in rates.items()}
+        cpu = {w: statistics.median(v) for w, v in cpu_rates.items()}
         print(f"bucket / local: {med['bucket'] / med['local']:.2f}x (medians {med['bucket']:,.0f} / "
-              f"{med['local']:,.0f} samples/s; goal >= 0.9x)")
+              f"{med['local']:,.0f} samples/s; goal >= 0.9x); per CPU second {cpu['bucket'] / cpu['local']:.2f}x "
+              f"({cpu['bucket']:,.0f} / {cpu['local']:,.0f})")
     finally:
         proc.terminate()
         proc.wait()
@@ -266,13 +273,13 @@ def loader_rate(d: Path, args, shuffle: str, world: int, rank: int) -> dict:
     t0 = time.perf_counter()
     pf.next_step()
     first = time.perf_counter() - t0
-    n0, t0 = len(decoded), time.perf_counter()
+    n0, t0, c0 = len(decoded), time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         pf.next_step()
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     n = args.steps * args.micro_batch
     files = getattr(getattr(r.backend, "_local", None), "files", None)  # parquet: this thread's open shards
-    return {"rate": n / dt, "decoded": (len(decoded) - n0) * 1000 / n, "first": first, "note": note,
+    return {"rate": n / dt, "cpu_rate": n / cpu, "decoded": (len(decoded) - n0) * 1000 / n, "first": first, "note": note,
             "opened": files.opens * 1000 / (n + args.micro_batch) if files is not None else float("nan")}
 
 

@@ -135,8 +135,9 @@ class StreamSampler:
         return samples[np.argsort(visit + rng.random(n_s) * self.window, kind="stable")]
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """(steps_per_epoch·B / W,) this rank's sample indices of ``epoch`` in visiting order:
-        entry ``t`` is global position ``rank + t·W`` (memoised for the two latest epochs)."""
+        """(samples_per_stream·S / W,) int64 this rank's sample indices of ``epoch`` in visiting
+        order: entry ``t`` is global position ``rank + t·W`` (memoised for the two latest epochs;
+        8 bytes per sample of the rank's share)."""
         if epoch not in self._order:
             seq = self.block_sequence(epoch)
             mine = [self.stream_order(epoch, v, seq) for v in range(self.rank, self.streams, self.world_size)]
@@ -159,9 +160,11 @@ class StreamSampler:
 
 def build_sampler(data, src, indices: np.ndarray, weights: np.ndarray | None, micro_batch_size: int,
                   grad_accum_steps: int, rank: int, world_size: int, seed: int):
-    """The round's sampler for ``data.shuffle`` (a :class:`~pipeline.config.train.DataConfig`)
-    and a one-line description of the order it draws (printed, and saved with checkpoints to
-    notice a resume into another order).
+    """The round's sampler for ``data.shuffle`` (``data``: a
+    :class:`~pipeline.config.train.TrainDataConfig`) and a one-line description of the order it
+    draws (printed, and saved with checkpoints to notice a resume into another order). With
+    ``streams`` a cache reader is told it is read shard by shard
+    (:meth:`~pipeline.cache.CacheReader.read_shards_whole`).
 
     ``streams`` needs cache blocks and draws without weights: when it is only the default, a
     dataset source or weighted draws (loss weights, a mixture of caches) fall back to
