@@ -19,19 +19,35 @@ of the mass, tail 10 %). The bytes on disk are printed. Then it measures:
 3. Loader vs consumption (goal ≥ 20×), in samples/s (the loader's cost is per sample and per
    block; the synthetic samples are short): what :class:`pipeline.student.sampler.StepPrefetcher`
    (``num_workers=0``: one thread, inline) delivers as collated micro-batches of
-   ``--micro-batch`` samples from a freshly opened reader (cold LRU) over ``--steps`` steps, with
-   the global shuffle and the block shuffle (``data.shuffle: block``), against the student's
-   ``--consume-tok-s / --consume-seq`` samples/s (default 34,600 tokens/s of 256-token rows: the
-   stories260K-sized student step with 16 × 256 batches, ``bench/student_step.py``).
+   ``--micro-batch`` samples per rank from a freshly opened reader (cold LRU, the default
+   ``data.max_cached_bytes``) over ``--steps`` steps, for each ``data.shuffle`` (``streams``, the
+   default; ``global``; ``block``; built by train-student's own
+   :func:`pipeline.student.streams.build_sampler`) at world size 1 and as rank ``--rank`` of 8
+   (the rank's own share of each global batch of 8 × ``--micro-batch``: what one of 8 ranks
+   reads). The first step (epoch order, first imports) is timed apart; the modes alternate for
+   ``--rounds`` rounds and the median rate is printed. Also printed: blocks decoded and shards
+   opened per 1,000 samples delivered. The student's consumption is measured
+   in the same run (``--student-steps`` plain float32 training steps of the stories260K-sized
+   student, hidden 32, 4 layers, V = 512, on ``16 × --consume-seq`` batches, one thread: forward,
+   cross-entropy, backward, AdamW), or taken from ``--consume-tok-s`` when ``--student-steps 0``
+   (34,600 tokens/s of 256-token rows measured by ``bench/student_step.py``).
+
+4. With ``--bucket`` (instead of 1-3): the default loader from a loopback S3 bucket against
+   the local cache, one epoch each (goal: >= 0.9x the local rate, <= 1.2x the cache's bytes
+   fetched per epoch); see :func:`bucket`.
 
 Run (the lead runs 10^7 on a quiet machine; 10^5 takes about a minute)::
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 100000 [--dir /big/disk/tmp] [--keep]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --cache /big/disk/tmp/cache-scale-XXXX  # again
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 20000 --bucket
 """
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -47,7 +63,7 @@ from pipeline.cache.manifest import Manifest, TeacherEntry  # noqa: E402
 from pipeline.cache.records import CacheRecord  # noqa: E402
 from pipeline.config.precompute import CacheConfig  # noqa: E402
 from pipeline.sample_ids import HashIndex, id_hashes  # noqa: E402
-from pipeline.student.sampler import StepPrefetcher, StepSampler  # noqa: E402
+from pipeline.student.sampler import StepPrefetcher  # noqa: E402
 
 CHUNK = 4096
 
@@ -131,19 +147,140 @@ def reader(d: Path, N: int, args) -> None:
     r2, heap = _traced(lambda: open_cache(d))
     print(f"open_cache heap left: {heap / N:.1f} B/sample (goal <= 24)")
     del r2
-    consume = args.consume_tok_s / args.consume_seq  # the student's samples/s
-    for shuffle in ("global", "block"):
-        r = open_cache(d)  # cold LRU
-        groups = r.block_ids() if shuffle == "block" else None
-        sampler = StepSampler(np.arange(len(r)), args.micro_batch, 1, 0, 1, seed=0, groups=groups)
-        pf = StepPrefetcher(sampler, r, num_workers=0)
+    consume = student_rate(args)
+    runs: dict[tuple, list] = {}
+    for _ in range(args.rounds):  # the modes alternate: a shared machine's load hits them alike
+        for world, rank in ((1, 0), (8, args.rank)):
+            for shuffle in ("streams", "global", "block"):
+                runs.setdefault((world, rank, shuffle), []).append(loader_rate(d, args, shuffle, world, rank))
+    for (world, rank, shuffle), rs in runs.items():
+        rate = statistics.median(r["rate"] for r in rs)
+        each = ", ".join(f"{r['rate']:,.0f}" for r in rs)
+        print(f"loader {rs[0]['note']}, rank {rank} of {world} (1 thread, micro-batch {args.micro_batch}): "
+              f"{rate:,.0f} samples/s (median of {len(rs)}: {each}; "
+              f"{statistics.median(r['cpu_rate'] for r in rs):,.0f} per CPU second) -> "
+              f"{rate / consume:.1f}x the student (goal >= 20x); per 1,000 samples {rs[0]['decoded']:.0f} blocks "
+              f"decoded, {rs[0]['opened']:.1f} shards opened; first step {rs[0]['first']:.2f} s")
+
+
+def bucket(d: Path, args) -> None:
+    """One epoch of the ``streams`` loader at one rank from the cache copied into a loopback S3
+    bucket (moto's server in its own process, ``bench/object_store_bench.py``) against the same
+    epoch from the local copy, each with train-student's loader settings (local: the default
+    ``data.num_workers`` 1 thread, 4 steps ahead; store: 4 threads, 16 steps ahead), alternating
+    for ``--rounds`` rounds: samples/s, bytes fetched at open and in the epoch (ratio to the
+    cache's bytes), requests, and the CPU seconds the server used (it shares this machine's
+    cores with the loader, which a real store does not)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from object_store_bench import FETCHED, count_s3_reads, start_store
+    from pipeline.config.train import TrainDataConfig
+    from pipeline.storage import Remote
+    from pipeline.student.streams import build_sampler
+
+    count_s3_reads()
+    proc, _ = start_store()
+    try:
+        Remote("s3://kd-bench/cache").put_dir(d, "")
+        size = cache_bytes(d)
+        rates: dict[str, list[float]] = {"local": [], "bucket": []}
+        cpu_rates: dict[str, list[float]] = {"local": [], "bucket": []}
+        for _ in range(args.rounds):
+            for where, workers, depth in (("local", 1, 4), ("bucket", 4, 16)):
+                src = str(d) if where == "local" else "s3://kd-bench/cache"
+                FETCHED.update(bytes=0, requests=0)
+                r = open_cache(src)
+                at_open = dict(FETCHED)
+                sampler, note = build_sampler(TrainDataConfig(train_cache=src), r, np.arange(len(r)), None,
+                                              args.micro_batch, 1, 0, 1, seed=0)
+                pf = StepPrefetcher(sampler, r, num_workers=workers, depth=depth)
+                cpu0, t0, mine0 = _cpu_seconds(proc.pid), time.perf_counter(), time.process_time()
+                for _ in range(sampler.steps_per_epoch):
+                    pf.next_step()
+                dt, cpu = time.perf_counter() - t0, _cpu_seconds(proc.pid) - cpu0
+                mine = time.process_time() - mine0
+                pf.close()
+                rate = sampler.steps_per_epoch * args.micro_batch / dt
+                rates[where].append(rate)
+                cpu_rates[where].append(sampler.steps_per_epoch * args.micro_batch / mine)
+                fetched = (FETCHED["bytes"] - at_open["bytes"]) / size
+                print(f"{where:6} {note}, {workers} thread(s): one epoch at {rate:,.0f} samples/s "
+                      f"({sampler.steps_per_epoch * args.micro_batch / mine:,.0f} per CPU second of this process)" + (
+                      f"; fetched {at_open['bytes'] / size:.2f}x the cache at open ({at_open['requests']} requests) "
+                      f"and {fetched:.2f}x in the epoch ({FETCHED['requests'] - at_open['requests']} requests; goal "
+                      f"<= 1.2x); the server used {cpu:.1f} CPU s of the epoch's {dt:.1f} s" if where == "bucket" else ""),
+                      flush=True)
+        med = {w: statistics.median(v) for w, v in rates.items()}
+        cpu = {w: statistics.median(v) for w, v in cpu_rates.items()}
+        print(f"bucket / local: {med['bucket'] / med['local']:.2f}x (medians {med['bucket']:,.0f} / "
+              f"{med['local']:,.0f} samples/s; goal >= 0.9x); per CPU second {cpu['bucket'] / cpu['local']:.2f}x "
+              f"({cpu['bucket']:,.0f} / {cpu['local']:,.0f})")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def student_rate(args) -> float:
+    """Samples/s the stories260K-sized student trains on (``--student-steps`` plain steps after
+    2 warm-up steps, median step time), or ``--consume-tok-s / --consume-seq``."""
+    if args.student_steps <= 0:
+        rate = args.consume_tok_s / args.consume_seq
+        print(f"student (given): {rate:,.0f} samples/s ({args.consume_tok_s:,.0f} tokens/s of {args.consume_seq}-token rows)")
+        return rate
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.data.demo_corpus import llama_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(llama_config(512, 32, 4, 4, 2, 86, context=args.consume_seq))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 512, (16, args.consume_seq))
+    times = []
+    for i in range(args.student_steps + 2):
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            pf.next_step()
-        rate = args.steps * args.micro_batch / (time.perf_counter() - t0)
-        print(f"loader ({shuffle} shuffle, 1 thread, micro-batch {args.micro_batch}): {rate:,.0f} samples/s; "
-              f"student {consume:,.0f} samples/s ({args.consume_tok_s:,.0f} tokens/s of {args.consume_seq}-token "
-              f"rows) -> {rate / consume:.1f}x (goal >= 20x)")
+        logits = model(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 512), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    rate = 16 / float(np.median(times[2:]))
+    print(f"student (measured, {torch.get_num_threads()} thread(s)): {rate:,.0f} samples/s "
+          f"({rate * args.consume_seq:,.0f} tokens/s of {args.consume_seq}-token rows)")
+    return rate
+
+
+def loader_rate(d: Path, args, shuffle: str, world: int, rank: int) -> dict:
+    """One rank's loader with ``data.shuffle: shuffle`` over ``--steps`` steps after the first:
+    ``rate`` (samples/s), ``decoded`` blocks and ``opened`` shards per 1,000 samples, ``first``
+    step's seconds, ``note`` (the order's description)."""
+    from pipeline.config.train import TrainDataConfig
+    from pipeline.student.streams import build_sampler
+
+    r = open_cache(d)  # cold LRU, no open shard
+    decoded = []
+    read = r.read_block
+    r.read_block = lambda s, b: decoded.append(1) or read(s, b)
+    data = TrainDataConfig(train_cache=str(d), shuffle=shuffle)
+    sampler, note = build_sampler(data, r, np.arange(len(r)), None, args.micro_batch, 1, rank, world, seed=0)
+    pf = StepPrefetcher(sampler, r, num_workers=0)
+    t0 = time.perf_counter()
+    pf.next_step()
+    first = time.perf_counter() - t0
+    n0, t0, c0 = len(decoded), time.perf_counter(), time.process_time()
+    for _ in range(args.steps):
+        pf.next_step()
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    n = args.steps * args.micro_batch
+    files = getattr(getattr(r.backend, "_local", None), "files", None)  # parquet: this thread's open shards
+    return {"rate": n / dt, "cpu_rate": n / cpu, "decoded": (len(decoded) - n0) * 1000 / n, "first": first, "note": note,
+            "opened": files.opens * 1000 / (n + args.micro_batch) if files is not None else float("nan")}
 
 
 def main() -> None:
@@ -156,11 +293,21 @@ def main() -> None:
     ap.add_argument("--samples-per-shard", type=int, default=None, help="default: cache.samples_per_shard's default")
     ap.add_argument("--micro-batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--consume-tok-s", type=float, default=34_600.0, help="the student's training tokens/s")
+    ap.add_argument("--rank", type=int, default=3, help="the simulated rank of 8")
+    ap.add_argument("--rounds", type=int, default=3, help="loader measurements per mode (median printed)")
+    ap.add_argument("--student-steps", type=int, default=10, help="student steps timed (0: use --consume-tok-s)")
+    ap.add_argument("--consume-tok-s", type=float, default=34_600.0, help="the student's tokens/s (--student-steps 0)")
     ap.add_argument("--consume-seq", type=int, default=256, help="tokens per sample of the student's batches")
     ap.add_argument("--dir", default=None, help="parent directory of the cache (default: the system temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the cache")
+    ap.add_argument("--cache", default=None, help="measure the reader and loader of this cache (written by --keep "
+                                                  "earlier) instead of writing one")
+    ap.add_argument("--bucket", action="store_true", help="only the loader from a loopback S3 bucket against the "
+                                                          "local cache (one epoch each: use a small --samples)")
     args = ap.parse_args()
+    if args.cache:
+        (bucket if args.bucket else lambda d, a: reader(d, len(open_cache(d)), a))(Path(args.cache), args)
+        return
     d = Path(tempfile.mkdtemp(prefix="cache-scale-", dir=args.dir))
     try:
         dt = write_cache(d, args)
@@ -169,7 +316,7 @@ def main() -> None:
               f"{cache_bytes(d):,} bytes on disk ({cache_bytes(d) / N:.1f} B/sample) in {d}")
         stage1(d, N, args.backend, args.k, args.vocab, args.tokens)
         finalize_cache(d)
-        reader(d, N, args)
+        bucket(d, args) if args.bucket else reader(d, N, args)
     finally:
         if not args.keep:
             shutil.rmtree(d, ignore_errors=True)

@@ -274,16 +274,26 @@ def _corrupt_targets(shard):
     target.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["parquet-without-page-checksums"])
 def test_open_reads_no_shard_bytes_and_checks_each_shard_once_on_first_read(tmp_path, backend, monkeypatch):
-    """Opening hashes nothing; the first read of a block of a shard hashes that shard once (also
-    under concurrent readers), validate() hashes every shard; data corruption that leaves the
-    index readable is reported on the first read of that shard, naming cache and shard."""
+    """Opening hashes nothing. A shard without page checksums (zarr, older parquet) is hashed
+    once on the first read of any of its blocks (also under concurrent readers); a parquet shard
+    whose pages carry CRC-32s is never hashed to be read. validate() hashes every shard. Data
+    corruption that leaves the index readable is reported on the first read of that shard as a
+    checksum mismatch naming cache and shard (a page-checksummed shard is hashed then, once)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.cache import reader as cache_reader
+    from pipeline.cache import lifecycle, reader as cache_reader
+    from pipeline.cache.parquet import ParquetBackend
 
-    _write(tmp_path, synthetic_records(12, V, K, seed=9), _manifest(backend))  # 3 shards of 2 blocks
+    hashed_on_read = backend != "parquet"
+    if backend == "parquet-without-page-checksums":  # shards as written before page checksums
+        backend = "parquet"
+        with monkeypatch.context() as m:
+            m.setattr(lifecycle, "backend_for", lambda name, *a: ParquetBackend(*a, page_checksums=False))
+            _write(tmp_path, synthetic_records(12, V, K, seed=9), _manifest(backend))  # 3 shards of 2 blocks
+    else:
+        _write(tmp_path, synthetic_records(12, V, K, seed=9), _manifest(backend))
     finalize_cache(tmp_path)
     calls: list[str] = []
     real = cache_reader.dir_sha256
@@ -293,15 +303,15 @@ def test_open_reads_no_shard_bytes_and_checks_each_shard_once_on_first_read(tmp_
     assert calls == [] and len(r) == 12
     first_of = [int(r.shard_starts[s]) for s in range(3)]
     r[first_of[1]]
-    assert calls == [shards[1]]
+    assert calls == ([shards[1]] if hashed_on_read else [])
     for i in range(len(r)):  # every block of every shard
         r[i]
-    assert sorted(calls) == sorted(shards)
+    assert sorted(calls) == (sorted(shards) if hashed_on_read else [])
     calls.clear()
     concurrent = open_cache(tmp_path, max_cached_bytes=1)  # every access decodes a block
     with ThreadPoolExecutor(6) as pool:
         list(pool.map(lambda i: concurrent[i], list(range(len(r))) * 3))
-    assert sorted(calls) == sorted(shards)
+    assert sorted(calls) == (sorted(shards) if hashed_on_read else [])
     calls.clear()
     open_cache(tmp_path).validate()
     assert sorted(calls) == sorted(shards)
@@ -317,9 +327,12 @@ def test_open_reads_no_shard_bytes_and_checks_each_shard_once_on_first_read(tmp_
     for _ in range(2):  # the mismatch is remembered: the shard is not hashed again
         with pytest.raises(ValueError, match=f"cache {tmp_path}: shard {shards[2]} checksum mismatch"):
             r[first_of[2]]
-    assert calls == shards
+    assert calls == (shards if hashed_on_read else [shards[2]])
     with pytest.raises(ValueError, match=f"shard {shards[2]} checksum mismatch"):
         validate_cache(tmp_path)
+    if not hashed_on_read:  # without the hash, the page checksum itself refuses the block
+        with pytest.raises(ValueError, match=f"shard {shards[2]} block 0 unreadable.*CRC checksum verification failed"):
+            open_cache(tmp_path, verify=False)[first_of[2]]
 
 
 def _fail_second_shard(writer, monkeypatch) -> list[str]:

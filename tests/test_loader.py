@@ -132,3 +132,55 @@ def test_collate_packs_without_crossing_sample_boundaries():
     assert all(sum([5, 9, 3, 7, 2][i] for i in r) <= 10 for r in rows) and len(rows) == 3
     pad_only = collate(recs[:2], pad_only=True, pack_length=32)
     assert pad_only.n_valid == 0 and pad_only.sample_ids == [None, None]
+
+
+def test_open_shard_lru_evicts_one_handle_at_a_time():
+    """The open-handle LRU keeps the most recently used shards open when it fills: reading a
+    working set as large as its capacity, round after round, opens each shard once; one shard
+    more than the capacity evicts exactly one handle (closed) per new shard."""
+    from pipeline.cache.handles import HandleLRU
+
+    closed = []
+    lru = HandleLRU(lambda k: [k], capacity=4, close=closed.append)
+    for _ in range(5):
+        for k in range(4):
+            assert lru.get(k) == [k]
+    assert lru.opens == 4 and closed == []
+    lru.get(4)  # the least recently used (0) goes, the rest stay open
+    assert closed == [[0]] and len(lru) == 4 and lru.opens == 5
+    for k in (1, 2, 3, 4):
+        lru.get(k)
+    assert lru.opens == 5
+    lru.clear()
+    assert sorted(closed) == [[0], [1], [2], [3], [4]] and len(lru) == 0
+    with pytest.raises(ValueError, match="capacity 0"):
+        HandleLRU(list, capacity=0)
+
+
+def test_open_shard_lru_opens_a_shard_once_under_concurrent_misses():
+    """Threads that miss the same shard at once wait for one open (a remote shard's footer or
+    bytes are fetched once); a failed open is raised in its thread and retried by the next."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.cache.handles import HandleLRU
+
+    calls, fail = [], threading.Event()
+
+    def slow_open(k):
+        calls.append(k)
+        time.sleep(0.05)
+        if fail.is_set():
+            fail.clear()
+            raise OSError("store unreachable")
+        return [k]
+
+    lru = HandleLRU(slow_open, capacity=4)
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(lru.get, ["a"] * 6)) == [["a"]] * 6
+    assert calls == ["a"] and lru.opens == 1
+    fail.set()
+    with pytest.raises(OSError, match="unreachable"):
+        lru.get("b")
+    assert lru.get("b") == ["b"] and calls == ["a", "b", "b"]

@@ -55,6 +55,10 @@ def test_cache_on_s3_equals_local(s3_cache, caches):
     assert r.manifest.complete and r.manifest.backend == "parquet"
     _assert_same_records(open_cache(caches["train"]), r)
     assert not Path("s3:").exists()  # the URL never became a local directory
+    whole = open_cache(s3_cache, max_cached_bytes=1)  # every access decodes its block again
+    whole.read_shards_whole()  # what the streams shuffle asks for: one GET per shard, blocks from memory
+    _assert_same_records(open_cache(caches["train"]), whole)
+    assert len(whole.backend._shared) == len(whole.shards)  # each shard fetched (and kept) once
 
 
 def test_zarr_cache_on_s3_two_ranks(s3, s3_cache, assets, caches, tmp_path):

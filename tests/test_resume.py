@@ -102,6 +102,7 @@ def test_sigkill_then_resume_equals_uninterrupted(assets, caches, tmp_path, npro
     code, out, err = _run_to_end(cfg, nproc)
     assert code == 0, (kills, err[-2000:])
     assert f"at step {9 if nproc == 1 else 12} (" in out  # resumed from the newest checkpoint
+    assert "shuffle streams (8 streams" in out  # the default loader
     a = load_file(tmp_path / "ref" / "final" / "model.safetensors")
     b = load_file(tmp_path / "run" / "final" / "model.safetensors")
     for name in a:

@@ -1,6 +1,6 @@
 """The cache reader over closed shards: the sample-ID hash index built from the shards' indexes,
-random access through a byte-bounded LRU of decoded blocks, sequential streaming, and lazy
-per-shard checksums.
+random access through a byte-bounded LRU of decoded blocks, sequential streaming, and integrity
+checks (page checksums as blocks are decoded, or a lazy per-shard SHA-256).
 """
 from __future__ import annotations
 
@@ -33,14 +33,25 @@ class CacheReader:
     ``max_cached_bytes`` of decoded arrays, so random access costs one block decode per
     miss and a cache that fits is decoded once.
 
-    With ``verify`` (the default) a shard's SHA-256 (:func:`dir_sha256`, over all its bytes) is
-    checked against its marker lazily: the first time any block of that shard is read, once
-    per shard per reader (concurrent first reads of one shard hash it once; a mismatch is
-    remembered and raised on every later read of the shard). A shard whose index cannot be
-    read at open is hashed then, so a truncated or overwritten file is reported as a checksum
-    mismatch rather than as unreadable. Each decoded block is also validated
-    (:func:`check_block`). :meth:`validate` checks every shard's checksum and every block.
-    Thread-safe.
+    Integrity with ``verify`` (the default), without hashing a whole shard before its first
+    block can be used:
+
+    * a shard whose pages carry checksums (parquet written by this version:
+      ``ShardIndex.page_checksums``) is checked page by page as its blocks are decoded (the
+      backend verifies each page's CRC-32, locally and from a bucket); only when a block of it
+      fails to decode is the shard hashed, so a changed file is reported as a checksum mismatch;
+    * any other shard (zarr, older parquet) has its SHA-256 (:func:`dir_sha256`, over all its
+      bytes) checked against its marker lazily, the first time any block of it is read, once
+      per shard per reader (concurrent first reads hash it once); a local cache only: a remote
+      shard would be downloaded whole;
+    * a mismatch is remembered and raised on every later read of the shard; a shard whose index
+      cannot be read at open is hashed then, so a truncated or overwritten file is reported as
+      a checksum mismatch rather than as unreadable;
+    * each decoded block is validated (:func:`check_block`).
+
+    What page checksums do not catch, the SHA-256 does: a shard replaced whole by another valid
+    shard of the same sample and token counts. :meth:`validate` (``inspect-cache --validate``)
+    checks every shard's SHA-256 and every block. Thread-safe.
 
     Raises:
         FileNotFoundError: (open) a listed shard is missing.
@@ -201,6 +212,19 @@ class CacheReader:
             base += self.num_blocks(s)
         return np.concatenate(out).astype(np.int64)
 
+    def read_shards_whole(self, enabled: bool = True) -> None:
+        """Tell the backend that blocks are read shard by shard (every block of a shard within
+        a short time, as the ``streams`` shuffle does): from a store, a parquet shard of at most
+        :data:`pipeline.cache.parquet.WHOLE_SHARD_BYTES` is then fetched in one request on its
+        first read. No effect on a local cache or a zarr one."""
+        if hasattr(self.backend, "whole_shards"):
+            self.backend.whole_shards = enabled
+
+    def sample_shards(self) -> np.ndarray:
+        """(N,) int64 shard (position in ``shards``) of every sample: the unit a loader keeps
+        open, :class:`~pipeline.student.streams.StreamSampler`'s regions."""
+        return np.repeat(np.arange(len(self.shards), dtype=np.int64), np.diff(self.shard_starts))
+
     # ------------------------------------------------------------------ blocks
     def num_blocks(self, shard: int) -> int:
         """Number of blocks (row groups / zarr row runs) of shard ``shard``."""
@@ -208,7 +232,9 @@ class CacheReader:
 
     def read_block(self, shard: int, block: int) -> Block:
         """Decode (and validate) one block, bypassing the LRU. With ``verify`` the shard's
-        checksum is checked first, on the first read of the shard (:meth:`verify_shard`).
+        checksum is checked first, on the first read of the shard (:meth:`verify_shard`), unless
+        its pages carry checksums (then each page is checked as it is decoded, and the shard is
+        hashed only when a block fails to decode).
 
         Raises:
             ValueError: checksum mismatch, unreadable block, invalid record (shard named).
@@ -216,13 +242,15 @@ class CacheReader:
                 credentials, throttling (the shard's URL and the cause named).
         """
         ix, name = self.index[shard], self.shards[shard].file
-        if self.verify_checksums:
+        if self.verify_checksums and not ix.page_checksums:
             self.verify_shard(shard)
         try:
             a = self.backend.read_block(self.shard_path(name), ix, block)
             ids, vals, tail = decode_targets(a, self.enc)
         except Exception as e:  # noqa: BLE001
             self._raise_store_failure(e, self.shard_path(name))  # a failed request is not a corrupt block
+            if self.verify_checksums:  # a page checksum failed, or the file changed: named as such
+                self.verify_shard(shard)
             raise ValueError(f"cache {self.dir}: shard {name} block {block} unreadable ({type(e).__name__}: {e})") from None
         lo, hi = ix.block_starts[block], ix.block_starts[block + 1]
         n_tok = ix.num_tokens[lo:hi].astype(np.int64)

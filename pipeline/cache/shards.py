@@ -64,11 +64,15 @@ class ShardIndex:
         id_hashes: (n,) uint64 :func:`pipeline.sample_ids.id_hash` of each sample ID (the shard's
             ``sample_id_hash`` column; computed from the IDs for a shard written without it),
             or None once the caller has moved them into its own index.
+        page_checksums: every page of the shard carries a checksum the backend verifies when
+            it decodes the page (parquet page CRC-32), so a read block is checked without
+            hashing the whole shard.
     """
 
     num_tokens: np.ndarray
     block_starts: np.ndarray
     id_hashes: np.ndarray | None = None
+    page_checksums: bool = False
 
     def __len__(self) -> int:
         return len(self.num_tokens)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cache.handles import HandleLRU
 from pipeline.cache.shards import ShardIndex
 from pipeline.sample_ids import id_hashes
 from pipeline.storage import RemotePath
@@ -53,20 +54,20 @@ class ZarrBackend:
     def __init__(self, compression: str = "zstd", compression_level: int | None = 3, chunk_positions: int = 4096):
         self.compression, self.compression_level = compression, compression_level
         self.chunk_positions = chunk_positions
-        self._arrays: dict[Path, dict] = {}  # open read-only arrays per shard (safe to read from threads)
+        # open read-only arrays per shard group (zarr arrays are safe to read from threads)
+        self._arrays: HandleLRU[dict] = HandleLRU(self._open_group)
 
-    def _open_arrays(self, path: Path) -> dict:
-        """The per-token and per-position arrays of a shard group, opened once."""
+    @staticmethod
+    def _open_group(path) -> dict:
         import zarr
 
-        arrays = self._arrays.get(path)
-        if arrays is None:
-            if len(self._arrays) > 64:
-                self._arrays.clear()
-            g = zarr.open_group(_store(path), mode="r", zarr_format=3)
-            names = _PER_TOKEN + _PER_POSITION + ("sample_id", "teacher_nll_sum", "text")
-            arrays = self._arrays[path] = {name: g[name] for name in names if name in g}
-        return arrays
+        g = zarr.open_group(_store(path), mode="r", zarr_format=3)
+        names = _PER_TOKEN + _PER_POSITION + ("sample_id", "teacher_nll_sum", "text")
+        return {name: g[name] for name in names if name in g}
+
+    def _open_arrays(self, path: Path) -> dict:
+        """The per-token and per-position arrays of a shard group, kept open (LRU)."""
+        return self._arrays.get(path)
 
     def _compressors(self, itemsize: int = 1):
         """zstd; multi-byte arrays go through Blosc's byte shuffle first (the same byte-plane

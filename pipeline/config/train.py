@@ -223,11 +223,20 @@ class TrainDataConfig(_Section):
     """Optimizer steps of micro-batches prepared ahead."""
     max_cached_bytes: int = Field(default=2 << 30, ge=0)
     """Bound of each cache reader's LRU of decoded blocks (bytes)."""
-    shuffle: Literal["global", "block"] = "global"
-    """``global``: a full permutation per epoch. ``block``: cache blocks in random order, samples
-    shuffled within windows of ``shuffle_window`` blocks — for caches larger than
-    ``max_cached_bytes``, so each block is decoded once per epoch (pipeline/student/sampler.py)."""
+    shuffle: Literal["streams", "global", "block"] = "streams"
+    """``streams`` (default for a cache): shards and their blocks in a random order per epoch,
+    cut into ``shuffle_streams`` streams read through a shuffle buffer of ``shuffle_window``
+    blocks each; every rank decodes only its own streams' blocks, once per epoch, and the steps
+    are the same at every world size dividing ``shuffle_streams`` (pipeline/student/streams.py).
+    ``global``: a full permutation per epoch (the default for a dataset and for weighted or
+    mixed draws, which ``streams`` cannot serve). ``block``: cache blocks in random order,
+    samples shuffled within windows of ``shuffle_window`` blocks, every rank decoding every
+    block (pipeline/student/sampler.py). docs/concepts/scale.md compares the three."""
     shuffle_window: int = Field(default=16, ge=1)
+    """Blocks mixed together: per stream (``streams``) or per window (``block``)."""
+    shuffle_streams: int | None = Field(default=None, ge=1)
+    """Streams of the ``streams`` shuffle, a multiple of the world size; None: 8 rounded up to a
+    multiple of it. Runs (and resumes) at world sizes with the same count read the same steps."""
     packing: bool = False
     """Pack each micro-batch's samples into rows of ``pack_length`` tokens (first-fit
     decreasing), attention confined to each sample by position ids that restart per sample.

@@ -26,7 +26,8 @@ from pipeline.distributed import (DistInfo, all_reduce_sum, barrier, compute_dty
                                   shard_model)
 from pipeline.storage.errors import writing
 from pipeline import progress
-from pipeline.student.sampler import StepPrefetcher, StepSampler, eval_batches, eval_subset, prefetch
+from pipeline.student.sampler import StepPrefetcher, eval_batches, eval_subset, prefetch
+from pipeline.student.streams import build_sampler
 from pipeline.losslog.writer import LossLogWriter
 from pipeline.losslog.reader import load_loss_logs
 from pipeline.student.lr_find import run_lr_find
@@ -346,7 +347,8 @@ class RoundTrainer:
         print0(f"[train] round {cfg.round}: student {self.n_params / 1e6:.2f}M params, V={self.V}; "
                f"{len(self.indices)} train samples, {self.sampler.steps_per_epoch} steps/epoch of "
                f"{self.sampler.global_batch} samples; {self.max_steps} steps; alpha={cfg.loss.alpha} "
-               f"tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s)"
+               f"tau={cfg.loss.temperature} lr={cfg.optim.lr}; {info.world_size} rank(s); "
+               f"shuffle {self.data_order}"
                + ("" if self.fsdp else " (plain module, no FSDP2)")
                + (f"; packing into rows of {self.pack_len} tokens" if self.pack_len else ""))
         self._build_loggers()
@@ -387,10 +389,11 @@ class RoundTrainer:
 
     def _build_sampler(self) -> None:
         """The round's sample indices (``sample_ids``: in cache order, their weights along) and
-        the :class:`StepSampler`; ``max_steps`` from ``epochs`` or ``max_steps``.
+        the sampler of ``data.shuffle``; ``max_steps`` from ``epochs`` or ``max_steps``.
 
         Raises:
-            ConfigError: ``data.shuffle=block`` with a dataset (no blocks).
+            ConfigError: a ``data.shuffle`` the source cannot serve
+                (:func:`~pipeline.student.streams.build_sampler`).
         """
         cfg, info, src, weights = self.cfg, self.info, self.train_src, self.sample_weights
         indices = np.arange(len(src))
@@ -403,14 +406,9 @@ class RoundTrainer:
         if isinstance(src, CacheMixture):  # each cache its share of the draws (times any loss weights)
             mix = src.draw_weights(indices)
             weights = mix if weights is None else mix * np.asarray(weights, dtype=np.float64)
-        groups = None
-        if cfg.data.shuffle == "block":
-            if not hasattr(src, "block_ids"):
-                raise ConfigError("data.shuffle=block needs data.train_cache (a dataset has no blocks)")
-            groups = src.block_ids()[indices]
         self.indices = indices
-        self.sampler = StepSampler(indices, cfg.micro_batch_size, cfg.grad_accum_steps, info.rank, info.world_size,
-                                   cfg.seed, weights=weights, groups=groups, window=cfg.data.shuffle_window)
+        self.sampler, self.data_order = build_sampler(cfg.data, src, indices, weights, cfg.micro_batch_size,
+                                                      cfg.grad_accum_steps, info.rank, info.world_size, cfg.seed)
         self.max_steps = cfg.epochs * self.sampler.steps_per_epoch if cfg.epochs else cfg.max_steps
 
     def _build_loggers(self) -> None:
@@ -461,6 +459,11 @@ class RoundTrainer:
             self.state.load_state_dict(saved)
             self.sampler.epoch, self.sampler.position = self.state.epoch, self.state.position
             self._sync_position()
+            saved_order = self.state.extra.get("data_order", self.data_order)
+            if saved_order != self.data_order:  # same position, another order: the epoch's rest differs
+                print0(f"[train] the checkpoint was drawing samples in the order '{saved_order}', this run "
+                       f"'{self.data_order}': the rest of epoch {self.state.epoch} is drawn from the new order "
+                       "(some of its samples may be seen twice or not at all)")
             self.callbacks.load_state_dict(saved.get("callbacks", {}))
             self.trainer.load_state_dict(saved)  # fp16: the loss scale and overflow count
             print0(f"[train] resumed from {ckpt} at step {saved['step']} (epoch {saved['epoch']}, "
@@ -539,7 +542,7 @@ class RoundTrainer:
         """Write checkpoint ``step`` (collective): model, optimizer, scheduler and
         ``self.state.state_dict()``; then ``on_save``."""
         self.loss_log.flush()  # rows up to this step are closed before the checkpoint that covers them
-        self.state.extra.update(samples_consumed=step * self.sampler.global_batch,
+        self.state.extra.update(samples_consumed=step * self.sampler.global_batch, data_order=self.data_order,
                                 callbacks=self.callbacks.state_dict(), **self.trainer.state_dict())
         path = save_checkpoint(self.run_dir, step, self.model, self.optimizer, self.scheduler,
                                self.state.state_dict(), self.info.rank, self.cfg.save_total_limit)

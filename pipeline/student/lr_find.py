@@ -10,12 +10,13 @@ from pathlib import Path
 from pipeline.config import LRFindConfig
 from pipeline.distributed import DistInfo, print0
 from pipeline.student.sampler import StepPrefetcher, StepSampler
+from pipeline.student.streams import StreamSampler
 from pipeline.storage import Folder, join
 from pipeline.student.step import Trainer
 
 
-def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler, train_src, run_dir: str | Path,
-                info: DistInfo, pack_length: int | None = None) -> dict | None:
+def run_lr_find(cfg: LRFindConfig, trainer: Trainer, sampler: StepSampler | StreamSampler, train_src,
+                run_dir: str | Path, info: DistInfo, pack_length: int | None = None) -> dict | None:
     """Run up to ``cfg.steps`` optimizer steps with ``lr_i = min_lr · (max_lr / min_lr)^(i / (steps-1))``
     (each parameter group keeps its ratio to the base LR), stop early once the smoothed loss
     exceeds 4× its minimum, and write ``lr_find.csv`` (+ ``lr_find.png`` when matplotlib is
