@@ -100,6 +100,7 @@ def test_selection_report_counts_the_rows_left_out(assets, caches, tmp_path):
     cfg = train_config(assets, caches, tmp_path / "run", max_steps=2, eval_steps=100,
                        callbacks=[{"target": "tests.test_losslog_resume:NonFiniteVisit", "sample_id": sid}],
                        rounds=[{}, {"max_steps": 1, "select": {"metric": "kl", "top_fraction": 0.5}}])
+    cfg["data"]["shuffle"] = "global"  # the order in which the first stored sample is among the first steps' draws
     res = run_cli(["stages.train_student", "--config", str(write_yaml(tmp_path / "t.yaml", cfg))])
     assert res.returncode == 0, res.stderr[-2000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith("[rounds] round 1:"))

@@ -32,8 +32,10 @@ STEPS = 4
 
 def _train_student_cfg(assets, caches, out: Path, world_size: int) -> dict:
     """A train-student config whose schedule the Trainer can repeat: AdamW, constant LR, no
-    warmup, clipping at 1, weight decay on matrices only (HF's rule too, for a Llama)."""
-    return {"output_dir": str(out), "student": {"path": assets["student"]}, "data": {"train_cache": str(caches["train"])},
+    warmup, clipping at 1, weight decay on matrices only (HF's rule too, for a Llama), and the
+    ``global`` shuffle (the order :class:`StepOrderSampler` repeats)."""
+    return {"output_dir": str(out), "student": {"path": assets["student"]},
+            "data": {"train_cache": str(caches["train"]), "shuffle": "global"},
             "micro_batch_size": 2, "grad_accum_steps": 2, "max_steps": STEPS - (world_size - 1), "log_steps": 1,
             "device": "cpu", "seed": SEED, "loss": {"alpha": 0.5, "temperature": 1.0},
             "optim": {"lr": LR, "weight_decay": 0.1, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_steps": 0,

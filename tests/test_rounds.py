@@ -56,9 +56,11 @@ def test_random_selection_is_seeded_sized_and_ignores_the_losses(tmp_path):
 
 
 def _three_rounds(assets, caches, out):
-    return train_config(assets, caches, out, micro_batch_size=4, max_steps=10, save_steps=3, eval_steps=10,
-                        rounds=[{}, {"max_steps": 5, "select": {"metric": "kl", "top_fraction": 0.5}},
-                                {"max_steps": 10, "optim": {"lr": 1e-3}}])
+    cfg = train_config(assets, caches, out, micro_batch_size=4, max_steps=10, save_steps=3, eval_steps=10,
+                       rounds=[{}, {"max_steps": 5, "select": {"metric": "kl", "top_fraction": 0.5}},
+                               {"max_steps": 10, "optim": {"lr": 1e-3}}])
+    cfg["data"]["shuffle"] = "global"  # one epoch of 10 steps × 4 visits each of the 40 samples once
+    return cfg
 
 
 def _rows_of(run):

@@ -129,7 +129,7 @@ def targets_of(inputs: Mapping | Batch) -> tuple[torch.Tensor, LossTargets]:
 
 
 class StepOrderSampler(torch.utils.data.Sampler):
-    """Sample indices in train-student's order: epoch ``e`` visits
+    """Sample indices in train-student's ``data.shuffle: global`` order: epoch ``e`` visits
     ``numpy.random.default_rng([seed, e]).permutation(n)``
     (:meth:`pipeline.student.sampler.StepSampler.epoch_order`), cut to whole global batches as
     train-student drops an epoch's tail. With a ``DataLoader`` of ``micro_batch_size`` and
