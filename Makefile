@@ -31,8 +31,9 @@ demo: install
 
 # Two pytest workers (PYTEST_WORKERS): most tests wait on one single-threaded stage run, so two
 # keep both cores busy; each worker runs one torch thread. PYTEST_MARKERS selects the tests by
-# marker: the default leaves out the rest of the architecture matrix (slow_arch, run by .ci/run).
-PYTEST_MARKERS ?= not slow_arch
+# marker: the default leaves out the rest of the architecture matrix (slow_arch) and the heaviest
+# multi-process kill and object-store cases (slow); .ci/run runs them after the default set.
+PYTEST_MARKERS ?= not slow_arch and not slow
 test: install
 	@OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} WANDB_MODE=disabled $(PY) -m pytest tests -n $${PYTEST_WORKERS:-2} --dist worksteal -m "$(PYTEST_MARKERS)"
 

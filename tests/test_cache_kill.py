@@ -22,7 +22,9 @@ def _records(path):
     return {sid: r[r.index_of(sid)] for sid in r.sample_ids}
 
 
-@pytest.mark.parametrize("backend,nproc,points", CASES, ids=[f"{b}-{n}rank" for b, n, _ in CASES])
+@pytest.mark.parametrize("backend,nproc,points", [
+    pytest.param(*c, marks=[pytest.mark.slow] if c[1] == 2 else [])  # 2 ranks: .ci/run, not make test
+    for c in CASES], ids=[f"{b}-{n}rank" for b, n, _ in CASES])
 def test_killed_precompute_resumes_to_the_same_cache(assets, caches, tmp_path, backend, nproc, points):
     cache = tmp_path / "cache"
     cfg = write_yaml(tmp_path / "pre.yaml", precompute_config(assets, cache, **{"cache.backend": backend}))

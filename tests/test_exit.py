@@ -5,9 +5,12 @@ exits the same way beside the other pytest worker) in the suite."""
 import subprocess
 import sys
 
+import pytest
+
 from conftest import run_cli, train_config, write_yaml
 
 
+@pytest.mark.slow  # make test skips it; .ci/run runs it
 def test_two_rank_run_beside_a_busy_core_exits_cleanly(assets, caches, tmp_path):
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:

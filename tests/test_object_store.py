@@ -61,6 +61,7 @@ def test_cache_on_s3_equals_local(s3_cache, caches):
     assert len(whole.backend._shared) == len(whole.shards)  # each shard fetched (and kept) once
 
 
+@pytest.mark.slow  # make test skips it; .ci/run runs it
 def test_zarr_cache_on_s3_two_ranks(s3, s3_cache, assets, caches, tmp_path):
     """2 ranks read the corpus from the store and write a zarr cache there; train-student with
     every path on the store (train and eval cache, run directory) equals the same run from a
@@ -161,6 +162,7 @@ def test_train_everything_on_s3_equals_local(s3, s3_cache, assets, caches, local
     assert res.returncode == 0 and f"{a.num_rows} rows" in res.stdout, res.stderr[-2000:]
 
 
+@pytest.mark.slow  # make test skips it; .ci/run runs it
 def test_kill_during_checkpoint_upload_two_ranks(s3, s3_cache, assets, caches, tmp_path):
     """2 ranks, run directory on the store: SIGKILL of rank 0 after the second checkpoint's
     shards and trainer.pt but before its checksums; the rerun skips that incomplete prefix,
