@@ -134,18 +134,19 @@ class _Cache(_Dataset):
 
 
 def test_shuffle_choice_from_the_config():
-    """``streams`` by default for a cache; it falls back to ``global`` for a dataset or weighted
-    draws, and the printed description says why; ``block`` needs a cache; the stream count must
-    divide by the world size."""
+    """``streams`` by default for a cache; a dataset or weighted draws are drawn with ``global``
+    (said in the description), whether ``streams`` was the default or named (a resolved config
+    names it); ``block`` needs a cache; the stream count must divide by the world size."""
     idx, w = np.arange(N), np.ones(N)
     args = (4, 1, 0, 2, 3)
     s, note = build_sampler(_data(), _Cache(), idx, None, *args)
     assert isinstance(s, StreamSampler) and s.streams == 8 and note == "streams (8 streams, window 16 blocks)"
-    for src, weights, why in ((_Dataset(), None, "a dataset"), (_Cache(), w, "weighted draws")):
-        for data in (_data(), _data(shuffle="streams")):
+    for data in (_data(), _data(shuffle="streams")):
+        for src, weights, why in ((_Dataset(), None, "a dataset"), (_Cache(), w, "weighted draws")):
             s, note = build_sampler(data, src, idx, weights, *args)
-            assert isinstance(s, StepSampler) and s.groups is None
-            assert note.startswith("global (data.shuffle=streams cannot serve " + why), note
+            assert isinstance(s, StepSampler) and s.groups is None and note == f"global (streams cannot serve {why})"
+    s, note = build_sampler(_data(shuffle="global"), _Cache(), idx, None, *args)
+    assert isinstance(s, StepSampler) and note == "global"
     with pytest.raises(ConfigError, match="data.shuffle=block needs data.train_cache"):
         build_sampler(_data(shuffle="block"), _Dataset(), idx, None, *args)
     with pytest.raises(ConfigError, match="data.shuffle_streams=3 is not a multiple of the world size 2"):

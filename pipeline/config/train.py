@@ -228,8 +228,8 @@ class TrainDataConfig(_Section):
     cut into ``shuffle_streams`` streams read through a shuffle buffer of ``shuffle_window``
     blocks each; every rank decodes only its own streams' blocks, once per epoch, and the steps
     are the same at every world size dividing ``shuffle_streams`` (pipeline/student/streams.py).
-    ``global``: a full permutation per epoch (the default for a dataset and for weighted or
-    mixed draws, which ``streams`` cannot serve). ``block``: cache blocks in random order,
+    ``global``: a full permutation per epoch (what ``streams`` falls back to for a dataset and
+    for weighted or mixed draws, which it cannot serve). ``block``: cache blocks in random order,
     samples shuffled within windows of ``shuffle_window`` blocks, every rank decoding every
     block (pipeline/student/sampler.py). docs/concepts/scale.md compares the three."""
     shuffle_window: int = Field(default=16, ge=1)

@@ -459,8 +459,10 @@ class RoundTrainer:
             self.state.load_state_dict(saved)
             self.sampler.epoch, self.sampler.position = self.state.epoch, self.state.position
             self._sync_position()
-            saved_order = self.state.extra.get("data_order", self.data_order)
-            if saved_order != self.data_order:  # same position, another order: the epoch's rest differs
+            # a checkpoint written before orders were recorded drew with the default of then: global;
+            # why a run fell back to global is not part of its order
+            saved_order = self.state.extra.get("data_order", "global")
+            if saved_order.split(" (streams cannot")[0] != self.data_order.split(" (streams cannot")[0]:
                 print0(f"[train] the checkpoint was drawing samples in the order '{saved_order}', this run "
                        f"'{self.data_order}': the rest of epoch {self.state.epoch} is drawn from the new order "
                        "(some of its samples may be seen twice or not at all)")

@@ -166,35 +166,33 @@ def build_sampler(data, src, indices: np.ndarray, weights: np.ndarray | None, mi
     ``streams`` a cache reader is told it is read shard by shard
     (:meth:`~pipeline.cache.CacheReader.read_shards_whole`).
 
-    ``streams`` needs cache blocks and draws without weights: a dataset source or weighted
-    draws (loss weights, a mixture of caches) fall back to ``global``, and the returned
-    description says so.
+    ``streams`` needs cache blocks and draws without weights: a dataset source or weighted draws
+    (loss weights, a mixture of caches) are drawn with ``global`` instead, and the description
+    says why (a resolved config, as the rounds driver writes it, names the default explicitly,
+    so the choice cannot depend on whether the key was set).
 
     Args:
         src: the training source (``block_ids`` and ``sample_shards`` where it is a cache).
         indices: (N,) int64 ascending indices to train on. weights: (N,) draw weights or None.
 
     Raises:
-        ConfigError: ``data.shuffle`` is ``block`` with a dataset, ``data.shuffle_streams`` not a
+        ConfigError: ``data.shuffle=block`` with a dataset; ``data.shuffle_streams`` not a
             multiple of the world size.
     """
     from pipeline.config import ConfigError
     from pipeline.student.sampler import StepSampler
 
-    mode, blocks = data.shuffle, hasattr(src, "block_ids")
-    fallback = ""
+    mode, blocks, why = data.shuffle, hasattr(src, "block_ids"), ""
     if mode == "streams" and (weights is not None or not blocks):
-        # announced in the order's description (printed): a resolved config.yaml, a round's or a
-        # distill-rounds step's config names every key, so "set by the user" cannot be told apart
-        why = "weighted draws (loss weights or a mixture of caches)" if blocks else "a dataset (no blocks)"
-        mode, fallback = "global", f" (data.shuffle=streams cannot serve {why})"
+        mode = "global"
+        why = " (streams cannot serve " + ("weighted draws)" if blocks else "a dataset)")
     if mode == "block" and not blocks:
         raise ConfigError("data.shuffle=block needs data.train_cache (a dataset has no blocks)")
     common = (micro_batch_size, grad_accum_steps, rank, world_size, seed)
     if mode != "streams":
         groups = src.block_ids()[indices] if mode == "block" else None
         sampler = StepSampler(indices, *common, weights=weights, groups=groups, window=data.shuffle_window)
-        return sampler, ("global" + fallback if mode == "global" else f"block (window {data.shuffle_window})")
+        return sampler, ("global" + why if mode == "global" else f"block (window {data.shuffle_window})")
     streams = data.shuffle_streams or default_streams(world_size)
     if streams % world_size:
         raise ConfigError(f"data.shuffle_streams={streams} is not a multiple of the world size {world_size}")
