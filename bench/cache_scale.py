@@ -36,10 +36,10 @@ of the mass, tail 10 %). The bytes on disk are printed. Then it measures:
    the local cache, one epoch each (goal: >= 0.9x the local rate, <= 1.2x the cache's bytes
    fetched per epoch); see :func:`bucket`.
 
-Run (the lead runs 10^7 on a quiet machine; 10^5 takes about a minute)::
+Run (10^7 on a quiet machine with a large disk; 10^5 takes about a minute)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 100000 [--dir /big/disk/tmp] [--keep]
-    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --cache /big/disk/tmp/cache-scale-XXXX  # again
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 100000 [--dir DIR] [--keep]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --cache CACHE_DIR  # again, on the cache a --keep run left
     OMP_NUM_THREADS=1 .venv/bin/python bench/cache_scale.py --samples 20000 --bucket
 """
 from __future__ import annotations
